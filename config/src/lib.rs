@@ -1,0 +1,1 @@
+//! ringfs configuration (placeholder, being written).

@@ -1,0 +1,1 @@
+//! FUSE kernel ABI (being written).

@@ -1,0 +1,780 @@
+//! The file-system API: what a ringfs file system implements.
+//!
+//! The dispatcher decodes every kernel request into a call of one method of [`FileSystem`]
+//! and encodes the returned value as the reply. An implementation never sees raw bytes or
+//! opcodes. Every method has a default that answers `ENOSYS`, which the kernel treats as
+//! "not implemented" (for most operations it then stops asking).
+//!
+//! # Protocol contract
+//! - **Lookup counts.** Every successful reply that carries an [`Entry`] with a non-zero
+//!   `nodeid` (`lookup`, `mknod`, `mkdir`, `symlink`, `link`, `create`, `tmpfile`, and each entry
+//!   added to a [`DirPlusBuffer`]) makes the kernel hold one more reference on that node. The
+//!   kernel gives references back with [`FileSystem::forget`] (`nlookup` at a time). A node must
+//!   stay valid while its count is above zero. The root ([`NodeId::ROOT`]) is never forgotten.
+//! - **Negative entries.** `lookup` may answer [`Entry::negative`] (node id 0) to let the kernel
+//!   cache "no such name" for the entry timeout; it takes no reference.
+//! - **Handles.** `open`/`create`/`tmpfile`/`opendir` return a [`FileHandle`] that comes back in
+//!   every call on that open file until `release`/`releasedir`, which is called exactly once.
+//! - **Errors** are positive errno values ([`Errno`]); the dispatcher negates them on the wire.
+//! - **Async.** Methods are `async` so that a transport may run many requests of one core
+//!   concurrently. The futures need not be `Send`: a request is started and finished on one thread.
+
+use std::ffi::CStr;
+use std::time::Duration;
+
+/// A positive `errno` value returned by file-system operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// Operation not permitted.
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    /// No such file or directory.
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    /// I/O error.
+    pub const EIO: Errno = Errno(libc::EIO);
+    /// Bad file handle.
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    /// Permission denied.
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    /// File exists.
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    /// Not a directory.
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    /// Is a directory.
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    /// Invalid argument.
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    /// Result too large / buffer too small.
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
+    /// Function not implemented.
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+    /// No data available (missing xattr).
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    /// Operation not supported.
+    pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
+    /// Out of memory.
+    pub const ENOMEM: Errno = Errno(libc::ENOMEM);
+    /// Stale file handle.
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
+    /// Too many open files.
+    pub const EMFILE: Errno = Errno(libc::EMFILE);
+    /// Interrupted.
+    pub const EINTR: Errno = Errno(libc::EINTR);
+    /// Read-only file system.
+    pub const EROFS: Errno = Errno(libc::EROFS);
+    /// Name too long.
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    /// Cross-device link.
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+
+    /// The calling thread's current `errno`.
+    pub fn last() -> Errno {
+        Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
+    }
+}
+
+impl From<std::io::Error> for Errno {
+    fn from(e: std::io::Error) -> Self {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+/// Result of a file-system operation.
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// A kernel node id (the FUSE "inode number" of the protocol, not the backing st_ino).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u64);
+
+impl NodeId {
+    /// The root directory's node id, fixed by the protocol.
+    pub const ROOT: NodeId = NodeId(1);
+}
+
+/// An open file or directory handle chosen by the file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileHandle(pub u64);
+
+/// Who is asking: the credentials and pid of the calling process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    /// Caller's fsuid.
+    pub uid: u32,
+    /// Caller's fsgid.
+    pub gid: u32,
+    /// Caller's thread group id (0 for kernel-internal requests).
+    pub pid: u32,
+}
+
+/// A timestamp: seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timespec {
+    /// Seconds since the epoch.
+    pub sec: i64,
+    /// Nanoseconds, 0..1e9.
+    pub nsec: u32,
+}
+
+/// Attributes of a node, as the kernel caches them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileAttr {
+    /// Inode number shown to users (st_ino).
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    /// Last access.
+    pub atime: Timespec,
+    /// Last modification.
+    pub mtime: Timespec,
+    /// Last status change.
+    pub ctime: Timespec,
+    /// File type and permission bits (st_mode).
+    pub mode: u32,
+    /// Hard links.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number for device nodes.
+    pub rdev: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+}
+
+impl FileAttr {
+    /// Converts a `stat` buffer.
+    pub fn from_stat(st: &libc::stat) -> FileAttr {
+        FileAttr {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: Timespec {
+                sec: st.st_atime,
+                nsec: st.st_atime_nsec as u32,
+            },
+            mtime: Timespec {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            },
+            ctime: Timespec {
+                sec: st.st_ctime,
+                nsec: st.st_ctime_nsec as u32,
+            },
+            mode: st.st_mode,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+        }
+    }
+}
+
+/// Extended attributes returned by [`FileSystem::statx`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatxAttr {
+    /// The classic attributes.
+    pub attr: FileAttr,
+    /// Which `STATX_*` fields are valid.
+    pub mask: u32,
+    /// Birth time (valid when `mask` has `STATX_BTIME`).
+    pub btime: Timespec,
+    /// `STATX_ATTR_*` flags.
+    pub attributes: u64,
+    /// Which attribute flags are supported.
+    pub attributes_mask: u64,
+}
+
+/// Reply to `getattr`/`setattr`: attributes plus how long the kernel may cache them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttrOut {
+    /// The attributes.
+    pub attr: FileAttr,
+    /// Attribute cache timeout.
+    pub timeout: Duration,
+}
+
+/// Reply to lookup-like operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Node id; 0 means a negative entry.
+    pub nodeid: NodeId,
+    /// Generation: (nodeid, generation) must be unique over the file system's lifetime.
+    pub generation: u64,
+    /// Attributes of the node.
+    pub attr: FileAttr,
+    /// How long the kernel may cache the name → node binding.
+    pub entry_timeout: Duration,
+    /// How long the kernel may cache the attributes.
+    pub attr_timeout: Duration,
+}
+
+impl Entry {
+    /// A negative entry: "this name does not exist", cacheable for `timeout`.
+    pub fn negative(timeout: Duration) -> Entry {
+        Entry {
+            nodeid: NodeId(0),
+            generation: 0,
+            attr: FileAttr::default(),
+            entry_timeout: timeout,
+            attr_timeout: Duration::ZERO,
+        }
+    }
+}
+
+/// Kernel-side treatment of an open file, chosen by the file system at open time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Bypass the page cache (FOPEN_DIRECT_IO).
+    pub direct_io: bool,
+    /// Keep cached data of this file from earlier opens (FOPEN_KEEP_CACHE).
+    pub keep_cache: bool,
+    /// The file is not seekable (FOPEN_NONSEEKABLE).
+    pub nonseekable: bool,
+    /// Allow the kernel to cache directory contents (FOPEN_CACHE_DIR, opendir only).
+    pub cache_dir: bool,
+    /// Allow parallel direct writes (FOPEN_PARALLEL_DIRECT_WRITES).
+    pub parallel_direct_writes: bool,
+    /// Kernel does I/O on this backing id itself (FOPEN_PASSTHROUGH); see the transport's
+    /// backing-file API. 0 = no passthrough.
+    pub backing_id: i32,
+}
+
+/// Reply to `open`/`opendir` (and the open half of `create`/`tmpfile`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The handle passed back on every later call on this open file.
+    pub fh: FileHandle,
+    /// Kernel-side options.
+    pub options: OpenOptions,
+}
+
+/// A time to set: a given time or "now".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    /// A specific time.
+    At(Timespec),
+    /// The current time (UTIME_NOW).
+    Now,
+}
+
+/// What `setattr` changes; `None` fields stay as they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// New permission bits (and type bits, which must match).
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<SetTime>,
+    /// New modification time.
+    pub mtime: Option<SetTime>,
+    /// New change time (only honoured where the backing file system allows it).
+    pub ctime: Option<Timespec>,
+    /// The open file this comes through (ftruncate, futimens...), if any.
+    pub fh: Option<FileHandle>,
+    /// The kernel asks the server to clear set-uid/set-gid (FATTR_KILL_SUIDGID,
+    /// only with FUSE_HANDLE_KILLPRIV_V2).
+    pub kill_suidgid: bool,
+}
+
+/// File-system statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatFs {
+    /// Total blocks (in `frsize` units).
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Free blocks for unprivileged users.
+    pub bavail: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Block size.
+    pub bsize: u32,
+    /// Maximum name length.
+    pub namelen: u32,
+    /// Fragment size.
+    pub frsize: u32,
+}
+
+/// Reply to `getxattr`/`listxattr`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XattrReply {
+    /// The caller probed with size 0: this is the size it needs.
+    Size(u32),
+    /// The value (or the NUL-separated name list), at most the size the caller asked for.
+    Data(Vec<u8>),
+}
+
+/// Arguments of `write` besides the data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// The write comes from the page cache (delayed writeback).
+    pub cache: bool,
+    /// The kernel asks the server to clear set-uid/set-gid (FUSE_WRITE_KILL_SUIDGID).
+    pub kill_suidgid: bool,
+    /// The open flags of the file.
+    pub open_flags: u32,
+}
+
+/// File type of a directory entry (DT_* values).
+pub type DirentType = u32;
+
+/// A buffer that `readdir` fills with directory entries.
+///
+/// Entries are encoded directly into the kernel reply; the file system only names them.
+pub struct DirBuffer<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> DirBuffer<'a> {
+    /// Wraps `buf`, which limits how many entries fit.
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        DirBuffer { buf, len: 0 }
+    }
+
+    /// Adds one entry. `offset` is the cookie of the *next* entry (what a later `readdir` gets
+    /// to continue after this one). Returns false, adding nothing, when the buffer is full.
+    pub fn add(&mut self, ino: u64, offset: u64, kind: DirentType, name: &[u8]) -> bool {
+        match crate::reply::encode_dirent(&mut self.buf[self.len..], ino, offset, kind, name) {
+            Some(n) => {
+                self.len += n;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes used so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A buffer that `readdirplus` fills with entries and their attributes.
+pub struct DirPlusBuffer<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> DirPlusBuffer<'a> {
+    /// Wraps `buf`.
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        DirPlusBuffer { buf, len: 0 }
+    }
+
+    /// True when an entry named `name` still fits. Check this *before* taking a lookup
+    /// reference for the entry.
+    pub fn fits(&self, name: &[u8]) -> bool {
+        crate::reply::direntplus_size(name.len()) <= self.buf.len() - self.len
+    }
+
+    /// Adds one entry with its attributes. A non-zero `entry.nodeid` hands one lookup
+    /// reference to the kernel (see the module docs); use `Entry::negative(Duration::ZERO)`-like
+    /// zero node ids for `.` and `..`. Returns false, adding nothing, when the buffer is full.
+    pub fn add(&mut self, entry: &Entry, offset: u64, kind: DirentType, name: &[u8]) -> bool {
+        match crate::reply::encode_direntplus(&mut self.buf[self.len..], entry, offset, kind, name)
+        {
+            Some(n) => {
+                self.len += n;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes used so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Capabilities of the connection, negotiated at INIT. The file system may switch off what the
+/// transport offered before the reply goes to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Kernel protocol minor version.
+    pub proto_minor: u32,
+    /// FUSE_PASSTHROUGH will be enabled (kernel supports it and it was asked for).
+    pub passthrough: bool,
+    /// READDIRPLUS is enabled.
+    pub readdirplus: bool,
+    /// FUSE_WRITEBACK_CACHE is enabled (excludes passthrough).
+    pub writeback_cache: bool,
+    /// FUSE_HANDLE_KILLPRIV_V2 is enabled: the server clears set-uid/set-gid bits.
+    pub handle_killpriv_v2: bool,
+    /// The kernel checks permissions itself (`default_permissions` mount option).
+    pub default_permissions: bool,
+    /// Maximum write size the kernel will send.
+    pub max_write: u32,
+    /// Maximum read size the kernel will ask for.
+    pub max_read: u32,
+}
+
+/// A user-space file system served by ringfs.
+///
+/// See the module docs for the protocol contract (lookup counts, handles, errors).
+#[allow(unused_variables)]
+pub trait FileSystem: Send + Sync + 'static {
+    /// Called once at INIT, before any other request. May clear capabilities in `conn`.
+    fn init(&self, conn: &mut ConnInfo) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called when the connection goes away (unmount or DESTROY).
+    fn destroy(&self) {}
+
+    /// Looks up `name` in directory `parent`. Takes one lookup reference on success.
+    async fn lookup(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<Entry> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Drops `nlookup` references of `node`.
+    fn forget(&self, node: NodeId, nlookup: u64) {}
+
+    /// Gets attributes; `fh` is set when the call comes through an open file.
+    async fn getattr(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: Option<FileHandle>,
+    ) -> Result<AttrOut> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Gets extended attributes (statx); `mask` is the STATX_* mask asked for.
+    async fn statx(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: Option<FileHandle>,
+        flags: u32,
+        mask: u32,
+    ) -> Result<(StatxAttr, std::time::Duration)> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Changes attributes.
+    async fn setattr(&self, ctx: &Context, node: NodeId, attr: &SetAttr) -> Result<AttrOut> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Reads a symlink's target.
+    async fn readlink(&self, ctx: &Context, node: NodeId) -> Result<Vec<u8>> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Creates a symlink `name` in `parent` pointing to `target`.
+    async fn symlink(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        target: &CStr,
+    ) -> Result<Entry> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Creates a node (regular file, fifo, socket, device). `mode` already has the umask applied
+    /// by the kernel; `umask` is given for information.
+    async fn mknod(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Creates a directory. `mode` already has the umask applied.
+    async fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<Entry> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Removes a non-directory.
+    async fn unlink(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Removes an empty directory.
+    async fn rmdir(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Renames; `flags` are RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT.
+    async fn rename(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        new_parent: NodeId,
+        new_name: &CStr,
+        flags: u32,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Creates a hard link to `node` named `new_name` in `new_parent`.
+    async fn link(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        new_parent: NodeId,
+        new_name: &CStr,
+    ) -> Result<Entry> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Opens a file; `flags` are the open(2) flags.
+    async fn open(&self, ctx: &Context, node: NodeId, flags: u32) -> Result<Opened> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Creates and opens a file (O_CREAT). `mode` already has the umask applied.
+    async fn create(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Creates and opens an unnamed file in `parent` (O_TMPFILE).
+    async fn tmpfile(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` into `buf`; returns the count (short at EOF).
+    async fn read(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Writes `data` at `offset`; returns the count written.
+    async fn write(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        flags: WriteFlags,
+    ) -> Result<usize> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Called on every close(2) of a file descriptor of this open file.
+    async fn flush(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        lock_owner: u64,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// The last reference to the open file is gone. Called exactly once per open.
+    async fn release(&self, ctx: &Context, node: NodeId, fh: FileHandle, flags: u32) -> Result<()> {
+        Ok(())
+    }
+
+    /// Syncs file data (and metadata unless `datasync`).
+    async fn fsync(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        datasync: bool,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Opens a directory.
+    async fn opendir(&self, ctx: &Context, node: NodeId, flags: u32) -> Result<Opened> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Lists a directory from cookie `offset` (0 = start) into `out`.
+    async fn readdir(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        out: &mut DirBuffer<'_>,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Lists a directory with attributes (each non-dot entry takes a lookup reference).
+    async fn readdirplus(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        out: &mut DirPlusBuffer<'_>,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Releases an open directory. Called exactly once per opendir.
+    async fn releasedir(&self, ctx: &Context, node: NodeId, fh: FileHandle) -> Result<()> {
+        Ok(())
+    }
+
+    /// Syncs a directory.
+    async fn fsyncdir(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        datasync: bool,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// File-system statistics.
+    async fn statfs(&self, ctx: &Context, node: NodeId) -> Result<StatFs> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Sets an extended attribute; `flags` are XATTR_CREATE / XATTR_REPLACE.
+    async fn setxattr(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Gets an extended attribute. `size` 0 is a size probe.
+    async fn getxattr(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        name: &CStr,
+        size: u32,
+    ) -> Result<XattrReply> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Lists extended attribute names (NUL-separated). `size` 0 is a size probe.
+    async fn listxattr(&self, ctx: &Context, node: NodeId, size: u32) -> Result<XattrReply> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Removes an extended attribute.
+    async fn removexattr(&self, ctx: &Context, node: NodeId, name: &CStr) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Checks access (only sent without `default_permissions`). `mask` is R_OK|W_OK|X_OK or F_OK.
+    async fn access(&self, ctx: &Context, node: NodeId, mask: u32) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Allocates or punches space; `mode` as fallocate(2).
+    async fn fallocate(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Seeks for data or holes (SEEK_DATA/SEEK_HOLE); returns the new offset.
+    async fn lseek(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        whence: u32,
+    ) -> Result<u64> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Copies a range between two open files; returns the bytes copied.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_file_range(
+        &self,
+        ctx: &Context,
+        node_in: NodeId,
+        fh_in: FileHandle,
+        offset_in: u64,
+        node_out: NodeId,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u64> {
+        Err(Errno::ENOSYS)
+    }
+}

@@ -1,0 +1,1 @@
+//! The passthrough file system (being written).

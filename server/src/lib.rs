@@ -1,0 +1,2 @@
+//! ringfs server library: the passthrough file system and the pieces of the binary.
+pub mod fs;

@@ -1,0 +1,2 @@
+//! ringfs binary (being written).
+fn main() {}

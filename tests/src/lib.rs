@@ -1,0 +1,1 @@
+//! Shared helpers for the integration tests (mounting ringfs, probing capabilities).

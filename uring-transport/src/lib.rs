@@ -1,0 +1,1 @@
+//! ringfs transport (being written).
