@@ -70,11 +70,7 @@ impl Errno {
 
     /// The calling thread's current `errno`.
     pub fn last() -> Errno {
-        Errno(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        )
+        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
     }
 }
 
@@ -162,18 +158,9 @@ impl FileAttr {
             ino: st.st_ino,
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
-            atime: Timespec {
-                sec: st.st_atime,
-                nsec: st.st_atime_nsec as u32,
-            },
-            mtime: Timespec {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            },
-            ctime: Timespec {
-                sec: st.st_ctime,
-                nsec: st.st_ctime_nsec as u32,
-            },
+            atime: Timespec { sec: st.st_atime, nsec: st.st_atime_nsec as u32 },
+            mtime: Timespec { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
+            ctime: Timespec { sec: st.st_ctime, nsec: st.st_ctime_nsec as u32 },
             mode: st.st_mode,
             nlink: st.st_nlink as u32,
             uid: st.st_uid,
@@ -399,8 +386,7 @@ impl<'a> DirPlusBuffer<'a> {
     /// reference to the kernel (see the module docs); use `Entry::negative(Duration::ZERO)`-like
     /// zero node ids for `.` and `..`. Returns false, adding nothing, when the buffer is full.
     pub fn add(&mut self, entry: &Entry, offset: u64, kind: DirentType, name: &[u8]) -> bool {
-        match crate::reply::encode_direntplus(&mut self.buf[self.len..], entry, offset, kind, name)
-        {
+        match crate::reply::encode_direntplus(&mut self.buf[self.len..], entry, offset, kind, name) {
             Some(n) => {
                 self.len += n;
                 true
@@ -464,12 +450,7 @@ pub trait FileSystem: Send + Sync + 'static {
     fn forget(&self, node: NodeId, nlookup: u64) {}
 
     /// Gets attributes; `fh` is set when the call comes through an open file.
-    async fn getattr(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        fh: Option<FileHandle>,
-    ) -> Result<AttrOut> {
+    async fn getattr(&self, ctx: &Context, node: NodeId, fh: Option<FileHandle>) -> Result<AttrOut> {
         Err(Errno::ENOSYS)
     }
 
@@ -496,13 +477,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Creates a symlink `name` in `parent` pointing to `target`.
-    async fn symlink(
-        &self,
-        ctx: &Context,
-        parent: NodeId,
-        name: &CStr,
-        target: &CStr,
-    ) -> Result<Entry> {
+    async fn symlink(&self, ctx: &Context, parent: NodeId, name: &CStr, target: &CStr) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }
 
@@ -521,14 +496,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Creates a directory. `mode` already has the umask applied.
-    async fn mkdir(
-        &self,
-        ctx: &Context,
-        parent: NodeId,
-        name: &CStr,
-        mode: u32,
-        umask: u32,
-    ) -> Result<Entry> {
+    async fn mkdir(&self, ctx: &Context, parent: NodeId, name: &CStr, mode: u32, umask: u32) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }
 
@@ -556,13 +524,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Creates a hard link to `node` named `new_name` in `new_parent`.
-    async fn link(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        new_parent: NodeId,
-        new_name: &CStr,
-    ) -> Result<Entry> {
+    async fn link(&self, ctx: &Context, node: NodeId, new_parent: NodeId, new_name: &CStr) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }
 
@@ -597,14 +559,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Reads up to `buf.len()` bytes at `offset` into `buf`; returns the count (short at EOF).
-    async fn read(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        fh: FileHandle,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize> {
+    async fn read(&self, ctx: &Context, node: NodeId, fh: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
         Err(Errno::ENOSYS)
     }
 
@@ -622,13 +577,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Called on every close(2) of a file descriptor of this open file.
-    async fn flush(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        fh: FileHandle,
-        lock_owner: u64,
-    ) -> Result<()> {
+    async fn flush(&self, ctx: &Context, node: NodeId, fh: FileHandle, lock_owner: u64) -> Result<()> {
         Err(Errno::ENOSYS)
     }
 
@@ -638,13 +587,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Syncs file data (and metadata unless `datasync`).
-    async fn fsync(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        fh: FileHandle,
-        datasync: bool,
-    ) -> Result<()> {
+    async fn fsync(&self, ctx: &Context, node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
         Err(Errno::ENOSYS)
     }
 
@@ -683,13 +626,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Syncs a directory.
-    async fn fsyncdir(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        fh: FileHandle,
-        datasync: bool,
-    ) -> Result<()> {
+    async fn fsyncdir(&self, ctx: &Context, node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
         Err(Errno::ENOSYS)
     }
 
@@ -699,25 +636,12 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Sets an extended attribute; `flags` are XATTR_CREATE / XATTR_REPLACE.
-    async fn setxattr(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        name: &CStr,
-        value: &[u8],
-        flags: u32,
-    ) -> Result<()> {
+    async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {
         Err(Errno::ENOSYS)
     }
 
     /// Gets an extended attribute. `size` 0 is a size probe.
-    async fn getxattr(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        name: &CStr,
-        size: u32,
-    ) -> Result<XattrReply> {
+    async fn getxattr(&self, ctx: &Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
         Err(Errno::ENOSYS)
     }
 
@@ -750,14 +674,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Seeks for data or holes (SEEK_DATA/SEEK_HOLE); returns the new offset.
-    async fn lseek(
-        &self,
-        ctx: &Context,
-        node: NodeId,
-        fh: FileHandle,
-        offset: u64,
-        whence: u32,
-    ) -> Result<u64> {
+    async fn lseek(&self, ctx: &Context, node: NodeId, fh: FileHandle, offset: u64, whence: u32) -> Result<u64> {
         Err(Errno::ENOSYS)
     }
 

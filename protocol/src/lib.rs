@@ -5,9 +5,13 @@
 //! - [`reply`]: reply encoding.
 //! - [`fs`]: the [`fs::FileSystem`] trait that file systems implement.
 //! - [`dispatch`]: decodes a request, calls the file system, encodes the reply.
+//! - [`init`]: INIT negotiation and the capability table.
 
 pub mod abi;
+pub mod dispatch;
 pub mod fs;
+pub mod init;
 pub mod reply;
+pub mod request;
 
 pub use fs::*;

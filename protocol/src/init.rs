@@ -1,0 +1,184 @@
+//! INIT negotiation: which capabilities ringfs asks for, and why.
+
+use crate::abi::{FuseInitIn, FuseInitOut, InitFlags, KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION};
+use crate::fs::{ConnInfo, Errno};
+
+/// What the server wants from the connection, from its configuration.
+#[derive(Clone, Debug)]
+pub struct InitParams {
+    /// Largest WRITE the kernel may send, in bytes (multiple of 4096).
+    pub max_write: u32,
+    /// Largest readahead, in bytes.
+    pub max_readahead: u32,
+    /// Maximum background requests.
+    pub max_background: u16,
+    /// Background requests at which the kernel marks the connection congested.
+    pub congestion_threshold: u16,
+    /// Ask for the writeback cache (excludes passthrough).
+    pub writeback_cache: bool,
+    /// Ask for passthrough of file I/O to backing files.
+    pub passthrough: bool,
+    /// Ask for FUSE over io_uring.
+    pub over_io_uring: bool,
+    /// `default_permissions` is in the mount options (told to the file system).
+    pub default_permissions: bool,
+}
+
+/// The capability table: each flag ringfs asks for, with the reason. Flags not listed are
+/// refused (left out of the reply):
+/// - `POSIX_LOCKS`, `FLOCK_LOCKS`: the kernel keeps locks itself (local to this mount), which
+///   is correct for users of the mount and avoids lock-owner bookkeeping in the server.
+/// - `EXPORT_SUPPORT`: no lookups of "." / ".." by NFS; `NO_EXPORT_SUPPORT` says so.
+/// - `DONT_MASK`: the kernel applies the caller's umask before sending modes.
+/// - `SPLICE_*`: copies through pipes cost more than they save for this server.
+/// - `POSIX_ACL`, `SECURITY_CTX`, `SETXATTR_EXT`: ACLs pass through as plain xattrs.
+/// - `HANDLE_KILLPRIV(_V2)`: the kernel clears set-uid/set-gid itself via SETATTR.
+pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
+    (InitFlags::ASYNC_READ, "concurrent reads of one file"),
+    (InitFlags::ATOMIC_O_TRUNC, "O_TRUNC handled in OPEN, no extra SETATTR"),
+    (InitFlags::BIG_WRITES, "writes larger than one page"),
+    (InitFlags::AUTO_INVAL_DATA, "page cache dropped when mtime/size change"),
+    (InitFlags::DO_READDIRPLUS, "directory listing fills the entry cache"),
+    (InitFlags::READDIRPLUS_AUTO, "the kernel picks READDIRPLUS only when it helps"),
+    (InitFlags::ASYNC_DIO, "concurrent direct I/O"),
+    (InitFlags::PARALLEL_DIROPS, "lookups and readdirs of one directory run in parallel"),
+    (InitFlags::ABORT_ERROR, "ECONNABORTED instead of ENOTCONN after an abort"),
+    (InitFlags::MAX_PAGES, "requests as large as max_write"),
+    (InitFlags::CACHE_SYMLINKS, "symlink targets cached in the page cache"),
+    (InitFlags::INIT_EXT, "second flags word"),
+    (InitFlags::NO_EXPORT_SUPPORT, "not exportable over NFS"),
+    (InitFlags::DIRECT_IO_ALLOW_MMAP, "shared mmap of direct-I/O files"),
+    (InitFlags::HAS_EXPIRE_ONLY, "invalidations may only expire entries"),
+];
+
+/// The negotiated result.
+#[derive(Clone, Debug)]
+pub struct Negotiated {
+    /// The reply to send.
+    pub out: FuseInitOut,
+    /// Capabilities in effect.
+    pub flags: InitFlags,
+    /// What the file system is told.
+    pub conn: ConnInfo,
+}
+
+/// Negotiates INIT. Returns `Err(EPROTO)` for a kernel too old to speak with.
+pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> {
+    if arg.major != KERNEL_VERSION || arg.minor < MIN_KERNEL_MINOR_VERSION {
+        return Err(Errno(libc::EPROTO));
+    }
+    let mut offered = InitFlags::from_bits_retain(arg.flags as u64);
+    if offered.contains(InitFlags::INIT_EXT) {
+        offered |= InitFlags::from_bits_retain((arg.flags2 as u64) << 32);
+    }
+    let mut want = BASE_FLAGS.iter().fold(InitFlags::empty(), |acc, (f, _)| acc | *f);
+    if p.writeback_cache {
+        want |= InitFlags::WRITEBACK_CACHE;
+    }
+    if p.passthrough && !p.writeback_cache {
+        want |= InitFlags::PASSTHROUGH;
+    }
+    if p.over_io_uring {
+        want |= InitFlags::OVER_IO_URING;
+    }
+    let flags = offered & want;
+    let max_write = p.max_write.clamp(4096, 16 << 20) & !4095;
+    let max_pages = max_write.div_ceil(4096).clamp(1, u16::MAX as u32) as u16;
+    let bits = flags.bits();
+    let out = FuseInitOut {
+        major: KERNEL_VERSION,
+        minor: KERNEL_MINOR_VERSION,
+        max_readahead: arg.max_readahead.min(p.max_readahead),
+        flags: bits as u32,
+        max_background: p.max_background,
+        congestion_threshold: p.congestion_threshold,
+        max_write,
+        time_gran: 1,
+        max_pages,
+        map_alignment: 0,
+        flags2: (bits >> 32) as u32,
+        max_stack_depth: if flags.contains(InitFlags::PASSTHROUGH) { 1 } else { 0 },
+        request_timeout: 0,
+        unused: [0; 11],
+    };
+    let conn = ConnInfo {
+        proto_minor: arg.minor,
+        passthrough: flags.contains(InitFlags::PASSTHROUGH),
+        readdirplus: flags.contains(InitFlags::DO_READDIRPLUS),
+        writeback_cache: flags.contains(InitFlags::WRITEBACK_CACHE),
+        handle_killpriv_v2: flags.contains(InitFlags::HANDLE_KILLPRIV_V2),
+        default_permissions: p.default_permissions,
+        max_write,
+        max_read: max_pages as u32 * 4096,
+    };
+    Ok(Negotiated { out, flags, conn })
+}
+
+/// Applies what the file system switched off in [`ConnInfo`] to the reply.
+pub fn apply_conn(n: &mut Negotiated) {
+    let mut drop = InitFlags::empty();
+    if !n.conn.passthrough {
+        drop |= InitFlags::PASSTHROUGH;
+        n.out.max_stack_depth = 0;
+    }
+    if !n.conn.readdirplus {
+        drop |= InitFlags::DO_READDIRPLUS | InitFlags::READDIRPLUS_AUTO;
+    }
+    if !n.conn.writeback_cache {
+        drop |= InitFlags::WRITEBACK_CACHE;
+    }
+    if !n.conn.handle_killpriv_v2 {
+        drop |= InitFlags::HANDLE_KILLPRIV_V2;
+    }
+    n.flags -= drop;
+    let bits = n.flags.bits();
+    n.out.flags = bits as u32;
+    n.out.flags2 = (bits >> 32) as u32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> InitParams {
+        InitParams {
+            max_write: 1 << 20,
+            max_readahead: 1 << 20,
+            max_background: 64,
+            congestion_threshold: 48,
+            writeback_cache: false,
+            passthrough: true,
+            over_io_uring: false,
+            default_permissions: true,
+        }
+    }
+
+    #[test]
+    fn negotiates_intersection() {
+        let all = InitFlags::all().bits();
+        let arg = FuseInitIn {
+            major: 7,
+            minor: 45,
+            max_readahead: 131072,
+            flags: all as u32,
+            flags2: (all >> 32) as u32,
+            unused: [0; 11],
+        };
+        let n = negotiate(&arg, &params()).unwrap();
+        assert!(n.flags.contains(InitFlags::PASSTHROUGH));
+        assert!(!n.flags.contains(InitFlags::POSIX_LOCKS));
+        assert_eq!(n.out.max_stack_depth, 1);
+        assert_eq!(n.out.max_pages, 256);
+        assert_eq!(n.out.max_readahead, 131072);
+        let mut p = params();
+        p.writeback_cache = true;
+        let n = negotiate(&arg, &p).unwrap();
+        assert!(!n.flags.contains(InitFlags::PASSTHROUGH));
+    }
+
+    #[test]
+    fn old_kernel_refused() {
+        let arg = FuseInitIn { major: 7, minor: 20, ..Default::default() };
+        assert_eq!(negotiate(&arg, &params()).unwrap_err(), Errno(libc::EPROTO));
+    }
+}

@@ -1,0 +1,504 @@
+//! Requests from the kernel, parsed by borrowing from the transport's buffer.
+//!
+//! A request is `fuse_in_header`, then per-opcode arguments, then (protocol 7.38+) optional
+//! extensions of `total_extlen * 8` bytes. Parsing never panics: a short or inconsistent
+//! request is a [`ParseError`], which the dispatcher answers with `EIO` when it still knows the
+//! `unique` (and drops with a log line when it does not).
+
+use std::ffi::CStr;
+
+use zerocopy::FromBytes;
+
+use crate::abi::*;
+
+/// Why a request could not be parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// Fewer bytes than a `fuse_in_header`.
+    ShortHeader,
+    /// `len` in the header disagrees with the bytes received.
+    BadLength,
+    /// The arguments of the opcode are truncated or malformed.
+    BadArguments,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ParseError::ShortHeader => "request shorter than its header",
+            ParseError::BadLength => "request length field disagrees with the data",
+            ParseError::BadArguments => "request arguments truncated or malformed",
+        })
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// A cursor over argument bytes.
+struct Args<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Args<'a> {
+    fn fetch<T: FromBytes>(&mut self) -> Result<T, ParseError> {
+        let (v, rest) = T::read_from_prefix(self.data).map_err(|_| ParseError::BadArguments)?;
+        self.data = rest;
+        Ok(v)
+    }
+
+    /// A struct whose older, shorter form the kernel may still send: missing bytes are zero.
+    fn fetch_compat<T: FromBytes + zerocopy::IntoBytes + Default>(&mut self, min: usize) -> Result<T, ParseError> {
+        let mut v = T::default();
+        let want = size_of::<T>();
+        let n = want.min(self.data.len());
+        if n < min {
+            return Err(ParseError::BadArguments);
+        }
+        v.as_mut_bytes()[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(v)
+    }
+
+    fn name(&mut self) -> Result<&'a CStr, ParseError> {
+        let s = CStr::from_bytes_until_nul(self.data).map_err(|_| ParseError::BadArguments)?;
+        self.data = &self.data[s.to_bytes_with_nul().len()..];
+        Ok(s)
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], ParseError> {
+        if self.data.len() < n {
+            return Err(ParseError::BadArguments);
+        }
+        let (v, rest) = self.data.split_at(n);
+        self.data = rest;
+        Ok(v)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.data)
+    }
+}
+
+/// One parsed operation with its arguments.
+#[derive(Debug)]
+#[allow(missing_docs)]
+pub enum Operation<'a> {
+    Lookup {
+        name: &'a CStr,
+    },
+    Forget {
+        arg: FuseForgetIn,
+    },
+    BatchForget {
+        forgets: Vec<FuseForgetOne>,
+    },
+    Getattr {
+        arg: FuseGetattrIn,
+    },
+    Setattr {
+        arg: FuseSetattrIn,
+    },
+    Readlink,
+    Symlink {
+        name: &'a CStr,
+        target: &'a CStr,
+    },
+    Mknod {
+        arg: FuseMknodIn,
+        name: &'a CStr,
+    },
+    Mkdir {
+        arg: FuseMkdirIn,
+        name: &'a CStr,
+    },
+    Unlink {
+        name: &'a CStr,
+    },
+    Rmdir {
+        name: &'a CStr,
+    },
+    Rename {
+        newdir: u64,
+        flags: u32,
+        name: &'a CStr,
+        newname: &'a CStr,
+    },
+    Link {
+        arg: FuseLinkIn,
+        name: &'a CStr,
+    },
+    Open {
+        arg: FuseOpenIn,
+    },
+    Read {
+        arg: FuseReadIn,
+    },
+    Write {
+        arg: FuseWriteIn,
+        data: &'a [u8],
+    },
+    Statfs,
+    Release {
+        arg: FuseReleaseIn,
+    },
+    Fsync {
+        arg: FuseFsyncIn,
+    },
+    Setxattr {
+        size: u32,
+        flags: u32,
+        name: &'a CStr,
+        value: &'a [u8],
+    },
+    Getxattr {
+        arg: FuseGetxattrIn,
+        name: &'a CStr,
+    },
+    Listxattr {
+        arg: FuseGetxattrIn,
+    },
+    Removexattr {
+        name: &'a CStr,
+    },
+    Flush {
+        arg: FuseFlushIn,
+    },
+    Init {
+        arg: FuseInitIn,
+    },
+    Opendir {
+        arg: FuseOpenIn,
+    },
+    Readdir {
+        arg: FuseReadIn,
+    },
+    Releasedir {
+        arg: FuseReleaseIn,
+    },
+    Fsyncdir {
+        arg: FuseFsyncIn,
+    },
+    Getlk {
+        arg: FuseLkIn,
+    },
+    Setlk {
+        arg: FuseLkIn,
+        sleep: bool,
+    },
+    Access {
+        arg: FuseAccessIn,
+    },
+    Create {
+        arg: FuseCreateIn,
+        name: &'a CStr,
+    },
+    Interrupt {
+        arg: FuseInterruptIn,
+    },
+    Bmap {
+        arg: FuseBmapIn,
+    },
+    Destroy,
+    Fallocate {
+        arg: FuseFallocateIn,
+    },
+    Readdirplus {
+        arg: FuseReadIn,
+    },
+    Lseek {
+        arg: FuseLseekIn,
+    },
+    CopyFileRange {
+        arg: FuseCopyFileRangeIn,
+        wide: bool,
+    },
+    Syncfs,
+    Tmpfile {
+        arg: FuseCreateIn,
+    },
+    Statx {
+        arg: FuseStatxIn,
+    },
+    /// An opcode this server does not know or does not serve (ioctl, poll, DAX mappings...).
+    Unsupported {
+        opcode: u32,
+    },
+}
+
+/// A parsed request, borrowing its names and data from the receive buffer.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The request header.
+    pub header: FuseInHeader,
+    /// The operation and its arguments.
+    pub op: Operation<'a>,
+    /// Supplementary groups sent with create-like requests (FUSE_CREATE_SUPP_GROUP), raw
+    /// native-endian u32 values.
+    pub supp_groups: &'a [u8],
+}
+
+impl Request<'_> {
+    /// The request's unique id.
+    pub fn unique(&self) -> u64 {
+        self.header.unique
+    }
+
+    /// Supplementary group ids the kernel sent with this request.
+    pub fn supp_groups(&self) -> impl Iterator<Item = u32> + '_ {
+        self.supp_groups.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+    }
+}
+
+/// Reads just the header of a request (to answer an unparseable request by its `unique`).
+pub fn parse_header(buf: &[u8]) -> Result<FuseInHeader, ParseError> {
+    FuseInHeader::read_from_prefix(buf).map(|(h, _)| h).map_err(|_| ParseError::ShortHeader)
+}
+
+/// Parses one request occupying all of `buf` (as read from /dev/fuse).
+pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
+    let header = parse_header(buf)?;
+    if header.len as usize != buf.len() {
+        return Err(ParseError::BadLength);
+    }
+    parse_parts(header, &buf[size_of::<FuseInHeader>()..])
+}
+
+/// Parses a request whose header and argument bytes (arguments followed by extensions) are
+/// given separately, as FUSE-over-io_uring ring entries deliver them.
+pub fn parse_parts(header: FuseInHeader, body: &[u8]) -> Result<Request<'_>, ParseError> {
+    let ext_len = header.total_extlen as usize * 8;
+    if ext_len > body.len() {
+        return Err(ParseError::BadLength);
+    }
+    let (args, ext) = body.split_at(body.len() - ext_len);
+    let supp_groups = parse_extensions(ext)?;
+    let mut a = Args { data: args };
+    use crate::abi::opcode as op;
+    let op = match header.opcode {
+        op::LOOKUP => Operation::Lookup { name: a.name()? },
+        op::FORGET => Operation::Forget { arg: a.fetch()? },
+        op::BATCH_FORGET => {
+            let arg: FuseBatchForgetIn = a.fetch()?;
+            let n = arg.count as usize;
+            if n > a.data.len() / size_of::<FuseForgetOne>() {
+                return Err(ParseError::BadArguments);
+            }
+            let mut forgets = Vec::with_capacity(n);
+            for _ in 0..n {
+                forgets.push(a.fetch::<FuseForgetOne>()?);
+            }
+            Operation::BatchForget { forgets }
+        }
+        op::GETATTR => Operation::Getattr { arg: a.fetch()? },
+        op::SETATTR => Operation::Setattr { arg: a.fetch()? },
+        op::READLINK => Operation::Readlink,
+        op::SYMLINK => {
+            let name = a.name()?;
+            let target = a.name()?;
+            Operation::Symlink { name, target }
+        }
+        op::MKNOD => {
+            let arg = a.fetch_compat::<FuseMknodIn>(8)?;
+            Operation::Mknod { arg, name: a.name()? }
+        }
+        op::MKDIR => {
+            let arg = a.fetch()?;
+            Operation::Mkdir { arg, name: a.name()? }
+        }
+        op::UNLINK => Operation::Unlink { name: a.name()? },
+        op::RMDIR => Operation::Rmdir { name: a.name()? },
+        op::RENAME => {
+            let arg: FuseRenameIn = a.fetch()?;
+            let name = a.name()?;
+            let newname = a.name()?;
+            Operation::Rename { newdir: arg.newdir, flags: 0, name, newname }
+        }
+        op::RENAME2 => {
+            let arg: FuseRename2In = a.fetch()?;
+            let name = a.name()?;
+            let newname = a.name()?;
+            Operation::Rename { newdir: arg.newdir, flags: arg.flags, name, newname }
+        }
+        op::LINK => {
+            let arg = a.fetch()?;
+            Operation::Link { arg, name: a.name()? }
+        }
+        op::OPEN => Operation::Open { arg: a.fetch()? },
+        op::READ => Operation::Read { arg: a.fetch()? },
+        op::WRITE => {
+            let arg: FuseWriteIn = a.fetch_compat(24)?;
+            let data = a.bytes(arg.size as usize)?;
+            Operation::Write { arg, data }
+        }
+        op::STATFS => Operation::Statfs,
+        op::RELEASE => Operation::Release { arg: a.fetch()? },
+        op::FSYNC => Operation::Fsync { arg: a.fetch()? },
+        op::SETXATTR => {
+            // Without FUSE_SETXATTR_EXT (not negotiated) the kernel sends the 8-byte form.
+            let size: u32 = a.fetch()?;
+            let flags: u32 = a.fetch()?;
+            let name = a.name()?;
+            let value = a.bytes(size as usize)?;
+            Operation::Setxattr { size, flags, name, value }
+        }
+        op::GETXATTR => {
+            let arg = a.fetch()?;
+            Operation::Getxattr { arg, name: a.name()? }
+        }
+        op::LISTXATTR => Operation::Listxattr { arg: a.fetch()? },
+        op::REMOVEXATTR => Operation::Removexattr { name: a.name()? },
+        op::FLUSH => Operation::Flush { arg: a.fetch()? },
+        op::INIT => {
+            // Kernels before 7.36 send a 16-byte fuse_init_in.
+            Operation::Init { arg: a.fetch_compat(16)? }
+        }
+        op::OPENDIR => Operation::Opendir { arg: a.fetch()? },
+        op::READDIR => Operation::Readdir { arg: a.fetch()? },
+        op::RELEASEDIR => Operation::Releasedir { arg: a.fetch()? },
+        op::FSYNCDIR => Operation::Fsyncdir { arg: a.fetch()? },
+        op::GETLK => Operation::Getlk { arg: a.fetch()? },
+        op::SETLK => Operation::Setlk { arg: a.fetch()?, sleep: false },
+        op::SETLKW => Operation::Setlk { arg: a.fetch()?, sleep: true },
+        op::ACCESS => Operation::Access { arg: a.fetch()? },
+        op::CREATE => {
+            let arg = a.fetch()?;
+            Operation::Create { arg, name: a.name()? }
+        }
+        op::INTERRUPT => Operation::Interrupt { arg: a.fetch()? },
+        op::BMAP => Operation::Bmap { arg: a.fetch()? },
+        op::DESTROY => Operation::Destroy,
+        op::FALLOCATE => Operation::Fallocate { arg: a.fetch()? },
+        op::READDIRPLUS => Operation::Readdirplus { arg: a.fetch()? },
+        op::LSEEK => Operation::Lseek { arg: a.fetch()? },
+        op::COPY_FILE_RANGE => Operation::CopyFileRange { arg: a.fetch()?, wide: false },
+        op::COPY_FILE_RANGE_64 => Operation::CopyFileRange { arg: a.fetch()?, wide: true },
+        op::SYNCFS => Operation::Syncfs,
+        op::TMPFILE => {
+            let arg = a.fetch()?;
+            // The kernel also sends the placeholder dentry name; it carries no meaning.
+            let _ = a.rest();
+            Operation::Tmpfile { arg }
+        }
+        op::STATX => Operation::Statx { arg: a.fetch()? },
+        opcode => Operation::Unsupported { opcode },
+    };
+    Ok(Request { header, op, supp_groups })
+}
+
+/// Walks the extension area; returns the supplementary group bytes if present.
+fn parse_extensions(mut ext: &[u8]) -> Result<&[u8], ParseError> {
+    let mut groups: &[u8] = &[];
+    while !ext.is_empty() {
+        let (h, _) = FuseExtHeader::read_from_prefix(ext).map_err(|_| ParseError::BadArguments)?;
+        let size = h.size as usize;
+        if size < size_of::<FuseExtHeader>() || size > ext.len() || size % 8 != 0 {
+            return Err(ParseError::BadArguments);
+        }
+        let body = &ext[size_of::<FuseExtHeader>()..size];
+        if h.type_ == crate::abi::flags::EXT_GROUPS {
+            let (g, rest) = FuseSuppGroups::read_from_prefix(body).map_err(|_| ParseError::BadArguments)?;
+            let n = g.nr_groups as usize;
+            if n.checked_mul(4).is_none_or(|b| b > rest.len()) {
+                return Err(ParseError::BadArguments);
+            }
+            groups = &rest[..n * 4];
+        }
+        ext = &ext[size..];
+    }
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    fn request(opcode: u32, args: &[u8]) -> Vec<u8> {
+        let header = FuseInHeader {
+            len: (40 + args.len()) as u32,
+            opcode,
+            unique: 7,
+            nodeid: 1,
+            uid: 1000,
+            gid: 1000,
+            pid: 42,
+            total_extlen: 0,
+            padding: 0,
+        };
+        let mut v = header.as_bytes().to_vec();
+        v.extend_from_slice(args);
+        v
+    }
+
+    #[test]
+    fn lookup_borrows_name() {
+        let buf = request(opcode::LOOKUP, b"hello\0");
+        let req = parse(&buf).unwrap();
+        match req.op {
+            Operation::Lookup { name } => assert_eq!(name.to_bytes(), b"hello"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(req.unique(), 7);
+    }
+
+    #[test]
+    fn missing_nul_is_an_error() {
+        let buf = request(opcode::LOOKUP, b"hello");
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments);
+    }
+
+    #[test]
+    fn short_and_inconsistent_buffers() {
+        assert_eq!(parse(&[0u8; 10]).unwrap_err(), ParseError::ShortHeader);
+        let mut buf = request(opcode::GETATTR, &[0u8; 16]);
+        buf.pop();
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadLength);
+        let buf = request(opcode::GETATTR, &[0u8; 8]);
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments);
+    }
+
+    #[test]
+    fn write_data_length_checked() {
+        let arg = FuseWriteIn { size: 100, ..Default::default() };
+        let mut args = arg.as_bytes().to_vec();
+        args.extend_from_slice(&[1u8; 10]);
+        let buf = request(opcode::WRITE, &args);
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments);
+    }
+
+    #[test]
+    fn batch_forget_count_bounded() {
+        let arg = FuseBatchForgetIn { count: u32::MAX, dummy: 0 };
+        let buf = request(opcode::BATCH_FORGET, arg.as_bytes());
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments);
+    }
+
+    #[test]
+    fn unknown_opcode_is_unsupported() {
+        let buf = request(9999, b"");
+        assert!(matches!(parse(&buf).unwrap().op, Operation::Unsupported { opcode: 9999 }));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A small deterministic xorshift fuzz over every opcode.
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        for round in 0..20000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 200) as usize;
+            let mut args = Vec::with_capacity(len);
+            let mut y = x;
+            for _ in 0..len {
+                y = y.wrapping_mul(6364136223846793005).wrapping_add(1);
+                args.push((y >> 56) as u8);
+            }
+            let mut buf = request(round % 60, &args);
+            if round % 3 == 0 {
+                buf[32] = (x >> 8) as u8; // total_extlen
+            }
+            let _ = parse(&buf);
+        }
+    }
+}
