@@ -433,7 +433,8 @@ pub struct ConnInfo {
 /// See the module docs for the protocol contract (lookup counts, handles, errors).
 #[allow(unused_variables)]
 pub trait FileSystem: Send + Sync + 'static {
-    /// Called once at INIT, before any other request. May clear capabilities in `conn`.
+    /// Called once at INIT, before any other request. May clear capabilities in `conn`; a file
+    /// system that does not implement `readdirplus` must clear `conn.readdirplus`.
     fn init(&self, conn: &mut ConnInfo) -> Result<()> {
         Ok(())
     }

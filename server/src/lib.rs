@@ -1,2 +1,4 @@
 //! ringfs server library: the passthrough file system and the pieces of the binary.
+pub mod cli;
 pub mod fs;
+pub mod run;

@@ -1,2 +1,43 @@
-//! ringfs binary (being written).
-fn main() {}
+//! `ringfs`: mount a backing directory through FUSE.
+
+use std::process::ExitCode;
+
+use server::cli::{self, Command};
+
+fn init_logging(level: &str) {
+    let env = env_logger::Env::default().default_filter_or(level);
+    env_logger::Builder::from_env(env).format_target(false).init();
+}
+
+fn main() -> ExitCode {
+    // The kernel applies the caller's umask before it sends a mode; ours must not apply again.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0) };
+    let command = match cli::parse_args(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => {
+            if e.code == 0 {
+                print!("{}", e.message);
+            } else {
+                eprintln!("ringfs: {}", e.message.trim_end());
+            }
+            return ExitCode::from(e.code as u8);
+        }
+    };
+    match command {
+        Command::CheckConfig { config } => {
+            print!("{}", config::to_toml_string(&config));
+            ExitCode::SUCCESS
+        }
+        Command::Mount { config, background } => {
+            init_logging(&config.log.level.to_string());
+            match server::run::run_mount(config, background) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ringfs: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,13 @@
-//! ringfs transport (being written).
+//! Everything that touches `/dev/fuse`: mounting, INIT, the per-core channels that carry
+//! requests to the dispatcher, and the watchdog that unmounts when the server dies.
+//!
+//! **Architecture Invariant:** no other crate opens `/dev/fuse`, calls mount(2) for FUSE, or
+//! talks to io_uring. The file system behind the dispatcher never sees a byte of the protocol.
+
+pub mod executor;
+pub mod mount;
+pub mod session;
+pub mod watchdog;
+
+pub use mount::{MountOptions, Mounted};
+pub use session::{Session, SessionConfig, SessionStats};

@@ -1,0 +1,206 @@
+//! The life of one mount: checks, watchdog, mount, INIT, serving, signals, unmount.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use config::Config;
+use protocol::init::InitParams;
+use uring_transport::mount::{self, MountOptions};
+use uring_transport::watchdog::Watchdog;
+use uring_transport::{Session, SessionConfig};
+
+use crate::fs::{FsConfig, PassthroughFs};
+
+/// How long a SIGTERM/SIGINT shutdown waits for a lazily detached mount's last users before
+/// aborting the connection.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A start-up or serving failure, as one line for the user.
+pub type RunError = String;
+
+fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, RunError> {
+    let c = std::fs::canonicalize(p).map_err(|e| format!("{what} {}: {e}", p.display()))?;
+    let meta = std::fs::metadata(&c).map_err(|e| format!("{what} {}: {e}", p.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{what} {}: not a directory", p.display()));
+    }
+    Ok(c)
+}
+
+/// Number of worker threads for `configured` (0 = one per online CPU).
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Blocks the shutdown signals in the calling thread (and so in every thread it starts later),
+/// so that only the signal thread receives them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Forks into the background: the parent waits until the child reports the mount ready (or
+/// failed) and exits with that status. Returns the pipe on which the child reports.
+fn daemonize() -> Result<std::fs::File, RunError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: valid array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh descriptors we own.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: single-threaded at this point.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        drop(wr);
+        let mut status = [0u8; 1];
+        let ok = matches!(std::fs::File::from(rd).read(&mut status), Ok(1) if status[0] == b'O');
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+    drop(rd);
+    // SAFETY: detaching from the controlling terminal in the child.
+    unsafe { libc::setsid() };
+    Ok(std::fs::File::from(wr))
+}
+
+/// Mounts `cfg` and serves it until unmounted or signalled.
+pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
+    let source = canonical_dir("backing directory", &cfg.source)?;
+    let mountpoint = canonical_dir("mount point", &cfg.mountpoint)?;
+    if source == mountpoint {
+        return Err(format!("backing directory and mount point are the same directory: {}", source.display()));
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("ringfs must run as root (it mounts with mount(2) and serves other users' files)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
+    }
+    let mut ready_pipe = if background { Some(daemonize()?) } else { None };
+    let mut watchdog = Watchdog::spawn(&mountpoint).map_err(|e| format!("starting the watchdog: {e}"))?;
+    let sigset = block_signals();
+
+    let fs = PassthroughFs::new(FsConfig {
+        source: source.clone(),
+        entry_timeout: cfg.cache.entry_timeout,
+        attr_timeout: cfg.cache.attr_timeout,
+        negative_timeout: cfg.cache.negative_timeout,
+        default_permissions: cfg.default_permissions,
+        ..FsConfig::default()
+    })
+    .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
+    let fs = Arc::new(fs);
+
+    let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
+    let opts = MountOptions {
+        mountpoint: mountpoint.clone(),
+        fsname: fsname.replace(',', "_"),
+        subtype: cfg.subtype.clone(),
+        allow_other: cfg.allow_other,
+        default_permissions: cfg.default_permissions,
+        read_only: cfg.ro,
+        nosuid: cfg.mount_flags.nosuid,
+        nodev: cfg.mount_flags.nodev,
+        noexec: cfg.mount_flags.noexec,
+        max_read: cfg.fuse.max_write,
+    };
+    let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;
+    let dev = mounted.dev();
+    if let Err(e) = watchdog.mounted(dev) {
+        log::warn!("watchdog not told about the mount: {e}");
+    }
+    let session_cfg = SessionConfig {
+        workers: worker_count(cfg.transport.workers),
+        init: InitParams {
+            max_write: cfg.fuse.max_write,
+            max_readahead: cfg.fuse.max_readahead,
+            max_background: cfg.fuse.max_background,
+            congestion_threshold: cfg.fuse.congestion_threshold,
+            writeback_cache: cfg.fuse.writeback_cache,
+            // Passthrough is the kernel-offload issue's work; not negotiated yet.
+            passthrough: false,
+            over_io_uring: false,
+            default_permissions: cfg.default_permissions,
+        },
+    };
+    let session = match Session::init(mounted, fs, &session_cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = mount::unmount(&mountpoint);
+            return Err(e.to_string());
+        }
+    };
+    log::info!(
+        "mounted {} on {} (dev {}:{}, {} workers, transport dev-fuse)",
+        source.display(),
+        mountpoint.display(),
+        libc::major(dev),
+        libc::minor(dev),
+        session_cfg.workers
+    );
+    if let Some(mut p) = ready_pipe.take() {
+        let _ = p.write_all(b"O");
+    }
+
+    let finished = Arc::new(AtomicBool::new(false));
+    {
+        let mountpoint = mountpoint.clone();
+        let finished = finished.clone();
+        std::thread::Builder::new()
+            .name("ringfs-signals".into())
+            .spawn(move || signal_thread(sigset, &mountpoint, dev, &finished))
+            .map_err(|e| format!("starting the signal thread: {e}"))?;
+    }
+    let result = session.run();
+    finished.store(true, Ordering::SeqCst);
+    // The mount is gone (unmounted by us, by the user, or aborted): tell the watchdog to stand down.
+    watchdog.done();
+    log::info!("unmounted {}", mountpoint.display());
+    result.map_err(|e| e.to_string())
+}
+
+fn signal_thread(set: libc::sigset_t, mountpoint: &Path, dev: u64, finished: &AtomicBool) {
+    let mut sig = 0;
+    // SAFETY: set is a valid signal set blocked in this thread.
+    if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+        return;
+    }
+    log::info!("signal {sig}: unmounting {}", mountpoint.display());
+    match mount::unmount(mountpoint) {
+        Ok(false) => return,
+        Ok(true) => log::info!("{} is busy: detached; waiting for its last users", mountpoint.display()),
+        Err(e) => log::warn!("unmounting {}: {e}", mountpoint.display()),
+    }
+    let start = Instant::now();
+    while start.elapsed() < SHUTDOWN_GRACE {
+        if finished.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log::warn!("mount still in use after {:?}: aborting the connection", SHUTDOWN_GRACE);
+    let abort = format!("/sys/fs/fuse/connections/{}/abort", dev as u32);
+    if std::fs::write(&abort, b"1").is_err() {
+        std::process::exit(0);
+    }
+}

@@ -1,0 +1,101 @@
+//! The smallest ringfs file system: one read-only file, `hello`, in the root.
+//!
+//! `cargo run -p uring-transport --example hello -- /mnt/point` (as root), then
+//! `cat /mnt/point/hello`; Ctrl-C or `umount /mnt/point` ends it.
+
+use std::ffi::CStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::init::InitParams;
+use protocol::*;
+use uring_transport::mount::{mount, MountOptions};
+use uring_transport::{Session, SessionConfig};
+
+const TEXT: &[u8] = b"hello from ringfs\n";
+const FILE: NodeId = NodeId(2);
+
+struct Hello;
+
+fn attr(node: NodeId) -> FileAttr {
+    let (mode, size, nlink) =
+        if node == NodeId::ROOT { (libc::S_IFDIR | 0o755, 0, 2) } else { (libc::S_IFREG | 0o444, TEXT.len(), 1) };
+    FileAttr { ino: node.0, mode, size: size as u64, nlink, blksize: 4096, ..Default::default() }
+}
+
+impl FileSystem for Hello {
+    fn init(&self, conn: &mut ConnInfo) -> Result<()> {
+        // Only plain readdir is implemented.
+        conn.readdirplus = false;
+        Ok(())
+    }
+
+    async fn lookup(&self, _: &Context, parent: NodeId, name: &CStr) -> Result<Entry> {
+        if parent != NodeId::ROOT || name.to_bytes() != b"hello" {
+            return Err(Errno::ENOENT);
+        }
+        let t = Duration::from_secs(1);
+        Ok(Entry { nodeid: FILE, generation: 0, attr: attr(FILE), entry_timeout: t, attr_timeout: t })
+    }
+
+    async fn getattr(&self, _: &Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
+        Ok(AttrOut { attr: attr(node), timeout: Duration::from_secs(1) })
+    }
+
+    async fn open(&self, _: &Context, _: NodeId, _: u32) -> Result<Opened> {
+        Ok(Opened { fh: FileHandle(0), options: OpenOptions::default() })
+    }
+
+    async fn read(&self, _: &Context, _: NodeId, _: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let data = TEXT.get(offset as usize..).unwrap_or(&[]);
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        Ok(n)
+    }
+
+    async fn opendir(&self, _: &Context, _: NodeId, _: u32) -> Result<Opened> {
+        Ok(Opened { fh: FileHandle(0), options: OpenOptions::default() })
+    }
+
+    async fn readdir(&self, _: &Context, _: NodeId, _: FileHandle, offset: u64, out: &mut DirBuffer<'_>) -> Result<()> {
+        let entries: [(u64, u32, &[u8]); 3] =
+            [(1, libc::DT_DIR as u32, b"."), (1, libc::DT_DIR as u32, b".."), (2, libc::DT_REG as u32, b"hello")];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if !out.add(*ino, i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let mountpoint = std::env::args().nth(1).expect("usage: hello MOUNTPOINT");
+    let opts = MountOptions {
+        mountpoint: std::fs::canonicalize(mountpoint)?,
+        fsname: "hello".into(),
+        subtype: "hello".into(),
+        allow_other: false,
+        default_permissions: true,
+        read_only: true,
+        nosuid: true,
+        nodev: true,
+        noexec: true,
+        max_read: 128 * 1024,
+    };
+    let mounted = mount(&opts)?;
+    let cfg = SessionConfig {
+        workers: 2,
+        init: InitParams {
+            max_write: 128 * 1024,
+            max_readahead: 128 * 1024,
+            max_background: 16,
+            congestion_threshold: 12,
+            writeback_cache: false,
+            passthrough: false,
+            over_io_uring: false,
+            default_permissions: true,
+        },
+    };
+    Session::init(mounted, Arc::new(Hello), &cfg)?.run()
+}

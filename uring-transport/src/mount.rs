@@ -1,0 +1,263 @@
+//! Opening `/dev/fuse` and mounting it, unmounting, and reading the mount table.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// What to mount where.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Mount point (absolute, canonical).
+    pub mountpoint: PathBuf,
+    /// Shown as the device in /proc/mounts.
+    pub fsname: String,
+    /// File-system subtype: the type shows as `fuse.<subtype>`.
+    pub subtype: String,
+    /// Let users other than root use the mount.
+    pub allow_other: bool,
+    /// The kernel checks permissions from the attributes.
+    pub default_permissions: bool,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// MS_NOSUID.
+    pub nosuid: bool,
+    /// MS_NODEV.
+    pub nodev: bool,
+    /// MS_NOEXEC.
+    pub noexec: bool,
+    /// Largest read request, in bytes.
+    pub max_read: u32,
+}
+
+/// A mounted FUSE connection whose INIT has not been answered yet.
+#[derive(Debug)]
+pub struct Mounted {
+    pub(crate) fd: OwnedFd,
+    mountpoint: PathBuf,
+    dev: u64,
+}
+
+impl Mounted {
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The mount's device number (`st_dev` seen through it; the FUSE connection id).
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+}
+
+fn err(context: String, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{context}: {e}"))
+}
+
+/// Opens `/dev/fuse` with a clear error.
+pub fn open_dev_fuse() -> io::Result<OwnedFd> {
+    match File::options().read(true).write(true).open("/dev/fuse") {
+        Ok(f) => Ok(f.into()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(err(
+            "cannot open /dev/fuse".into(),
+            io::Error::new(e.kind(), "no such device node (load the module: modprobe fuse)"),
+        )),
+        Err(e) => Err(err("cannot open /dev/fuse".into(), e)),
+    }
+}
+
+/// Escapes a value for the comma-separated FUSE mount data.
+fn option_value_ok(v: &str) -> bool {
+    !v.contains(',') && !v.contains('\0')
+}
+
+/// Mounts a new FUSE connection at `opts.mountpoint`.
+pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
+    let mp = &opts.mountpoint;
+    let meta = std::fs::metadata(mp).map_err(|e| err(format!("mount point {}", mp.display()), e))?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("mount point {}: not a directory", mp.display()),
+        ));
+    }
+    if let Some(m) = find_mount(mp)? {
+        if m.fstype.starts_with("fuse") {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("mount point {}: busy, already a {} mount (unmount it first)", mp.display(), m.fstype),
+            ));
+        }
+    }
+    if !option_value_ok(&opts.fsname) || !option_value_ok(&opts.subtype) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "fsname and subtype may not contain ',' or NUL"));
+    }
+    let fd = open_dev_fuse()?;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},max_read={}",
+        fd.as_raw_fd(),
+        meta.mode() & libc::S_IFMT,
+        // SAFETY: getuid/getgid cannot fail.
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
+        opts.max_read
+    );
+    if opts.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    if opts.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags: libc::c_ulong = 0;
+    if opts.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    if opts.nosuid {
+        flags |= libc::MS_NOSUID;
+    }
+    if opts.nodev {
+        flags |= libc::MS_NODEV;
+    }
+    if opts.noexec {
+        flags |= libc::MS_NOEXEC;
+    }
+    let source = CString::new(opts.fsname.as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let fstype = CString::new(format!("fuse.{}", opts.subtype)).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let target = CString::new(mp.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let cdata = CString::new(data).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, cdata.as_ptr().cast()) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) => " (ringfs must run as root, with CAP_SYS_ADMIN)",
+            Some(libc::ENODEV) => " (the fuse file system type is not available: modprobe fuse)",
+            _ => "",
+        };
+        return Err(io::Error::new(e.kind(), format!("mount on {} failed: {e}{hint}", mp.display())));
+    }
+    let dev = match find_mount(mp)? {
+        Some(m) => m.dev,
+        None => return Err(io::Error::other(format!("mounted {} but cannot find it in mountinfo", mp.display()))),
+    };
+    Ok(Mounted { fd, mountpoint: mp.clone(), dev })
+}
+
+/// Unmounts `mountpoint`; a busy mount is detached lazily (it goes away when its last user
+/// does). Returns whether a lazy detach was needed.
+pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        return Ok(false);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EBUSY) {
+        return Err(e);
+    }
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(true)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Device number (major:minor).
+    pub dev: u64,
+    /// Mount point path.
+    pub mountpoint: PathBuf,
+    /// File-system type (e.g. `fuse.ringfs`).
+    pub fstype: String,
+    /// Mount source.
+    pub source: String,
+}
+
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let f: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if f.len() < 5 || r.len() < 2 {
+            continue;
+        }
+        let Some((maj, min)) = f[2].split_once(':') else { continue };
+        let (Ok(maj), Ok(min)) = (maj.parse::<u32>(), min.parse::<u32>()) else { continue };
+        v.push(MountEntry {
+            dev: libc::makedev(maj, min),
+            mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(f[4]))),
+            fstype: r[0].to_string(),
+            source: String::from_utf8_lossy(&unescape(r[1])).into_owned(),
+        });
+    }
+    v
+}
+
+/// The topmost mount at exactly `mountpoint`, if any.
+pub fn find_mount(mountpoint: &Path) -> io::Result<Option<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mountpoint == mountpoint))
+}
+
+/// Clones a session fd (FUSE_DEV_IOC_CLONE): a new fd on which the same connection's requests
+/// can be read by another thread.
+pub fn clone_fd(master: &OwnedFd) -> io::Result<OwnedFd> {
+    let fd = open_dev_fuse()?;
+    let mut id: u32 = master.as_raw_fd() as u32;
+    // SAFETY: FUSE_DEV_IOC_CLONE reads a u32 fd number from the pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), protocol::abi::ioctl::DEV_IOC_CLONE as _, &mut id) };
+    if rc != 0 {
+        return Err(err("FUSE_DEV_IOC_CLONE".into(), io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+/// Wraps a raw fd number known to be open and owned by the caller.
+///
+/// # Safety
+/// `fd` must be an open descriptor that nothing else owns.
+pub unsafe fn owned(fd: i32) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    40 36 0:52 / /tmp/m rw,nosuid shared:5 - fuse.ringfs /srv/data rw,user_id=0\n";
+        let v = parse_mountinfo(text);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].mountpoint, PathBuf::from("/mnt/with space"));
+        assert_eq!(v[0].dev, libc::makedev(98, 0));
+        assert_eq!(v[1].fstype, "fuse.ringfs");
+        assert_eq!(v[1].source, "/srv/data");
+    }
+}

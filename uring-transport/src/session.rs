@@ -1,0 +1,270 @@
+//! A served FUSE connection: INIT, then worker threads that carry requests to the dispatcher.
+//!
+//! Classic channel: the INIT request is read from the mount's fd; then `workers` threads each
+//! read requests from their own clone of that fd (FUSE_DEV_IOC_CLONE), so the kernel hands
+//! requests to whichever thread is free, and write replies back on the same fd.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use protocol::abi::{opcode, FuseInHeader, FuseOutHeader};
+use protocol::dispatch::{Dispatcher, Outcome};
+use protocol::init::{self, InitParams};
+use protocol::request::{self, Operation};
+use protocol::FileSystem;
+use zerocopy::IntoBytes;
+
+use crate::executor::block_on;
+use crate::mount::{clone_fd, Mounted};
+
+/// How the session runs.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Worker threads (at least 1).
+    pub workers: usize,
+    /// INIT parameters.
+    pub init: InitParams,
+}
+
+/// Counters of a session, readable while it runs.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Requests received, per opcode.
+    pub requests: Vec<AtomicU64>,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    /// Requests that could not be parsed.
+    pub malformed: AtomicU64,
+}
+
+impl SessionStats {
+    fn new() -> Self {
+        SessionStats {
+            requests: (0..opcode::COUNT + 1).map(|_| AtomicU64::new(0)).collect(),
+            errors: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests seen of `op`.
+    pub fn count(&self, op: u32) -> u64 {
+        self.requests.get(op as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn record(&self, op: u32) {
+        let i = (op as usize).min(opcode::COUNT);
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A mounted, initialised connection ready to be served.
+pub struct Session<F> {
+    mounted: Mounted,
+    dispatcher: Dispatcher<F>,
+    workers: usize,
+    bufsize: usize,
+    outsize: usize,
+    stats: Arc<SessionStats>,
+}
+
+/// An 8-byte aligned, zeroed byte buffer (request structs are read in place).
+struct AlignedBuf {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        AlignedBuf { words: vec![0u64; len.div_ceil(8)], len }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        self.words.as_mut_slice().as_mut_bytes().split_at_mut(len).0
+    }
+}
+
+fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn write_fd(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of buf.len() bytes.
+    let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Sends a reply whose payload already sits in `out[16..16 + len]`.
+fn send_reply(fd: &OwnedFd, out: &mut [u8], unique: u64, error: i32, len: usize) -> io::Result<()> {
+    let h = FuseOutHeader { len: (16 + len) as u32, error, unique };
+    out[..16].copy_from_slice(h.as_bytes());
+    match write_fd(fd, &out[..16 + len]) {
+        Ok(_) => Ok(()),
+        // The request was interrupted and already answered by the kernel.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl<F: FileSystem> Session<F> {
+    /// Answers INIT on the mount's fd. Blocks until the kernel sends it (right after mount).
+    pub fn init(mounted: Mounted, fs: Arc<F>, cfg: &SessionConfig) -> io::Result<Session<F>> {
+        let bufsize = cfg.init.max_write.max(128 * 1024) as usize + 8192;
+        let mut inbuf = AlignedBuf::new(bufsize);
+        let buf = inbuf.bytes_mut();
+        let n = loop {
+            match read_fd(&mounted.fd, buf) {
+                Ok(n) => break n,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => continue,
+                Err(e) => return Err(io::Error::new(e.kind(), format!("reading INIT from /dev/fuse: {e}"))),
+            }
+        };
+        let req = request::parse(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed INIT: {e}")))?;
+        let Operation::Init { arg } = req.op else {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "first request was not INIT"));
+        };
+        let mut out = vec![0u8; 16 + 256];
+        let mut negotiated = match init::negotiate(&arg, &cfg.init) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = send_reply(&mounted.fd, &mut out, req.unique(), -e.0, 0);
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("kernel FUSE protocol {}.{} is too old (need 7.36 or newer)", arg.major, arg.minor),
+                ));
+            }
+        };
+        if let Err(e) = fs.init(&mut negotiated.conn) {
+            let _ = send_reply(&mounted.fd, &mut out, req.unique(), -e.0, 0);
+            return Err(io::Error::other(format!("file system refused INIT: {e}")));
+        }
+        init::apply_conn(&mut negotiated);
+        let payload = negotiated.out.as_bytes();
+        out[16..16 + payload.len()].copy_from_slice(payload);
+        send_reply(&mounted.fd, &mut out, req.unique(), 0, payload.len())?;
+        log::info!(
+            "FUSE {}.{} negotiated: max_write={} passthrough={} readdirplus={} writeback_cache={}",
+            arg.major,
+            arg.minor,
+            negotiated.conn.max_write,
+            negotiated.conn.passthrough,
+            negotiated.conn.readdirplus,
+            negotiated.conn.writeback_cache
+        );
+        let outsize = 16 + negotiated.conn.max_read.max(negotiated.conn.max_write) as usize + 8192;
+        Ok(Session {
+            mounted,
+            dispatcher: Dispatcher::new(fs),
+            workers: cfg.workers.max(1),
+            bufsize,
+            outsize,
+            stats: Arc::new(SessionStats::new()),
+        })
+    }
+
+    /// The session's counters.
+    pub fn stats(&self) -> Arc<SessionStats> {
+        self.stats.clone()
+    }
+
+    /// The mount's device number.
+    pub fn dev(&self) -> u64 {
+        self.mounted.dev()
+    }
+
+    /// Serves requests until the connection goes away (unmount or abort).
+    pub fn run(self) -> io::Result<()> {
+        let mut fds = Vec::with_capacity(self.workers);
+        for _ in 1..self.workers {
+            fds.push(clone_fd(&self.mounted.fd)?);
+        }
+        let mut handles = Vec::new();
+        for (i, fd) in fds.into_iter().enumerate() {
+            let d = self.dispatcher.clone();
+            let stats = self.stats.clone();
+            let (bufsize, outsize) = (self.bufsize, self.outsize);
+            let h = std::thread::Builder::new()
+                .name(format!("ringfs-w{}", i + 1))
+                .spawn(move || worker(&fd, &d, &stats, bufsize, outsize))?;
+            handles.push(h);
+        }
+        worker(&self.mounted.fd, &self.dispatcher, &self.stats, self.bufsize, self.outsize);
+        for h in handles {
+            let _ = h.join();
+        }
+        self.dispatcher.fs().destroy();
+        Ok(())
+    }
+}
+
+fn worker<F: FileSystem>(fd: &OwnedFd, d: &Dispatcher<F>, stats: &SessionStats, bufsize: usize, outsize: usize) {
+    let mut inbuf = AlignedBuf::new(bufsize);
+    let mut outbuf = AlignedBuf::new(outsize);
+    let out = outbuf.bytes_mut();
+    loop {
+        let buf = inbuf.bytes_mut();
+        let n = match read_fd(fd, buf) {
+            Ok(n) => n,
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOENT) => continue,
+                Some(libc::ENODEV) => return,
+                _ => {
+                    log::error!("reading /dev/fuse: {e}; worker stops");
+                    return;
+                }
+            },
+        };
+        let data = &buf[..n];
+        let req = match request::parse(data) {
+            Ok(r) => r,
+            Err(e) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                match request::parse_header(data) {
+                    Ok(h) if !no_reply(&h) => {
+                        log::warn!(
+                            "malformed {} request (unique {}): {e}; answered EIO",
+                            opcode::name(h.opcode),
+                            h.unique
+                        );
+                        let _ = send_reply(fd, out, h.unique, -libc::EIO, 0);
+                    }
+                    Ok(h) => log::warn!("malformed {} request dropped: {e}", opcode::name(h.opcode)),
+                    Err(_) => log::warn!("unreadable request of {n} bytes dropped: {e}"),
+                }
+                continue;
+            }
+        };
+        stats.record(req.header.opcode);
+        match block_on(d.dispatch(&req, &mut out[16..])) {
+            Outcome::Reply { error, len } => {
+                if error != 0 {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(e) = send_reply(fd, out, req.unique(), error, len) {
+                    if e.raw_os_error() == Some(libc::ENODEV) {
+                        return;
+                    }
+                    log::warn!("writing reply to {}: {e}", opcode::name(req.header.opcode));
+                }
+            }
+            Outcome::NoReply => {}
+        }
+    }
+}
+
+fn no_reply(h: &FuseInHeader) -> bool {
+    matches!(h.opcode, opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT)
+}
