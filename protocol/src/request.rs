@@ -9,6 +9,7 @@ use std::ffi::CStr;
 
 use zerocopy::FromBytes;
 
+use crate::abi::opcode;
 use crate::abi::*;
 
 /// Why a request could not be parsed.
@@ -266,19 +267,74 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
 /// Parses a request whose header and argument bytes (arguments followed by extensions) are
 /// given separately, as FUSE-over-io_uring ring entries deliver them.
 pub fn parse_parts(header: FuseInHeader, body: &[u8]) -> Result<Request<'_>, ParseError> {
+    let hsize = if header.opcode == opcode::INIT {
+        body.len().min(size_of::<FuseInitIn>())
+    } else {
+        op_header_size(header.opcode)
+    };
+    if body.len() < hsize {
+        return Err(ParseError::BadArguments);
+    }
+    let (op_in, payload) = body.split_at(hsize);
+    parse_split(header, op_in, payload)
+}
+
+/// Size of the fixed per-opcode argument struct that precedes names and data: what
+/// FUSE-over-io_uring puts in the ring entry's `op_in` area (0 when the opcode has none).
+pub fn op_header_size(op: u32) -> usize {
+    use crate::abi::opcode as o;
+    match op {
+        o::FORGET => size_of::<FuseForgetIn>(),
+        o::BATCH_FORGET => size_of::<FuseBatchForgetIn>(),
+        o::GETATTR => size_of::<FuseGetattrIn>(),
+        o::SETATTR => size_of::<FuseSetattrIn>(),
+        o::MKNOD => size_of::<FuseMknodIn>(),
+        o::MKDIR => size_of::<FuseMkdirIn>(),
+        o::RENAME => size_of::<FuseRenameIn>(),
+        o::RENAME2 => size_of::<FuseRename2In>(),
+        o::LINK => size_of::<FuseLinkIn>(),
+        o::OPEN | o::OPENDIR => size_of::<FuseOpenIn>(),
+        o::READ | o::READDIR | o::READDIRPLUS => size_of::<FuseReadIn>(),
+        o::WRITE => size_of::<FuseWriteIn>(),
+        o::RELEASE | o::RELEASEDIR => size_of::<FuseReleaseIn>(),
+        o::FSYNC | o::FSYNCDIR => size_of::<FuseFsyncIn>(),
+        // The 8-byte form: FUSE_SETXATTR_EXT is not negotiated.
+        o::SETXATTR => 8,
+        o::GETXATTR | o::LISTXATTR => size_of::<FuseGetxattrIn>(),
+        o::FLUSH => size_of::<FuseFlushIn>(),
+        o::GETLK | o::SETLK | o::SETLKW => size_of::<FuseLkIn>(),
+        o::ACCESS => size_of::<FuseAccessIn>(),
+        o::CREATE | o::TMPFILE => size_of::<FuseCreateIn>(),
+        o::INTERRUPT => size_of::<FuseInterruptIn>(),
+        o::BMAP => size_of::<FuseBmapIn>(),
+        o::FALLOCATE => size_of::<FuseFallocateIn>(),
+        o::LSEEK => size_of::<FuseLseekIn>(),
+        o::COPY_FILE_RANGE | o::COPY_FILE_RANGE_64 => size_of::<FuseCopyFileRangeIn>(),
+        o::STATX => size_of::<FuseStatxIn>(),
+        o::INIT => size_of::<FuseInitIn>(),
+        o::SYNCFS => size_of::<FuseSyncfsIn>(),
+        _ => 0,
+    }
+}
+
+/// Parses a request from its header, its per-opcode argument struct (`op_in`, at least
+/// [`op_header_size`] bytes; longer is fine) and the rest (`payload`: names, data, then
+/// `total_extlen * 8` bytes of extensions).
+pub fn parse_split<'a>(header: FuseInHeader, op_in: &'a [u8], payload: &'a [u8]) -> Result<Request<'a>, ParseError> {
     let ext_len = header.total_extlen as usize * 8;
-    if ext_len > body.len() {
+    if ext_len > payload.len() {
         return Err(ParseError::BadLength);
     }
-    let (args, ext) = body.split_at(body.len() - ext_len);
+    let (args, ext) = payload.split_at(payload.len() - ext_len);
     let supp_groups = parse_extensions(ext)?;
+    let mut h = Args { data: op_in };
     let mut a = Args { data: args };
     use crate::abi::opcode as op;
     let op = match header.opcode {
         op::LOOKUP => Operation::Lookup { name: a.name()? },
-        op::FORGET => Operation::Forget { arg: a.fetch()? },
+        op::FORGET => Operation::Forget { arg: h.fetch()? },
         op::BATCH_FORGET => {
-            let arg: FuseBatchForgetIn = a.fetch()?;
+            let arg: FuseBatchForgetIn = h.fetch()?;
             let n = arg.count as usize;
             if n > a.data.len() / size_of::<FuseForgetOne>() {
                 return Err(ParseError::BadArguments);
@@ -289,8 +345,8 @@ pub fn parse_parts(header: FuseInHeader, body: &[u8]) -> Result<Request<'_>, Par
             }
             Operation::BatchForget { forgets }
         }
-        op::GETATTR => Operation::Getattr { arg: a.fetch()? },
-        op::SETATTR => Operation::Setattr { arg: a.fetch()? },
+        op::GETATTR => Operation::Getattr { arg: h.fetch()? },
+        op::SETATTR => Operation::Setattr { arg: h.fetch()? },
         op::READLINK => Operation::Readlink,
         op::SYMLINK => {
             let name = a.name()?;
@@ -298,88 +354,88 @@ pub fn parse_parts(header: FuseInHeader, body: &[u8]) -> Result<Request<'_>, Par
             Operation::Symlink { name, target }
         }
         op::MKNOD => {
-            let arg = a.fetch_compat::<FuseMknodIn>(8)?;
+            let arg = h.fetch_compat::<FuseMknodIn>(8)?;
             Operation::Mknod { arg, name: a.name()? }
         }
         op::MKDIR => {
-            let arg = a.fetch()?;
+            let arg = h.fetch()?;
             Operation::Mkdir { arg, name: a.name()? }
         }
         op::UNLINK => Operation::Unlink { name: a.name()? },
         op::RMDIR => Operation::Rmdir { name: a.name()? },
         op::RENAME => {
-            let arg: FuseRenameIn = a.fetch()?;
+            let arg: FuseRenameIn = h.fetch()?;
             let name = a.name()?;
             let newname = a.name()?;
             Operation::Rename { newdir: arg.newdir, flags: 0, name, newname }
         }
         op::RENAME2 => {
-            let arg: FuseRename2In = a.fetch()?;
+            let arg: FuseRename2In = h.fetch()?;
             let name = a.name()?;
             let newname = a.name()?;
             Operation::Rename { newdir: arg.newdir, flags: arg.flags, name, newname }
         }
         op::LINK => {
-            let arg = a.fetch()?;
+            let arg = h.fetch()?;
             Operation::Link { arg, name: a.name()? }
         }
-        op::OPEN => Operation::Open { arg: a.fetch()? },
-        op::READ => Operation::Read { arg: a.fetch()? },
+        op::OPEN => Operation::Open { arg: h.fetch()? },
+        op::READ => Operation::Read { arg: h.fetch()? },
         op::WRITE => {
-            let arg: FuseWriteIn = a.fetch_compat(24)?;
+            let arg: FuseWriteIn = h.fetch()?;
             let data = a.bytes(arg.size as usize)?;
             Operation::Write { arg, data }
         }
         op::STATFS => Operation::Statfs,
-        op::RELEASE => Operation::Release { arg: a.fetch()? },
-        op::FSYNC => Operation::Fsync { arg: a.fetch()? },
+        op::RELEASE => Operation::Release { arg: h.fetch()? },
+        op::FSYNC => Operation::Fsync { arg: h.fetch()? },
         op::SETXATTR => {
             // Without FUSE_SETXATTR_EXT (not negotiated) the kernel sends the 8-byte form.
-            let size: u32 = a.fetch()?;
-            let flags: u32 = a.fetch()?;
+            let size: u32 = h.fetch()?;
+            let flags: u32 = h.fetch()?;
             let name = a.name()?;
             let value = a.bytes(size as usize)?;
             Operation::Setxattr { size, flags, name, value }
         }
         op::GETXATTR => {
-            let arg = a.fetch()?;
+            let arg = h.fetch()?;
             Operation::Getxattr { arg, name: a.name()? }
         }
-        op::LISTXATTR => Operation::Listxattr { arg: a.fetch()? },
+        op::LISTXATTR => Operation::Listxattr { arg: h.fetch()? },
         op::REMOVEXATTR => Operation::Removexattr { name: a.name()? },
-        op::FLUSH => Operation::Flush { arg: a.fetch()? },
+        op::FLUSH => Operation::Flush { arg: h.fetch()? },
         op::INIT => {
             // Kernels before 7.36 send a 16-byte fuse_init_in.
-            Operation::Init { arg: a.fetch_compat(16)? }
+            Operation::Init { arg: h.fetch_compat(16)? }
         }
-        op::OPENDIR => Operation::Opendir { arg: a.fetch()? },
-        op::READDIR => Operation::Readdir { arg: a.fetch()? },
-        op::RELEASEDIR => Operation::Releasedir { arg: a.fetch()? },
-        op::FSYNCDIR => Operation::Fsyncdir { arg: a.fetch()? },
-        op::GETLK => Operation::Getlk { arg: a.fetch()? },
-        op::SETLK => Operation::Setlk { arg: a.fetch()?, sleep: false },
-        op::SETLKW => Operation::Setlk { arg: a.fetch()?, sleep: true },
-        op::ACCESS => Operation::Access { arg: a.fetch()? },
+        op::OPENDIR => Operation::Opendir { arg: h.fetch()? },
+        op::READDIR => Operation::Readdir { arg: h.fetch()? },
+        op::RELEASEDIR => Operation::Releasedir { arg: h.fetch()? },
+        op::FSYNCDIR => Operation::Fsyncdir { arg: h.fetch()? },
+        op::GETLK => Operation::Getlk { arg: h.fetch()? },
+        op::SETLK => Operation::Setlk { arg: h.fetch()?, sleep: false },
+        op::SETLKW => Operation::Setlk { arg: h.fetch()?, sleep: true },
+        op::ACCESS => Operation::Access { arg: h.fetch()? },
         op::CREATE => {
-            let arg = a.fetch()?;
+            let arg = h.fetch()?;
             Operation::Create { arg, name: a.name()? }
         }
-        op::INTERRUPT => Operation::Interrupt { arg: a.fetch()? },
-        op::BMAP => Operation::Bmap { arg: a.fetch()? },
+        op::INTERRUPT => Operation::Interrupt { arg: h.fetch()? },
+        op::BMAP => Operation::Bmap { arg: h.fetch()? },
         op::DESTROY => Operation::Destroy,
-        op::FALLOCATE => Operation::Fallocate { arg: a.fetch()? },
-        op::READDIRPLUS => Operation::Readdirplus { arg: a.fetch()? },
-        op::LSEEK => Operation::Lseek { arg: a.fetch()? },
-        op::COPY_FILE_RANGE => Operation::CopyFileRange { arg: a.fetch()?, wide: false },
-        op::COPY_FILE_RANGE_64 => Operation::CopyFileRange { arg: a.fetch()?, wide: true },
+        op::FALLOCATE => Operation::Fallocate { arg: h.fetch()? },
+        op::READDIRPLUS => Operation::Readdirplus { arg: h.fetch()? },
+        op::LSEEK => Operation::Lseek { arg: h.fetch()? },
+        op::COPY_FILE_RANGE => Operation::CopyFileRange { arg: h.fetch()?, wide: false },
+        op::COPY_FILE_RANGE_64 => Operation::CopyFileRange { arg: h.fetch()?, wide: true },
         op::SYNCFS => Operation::Syncfs,
         op::TMPFILE => {
-            let arg = a.fetch()?;
+            let arg = h.fetch()?;
             // The kernel also sends the placeholder dentry name; it carries no meaning.
             let _ = a.rest();
             Operation::Tmpfile { arg }
         }
-        op::STATX => Operation::Statx { arg: a.fetch()? },
+        op::STATX => Operation::Statx { arg: h.fetch()? },
         opcode => Operation::Unsupported { opcode },
     };
     Ok(Request { header, op, supp_groups })
