@@ -96,6 +96,14 @@ fn main() -> std::io::Result<()> {
             over_io_uring: false,
             default_permissions: true,
         },
+        transport: uring_transport::TransportMode::Auto,
+        queue_depth: 4,
     };
-    Session::init(mounted, Arc::new(Hello), &cfg)?.run()
+    let session = Session::init(mounted, Arc::new(Hello), &cfg)?;
+    let stats = session.stats();
+    session.run()?;
+    let per_queue: Vec<u64> =
+        stats.queues.iter().map(|q| q.requests.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    eprintln!("served; io_uring: {} (requests per queue {per_queue:?})", stats.uring);
+    Ok(())
 }

@@ -6,8 +6,9 @@
 
 pub mod executor;
 pub mod mount;
+pub mod ring;
 pub mod session;
 pub mod watchdog;
 
 pub use mount::{MountOptions, Mounted};
-pub use session::{Session, SessionConfig, SessionStats};
+pub use session::{Session, SessionConfig, SessionStats, TransportMode};

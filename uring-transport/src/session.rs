@@ -6,10 +6,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use protocol::abi::{opcode, FuseInHeader, FuseOutHeader};
+use protocol::abi::{opcode, FuseInHeader, FuseOutHeader, InitFlags};
 use protocol::dispatch::{Dispatcher, Outcome};
 use protocol::init::{self, InitParams};
 use protocol::request::{self, Operation};
@@ -18,14 +18,30 @@ use zerocopy::IntoBytes;
 
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
+use crate::ring::{possible_cpus, run_uring_queue, QueueParams, QueueStats, Waker};
+
+/// Which channel carries requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportMode {
+    /// FUSE over io_uring when the kernel offers it, else the classic channel.
+    Auto,
+    /// FUSE over io_uring, or fail at start-up.
+    Uring,
+    /// The classic /dev/fuse read/write channel.
+    DevFuse,
+}
 
 /// How the session runs.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// Worker threads (at least 1).
+    /// Worker threads of the classic channel (at least 1).
     pub workers: usize,
     /// INIT parameters.
     pub init: InitParams,
+    /// Channel selection.
+    pub transport: TransportMode,
+    /// Ring entries per io_uring queue.
+    pub queue_depth: usize,
 }
 
 /// Counters of a session, readable while it runs.
@@ -37,14 +53,20 @@ pub struct SessionStats {
     pub errors: AtomicU64,
     /// Requests that could not be parsed.
     pub malformed: AtomicU64,
+    /// Per-queue counters of the io_uring transport (empty on the classic channel).
+    pub queues: Vec<Arc<QueueStats>>,
+    /// Whether requests travel through io_uring.
+    pub uring: bool,
 }
 
 impl SessionStats {
-    fn new() -> Self {
+    fn new(uring: bool, queues: usize) -> Self {
         SessionStats {
             requests: (0..opcode::COUNT + 1).map(|_| AtomicU64::new(0)).collect(),
             errors: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            queues: (0..queues).map(|_| Arc::new(QueueStats::default())).collect(),
+            uring,
         }
     }
 
@@ -66,6 +88,8 @@ pub struct Session<F> {
     workers: usize,
     bufsize: usize,
     outsize: usize,
+    payload_size: usize,
+    queue_depth: usize,
     stats: Arc<SessionStats>,
 }
 
@@ -137,7 +161,9 @@ impl<F: FileSystem> Session<F> {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "first request was not INIT"));
         };
         let mut out = vec![0u8; 16 + 256];
-        let mut negotiated = match init::negotiate(&arg, &cfg.init) {
+        let mut params = cfg.init.clone();
+        params.over_io_uring = cfg.transport != TransportMode::DevFuse;
+        let mut negotiated = match init::negotiate(&arg, &params) {
             Ok(n) => n,
             Err(e) => {
                 let _ = send_reply(&mounted.fd, &mut out, req.unique(), -e.0, 0);
@@ -152,6 +178,11 @@ impl<F: FileSystem> Session<F> {
             return Err(io::Error::other(format!("file system refused INIT: {e}")));
         }
         init::apply_conn(&mut negotiated);
+        let uring = negotiated.flags.contains(InitFlags::OVER_IO_URING);
+        if cfg.transport == TransportMode::Uring && !uring {
+            let _ = send_reply(&mounted.fd, &mut out, req.unique(), -libc::EPROTO, 0);
+            return Err(io::Error::new(io::ErrorKind::Unsupported, uring_unavailable_reason()));
+        }
         let payload = negotiated.out.as_bytes();
         out[16..16 + payload.len()].copy_from_slice(payload);
         send_reply(&mounted.fd, &mut out, req.unique(), 0, payload.len())?;
@@ -165,13 +196,24 @@ impl<F: FileSystem> Session<F> {
             negotiated.conn.writeback_cache
         );
         let outsize = 16 + negotiated.conn.max_read.max(negotiated.conn.max_write) as usize + 8192;
+        let payload_size = (negotiated.conn.max_read.max(negotiated.conn.max_write) as usize).max(8192);
+        if uring {
+            log::info!("transport: FUSE over io_uring, {} queues x {} entries", possible_cpus(), cfg.queue_depth);
+        } else if cfg.transport == TransportMode::Auto {
+            log::info!("transport: classic /dev/fuse channel ({})", uring_unavailable_reason());
+        } else {
+            log::info!("transport: classic /dev/fuse channel (configured)");
+        }
+        let queues = if uring { possible_cpus() } else { 0 };
         Ok(Session {
             mounted,
             dispatcher: Dispatcher::new(fs),
             workers: cfg.workers.max(1),
             bufsize,
             outsize,
-            stats: Arc::new(SessionStats::new()),
+            payload_size,
+            queue_depth: cfg.queue_depth.clamp(1, 1024),
+            stats: Arc::new(SessionStats::new(uring, queues)),
         })
     }
 
@@ -187,6 +229,9 @@ impl<F: FileSystem> Session<F> {
 
     /// Serves requests until the connection goes away (unmount or abort).
     pub fn run(self) -> io::Result<()> {
+        if self.stats.uring {
+            return self.run_uring();
+        }
         let mut fds = Vec::with_capacity(self.workers);
         for _ in 1..self.workers {
             fds.push(clone_fd(&self.mounted.fd)?);
@@ -209,6 +254,53 @@ impl<F: FileSystem> Session<F> {
         Ok(())
     }
 }
+
+impl<F: FileSystem> Session<F> {
+    fn run_uring(self) -> io::Result<()> {
+        let waker = Waker::new()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for (qid, qstats) in self.stats.queues.iter().enumerate() {
+            let params = QueueParams {
+                qid,
+                fuse_fd: self.mounted.fd.as_raw_fd(),
+                depth: self.queue_depth,
+                payload_size: self.payload_size,
+                dispatcher: self.dispatcher.clone(),
+                stats: qstats.clone(),
+                stop: stop.clone(),
+                wake_fd: waker.fd.as_raw_fd(),
+            };
+            let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
+                if let Err(e) = run_uring_queue(params) {
+                    log::error!("queue {qid}: {e}");
+                }
+            })?;
+            handles.push(h);
+        }
+        // FORGET, BATCH_FORGET and INTERRUPT still arrive on /dev/fuse.
+        worker(&self.mounted.fd, &self.dispatcher, &self.stats, self.bufsize, self.outsize);
+        stop.store(true, Ordering::Release);
+        waker.wake(handles.len());
+        for h in handles {
+            let _ = h.join();
+        }
+        self.dispatcher.fs().destroy();
+        Ok(())
+    }
+}
+
+/// Why FUSE over io_uring is not in use, for the log and for start-up errors.
+pub fn uring_unavailable_reason() -> String {
+    match std::fs::read_to_string(URING_PARAM) {
+        Ok(v) if v.trim() == "Y" => "the kernel did not offer FUSE_OVER_IO_URING at INIT".into(),
+        Ok(_) => format!("the kernel has FUSE over io_uring switched off ({URING_PARAM} is N; enable it with --enable-uring or `echo 1 > {URING_PARAM}`)"),
+        Err(_) => "this kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING, Linux 6.14+)".into(),
+    }
+}
+
+/// The fuse module parameter that switches FUSE over io_uring on.
+pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
 fn worker<F: FileSystem>(fd: &OwnedFd, d: &Dispatcher<F>, stats: &SessionStats, bufsize: usize, outsize: usize) {
     let mut inbuf = AlignedBuf::new(bufsize);
