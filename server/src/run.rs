@@ -11,7 +11,7 @@ use config::Config;
 use protocol::init::InitParams;
 use uring_transport::mount::{self, MountOptions};
 use uring_transport::watchdog::Watchdog;
-use uring_transport::{Session, SessionConfig};
+use uring_transport::{Session, SessionConfig, TransportMode};
 
 use crate::fs::{FsConfig, PassthroughFs};
 
@@ -135,13 +135,19 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             max_write: cfg.fuse.max_write,
             max_readahead: cfg.fuse.max_readahead,
             max_background: cfg.fuse.max_background,
-            congestion_threshold: cfg.fuse.congestion_threshold,
+            congestion_threshold: cfg.fuse.effective_congestion_threshold(),
             writeback_cache: cfg.fuse.writeback_cache,
             // Passthrough is the kernel-offload issue's work; not negotiated yet.
             passthrough: false,
             over_io_uring: false,
             default_permissions: cfg.default_permissions,
         },
+        transport: match cfg.transport.mode {
+            config::TransportMode::Auto => TransportMode::Auto,
+            config::TransportMode::Uring => TransportMode::Uring,
+            config::TransportMode::DevFuse => TransportMode::DevFuse,
+        },
+        queue_depth: cfg.transport.queue_depth as usize,
     };
     let session = match Session::init(mounted, fs, &session_cfg) {
         Ok(s) => s,
@@ -151,12 +157,12 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         }
     };
     log::info!(
-        "mounted {} on {} (dev {}:{}, {} workers, transport dev-fuse)",
+        "mounted {} on {} (dev {}:{}, transport {})",
         source.display(),
         mountpoint.display(),
         libc::major(dev),
         libc::minor(dev),
-        session_cfg.workers
+        if session.stats().uring { "io_uring" } else { "dev-fuse" }
     );
     if let Some(mut p) = ready_pipe.take() {
         let _ = p.write_all(b"O");

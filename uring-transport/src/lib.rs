@@ -5,6 +5,7 @@
 //! talks to io_uring. The file system behind the dispatcher never sees a byte of the protocol.
 
 pub mod executor;
+pub mod io;
 pub mod mount;
 pub mod ring;
 pub mod session;

@@ -13,10 +13,14 @@
 //! with io_uring `READ`s and writes the replies with `WRITE`s.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use protocol::abi::{uring as u, FuseInHeader, FuseOutHeader, FuseUringCmdReq, FuseUringEntInOut};
@@ -24,8 +28,6 @@ use protocol::dispatch::{Dispatcher, Outcome};
 use protocol::request;
 use protocol::FileSystem;
 use zerocopy::{FromBytes, IntoBytes};
-
-use crate::executor::block_on;
 
 /// A zeroed heap buffer with a chosen alignment, owned by one queue thread.
 pub(crate) struct AlignedBox {
@@ -81,13 +83,27 @@ pub struct QueueStats {
     pub completions: AtomicU64,
 }
 
-/// One ring entry: header and payload registered with the kernel.
+/// A request being served: its future, polled on the queue thread until it completes.
+type Task = Pin<Box<dyn Future<Output = (i32, usize)>>>;
+
+/// One ring entry: header and payload registered with the kernel, plus the request's task.
 struct Entry {
     header: AlignedBox,
     payload: AlignedBox,
+    /// Where replies go for requests that read their input from `payload`.
+    scratch: AlignedBox,
     iov: [libc::iovec; 2],
     live: bool,
+    task: Option<Task>,
+    unique: u64,
+    /// The reply was written to `scratch` and must be copied into `payload`.
+    via_scratch: bool,
+    waker: Waker,
 }
+
+/// Scratch size: the largest reply to a request that carries payload input is an xattr value
+/// (at most XATTR_SIZE_MAX = 64 KiB).
+const SCRATCH_SIZE: usize = 64 * 1024 + 4096;
 
 const HDR_IN_OUT: usize = 0;
 const HDR_OP_IN: usize = u::IN_OUT_HEADER_SZ;
@@ -95,6 +111,27 @@ const HDR_ENT: usize = u::IN_OUT_HEADER_SZ + u::OP_IN_OUT_SZ;
 
 /// user_data tag for the shutdown eventfd read.
 const WAKE_TAG: u64 = u64::MAX;
+
+/// Entries whose task was woken, to be polled by the queue loop.
+#[derive(Default)]
+struct ReadyList(Mutex<Vec<usize>>);
+
+struct EntryWaker {
+    idx: usize,
+    ready: Arc<ReadyList>,
+}
+
+impl Wake for EntryWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Ok(mut v) = self.ready.0.lock() {
+            v.push(self.idx);
+        }
+    }
+}
 
 /// Builds a FUSE URING_CMD SQE.
 fn uring_cmd(cmd_op: u32, qid: u16, commit_id: u64, iov: Option<*const libc::iovec>) -> squeue::Entry128 {
@@ -173,7 +210,8 @@ pub(crate) struct QueueParams<F> {
 /// Pushes to the submission queue, submitting first when it is full.
 fn push(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, e: &squeue::Entry128) -> io::Result<()> {
     loop {
-        // SAFETY: every buffer an SQE points at is owned by the queue and outlives the operation.
+        // SAFETY: every buffer an SQE points at is owned by the queue (ring entries) or by a
+        // request future that the queue keeps alive until the operation completes.
         if unsafe { ring.submission().push(e) }.is_ok() {
             return Ok(());
         }
@@ -184,15 +222,22 @@ fn push(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, e: &squeue::Entry12
 /// Runs one FUSE-over-io_uring queue until the connection goes away.
 pub(crate) fn run_uring_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     pin_to_cpu(p.qid);
-    let sq = (p.depth + 2).next_power_of_two() as u32;
+    crate::io::install();
+    let sq = ((p.depth + 2) * 2).next_power_of_two() as u32;
     let mut ring = new_ring(sq)?;
     ring.submitter().register_files(&[p.fuse_fd])?;
+    let ready = Arc::new(ReadyList::default());
     let mut entries: Vec<Entry> = (0..p.depth)
-        .map(|_| Entry {
+        .map(|idx| Entry {
             header: AlignedBox::new(u::REQ_HEADER_SZ, 64),
             payload: AlignedBox::new(p.payload_size, 4096),
+            scratch: AlignedBox::new(SCRATCH_SIZE, 4096),
             iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2],
             live: true,
+            task: None,
+            unique: 0,
+            via_scratch: false,
+            waker: Waker::from(Arc::new(EntryWaker { idx, ready: ready.clone() })),
         })
         .collect();
     for (i, e) in entries.iter_mut().enumerate() {
@@ -204,20 +249,28 @@ pub(crate) fn run_uring_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()
     let mut wake_buf = [0u8; 8];
     let wake = opcode::Read::new(types::Fd(p.wake_fd), wake_buf.as_mut_ptr(), 8).build().user_data(WAKE_TAG);
     push(&mut ring, &wake.into())?;
-    let mut scratch = AlignedBox::new(p.payload_size, 4096);
+    let dispatcher = Rc::new(p.dispatcher.clone());
     let mut live = p.depth;
-    let mut ready: Vec<(u64, i32)> = Vec::with_capacity(sq as usize * 2);
+    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(sq as usize * 2);
+    let mut woken: Vec<usize> = Vec::with_capacity(p.depth);
     while live > 0 {
-        match ring.submit_and_wait(1) {
+        // Everything the tasks queued since the last round goes out with this submit.
+        let pending = crate::io::with(|r| std::mem::take(&mut r.pending)).unwrap_or_default();
+        for sqe in &pending {
+            push(&mut ring, sqe)?;
+        }
+        let have_ready = ready.0.lock().map(|v| !v.is_empty()).unwrap_or(false);
+        let want = if have_ready { 0 } else { 1 };
+        match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
             Err(e) => return Err(e),
         }
         p.stats.submits.fetch_add(1, Ordering::Relaxed);
-        ready.clear();
-        ready.extend(ring.completion().map(|c| (c.user_data(), c.result())));
-        p.stats.completions.fetch_add(ready.len() as u64, Ordering::Relaxed);
-        for &(tag, res) in &ready {
+        cqes.clear();
+        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        p.stats.completions.fetch_add(cqes.len() as u64, Ordering::Relaxed);
+        for &(tag, res) in &cqes {
             if tag == WAKE_TAG {
                 // Normally the kernel ends a queue by completing its commands with ENOTCONN
                 // at unmount; a wake-up with the stop flag set is a forced stop (abort).
@@ -227,6 +280,10 @@ pub(crate) fn run_uring_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()
                 let wake =
                     opcode::Read::new(types::Fd(p.wake_fd), wake_buf.as_mut_ptr(), 8).build().user_data(WAKE_TAG);
                 push(&mut ring, &wake.into())?;
+                continue;
+            }
+            if tag & crate::io::IO_TAG != 0 {
+                crate::io::with(|r| r.complete((tag & !crate::io::IO_TAG) as usize, res));
                 continue;
             }
             let i = tag as usize;
@@ -251,78 +308,99 @@ pub(crate) fn run_uring_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()
                 continue;
             }
             p.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let unique = serve_entry(e, &p.dispatcher, &mut scratch);
-            let sqe = uring_cmd(u::CMD_COMMIT_AND_FETCH, p.qid as u16, unique, None).user_data(tag);
-            push(&mut ring, &sqe)?;
+            start_task(e, &dispatcher);
+            woken.push(i);
+        }
+        if let Ok(mut v) = ready.0.lock() {
+            woken.append(&mut v);
+        }
+        for i in woken.drain(..) {
+            let e = &mut entries[i];
+            let Some(task) = e.task.as_mut() else { continue };
+            let mut cx = Context::from_waker(&e.waker);
+            if let Poll::Ready((error, len)) = task.as_mut().poll(&mut cx) {
+                e.task = None;
+                finish_entry(e, error, len);
+                let sqe = uring_cmd(u::CMD_COMMIT_AND_FETCH, p.qid as u16, e.unique, None).user_data(i as u64);
+                push(&mut ring, &sqe)?;
+            }
         }
     }
     Ok(())
 }
 
-/// Serves the request in `e` and writes the answer into it; returns the commit id.
-fn serve_entry<F: FileSystem>(e: &mut Entry, d: &Dispatcher<F>, scratch: &mut AlignedBox) -> u64 {
+/// Parses the request in `e` and creates the task that serves it.
+fn start_task<F: FileSystem>(e: &mut Entry, d: &Rc<Dispatcher<F>>) {
     let hdr = e.header.as_slice();
-    let Ok((inh, _)) = FuseInHeader::read_from_prefix(&hdr[HDR_IN_OUT..]) else { return 0 };
-    let Ok((ent, _)) = FuseUringEntInOut::read_from_prefix(&hdr[HDR_ENT..]) else { return 0 };
-    let unique = inh.unique;
+    let inh = FuseInHeader::read_from_prefix(&hdr[HDR_IN_OUT..]).map(|(h, _)| h).unwrap_or_default();
+    let ent = FuseUringEntInOut::read_from_prefix(&hdr[HDR_ENT..]).map(|(h, _)| h).unwrap_or_default();
+    e.unique = inh.unique;
     let payload_sz = (ent.payload_sz as usize).min(e.payload.len());
-    let mut op_in = [0u8; u::OP_IN_OUT_SZ];
-    op_in.copy_from_slice(&hdr[HDR_OP_IN..HDR_OP_IN + u::OP_IN_OUT_SZ]);
-    let (error, len) = if payload_sz == 0 {
-        // Nothing to read in the payload: the reply may be written straight into it.
-        match request::parse_split(inh, &op_in, &[]) {
-            Ok(req) => match block_on(d.dispatch(&req, e.payload.as_mut_slice())) {
-                Outcome::Reply { error, len } => (error, len),
-                Outcome::NoReply => (-libc::EIO, 0),
-            },
-            Err(err) => {
-                log::warn!("malformed ring request (unique {unique}): {err}");
-                (-libc::EIO, 0)
+    e.via_scratch = payload_sz > 0;
+    let op_in: *const u8 = hdr[HDR_OP_IN..].as_ptr();
+    let payload: *mut u8 = e.payload.as_mut_ptr();
+    let payload_len = e.payload.len();
+    let scratch: *mut u8 = e.scratch.as_mut_ptr();
+    let d = d.clone();
+    let task = async move {
+        // SAFETY: the header, payload and scratch buffers belong to this ring entry, live as long
+        // as the queue, and nothing else touches them until this task completes (the kernel
+        // gave the entry to us; it gets it back only with the COMMIT that follows completion).
+        let op_in = unsafe { std::slice::from_raw_parts(op_in, u::OP_IN_OUT_SZ) };
+        let (input, out): (&[u8], &mut [u8]) = if payload_sz > 0 {
+            // SAFETY: as above; payload (input) and scratch (output) are distinct allocations.
+            unsafe {
+                (std::slice::from_raw_parts(payload, payload_sz), std::slice::from_raw_parts_mut(scratch, SCRATCH_SIZE))
             }
-        }
-    } else {
-        // The request borrows the payload; the reply goes to scratch and is copied back
-        // (such replies are small: entries, write counts, xattr values).
-        let out = scratch.as_mut_slice();
-        let r = match request::parse_split(inh, &op_in, &e.payload.as_slice()[..payload_sz]) {
-            Ok(req) => match block_on(d.dispatch(&req, out)) {
-                Outcome::Reply { error, len } => (error, len),
-                Outcome::NoReply => (-libc::EIO, 0),
-            },
-            Err(err) => {
-                log::warn!("malformed ring request (unique {unique}): {err}");
-                (-libc::EIO, 0)
-            }
+        } else {
+            // SAFETY: as above; nothing borrows the payload as input.
+            (&[], unsafe { std::slice::from_raw_parts_mut(payload, payload_len) })
         };
-        if r.1 > 0 {
-            e.payload.as_mut_slice()[..r.1].copy_from_slice(&out[..r.1]);
+        match request::parse_split(inh, op_in, input) {
+            Ok(req) => match d.dispatch(&req, out).await {
+                Outcome::Reply { error, len } => (error, len),
+                Outcome::NoReply => (-libc::EIO, 0),
+            },
+            Err(err) => {
+                log::warn!("malformed ring request (unique {}): {err}", inh.unique);
+                (-libc::EIO, 0)
+            }
         }
-        r
     };
+    e.task = Some(Box::pin(task));
+}
+
+/// Writes the reply header of a finished request into its entry.
+fn finish_entry(e: &mut Entry, error: i32, len: usize) {
+    let len = if error != 0 { 0 } else { len };
+    if e.via_scratch && len > 0 {
+        let n = len.min(SCRATCH_SIZE).min(e.payload.len());
+        e.payload.as_mut_slice()[..n].copy_from_slice(&e.scratch.as_slice()[..n]);
+    }
+    let unique = e.unique;
     let oh = FuseOutHeader { len: (size_of::<FuseOutHeader>() + len) as u32, error, unique };
     let ent_out = FuseUringEntInOut { flags: 0, commit_id: unique, payload_sz: len as u32, padding: 0, reserved: 0 };
     let hdr = e.header.as_mut_slice();
     hdr[HDR_IN_OUT..HDR_IN_OUT + u::IN_OUT_HEADER_SZ].fill(0);
     hdr[HDR_IN_OUT..HDR_IN_OUT + size_of::<FuseOutHeader>()].copy_from_slice(oh.as_bytes());
     hdr[HDR_ENT..HDR_ENT + size_of::<FuseUringEntInOut>()].copy_from_slice(ent_out.as_bytes());
-    unique
 }
 
 /// Wakes queue threads at shutdown.
 #[derive(Debug)]
-pub(crate) struct Waker {
+pub(crate) struct StopSignal {
     pub fd: OwnedFd,
 }
 
-impl Waker {
-    pub(crate) fn new() -> io::Result<Waker> {
+impl StopSignal {
+    pub(crate) fn new() -> io::Result<StopSignal> {
         // SAFETY: eventfd returns a new fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh fd we own.
-        Ok(Waker { fd: unsafe { crate::mount::owned(fd) } })
+        Ok(StopSignal { fd: unsafe { crate::mount::owned(fd) } })
     }
 
     /// Wakes `n` queue threads.

@@ -18,7 +18,7 @@ use zerocopy::IntoBytes;
 
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
-use crate::ring::{possible_cpus, run_uring_queue, QueueParams, QueueStats, Waker};
+use crate::ring::{possible_cpus, run_uring_queue, QueueParams, QueueStats, StopSignal};
 
 /// Which channel carries requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,7 +257,7 @@ impl<F: FileSystem> Session<F> {
 
 impl<F: FileSystem> Session<F> {
     fn run_uring(self) -> io::Result<()> {
-        let waker = Waker::new()?;
+        let waker = StopSignal::new()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for (qid, qstats) in self.stats.queues.iter().enumerate() {

@@ -1,0 +1,548 @@
+//! The configuration types, their defaults and their serde form.
+//!
+//! Every field documents its default. Durations are written as float seconds,
+//! `metrics.addr = ""` means "no metrics endpoint", and the three mount flags
+//! of [`MountFlags`] are top-level keys (`nosuid = true`), like the other
+//! mount options.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one ringfs mount.
+///
+/// Build it with [`crate::build`] or [`crate::from_toml_str`], which validate;
+/// a value built in code can be checked with [`Config::validate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "ConfigFile", into = "ConfigFile")]
+pub struct Config {
+    /// `source`: the backing directory whose contents the mount shows.
+    /// Required, no default (the `Default` value is an empty path, which
+    /// validation rejects). May be relative; the server canonicalizes it.
+    pub source: PathBuf,
+    /// `mountpoint`: where the file system is mounted. Required, no default
+    /// (see `source`). Must differ from `source`.
+    pub mountpoint: PathBuf,
+    /// `allow_other`: let users other than the one mounting access the file
+    /// system (needs `user_allow_other` in /etc/fuse.conf for non-root).
+    /// Default `false`.
+    pub allow_other: bool,
+    /// `default_permissions`: let the kernel check permissions from the mode
+    /// bits it caches, instead of the server. Default `true`.
+    pub default_permissions: bool,
+    /// `ro`: mount read-only. Default `false`.
+    pub ro: bool,
+    /// `fsname`: the device name shown in /proc/mounts. Default `""`, which
+    /// means the source path (see [`Config::fsname_or_source`]).
+    pub fsname: String,
+    /// `subtype`: the file-system type becomes `fuse.<subtype>`. Default
+    /// `"ringfs"`. Letters, digits, `.`, `_` and `-` only.
+    pub subtype: String,
+    /// The `nosuid`, `nodev` and `noexec` top-level keys, passed to mount(2)
+    /// as `MS_NOSUID` and friends. All default to `false`.
+    pub mount_flags: MountFlags,
+    /// `[cache]`: how long the kernel may trust what it cached.
+    pub cache: CacheConfig,
+    /// `[fuse]`: FUSE protocol limits negotiated at INIT.
+    pub fuse: FuseConfig,
+    /// `[transport]`: how requests travel between kernel and server.
+    pub transport: TransportConfig,
+    /// `[offload]`: work handed to the kernel.
+    pub offload: OffloadConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// `[ebpf]`: eBPF helpers.
+    pub ebpf: EbpfConfig,
+    /// `[log]`: logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            source: PathBuf::new(),
+            mountpoint: PathBuf::new(),
+            allow_other: false,
+            default_permissions: true,
+            ro: false,
+            fsname: String::new(),
+            subtype: "ringfs".to_owned(),
+            mount_flags: MountFlags::default(),
+            cache: CacheConfig::default(),
+            fuse: FuseConfig::default(),
+            transport: TransportConfig::default(),
+            offload: OffloadConfig::default(),
+            metrics: MetricsConfig::default(),
+            ebpf: EbpfConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The device name for mount(2) and /proc/mounts: `fsname`, or the source
+    /// path when `fsname` is empty.
+    pub fn fsname_or_source(&self) -> Cow<'_, str> {
+        if self.fsname.is_empty() {
+            self.source.to_string_lossy()
+        } else {
+            Cow::Borrowed(&self.fsname)
+        }
+    }
+
+    /// The file-system type for mount(2): `fuse.<subtype>`.
+    pub fn fstype(&self) -> String {
+        format!("fuse.{}", self.subtype)
+    }
+}
+
+/// Generic mount flags recorded from the top-level keys `nosuid`, `nodev`
+/// and `noexec` (or the `-o` words of the same names; `suid`, `dev` and
+/// `exec` clear them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    /// `nosuid`: ignore set-user-id and set-group-id bits (`MS_NOSUID`).
+    /// Default `false`.
+    pub nosuid: bool,
+    /// `nodev`: do not interpret device files (`MS_NODEV`). Default `false`.
+    pub nodev: bool,
+    /// `noexec`: do not allow executing programs (`MS_NOEXEC`). Default `false`.
+    pub noexec: bool,
+}
+
+/// `[cache]`: kernel cache lifetimes and how the cache is kept coherent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `entry_timeout`: how long the kernel caches a name lookup, in seconds
+    /// (integer or float, 0 to one year). Default `1.0`.
+    #[serde(with = "seconds")]
+    pub entry_timeout: Duration,
+    /// `attr_timeout`: how long the kernel caches attributes, in seconds
+    /// (0 to one year). Default `1.0`.
+    #[serde(with = "seconds")]
+    pub attr_timeout: Duration,
+    /// `negative_timeout`: how long the kernel caches "no such entry", in
+    /// seconds (0 to one year; 0 disables negative caching). Default `1.0`.
+    #[serde(with = "seconds")]
+    pub negative_timeout: Duration,
+    /// `coherence`: how the cache learns of changes made behind its back.
+    /// Default `"ttl"`.
+    pub coherence: CoherenceMode,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            entry_timeout: Duration::from_secs(1),
+            attr_timeout: Duration::from_secs(1),
+            negative_timeout: Duration::from_secs(1),
+            coherence: CoherenceMode::default(),
+        }
+    }
+}
+
+/// `[fuse]`: limits negotiated with the kernel at FUSE_INIT.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FuseConfig {
+    /// `max_write`: largest write request in bytes; a multiple of 4096 from
+    /// 4096 to 16 MiB. Default `1048576` (1 MiB).
+    pub max_write: u32,
+    /// `max_readahead`: largest kernel readahead in bytes, 0 to 16 MiB.
+    /// Default `1048576` (1 MiB).
+    pub max_readahead: u32,
+    /// `max_background`: most background requests (readahead, async writes)
+    /// the kernel keeps in flight, 1 to 65535. Default `64`.
+    pub max_background: u16,
+    /// `congestion_threshold`: background requests at which the kernel
+    /// reports congestion, at most `max_background`; `0` means 3/4 of
+    /// `max_background` (see [`FuseConfig::effective_congestion_threshold`]).
+    /// Default `48`.
+    pub congestion_threshold: u16,
+    /// `writeback_cache`: let the kernel buffer writes (FUSE_WRITEBACK_CACHE).
+    /// Excludes `offload.passthrough`. Default `false`.
+    pub writeback_cache: bool,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        Self {
+            max_write: 1 << 20,
+            max_readahead: 1 << 20,
+            max_background: 64,
+            congestion_threshold: 48,
+            writeback_cache: false,
+        }
+    }
+}
+
+impl FuseConfig {
+    /// The congestion threshold to send to the kernel: the configured value,
+    /// or 3/4 of `max_background` (at least 1) when it is 0.
+    pub fn effective_congestion_threshold(&self) -> u16 {
+        if self.congestion_threshold == 0 {
+            // u32 arithmetic: 65535 * 3 does not fit in u16.
+            let three_quarters = u32::from(self.max_background) * 3 / 4;
+            u16::try_from(three_quarters).unwrap_or(u16::MAX).max(1)
+        } else {
+            self.congestion_threshold
+        }
+    }
+}
+
+/// `[transport]`: the request transport and its threads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// `mode`: which transport to use. Default `"auto"`.
+    pub mode: TransportMode,
+    /// `workers`: worker threads, at most 1024; `0` means one per online CPU
+    /// (see [`TransportConfig::worker_count`]). Default `0`.
+    pub workers: usize,
+    /// `queue_depth`: io_uring entries per queue, 1 to 1024. Default `8`.
+    pub queue_depth: u32,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self { mode: TransportMode::default(), workers: 0, queue_depth: 8 }
+    }
+}
+
+impl TransportConfig {
+    /// The number of worker threads to start, given the number of online
+    /// CPUs (which the caller finds out; this crate does not look).
+    pub fn worker_count(&self, online_cpus: usize) -> usize {
+        if self.workers == 0 {
+            online_cpus.max(1)
+        } else {
+            self.workers
+        }
+    }
+}
+
+/// `[offload]`: work the kernel does on the server's behalf.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffloadConfig {
+    /// `passthrough`: let the kernel read and write the backing files
+    /// directly (FUSE_PASSTHROUGH) when it supports it. Excludes
+    /// `fuse.writeback_cache`. Default `true`.
+    pub passthrough: bool,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        Self { passthrough: true }
+    }
+}
+
+/// `[metrics]`: the Prometheus metrics endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `addr`: address and port to serve metrics on, or `""` to disable
+    /// (`None`). Default `"127.0.0.1:9464"`.
+    #[serde(with = "optional_addr")]
+    pub addr: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { addr: Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464))) }
+    }
+}
+
+/// `[ebpf]`: eBPF programs loaded next to the mount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EbpfConfig {
+    /// `enable`: load the eBPF programs when the kernel allows it.
+    /// Default `true`.
+    pub enable: bool,
+    /// `demand_tracing`: trace page-cache demand to guide readahead; ignored
+    /// when `enable` is false. Default `true`.
+    pub demand_tracing: bool,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self { enable: true, demand_tracing: true }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `level`: the most verbose level logged. Default `"info"`.
+    pub level: LogLevel,
+}
+
+/// The error of parsing one of the keyword enums from a string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseKeywordError {
+    got: String,
+    expected: &'static [&'static str],
+}
+
+impl fmt::Display for ParseKeywordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("must be one of ")?;
+        for (i, name) in self.expected.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{name:?}")?;
+        }
+        write!(f, ", got {:?}", self.got)
+    }
+}
+
+impl std::error::Error for ParseKeywordError {}
+
+/// Defines an enum written as a lowercase keyword: `as_str`, `NAMES`,
+/// `Display`, `FromStr` and serde all come from one list of names.
+macro_rules! keyword_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every keyword, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The keyword as written in TOML and `-o` options.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( Self::$variant => $text, )+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseKeywordError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $( $text => Ok(Self::$variant), )+
+                    _ => Err(ParseKeywordError { got: s.to_owned(), expected: Self::NAMES }),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+keyword_enum! {
+    /// `cache.coherence`: how the kernel cache learns of changes made to the
+    /// source directory by others.
+    pub enum CoherenceMode {
+        /// `"ttl"`: trust cached entries until their timeouts expire.
+        #[default]
+        Ttl = "ttl",
+        /// `"watch"`: also watch the source and invalidate on change.
+        Watch = "watch",
+    }
+}
+
+keyword_enum! {
+    /// `transport.mode`: the request transport.
+    pub enum TransportMode {
+        /// `"auto"`: io_uring when the kernel offers FUSE-over-io_uring,
+        /// else /dev/fuse reads and writes.
+        #[default]
+        Auto = "auto",
+        /// `"uring"`: FUSE-over-io_uring only; fail if unavailable.
+        Uring = "uring",
+        /// `"dev-fuse"`: classic read(2)/write(2) on /dev/fuse.
+        DevFuse = "dev-fuse",
+    }
+}
+
+keyword_enum! {
+    /// `log.level`: the most verbose level logged.
+    pub enum LogLevel {
+        /// `"error"`
+        Error = "error",
+        /// `"warn"`
+        Warn = "warn",
+        /// `"info"`
+        #[default]
+        Info = "info",
+        /// `"debug"`
+        Debug = "debug",
+        /// `"trace"`
+        Trace = "trace",
+    }
+}
+
+/// The file form of [`Config`]: flat top-level keys (the mount flags are not
+/// a table) and paths as strings, so serialization cannot fail.
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    source: String,
+    mountpoint: String,
+    allow_other: bool,
+    default_permissions: bool,
+    ro: bool,
+    nosuid: bool,
+    nodev: bool,
+    noexec: bool,
+    fsname: String,
+    subtype: String,
+    cache: CacheConfig,
+    fuse: FuseConfig,
+    transport: TransportConfig,
+    offload: OffloadConfig,
+    metrics: MetricsConfig,
+    ebpf: EbpfConfig,
+    log: LogConfig,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Config::default().into()
+    }
+}
+
+impl From<Config> for ConfigFile {
+    fn from(c: Config) -> Self {
+        Self {
+            // Validation rejects non-UTF-8 paths before anyone relies on this.
+            source: c.source.to_string_lossy().into_owned(),
+            mountpoint: c.mountpoint.to_string_lossy().into_owned(),
+            allow_other: c.allow_other,
+            default_permissions: c.default_permissions,
+            ro: c.ro,
+            nosuid: c.mount_flags.nosuid,
+            nodev: c.mount_flags.nodev,
+            noexec: c.mount_flags.noexec,
+            fsname: c.fsname,
+            subtype: c.subtype,
+            cache: c.cache,
+            fuse: c.fuse,
+            transport: c.transport,
+            offload: c.offload,
+            metrics: c.metrics,
+            ebpf: c.ebpf,
+            log: c.log,
+        }
+    }
+}
+
+impl From<ConfigFile> for Config {
+    fn from(f: ConfigFile) -> Self {
+        Self {
+            source: f.source.into(),
+            mountpoint: f.mountpoint.into(),
+            allow_other: f.allow_other,
+            default_permissions: f.default_permissions,
+            ro: f.ro,
+            fsname: f.fsname,
+            subtype: f.subtype,
+            mount_flags: MountFlags { nosuid: f.nosuid, nodev: f.nodev, noexec: f.noexec },
+            cache: f.cache,
+            fuse: f.fuse,
+            transport: f.transport,
+            offload: f.offload,
+            metrics: f.metrics,
+            ebpf: f.ebpf,
+            log: f.log,
+        }
+    }
+}
+
+/// Durations as seconds: integer or float in, float out.
+mod seconds {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(SecondsVisitor)
+    }
+
+    struct SecondsVisitor;
+
+    impl Visitor<'_> for SecondsVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a number of seconds >= 0")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(v))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v).map(Duration::from_secs).map_err(|_| E::custom("must be a number of seconds >= 0"))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Duration::try_from_secs_f64(v).map_err(|_| E::custom("must be a number of seconds >= 0"))
+        }
+    }
+}
+
+/// `Option<SocketAddr>` as a string, `""` for `None`.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| serde::de::Error::custom(format!("not an address: {text:?}")))
+    }
+}

@@ -1,0 +1,234 @@
+//! Backing-file I/O for file systems, issued on the calling queue's io_uring when there is one.
+//!
+//! On an io_uring queue thread each call becomes one SQE on that queue's ring, submitted with
+//! the queue's next batch; the calling request's future sleeps until the completion arrives,
+//! and the thread serves other requests meanwhile. So a slow backing file stalls one request,
+//! not the core. Anywhere else (classic workers, tests, tools) the same calls run as plain
+//! system calls.
+//!
+//! Buffers passed to these functions must stay valid until the returned future completes; the
+//! futures are not cancel-safe (dropping one with its operation in flight is a bug, and the
+//! executor never does it: interrupted requests are cancelled through the kernel instead).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, squeue, types};
+
+/// High bit of `user_data` marks backing I/O completions (the rest is the slot index).
+pub(crate) const IO_TAG: u64 = 1 << 63;
+
+#[derive(Default)]
+enum Slot {
+    #[default]
+    Free,
+    Waiting(Option<Waker>),
+    Done(i32),
+}
+
+/// The per-thread registry of backing operations in flight.
+#[derive(Default)]
+pub(crate) struct Reactor {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// SQEs produced by futures since the last submit; the queue loop pushes them.
+    pub(crate) pending: Vec<squeue::Entry128>,
+    /// Operations in flight.
+    pub(crate) inflight: usize,
+}
+
+thread_local! {
+    static REACTOR: RefCell<Option<Reactor>> = const { RefCell::new(None) };
+}
+
+/// Installs a reactor on the calling (queue) thread.
+pub(crate) fn install() {
+    REACTOR.with(|r| *r.borrow_mut() = Some(Reactor::default()));
+}
+
+/// Runs `f` on this thread's reactor, if any.
+pub(crate) fn with<R>(f: impl FnOnce(&mut Reactor) -> R) -> Option<R> {
+    REACTOR.with(|r| r.borrow_mut().as_mut().map(f))
+}
+
+/// True on a thread that issues backing I/O through io_uring.
+pub fn on_ring() -> bool {
+    REACTOR.with(|r| r.borrow().is_some())
+}
+
+impl Reactor {
+    fn submit(&mut self, sqe: squeue::Entry128) -> usize {
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::Free);
+            self.slots.len() - 1
+        });
+        self.slots[idx] = Slot::Waiting(None);
+        self.pending.push(sqe.user_data(IO_TAG | idx as u64));
+        self.inflight += 1;
+        idx
+    }
+
+    /// Records the completion of slot `idx` and wakes its future.
+    pub(crate) fn complete(&mut self, idx: usize, res: i32) {
+        if let Some(slot) = self.slots.get_mut(idx) {
+            if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(res)) {
+                self.inflight -= 1;
+                if let Some(w) = w {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    fn poll_slot(&mut self, idx: usize, cx: &Context<'_>) -> Poll<i32> {
+        match &mut self.slots[idx] {
+            Slot::Done(res) => {
+                let res = *res;
+                self.slots[idx] = Slot::Free;
+                self.free.push(idx);
+                Poll::Ready(res)
+            }
+            Slot::Waiting(w) => {
+                *w = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Slot::Free => Poll::Ready(-libc::EIO),
+        }
+    }
+}
+
+/// A future for one SQE.
+struct Op {
+    sqe: Option<squeue::Entry128>,
+    slot: Option<usize>,
+}
+
+impl Future for Op {
+    type Output = i32;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        if let Some(sqe) = self.sqe.take() {
+            let slot = with(|r| r.submit(sqe));
+            self.slot = slot;
+            if slot.is_none() {
+                return Poll::Ready(-libc::ENOSYS);
+            }
+        }
+        let Some(idx) = self.slot else { return Poll::Ready(-libc::EIO) };
+        with(|r| r.poll_slot(idx, cx)).unwrap_or(Poll::Ready(-libc::EIO))
+    }
+}
+
+fn result(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+fn sys(res: isize) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(res as usize)
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `offset`.
+pub async fn pread(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    if !on_ring() {
+        // SAFETY: buf is valid for writes of its length.
+        return sys(unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset as i64) });
+    }
+    let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32).offset(offset).build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await)
+}
+
+/// Writes `buf` at `offset` (appends when the fd was opened with O_APPEND).
+pub async fn pwrite(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<usize> {
+    if !on_ring() {
+        // SAFETY: buf is valid for reads of its length.
+        return sys(unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), offset as i64) });
+    }
+    let sqe = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32).offset(offset).build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await)
+}
+
+/// fsync / fdatasync.
+pub async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: plain syscalls on an fd.
+        let rc = unsafe {
+            if datasync {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        };
+        return sys(rc as isize).map(|_| ());
+    }
+    let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+    let sqe = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// fallocate(2).
+pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: plain syscall on an fd.
+        let rc = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
+        return sys(rc as isize).map(|_| ());
+    }
+    let sqe = opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// statx(2) of `path` relative to `dirfd` (use an empty path with `AT_EMPTY_PATH`).
+pub async fn statx(dirfd: RawFd, path: &std::ffi::CStr, flags: i32, mask: u32) -> io::Result<libc::statx> {
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    if !on_ring() {
+        // SAFETY: valid path pointer and output buffer.
+        let rc = unsafe { libc::statx(dirfd, path.as_ptr(), flags, mask, &mut stx) };
+        return sys(rc as isize).map(|_| stx);
+    }
+    let sqe = opcode::Statx::new(types::Fd(dirfd), path.as_ptr(), (&mut stx as *mut libc::statx).cast())
+        .flags(flags)
+        .mask(mask)
+        .build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| stx)
+}
+
+/// unlinkat(2).
+pub async fn unlinkat(dirfd: RawFd, name: &std::ffi::CStr, flags: i32) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: valid path pointer.
+        let rc = unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) };
+        return sys(rc as isize).map(|_| ());
+    }
+    let sqe = opcode::UnlinkAt::new(types::Fd(dirfd), name.as_ptr()).flags(flags).build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// renameat2(2).
+pub async fn renameat2(
+    olddir: RawFd,
+    old: &std::ffi::CStr,
+    newdir: RawFd,
+    new: &std::ffi::CStr,
+    flags: u32,
+) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: valid path pointers.
+        let rc = unsafe { libc::renameat2(olddir, old.as_ptr(), newdir, new.as_ptr(), flags) };
+        return sys(rc as isize).map(|_| ());
+    }
+    let sqe =
+        opcode::RenameAt::new(types::Fd(olddir), old.as_ptr(), types::Fd(newdir), new.as_ptr()).flags(flags).build();
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
