@@ -428,6 +428,29 @@ pub struct ConnInfo {
     pub max_read: u32,
 }
 
+/// What a file system may ask of the kernel side of its connection, from any thread.
+///
+/// The transport implements it; the file system never touches `/dev/fuse` itself.
+pub trait KernelChannel: Send + Sync {
+    /// Registers `fd` (an open regular file) as a passthrough backing file and returns its
+    /// backing id for [`OpenOptions::backing_id`]. Fails when passthrough was not negotiated.
+    fn backing_open(&self, fd: std::os::fd::RawFd) -> Result<i32>;
+
+    /// Unregisters a backing id once no open file uses it.
+    fn backing_close(&self, backing_id: i32) -> Result<()>;
+
+    /// Queues FUSE_NOTIFY_INVAL_ENTRY: the kernel forgets `name` in `parent` (a later access
+    /// looks it up again). Never blocks; sent by a dedicated thread.
+    fn inval_entry(&self, parent: NodeId, name: &[u8]);
+
+    /// Queues FUSE_NOTIFY_INVAL_INODE: the kernel drops cached attributes of `node` and its
+    /// cached data in `offset..offset+len` (`len` 0 = to the end, `offset` -1 = attributes only).
+    fn inval_inode(&self, node: NodeId, offset: i64, len: i64);
+
+    /// Queues FUSE_NOTIFY_DELETE: `name` in `parent`, which was `child`, is gone.
+    fn delete(&self, parent: NodeId, child: NodeId, name: &[u8]);
+}
+
 /// A user-space file system served by ringfs.
 ///
 /// See the module docs for the protocol contract (lookup counts, handles, errors).
@@ -438,6 +461,10 @@ pub trait FileSystem: Send + Sync + 'static {
     fn init(&self, conn: &mut ConnInfo) -> Result<()> {
         Ok(())
     }
+
+    /// Hands the file system its kernel channel (passthrough backing files, invalidations).
+    /// Called once, before [`FileSystem::init`].
+    fn attach_kernel(&self, kernel: std::sync::Arc<dyn KernelChannel>) {}
 
     /// Called when the connection goes away (unmount or DESTROY).
     fn destroy(&self) {}

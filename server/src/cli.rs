@@ -33,6 +33,9 @@ pub enum Command {
         config: config::Config,
         /// Detach from the terminal once mounted.
         background: bool,
+        /// Switch on FUSE over io_uring in the kernel (`enable_uring` module parameter, global
+        /// to the machine) before mounting: an explicit opt-in, never done silently.
+        enable_uring: bool,
     },
     /// Print the effective configuration ([`config::to_toml_string`]) and
     /// exit 0.
@@ -182,6 +185,10 @@ struct RunArgs {
     /// Detach once mounted.
     #[arg(short, long)]
     background: bool,
+
+    /// Write 1 to /sys/module/fuse/parameters/enable_uring first (machine-wide).
+    #[arg(long)]
+    enable_uring: bool,
 }
 
 /// Parses the command line (`args` starts with the program name, as from
@@ -192,7 +199,7 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
     match cli.command {
         Some(Sub::Mount { config, source, mountpoint, run }) => {
             let config = load(config.as_deref(), source, mountpoint, &run.options)?;
-            Ok(Command::Mount { config, background: run.background })
+            Ok(Command::Mount { config, background: run.background, enable_uring: run.enable_uring })
         }
         Some(Sub::CheckConfig { file, options }) => {
             let config = load(Some(&file), None, None, &options)?;
@@ -200,7 +207,7 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
         }
         None => {
             let config = load(None, cli.source, cli.mountpoint, &cli.run.options)?;
-            Ok(Command::Mount { config, background: !cli.run.foreground })
+            Ok(Command::Mount { config, background: !cli.run.foreground, enable_uring: cli.run.enable_uring })
         }
     }
 }
@@ -250,7 +257,7 @@ mod tests {
 
     fn mount(args: &[&str]) -> (config::Config, bool) {
         match parse(args) {
-            Ok(Command::Mount { config, background }) => (config, background),
+            Ok(Command::Mount { config, background, .. }) => (config, background),
             other => panic!("{args:?}: {other:?}"),
         }
     }

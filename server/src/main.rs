@@ -29,8 +29,15 @@ fn main() -> ExitCode {
             print!("{}", config::to_toml_string(&config));
             ExitCode::SUCCESS
         }
-        Command::Mount { config, background } => {
+        Command::Mount { config, background, enable_uring } => {
             init_logging(&config.log.level.to_string());
+            if enable_uring {
+                if let Err(e) = std::fs::write(uring_transport::session::URING_PARAM, b"1") {
+                    eprintln!("ringfs: --enable-uring: cannot write {}: {e}", uring_transport::session::URING_PARAM);
+                    return ExitCode::FAILURE;
+                }
+                log::info!("FUSE over io_uring switched on in the kernel (--enable-uring)");
+            }
             match server::run::run_mount(config, background) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

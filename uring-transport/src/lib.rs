@@ -7,6 +7,7 @@
 pub mod executor;
 pub mod io;
 pub mod mount;
+pub mod notify;
 pub mod ring;
 pub mod session;
 pub mod watchdog;

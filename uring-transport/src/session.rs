@@ -18,6 +18,7 @@ use zerocopy::IntoBytes;
 
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
+use crate::notify::{Channel, NotifyStats};
 use crate::ring::{possible_cpus, run_uring_queue, QueueParams, QueueStats, StopSignal};
 
 /// Which channel carries requests.
@@ -91,6 +92,7 @@ pub struct Session<F> {
     payload_size: usize,
     queue_depth: usize,
     stats: Arc<SessionStats>,
+    channel: Arc<Channel>,
 }
 
 /// An 8-byte aligned, zeroed byte buffer (request structs are read in place).
@@ -108,6 +110,10 @@ impl AlignedBuf {
         let len = self.len;
         self.words.as_mut_slice().as_mut_bytes().split_at_mut(len).0
     }
+}
+
+fn dup_fd(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    fd.try_clone()
 }
 
 fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -173,6 +179,8 @@ impl<F: FileSystem> Session<F> {
                 ));
             }
         };
+        let channel = Channel::start(dup_fd(&mounted.fd)?)?;
+        fs.attach_kernel(channel.clone());
         if let Err(e) = fs.init(&mut negotiated.conn) {
             let _ = send_reply(&mounted.fd, &mut out, req.unique(), -e.0, 0);
             return Err(io::Error::other(format!("file system refused INIT: {e}")));
@@ -214,12 +222,18 @@ impl<F: FileSystem> Session<F> {
             payload_size,
             queue_depth: cfg.queue_depth.clamp(1, 1024),
             stats: Arc::new(SessionStats::new(uring, queues)),
+            channel,
         })
     }
 
     /// The session's counters.
     pub fn stats(&self) -> Arc<SessionStats> {
         self.stats.clone()
+    }
+
+    /// The kernel channel's counters (invalidations, backing files).
+    pub fn notify_stats(&self) -> Arc<NotifyStats> {
+        self.channel.stats()
     }
 
     /// The mount's device number.
@@ -250,6 +264,7 @@ impl<F: FileSystem> Session<F> {
         for h in handles {
             let _ = h.join();
         }
+        self.channel.stop();
         self.dispatcher.fs().destroy();
         Ok(())
     }
@@ -285,6 +300,7 @@ impl<F: FileSystem> Session<F> {
         for h in handles {
             let _ = h.join();
         }
+        self.channel.stop();
         self.dispatcher.fs().destroy();
         Ok(())
     }
