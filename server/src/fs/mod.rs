@@ -1,1 +1,902 @@
-//! The passthrough file system (being written).
+//! The passthrough (stacking) file system: serves a backing directory through FUSE.
+//!
+//! # Design
+//! - **Inodes** ([`inode`]): backing (st_dev, st_ino) → node id (counter from 2, never reused,
+//!   so `generation` is always 0), with lookup counts and a `name_to_handle_at` file handle.
+//!   O_PATH descriptors live in a bounded LRU (`max_cached_fds`) and are reopened with
+//!   `open_by_handle_at` on a miss; inodes without a usable handle (O_TMPFILE, no handle
+//!   support, other file systems under the root) and inodes with open handles stay pinned.
+//! - **Names** are resolved one component at a time relative to the parent's descriptor with
+//!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS, O_NOFOLLOW)`;
+//!   `.`, `..`, empty names and names with `/` are refused. Backing symlinks are never followed.
+//! - **Reopening** an inode (open, opendir, truncate, chmod fallback, xattrs, link) goes through
+//!   `/proc/self/fd/N`, which reaches exactly the inode the O_PATH descriptor refers to.
+//! - **Credentials** ([`creds`]): creations run under the caller's fsuid/fsgid (per thread);
+//!   without `default_permissions` every permission-checked operation does. On EACCES/EPERM
+//!   the caller's supplementary groups are loaded from `/proc/<pid>/status` and the call is
+//!   retried once.
+
+mod creds;
+mod handles;
+mod inode;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use protocol::{
+    AttrOut, ConnInfo, Context, DirBuffer, DirPlusBuffer, Entry, Errno, FileAttr, FileHandle, FileSystem, NodeId,
+    OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, Timespec, WriteFlags, XattrReply,
+};
+
+use creds::CredGuard;
+use handles::HandleTable;
+use inode::{InodeFd, InodeTable};
+use sys::cvt;
+
+/// Configuration of a [`PassthroughFs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The backing directory to serve.
+    pub source: PathBuf,
+    /// How long the kernel may cache name → node bindings.
+    pub entry_timeout: Duration,
+    /// How long the kernel may cache attributes.
+    pub attr_timeout: Duration,
+    /// How long the kernel may cache "no such name" (0 = answer ENOENT, no negative entry).
+    pub negative_timeout: Duration,
+    /// The kernel checks permissions itself (`default_permissions`). When false, every
+    /// operation runs under the caller's credentials so the backing file system checks them.
+    /// `init` replaces this with the negotiated [`ConnInfo::default_permissions`].
+    pub default_permissions: bool,
+    /// Maximum number of cached (evictable) O_PATH descriptors.
+    pub max_cached_fds: usize,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            source: PathBuf::new(),
+            entry_timeout: Duration::from_secs(1),
+            attr_timeout: Duration::from_secs(1),
+            negative_timeout: Duration::from_secs(1),
+            default_permissions: true,
+            max_cached_fds: 4096,
+        }
+    }
+}
+
+/// A FUSE file system that passes every operation through to a backing directory.
+pub struct PassthroughFs {
+    cfg: FsConfig,
+    inodes: InodeTable,
+    handles: HandleTable,
+    /// `/proc/self/fd`, for reopening inodes by their O_PATH descriptor.
+    proc_fd: OwnedFd,
+    default_permissions: AtomicBool,
+    /// fchmodat2(AT_EMPTY_PATH) is unavailable: use `/proc/self/fd/N`.
+    no_fchmodat2: AtomicBool,
+}
+
+/// Open flags passed through to the backing file system on open/create.
+///
+/// O_DIRECT is not among them: the kernel already bypasses the mount's page cache for an
+/// O_DIRECT open, and the server's request buffers are not aligned the way O_DIRECT on the
+/// backing file would demand (with passthrough the kernel applies the caller's O_DIRECT to the
+/// backing file itself).
+const OPEN_FLAGS: i32 = libc::O_ACCMODE
+    | libc::O_TRUNC
+    | libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_DSYNC
+    | libc::O_SYNC
+    | libc::O_NOATIME
+    | libc::O_LARGEFILE;
+
+fn io_err(e: Errno, what: &str) -> io::Error {
+    let os = io::Error::from_raw_os_error(e.0);
+    io::Error::new(os.kind(), format!("{what}: {os}"))
+}
+
+/// Checks a name to create/remove/rename: one non-empty path component, not `.`/`..`.
+fn check_name(name: &CStr) -> Result<()> {
+    let b = name.to_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+fn is_dot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+/// Bits that a write/truncate by an unprivileged user clears (like the kernel's
+/// `setattr_should_drop_suidgid`): S_ISUID always, S_ISGID only with group-exec.
+fn suidgid_to_kill(mode: u32) -> u32 {
+    let mut kill = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
+fn timespec_of(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        Some(SetTime::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        Some(SetTime::At(t)) => libc::timespec { tv_sec: t.sec, tv_nsec: t.nsec as libc::c_long },
+    }
+}
+
+fn ts(t: libc::statx_timestamp) -> Timespec {
+    Timespec { sec: t.tv_sec, nsec: t.tv_nsec }
+}
+
+impl PassthroughFs {
+    /// Opens the backing root `cfg.source` (which must be an existing directory).
+    ///
+    /// Also sets the process umask to 0 (the kernel already applied the caller's umask) and
+    /// drops the process's supplementary groups (callers' groups are set per operation).
+    pub fn new(cfg: FsConfig) -> io::Result<PassthroughFs> {
+        // SAFETY: umask only changes the process file-creation mask.
+        unsafe { libc::umask(0) };
+        // Process-wide (glibc broadcasts to all threads): no stray groups of the server may
+        // grant access to callers. Failure (not root) is harmless.
+        // SAFETY: an empty group list.
+        unsafe { libc::setgroups(0, std::ptr::null()) };
+        if cfg.source.as_os_str().is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no backing directory (source) given"));
+        }
+        let what = format!("backing directory {}", cfg.source.display());
+        let path = CString::new(cfg.source.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, what.clone()))?;
+        let root = sys::openat(libc::AT_FDCWD, &path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
+            .map_err(|e| io_err(e, &what))?;
+        let proc_fd =
+            sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
+                .map_err(|e| io_err(e, "/proc/self/fd"))?;
+        let inodes = InodeTable::new(root, cfg.max_cached_fds).map_err(|e| io_err(e, &what))?;
+        Ok(PassthroughFs {
+            default_permissions: AtomicBool::new(cfg.default_permissions),
+            cfg,
+            inodes,
+            handles: HandleTable::new(),
+            proc_fd,
+            no_fchmodat2: AtomicBool::new(false),
+        })
+    }
+
+    /// Number of inodes the kernel currently references (the root included).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Number of open file and directory handles.
+    pub fn open_handle_count(&self) -> usize {
+        self.handles.len()
+    }
+
+    fn entry(&self, id: u64, st: &libc::stat) -> Entry {
+        Entry {
+            nodeid: NodeId(id),
+            generation: 0,
+            attr: FileAttr::from_stat(st),
+            entry_timeout: self.cfg.entry_timeout,
+            attr_timeout: self.cfg.attr_timeout,
+        }
+    }
+
+    fn attr_out(&self, st: &libc::stat) -> AttrOut {
+        AttrOut { attr: FileAttr::from_stat(st), timeout: self.cfg.attr_timeout }
+    }
+
+    /// Runs `f` under the caller's credentials when required: always if `force`, otherwise
+    /// when the kernel does not check permissions itself. Retries once with the caller's
+    /// supplementary groups on EACCES/EPERM.
+    fn as_caller<T>(&self, ctx: &Context, force: bool, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        if !force && self.default_permissions.load(Ordering::Relaxed) {
+            return f();
+        }
+        let mut guard = CredGuard::switch(ctx.uid, ctx.gid);
+        if !guard.is_switched() {
+            return f();
+        }
+        match f() {
+            Err(e) if (e == Errno::EACCES || e == Errno::EPERM) && ctx.uid != 0 => {
+                match creds::caller_groups(ctx.pid) {
+                    Ok(groups) if !groups.is_empty() => {
+                        if guard.set_groups(&groups).is_ok() {
+                            f()
+                        } else {
+                            Err(e)
+                        }
+                    }
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// Resolves `name` in directory `dir` (no symlink following, no escape) and registers a
+    /// lookup reference. The resolution itself runs under `ctx` when permissions are ours to
+    /// check.
+    fn lookup_at(&self, ctx: &Context, dir: RawFd, name: &CStr) -> Result<(u64, libc::stat)> {
+        let fd = self.as_caller(ctx, false, || {
+            sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT)
+        })?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
+        Ok((id, st))
+    }
+
+    /// After a successful creation of `name` in `dir`: look it up (as the server).
+    fn created(&self, dir: RawFd, name: &CStr) -> Result<Entry> {
+        let fd = sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
+        Ok(self.entry(id, &st))
+    }
+
+    /// Registers a freshly created and opened file `file` (create/tmpfile).
+    fn created_open(&self, file: OwnedFd, reopenable: bool) -> Result<(Entry, Opened)> {
+        let st = sys::fstat(file.as_raw_fd())?;
+        let opath =
+            sys::openat(self.proc_fd.as_raw_fd(), &sys::fd_name(file.as_raw_fd()), libc::O_PATH | libc::O_CLOEXEC, 0)?;
+        let (id, ifd) = self.inodes.insert_or_ref(opath, &st, reopenable)?;
+        let fh = self.handles.insert_file(id, file);
+        self.inodes.pin(id, &ifd);
+        Ok((self.entry(id, &st), Opened { fh: FileHandle(fh), options: OpenOptions::default() }))
+    }
+
+    /// Reopens the inode behind O_PATH descriptor `fd` with real open flags.
+    fn reopen(&self, fd: RawFd, flags: i32) -> Result<OwnedFd> {
+        sys::openat(self.proc_fd.as_raw_fd(), &sys::fd_name(fd), flags, 0)
+    }
+
+    /// chmod of the inode (`hfd`: an open file descriptor of it, if any).
+    fn chmod(&self, fd: &InodeFd, hfd: Option<RawFd>, kind: u32, mode: u32) -> Result<()> {
+        if kind == libc::S_IFLNK {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let mode = mode & 0o7777;
+        if let Some(h) = hfd {
+            // SAFETY: fchmod on an open descriptor.
+            return cvt(unsafe { libc::fchmod(h, mode) }).map(drop);
+        }
+        if !self.no_fchmodat2.load(Ordering::Relaxed) {
+            match sys::fchmod_empty(fd.as_raw_fd(), mode) {
+                Err(e) if e == Errno::ENOSYS => self.no_fchmodat2.store(true, Ordering::Relaxed),
+                r => return r,
+            }
+        }
+        let name = sys::fd_name(fd.as_raw_fd());
+        // SAFETY: `name` is NUL-terminated; following the magic link reaches the inode.
+        cvt(unsafe { libc::fchmodat(self.proc_fd.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+    }
+
+    fn handle_fd(&self, fh: FileHandle) -> Result<std::sync::Arc<handles::Handle>> {
+        self.handles.get(fh.0)
+    }
+
+    fn do_setattr(&self, ctx: &Context, node: NodeId, attr: &SetAttr) -> Result<AttrOut> {
+        let (fd, kind) = self.inodes.get(node.0)?;
+        let handle = match attr.fh {
+            Some(fh) => Some(self.handle_fd(fh)?),
+            None => None,
+        };
+        let hfd = handle.as_ref().and_then(|h| h.file_fd().ok());
+        let mut mode = attr.mode;
+        // Set-uid/set-gid clearing: asked by the kernel, or a truncate by an unprivileged
+        // caller (the server's CAP_FSETID would otherwise keep the bits).
+        if kind == libc::S_IFREG && (attr.kill_suidgid || (attr.size.is_some() && ctx.uid != 0)) {
+            let cur = match mode {
+                Some(m) => m,
+                None => sys::fstat(fd.as_raw_fd())?.st_mode,
+            };
+            let kill = suidgid_to_kill(cur);
+            if kill != 0 {
+                match mode {
+                    Some(m) => mode = Some(m & !kill),
+                    // Done as the server: a local truncate clears the bits for non-owners too.
+                    None => self.chmod(&fd, hfd, kind, cur & !kill)?,
+                }
+            }
+        }
+        self.as_caller(ctx, false, || {
+            if let Some(m) = mode {
+                self.chmod(&fd, hfd, kind, m)?;
+            }
+            if attr.uid.is_some() || attr.gid.is_some() {
+                let uid = attr.uid.unwrap_or(u32::MAX);
+                let gid = attr.gid.unwrap_or(u32::MAX);
+                // SAFETY: EMPTY is NUL-terminated; -1 (u32::MAX) means "unchanged".
+                cvt(unsafe {
+                    libc::fchownat(
+                        fd.as_raw_fd(),
+                        sys::EMPTY.as_ptr(),
+                        uid,
+                        gid,
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                })?;
+            }
+            if let Some(size) = attr.size {
+                let size = i64::try_from(size).map_err(|_| Errno::EINVAL)?;
+                match hfd {
+                    // SAFETY: ftruncate on an open descriptor.
+                    Some(h) => cvt(unsafe { libc::ftruncate(h, size) })?,
+                    None => {
+                        let p = sys::proc_path(fd.as_raw_fd());
+                        // SAFETY: `p` is NUL-terminated; truncate(2) follows the magic link.
+                        cvt(unsafe { libc::truncate(p.as_ptr(), size) })?
+                    }
+                };
+            }
+            if attr.atime.is_some() || attr.mtime.is_some() {
+                let times = [timespec_of(attr.atime), timespec_of(attr.mtime)];
+                // SAFETY: `times` is an array of two timespecs; EMPTY is NUL-terminated.
+                cvt(unsafe {
+                    libc::utimensat(
+                        fd.as_raw_fd(),
+                        sys::EMPTY.as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                })?;
+            }
+            Ok(())
+        })?;
+        let st = sys::fstat(hfd.unwrap_or(fd.as_raw_fd()))?;
+        Ok(self.attr_out(&st))
+    }
+
+    fn do_readdirplus(&self, ctx: &Context, fh: FileHandle, offset: u64, out: &mut DirPlusBuffer<'_>) -> Result<()> {
+        let h = self.handle_fd(fh)?;
+        let (fd, mut s) = h.dir()?;
+        s.seek(fd, offset)?;
+        loop {
+            let e = match s.next(fd) {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(err) if out.is_empty() => return Err(err),
+                Err(_) => break,
+            };
+            let kind = e.kind as u32;
+            let bare = Entry {
+                nodeid: NodeId(0),
+                generation: 0,
+                attr: FileAttr { ino: e.ino, mode: kind << 12, ..FileAttr::default() },
+                entry_timeout: Duration::ZERO,
+                attr_timeout: Duration::ZERO,
+            };
+            if is_dot(&e.name) {
+                if !out.add(&bare, e.off, kind, &e.name) {
+                    s.unread(e);
+                    break;
+                }
+                s.consumed(&e);
+                continue;
+            }
+            if !out.fits(&e.name) {
+                s.unread(e);
+                break;
+            }
+            let Ok(cname) = CString::new(&*e.name) else {
+                s.consumed(&e);
+                continue;
+            };
+            match self.lookup_at(ctx, fd, &cname) {
+                Ok((id, st)) => {
+                    let entry = self.entry(id, &st);
+                    if !out.add(&entry, e.off, kind, &e.name) {
+                        self.inodes.forget(id, 1);
+                        s.unread(e);
+                        break;
+                    }
+                }
+                // Removed meanwhile: skip it.
+                Err(err) if err == Errno::ENOENT => {}
+                // Cannot look it up (permissions, fd limits...): name it without a node.
+                Err(_) => {
+                    if !out.add(&bare, e.off, kind, &e.name) {
+                        s.unread(e);
+                        break;
+                    }
+                }
+            }
+            s.consumed(&e);
+        }
+        Ok(())
+    }
+
+    fn do_listxattr(&self, ctx: &Context, node: NodeId, size: u32) -> Result<XattrReply> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        let p = sys::proc_path(fd.as_raw_fd());
+        let mut buf = Vec::new();
+        self.as_caller(ctx, false, || loop {
+            let n = sys::xattr::list(&p, &mut [])?;
+            if n == 0 {
+                buf.clear();
+                return Ok(());
+            }
+            buf.resize(n, 0);
+            match sys::xattr::list(&p, &mut buf) {
+                Ok(m) => {
+                    buf.truncate(m);
+                    return Ok(());
+                }
+                // The list grew between the two calls.
+                Err(e) if e == Errno::ERANGE => continue,
+                Err(e) => return Err(e),
+            }
+        })?;
+        if ctx.uid != 0 {
+            // trusted.* names are visible to CAP_SYS_ADMIN only; the server has it, the
+            // caller (as far as we know) does not.
+            let mut filtered = Vec::with_capacity(buf.len());
+            for name in buf.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                if !name.starts_with(b"trusted.") {
+                    filtered.extend_from_slice(name);
+                    filtered.push(0);
+                }
+            }
+            buf = filtered;
+        }
+        if size == 0 {
+            return Ok(XattrReply::Size(buf.len() as u32));
+        }
+        if buf.len() > size as usize {
+            return Err(Errno::ERANGE);
+        }
+        Ok(XattrReply::Data(buf))
+    }
+}
+
+impl FileSystem for PassthroughFs {
+    fn init(&self, conn: &mut ConnInfo) -> Result<()> {
+        self.default_permissions.store(conn.default_permissions, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn lookup(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<Entry> {
+        let b = name.to_bytes();
+        if is_dot(b) {
+            return Err(Errno::ENOENT);
+        }
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        match self.lookup_at(ctx, pfd.as_raw_fd(), name) {
+            Ok((id, st)) => Ok(self.entry(id, &st)),
+            Err(e) if e == Errno::ENOENT && !self.cfg.negative_timeout.is_zero() => {
+                Ok(Entry::negative(self.cfg.negative_timeout))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn forget(&self, node: NodeId, nlookup: u64) {
+        self.inodes.forget(node.0, nlookup);
+    }
+
+    async fn getattr(&self, _ctx: &Context, node: NodeId, fh: Option<FileHandle>) -> Result<AttrOut> {
+        let st = match fh.map(|fh| self.handle_fd(fh)) {
+            Some(Ok(h)) => sys::fstat(h.fd())?,
+            _ => sys::fstat(self.inodes.get(node.0)?.0.as_raw_fd())?,
+        };
+        Ok(self.attr_out(&st))
+    }
+
+    async fn statx(
+        &self,
+        _ctx: &Context,
+        node: NodeId,
+        fh: Option<FileHandle>,
+        flags: u32,
+        mask: u32,
+    ) -> Result<(StatxAttr, Duration)> {
+        let sync = flags as i32 & libc::AT_STATX_SYNC_TYPE;
+        let stx = match fh.map(|fh| self.handle_fd(fh)) {
+            Some(Ok(h)) => sys::statx(h.fd(), sync, mask)?,
+            _ => sys::statx(self.inodes.get(node.0)?.0.as_raw_fd(), sync, mask)?,
+        };
+        let attr = FileAttr {
+            ino: stx.stx_ino,
+            size: stx.stx_size,
+            blocks: stx.stx_blocks,
+            atime: ts(stx.stx_atime),
+            mtime: ts(stx.stx_mtime),
+            ctime: ts(stx.stx_ctime),
+            mode: stx.stx_mode as u32,
+            nlink: stx.stx_nlink,
+            uid: stx.stx_uid,
+            gid: stx.stx_gid,
+            rdev: libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor) as u32,
+            blksize: stx.stx_blksize,
+        };
+        Ok((
+            StatxAttr {
+                attr,
+                mask: stx.stx_mask,
+                btime: ts(stx.stx_btime),
+                attributes: stx.stx_attributes,
+                attributes_mask: stx.stx_attributes_mask,
+            },
+            self.cfg.attr_timeout,
+        ))
+    }
+
+    async fn setattr(&self, ctx: &Context, node: NodeId, attr: &SetAttr) -> Result<AttrOut> {
+        self.do_setattr(ctx, node, attr)
+    }
+
+    async fn readlink(&self, _ctx: &Context, node: NodeId) -> Result<Vec<u8>> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: `buf` is writable for its length; EMPTY is NUL-terminated.
+        let n = unsafe {
+            libc::readlinkat(fd.as_raw_fd(), sys::EMPTY.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len())
+        };
+        let n = sys::cvt_long(n as i64)? as usize;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    async fn symlink(&self, ctx: &Context, parent: NodeId, name: &CStr, target: &CStr) -> Result<Entry> {
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        self.as_caller(ctx, true, || {
+            // SAFETY: both strings are NUL-terminated.
+            cvt(unsafe { libc::symlinkat(target.as_ptr(), pfd.as_raw_fd(), name.as_ptr()) })
+        })?;
+        self.created(pfd.as_raw_fd(), name)
+    }
+
+    async fn mknod(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        _umask: u32,
+    ) -> Result<Entry> {
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        self.as_caller(ctx, true, || {
+            // SAFETY: `name` is NUL-terminated. The FUSE rdev encoding equals glibc's dev_t
+            // encoding for 32-bit values.
+            cvt(unsafe { libc::mknodat(pfd.as_raw_fd(), name.as_ptr(), mode, rdev as libc::dev_t) })
+        })?;
+        self.created(pfd.as_raw_fd(), name)
+    }
+
+    async fn mkdir(&self, ctx: &Context, parent: NodeId, name: &CStr, mode: u32, _umask: u32) -> Result<Entry> {
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        self.as_caller(ctx, true, || {
+            // SAFETY: `name` is NUL-terminated.
+            cvt(unsafe { libc::mkdirat(pfd.as_raw_fd(), name.as_ptr(), mode & 0o7777) })
+        })?;
+        self.created(pfd.as_raw_fd(), name)
+    }
+
+    async fn unlink(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        self.as_caller(ctx, false, || {
+            // SAFETY: `name` is NUL-terminated.
+            cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+        })
+    }
+
+    async fn rmdir(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        self.as_caller(ctx, false, || {
+            // SAFETY: `name` is NUL-terminated.
+            cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+        })
+    }
+
+    async fn rename(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        new_parent: NodeId,
+        new_name: &CStr,
+        flags: u32,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(new_name)?;
+        let (ofd, _) = self.inodes.get(parent.0)?;
+        let (nfd, _) = self.inodes.get(new_parent.0)?;
+        self.as_caller(ctx, false, || sys::renameat2(ofd.as_raw_fd(), name, nfd.as_raw_fd(), new_name, flags))
+    }
+
+    async fn link(&self, ctx: &Context, node: NodeId, new_parent: NodeId, new_name: &CStr) -> Result<Entry> {
+        check_name(new_name)?;
+        let (fd, _) = self.inodes.get(node.0)?;
+        let (pfd, _) = self.inodes.get(new_parent.0)?;
+        let src = sys::proc_path(fd.as_raw_fd());
+        self.as_caller(ctx, false, || {
+            // SAFETY: both names are NUL-terminated. Following the magic link reaches the
+            // inode itself (a symlink is not followed further); unlike AT_EMPTY_PATH this
+            // needs no CAP_DAC_READ_SEARCH, so it also works under the caller's credentials.
+            cvt(unsafe {
+                libc::linkat(libc::AT_FDCWD, src.as_ptr(), pfd.as_raw_fd(), new_name.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+            })
+        })?;
+        self.created(pfd.as_raw_fd(), new_name)
+    }
+
+    async fn open(&self, ctx: &Context, node: NodeId, flags: u32) -> Result<Opened> {
+        let (fd, kind) = self.inodes.get(node.0)?;
+        if kind == libc::S_IFDIR {
+            return Err(Errno::EISDIR);
+        }
+        let flags = (flags as i32
+            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT))
+            | libc::O_CLOEXEC;
+        let file = self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?;
+        let fh = self.handles.insert_file(node.0, file);
+        self.inodes.pin(node.0, &fd);
+        Ok(Opened { fh: FileHandle(fh), options: OpenOptions::default() })
+    }
+
+    async fn create(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        name: &CStr,
+        mode: u32,
+        _umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        check_name(name)?;
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        let oflags = (flags as i32 & (OPEN_FLAGS | libc::O_EXCL)) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let file = self
+            .as_caller(ctx, true, || sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT))?;
+        self.created_open(file, true)
+    }
+
+    async fn tmpfile(
+        &self,
+        ctx: &Context,
+        parent: NodeId,
+        mode: u32,
+        _umask: u32,
+        flags: u32,
+    ) -> Result<(Entry, Opened)> {
+        let (pfd, _) = self.inodes.get(parent.0)?;
+        let oflags = (flags as i32 & (OPEN_FLAGS | libc::O_EXCL) & !libc::O_TRUNC) | libc::O_TMPFILE | libc::O_CLOEXEC;
+        let file = self.as_caller(ctx, true, || sys::openat(pfd.as_raw_fd(), c".", oflags, mode & 0o7777))?;
+        // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
+        self.created_open(file, false)
+    }
+
+    async fn read(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let h = self.handle_fd(fh)?;
+        let fd = h.file_fd()?;
+        // On an io_uring queue thread this is an SQE on the queue's ring; `h` keeps the fd open
+        // until it completes.
+        Ok(uring_transport::io::pread(fd, buf, offset).await?)
+    }
+
+    async fn write(
+        &self,
+        _ctx: &Context,
+        _node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        flags: WriteFlags,
+    ) -> Result<usize> {
+        let h = self.handle_fd(fh)?;
+        let fd = h.file_fd()?;
+        if flags.kill_suidgid {
+            let mode = sys::fstat(fd)?.st_mode;
+            let kill = suidgid_to_kill(mode);
+            if kill != 0 {
+                // SAFETY: fchmod on an open descriptor.
+                cvt(unsafe { libc::fchmod(fd, mode & 0o7777 & !kill) })?;
+            }
+        }
+        // On an O_APPEND descriptor a positioned write appends, as the open asked for.
+        Ok(uring_transport::io::pwrite(fd, data, offset).await?)
+    }
+
+    async fn flush(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _lock_owner: u64) -> Result<()> {
+        let h = self.handle_fd(fh)?;
+        // Closing a duplicate runs the backing file system's flush (e.g. NFS close-to-open)
+        // without closing our descriptor.
+        // SAFETY: dup of an open descriptor; the duplicate is closed right away.
+        let d = cvt(unsafe { libc::dup(h.fd()) })?;
+        // SAFETY: `d` is the duplicate we own.
+        cvt(unsafe { libc::close(d) }).map(drop)
+    }
+
+    async fn release(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _flags: u32) -> Result<()> {
+        if let Some(h) = self.handles.remove(fh.0) {
+            self.inodes.unpin(h.node);
+        }
+        Ok(())
+    }
+
+    async fn fsync(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
+        let h = self.handle_fd(fh)?;
+        Ok(uring_transport::io::fsync(h.fd(), datasync).await?)
+    }
+
+    async fn opendir(&self, ctx: &Context, node: NodeId, _flags: u32) -> Result<Opened> {
+        let (fd, kind) = self.inodes.get(node.0)?;
+        if kind != libc::S_IFDIR {
+            return Err(Errno::ENOTDIR);
+        }
+        let dir = self.as_caller(ctx, false, || {
+            self.reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        })?;
+        let fh = self.handles.insert_dir(node.0, dir);
+        self.inodes.pin(node.0, &fd);
+        Ok(Opened { fh: FileHandle(fh), options: OpenOptions::default() })
+    }
+
+    async fn readdir(
+        &self,
+        _ctx: &Context,
+        _node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        out: &mut DirBuffer<'_>,
+    ) -> Result<()> {
+        let h = self.handle_fd(fh)?;
+        let (fd, mut s) = h.dir()?;
+        s.seek(fd, offset)?;
+        loop {
+            let e = match s.next(fd) {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(err) if out.is_empty() => return Err(err),
+                Err(_) => break,
+            };
+            if !out.add(e.ino, e.off, e.kind as u32, &e.name) {
+                s.unread(e);
+                break;
+            }
+            s.consumed(&e);
+        }
+        Ok(())
+    }
+
+    async fn readdirplus(
+        &self,
+        ctx: &Context,
+        _node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        out: &mut DirPlusBuffer<'_>,
+    ) -> Result<()> {
+        self.do_readdirplus(ctx, fh, offset, out)
+    }
+
+    async fn releasedir(&self, _ctx: &Context, _node: NodeId, fh: FileHandle) -> Result<()> {
+        if let Some(h) = self.handles.remove(fh.0) {
+            self.inodes.unpin(h.node);
+        }
+        Ok(())
+    }
+
+    async fn fsyncdir(&self, ctx: &Context, node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
+        self.fsync(ctx, node, fh, datasync).await
+    }
+
+    async fn statfs(&self, _ctx: &Context, node: NodeId) -> Result<StatFs> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        let mut s = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+        // SAFETY: `s` is a writable statfs buffer; fstatfs accepts O_PATH descriptors.
+        cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), s.as_mut_ptr()) })?;
+        // SAFETY: fstatfs succeeded (and the buffer was zeroed).
+        let s = unsafe { s.assume_init() };
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namelen as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        let p = sys::proc_path(fd.as_raw_fd());
+        self.as_caller(ctx, false, || sys::xattr::set(&p, name, value, flags as i32))
+    }
+
+    async fn getxattr(&self, ctx: &Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        let p = sys::proc_path(fd.as_raw_fd());
+        if size == 0 {
+            let n = self.as_caller(ctx, false, || sys::xattr::get(&p, name, &mut []))?;
+            return Ok(XattrReply::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = self.as_caller(ctx, false, || sys::xattr::get(&p, name, &mut buf))?;
+        buf.truncate(n);
+        Ok(XattrReply::Data(buf))
+    }
+
+    async fn listxattr(&self, ctx: &Context, node: NodeId, size: u32) -> Result<XattrReply> {
+        self.do_listxattr(ctx, node, size)
+    }
+
+    async fn removexattr(&self, ctx: &Context, node: NodeId, name: &CStr) -> Result<()> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        let p = sys::proc_path(fd.as_raw_fd());
+        self.as_caller(ctx, false, || sys::xattr::remove(&p, name))
+    }
+
+    async fn access(&self, ctx: &Context, node: NodeId, mask: u32) -> Result<()> {
+        let (fd, _) = self.inodes.get(node.0)?;
+        self.as_caller(ctx, true, || sys::faccessat2(fd.as_raw_fd(), mask, libc::AT_EMPTY_PATH | libc::AT_EACCESS))
+    }
+
+    async fn fallocate(
+        &self,
+        _ctx: &Context,
+        _node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    ) -> Result<()> {
+        let h = self.handle_fd(fh)?;
+        let fd = h.file_fd()?;
+        Ok(uring_transport::io::fallocate(fd, mode as i32, offset, length).await?)
+    }
+
+    async fn lseek(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, offset: u64, whence: u32) -> Result<u64> {
+        let h = self.handle_fd(fh)?;
+        // SAFETY: lseek on an open descriptor. The handle's own position is not used by
+        // pread/pwrite, so moving it is harmless.
+        let r = unsafe { libc::lseek(h.file_fd()?, offset as libc::off_t, whence as i32) };
+        Ok(sys::cvt_long(r)? as u64)
+    }
+
+    async fn copy_file_range(
+        &self,
+        _ctx: &Context,
+        _node_in: NodeId,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _node_out: NodeId,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u64> {
+        let hi = self.handle_fd(fh_in)?;
+        let ho = self.handle_fd(fh_out)?;
+        let n = sys::copy_file_range(
+            hi.file_fd()?,
+            offset_in as i64,
+            ho.file_fd()?,
+            offset_out as i64,
+            len as usize,
+            flags as u32,
+        )?;
+        Ok(n as u64)
+    }
+}

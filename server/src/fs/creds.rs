@@ -1,0 +1,87 @@
+//! Per-thread credential switching for operations done on behalf of a caller.
+//!
+//! Linux credentials are per thread at the kernel level. The raw `setfsuid`/`setfsgid`/
+//! `setgroups` system calls change only the calling thread (glibc's `setgroups` wrapper would
+//! broadcast to every thread of the process, so it is never used here).
+
+use std::marker::PhantomData;
+
+use protocol::{Errno, Result};
+
+/// Switches the calling thread's fsuid/fsgid (and optionally its supplementary groups) and
+/// restores root credentials when dropped.
+///
+/// Not `Send`: it must be dropped on the thread that created it.
+pub(crate) struct CredGuard {
+    switched: bool,
+    groups: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl CredGuard {
+    /// Switches to `uid`/`gid` (fsgid first, then fsuid). Root/root switches nothing.
+    pub(crate) fn switch(uid: u32, gid: u32) -> CredGuard {
+        if uid == 0 && gid == 0 {
+            return CredGuard { switched: false, groups: false, _not_send: PhantomData };
+        }
+        // SAFETY: setfsgid/setfsuid take an integer and only change this thread's credentials.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, gid);
+            libc::syscall(libc::SYS_setfsuid, uid);
+        }
+        CredGuard { switched: true, groups: false, _not_send: PhantomData }
+    }
+
+    /// True when the thread's credentials were changed.
+    pub(crate) fn is_switched(&self) -> bool {
+        self.switched
+    }
+
+    /// Sets this thread's supplementary groups (raw syscall: this thread only); they are
+    /// reset to the empty set when the guard is dropped.
+    pub(crate) fn set_groups(&mut self, groups: &[libc::gid_t]) -> Result<()> {
+        // SAFETY: `groups` is a readable array of `groups.len()` gid_t values.
+        let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+        if r < 0 {
+            return Err(Errno::last());
+        }
+        self.groups = true;
+        Ok(())
+    }
+}
+
+impl Drop for CredGuard {
+    fn drop(&mut self) {
+        if self.switched {
+            // SAFETY: restoring root fs credentials of this thread (fsuid first, then fsgid).
+            unsafe {
+                libc::syscall(libc::SYS_setfsuid, 0);
+                libc::syscall(libc::SYS_setfsgid, 0);
+            }
+        }
+        if self.groups {
+            // SAFETY: an empty group list (null pointer with size 0) for this thread only.
+            unsafe {
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>());
+            }
+        }
+    }
+}
+
+/// Reads the supplementary groups of process `pid` from `/proc/<pid>/status`.
+pub(crate) fn caller_groups(pid: u32) -> Result<Vec<libc::gid_t>> {
+    if pid == 0 {
+        return Ok(Vec::new());
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(parse_groups(&status))
+}
+
+/// Parses the `Groups:` line of a `/proc/<pid>/status` text.
+pub(crate) fn parse_groups(status: &str) -> Vec<libc::gid_t> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse::<libc::gid_t>().ok()).collect())
+        .unwrap_or_default()
+}

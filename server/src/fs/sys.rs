@@ -1,0 +1,240 @@
+//! Thin wrappers around the Linux system calls the passthrough file system uses.
+//!
+//! Every wrapper returns the backing errno on failure (read immediately after the call) and
+//! owned file descriptors as [`OwnedFd`], so nothing leaks on error paths.
+
+use std::ffi::{CStr, CString};
+use std::mem::MaybeUninit;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use protocol::{Errno, Result};
+
+/// Converts a `c_int` return value (negative on error) into a result.
+pub(crate) fn cvt(r: libc::c_int) -> Result<libc::c_int> {
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Converts a `c_long`/`ssize_t` return value (negative on error) into a result.
+pub(crate) fn cvt_long(r: i64) -> Result<i64> {
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Takes ownership of a file descriptor returned by a system call.
+fn owned(fd: libc::c_int) -> Result<OwnedFd> {
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` was just returned by a successful open-like system call, so it is a valid,
+    // open descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The empty path, for `*at` calls with `AT_EMPTY_PATH`.
+pub(crate) const EMPTY: &CStr = c"";
+
+/// `struct open_how` of openat2(2) (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Resolution flags used for every user-supplied name: stay beneath the directory and never
+/// follow symlinks (a trailing symlink is returned as an O_PATH fd when O_PATH|O_NOFOLLOW).
+pub(crate) const RESOLVE_STRICT: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS;
+
+/// openat2(2).
+pub(crate) fn openat2(dir: RawFd, name: &CStr, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd> {
+    let how = OpenHow { flags: flags as u32 as u64, mode: mode as u64, resolve };
+    loop {
+        // SAFETY: `name` is NUL-terminated, `how` is a valid `open_how` of the size passed.
+        let r = unsafe {
+            libc::syscall(libc::SYS_openat2, dir, name.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        };
+        if r < 0 {
+            let e = Errno::last();
+            // EAGAIN: a concurrent rename raced with RESOLVE_BENEATH; just retry.
+            if e.0 == libc::EAGAIN || e.0 == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        return owned(r as libc::c_int);
+    }
+}
+
+/// openat(2).
+pub(crate) fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated; the result is checked.
+    owned(unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) })
+}
+
+/// stat of whatever `fd` refers to (an O_PATH fd works; symlinks are not followed).
+pub(crate) fn fstat(fd: RawFd) -> Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `st` is a writable `stat` buffer; EMPTY is NUL-terminated.
+    cvt(unsafe {
+        libc::fstatat(fd, EMPTY.as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    })?;
+    // SAFETY: fstatat succeeded and filled the buffer (it was zeroed anyway).
+    Ok(unsafe { st.assume_init() })
+}
+
+/// statx(2) of whatever `fd` refers to.
+pub(crate) fn statx(fd: RawFd, flags: i32, mask: u32) -> Result<libc::statx> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `stx` is a writable `statx` buffer; EMPTY is NUL-terminated.
+    cvt(unsafe {
+        libc::statx(fd, EMPTY.as_ptr(), flags | libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW, mask, stx.as_mut_ptr())
+    })?;
+    // SAFETY: statx succeeded; the buffer was zero-initialised in any case.
+    Ok(unsafe { stx.assume_init() })
+}
+
+/// Size of the `struct file_handle` header (handle_bytes, handle_type).
+const HANDLE_HEADER: usize = 8;
+/// Aligned buffer big enough for any `struct file_handle`.
+type HandleBuf = [u64; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
+
+/// name_to_handle_at(fd, "", AT_EMPTY_PATH): the complete `struct file_handle` bytes.
+pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
+    let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
+    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
+    // SAFETY: `buf` is 8-byte aligned and large enough for a file_handle header.
+    unsafe { (*fh).handle_bytes = libc::MAX_HANDLE_SZ as libc::c_uint };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `fh` points to a buffer of MAX_HANDLE_SZ handle bytes as announced in
+    // handle_bytes; `mount_id` is writable; EMPTY is NUL-terminated.
+    cvt(unsafe { libc::name_to_handle_at(fd, EMPTY.as_ptr(), fh, &mut mount_id, libc::AT_EMPTY_PATH) })?;
+    // SAFETY: the kernel filled in the header.
+    let n = unsafe { (*fh).handle_bytes } as usize;
+    if n > libc::MAX_HANDLE_SZ as usize {
+        return Err(Errno(libc::EOVERFLOW));
+    }
+    // SAFETY: `buf` holds HANDLE_HEADER + MAX_HANDLE_SZ initialised bytes; we read a prefix.
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, HANDLE_HEADER + n) };
+    Ok(bytes.into())
+}
+
+/// open_by_handle_at(mount_fd, handle, flags) for a handle from [`name_to_handle`].
+pub(crate) fn open_by_handle(mount_fd: RawFd, handle: &[u8], flags: i32) -> Result<OwnedFd> {
+    let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
+    if handle.len() < HANDLE_HEADER || handle.len() > std::mem::size_of::<HandleBuf>() {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: `buf` is at least `handle.len()` bytes long (checked above) and does not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(handle.as_ptr(), buf.as_mut_ptr() as *mut u8, handle.len()) };
+    // SAFETY: `buf` holds a complete, aligned `struct file_handle`.
+    owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr() as *mut libc::file_handle, flags) })
+}
+
+/// The decimal name of `fd` inside `/proc/self/fd`.
+pub(crate) fn fd_name(fd: RawFd) -> CString {
+    // A decimal number never contains NUL.
+    CString::new(fd.to_string()).unwrap_or_default()
+}
+
+/// `/proc/self/fd/<fd>`: a path that reaches exactly the inode `fd` refers to.
+pub(crate) fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+/// renameat2(2).
+pub(crate) fn renameat2(olddir: RawFd, old: &CStr, newdir: RawFd, new: &CStr, flags: u32) -> Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    let r = unsafe { libc::syscall(libc::SYS_renameat2, olddir, old.as_ptr(), newdir, new.as_ptr(), flags) };
+    cvt_long(r).map(drop)
+}
+
+/// fchmodat2(fd, "", mode, AT_EMPTY_PATH) (kernel 6.6+); works on O_PATH fds.
+pub(crate) fn fchmod_empty(fd: RawFd, mode: u32) -> Result<()> {
+    // SAFETY: EMPTY is NUL-terminated.
+    let r = unsafe { libc::syscall(libc::SYS_fchmodat2, fd, EMPTY.as_ptr(), mode, libc::AT_EMPTY_PATH) };
+    cvt_long(r).map(drop)
+}
+
+/// faccessat2(2).
+pub(crate) fn faccessat2(fd: RawFd, mask: u32, flags: i32) -> Result<()> {
+    // SAFETY: EMPTY is NUL-terminated.
+    let r = unsafe { libc::syscall(libc::SYS_faccessat2, fd, EMPTY.as_ptr(), mask, flags) };
+    cvt_long(r).map(drop)
+}
+
+/// getdents64(2) into `buf`; returns the number of bytes filled (0 at end of directory).
+pub(crate) fn getdents64(fd: RawFd, buf: &mut [u8]) -> Result<usize> {
+    // SAFETY: `buf` is writable for `buf.len()` bytes.
+    let r = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+    cvt_long(r).map(|n| n as usize)
+}
+
+/// copy_file_range(2) with explicit offsets.
+pub(crate) fn copy_file_range(
+    fd_in: RawFd,
+    off_in: i64,
+    fd_out: RawFd,
+    off_out: i64,
+    len: usize,
+    flags: u32,
+) -> Result<usize> {
+    let mut oi: libc::loff_t = off_in;
+    let mut oo: libc::loff_t = off_out;
+    // SAFETY: the offsets are valid writable loff_t values.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_copy_file_range,
+            fd_in,
+            &mut oi as *mut libc::loff_t,
+            fd_out,
+            &mut oo as *mut libc::loff_t,
+            len,
+            flags,
+        )
+    };
+    cvt_long(r).map(|n| n as usize)
+}
+
+/// Extended-attribute calls on `/proc/self/fd/N`, which reach the inode itself (also for
+/// symlinks and special files, where O_PATH fds refuse the f*xattr calls).
+pub(crate) mod xattr {
+    use super::*;
+
+    /// getxattr(2); `buf` empty = size probe.
+    pub(crate) fn get(path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_void };
+        // SAFETY: names are NUL-terminated; `ptr` is null with size 0 or writable for buf.len().
+        let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr, buf.len()) };
+        cvt_long(r as i64).map(|n| n as usize)
+    }
+
+    /// listxattr(2); `buf` empty = size probe.
+    pub(crate) fn list(path: &CStr, buf: &mut [u8]) -> Result<usize> {
+        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_char };
+        // SAFETY: path is NUL-terminated; `ptr` is null with size 0 or writable for buf.len().
+        let r = unsafe { libc::listxattr(path.as_ptr(), ptr, buf.len()) };
+        cvt_long(r as i64).map(|n| n as usize)
+    }
+
+    /// setxattr(2).
+    pub(crate) fn set(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
+        // SAFETY: names are NUL-terminated; `value` is readable for its length.
+        let r = unsafe {
+            libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), flags)
+        };
+        cvt(r).map(drop)
+    }
+
+    /// removexattr(2).
+    pub(crate) fn remove(path: &CStr, name: &CStr) -> Result<()> {
+        // SAFETY: names are NUL-terminated.
+        cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+    }
+}

@@ -1,0 +1,710 @@
+//! Unit tests: a `PassthroughFs` over a temporary directory, driven without FUSE.
+
+use super::*;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::pin::pin;
+use std::task::{Context as TaskCx, Poll, Waker};
+
+use protocol::abi::{FuseDirent, FuseDirentplus, FuseEntryOut};
+use protocol::reply::{dirent_size, direntplus_size};
+
+/// Drives a future that never actually waits.
+fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = TaskCx::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+const ROOT: Context = Context { uid: 0, gid: 0, pid: 0 };
+
+const NOBODY: Context = Context { uid: 65534, gid: 65534, pid: 0 };
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn setup_with(f: impl FnOnce(&mut FsConfig)) -> (tempfile::TempDir, PassthroughFs) {
+    let dir = tempfile::Builder::new().prefix("ringfs-fs-test").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cfg = FsConfig { source: dir.path().to_path_buf(), ..FsConfig::default() };
+    f(&mut cfg);
+    let fs = PassthroughFs::new(cfg).unwrap();
+    (dir, fs)
+}
+
+fn setup() -> (tempfile::TempDir, PassthroughFs) {
+    setup_with(|_| {})
+}
+
+fn lookup(fs: &PassthroughFs, parent: NodeId, name: &str) -> Result<Entry> {
+    block_on(fs.lookup(&ROOT, parent, &c(name)))
+}
+
+fn node(fs: &PassthroughFs, parent: NodeId, name: &str) -> NodeId {
+    let e = lookup(fs, parent, name).unwrap();
+    assert_ne!(e.nodeid.0, 0, "{name} not found");
+    e.nodeid
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Decodes a readdir reply: (ino, off, type, name).
+fn parse_dirents(buf: &[u8]) -> Vec<(u64, u64, u32, Vec<u8>)> {
+    let h = size_of::<FuseDirent>();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + h <= buf.len() {
+        let r = &buf[pos..];
+        let ino = u64::from_ne_bytes(r[0..8].try_into().unwrap());
+        let off = u64::from_ne_bytes(r[8..16].try_into().unwrap());
+        let namelen = u32::from_ne_bytes(r[16..20].try_into().unwrap()) as usize;
+        let kind = u32::from_ne_bytes(r[20..24].try_into().unwrap());
+        out.push((ino, off, kind, r[h..h + namelen].to_vec()));
+        pos += dirent_size(namelen);
+    }
+    out
+}
+
+/// Decodes a readdirplus reply: (nodeid, off, name).
+fn parse_direntplus(buf: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+    let e = size_of::<FuseEntryOut>();
+    let h = size_of::<FuseDirentplus>();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + h <= buf.len() {
+        let r = &buf[pos..];
+        let nodeid = u64::from_ne_bytes(r[0..8].try_into().unwrap());
+        let off = u64::from_ne_bytes(r[e + 8..e + 16].try_into().unwrap());
+        let namelen = u32::from_ne_bytes(r[e + 16..e + 20].try_into().unwrap()) as usize;
+        out.push((nodeid, off, r[h..h + namelen].to_vec()));
+        pos += direntplus_size(namelen);
+    }
+    out
+}
+
+fn readdir_all(fs: &PassthroughFs, dir: NodeId, bufsize: usize) -> Vec<(u64, Vec<u8>)> {
+    let o = block_on(fs.opendir(&ROOT, dir, 0)).unwrap();
+    let mut all = Vec::new();
+    let mut off = 0;
+    loop {
+        let mut buf = vec![0u8; bufsize];
+        let mut db = DirBuffer::new(&mut buf);
+        block_on(fs.readdir(&ROOT, dir, o.fh, off, &mut db)).unwrap();
+        let n = db.len();
+        if n == 0 {
+            break;
+        }
+        for (_, next, _, name) in parse_dirents(&buf[..n]) {
+            all.push((off, name));
+            off = next;
+        }
+    }
+    block_on(fs.releasedir(&ROOT, dir, o.fh)).unwrap();
+    all
+}
+
+#[test]
+fn new_rejects_bad_source() {
+    assert!(PassthroughFs::new(FsConfig::default()).is_err());
+    let err =
+        PassthroughFs::new(FsConfig { source: "/nonexistent/ringfs".into(), ..FsConfig::default() }).err().unwrap();
+    assert!(err.to_string().contains("/nonexistent/ringfs"), "{err}");
+    let f = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    assert!(PassthroughFs::new(FsConfig { source: f.path().into(), ..FsConfig::default() }).is_err());
+}
+
+#[test]
+fn lookup_forget_counts() {
+    let (dir, fs) = setup();
+    std::fs::write(dir.path().join("a"), b"x").unwrap();
+    std::fs::write(dir.path().join("b"), b"y").unwrap();
+    assert_eq!(fs.inode_count(), 1);
+    let a1 = lookup(&fs, NodeId::ROOT, "a").unwrap();
+    let a2 = lookup(&fs, NodeId::ROOT, "a").unwrap();
+    assert_eq!(a1.nodeid, a2.nodeid);
+    assert!(a1.nodeid.0 >= 2);
+    assert_eq!(a1.attr.size, 1);
+    assert_eq!(fs.inodes.lookups(a1.nodeid.0), 2);
+    let b = lookup(&fs, NodeId::ROOT, "b").unwrap();
+    assert_ne!(a1.nodeid, b.nodeid);
+    assert_eq!(fs.inode_count(), 3);
+    fs.forget(a1.nodeid, 1);
+    assert_eq!(fs.inode_count(), 3);
+    fs.forget(a1.nodeid, 1);
+    assert_eq!(fs.inode_count(), 2);
+    fs.forget(b.nodeid, 1);
+    assert_eq!(fs.inode_count(), 1);
+    // The root is never forgotten.
+    fs.forget(NodeId::ROOT, 100);
+    assert_eq!(fs.inode_count(), 1);
+    // Node ids are not reused.
+    let a3 = lookup(&fs, NodeId::ROOT, "a").unwrap();
+    assert!(a3.nodeid.0 > b.nodeid.0);
+
+    // Negative entries and bad names.
+    let neg = lookup(&fs, NodeId::ROOT, "missing").unwrap();
+    assert_eq!(neg.nodeid.0, 0);
+    assert_eq!(lookup(&fs, NodeId::ROOT, ".").unwrap_err(), Errno::ENOENT);
+    assert_eq!(lookup(&fs, NodeId::ROOT, "..").unwrap_err(), Errno::ENOENT);
+    assert_eq!(lookup(&fs, NodeId::ROOT, "a/b").unwrap_err(), Errno::EINVAL);
+    assert_eq!(lookup(&fs, NodeId::ROOT, "").unwrap_err(), Errno::EINVAL);
+    assert_eq!(lookup(&fs, a3.nodeid, "x").unwrap_err(), Errno::ENOTDIR);
+
+    let (_d2, fs2) = setup_with(|c| c.negative_timeout = Duration::ZERO);
+    assert_eq!(lookup(&fs2, NodeId::ROOT, "missing").unwrap_err(), Errno::ENOENT);
+}
+
+#[test]
+fn create_write_read_getattr_setattr() {
+    let (dir, fs) = setup();
+    let (e, o) =
+        block_on(fs.create(&ROOT, NodeId::ROOT, &c("f"), libc::S_IFREG | 0o640, 0o022, libc::O_RDWR as u32)).unwrap();
+    assert_eq!(e.attr.mode, libc::S_IFREG | 0o640);
+    assert_eq!(fs.open_handle_count(), 1);
+    let f = e.nodeid;
+    let wf = WriteFlags::default();
+    assert_eq!(block_on(fs.write(&ROOT, f, o.fh, 0, b"hello", wf)).unwrap(), 5);
+    let mut buf = [0u8; 16];
+    let n = block_on(fs.read(&ROOT, f, o.fh, 1, &mut buf)).unwrap();
+    assert_eq!(&buf[..n], b"ello");
+    let a = block_on(fs.getattr(&ROOT, f, Some(o.fh))).unwrap();
+    assert_eq!(a.attr.size, 5);
+    let a = block_on(fs.getattr(&ROOT, f, None)).unwrap();
+    assert_eq!(a.attr.size, 5);
+    assert_eq!(a.timeout, Duration::from_secs(1));
+    block_on(fs.flush(&ROOT, f, o.fh, 0)).unwrap();
+    block_on(fs.fsync(&ROOT, f, o.fh, true)).unwrap();
+    block_on(fs.release(&ROOT, f, o.fh, 0)).unwrap();
+    assert_eq!(fs.open_handle_count(), 0);
+
+    // O_EXCL on an existing name.
+    let r = block_on(fs.create(
+        &ROOT,
+        NodeId::ROOT,
+        &c("f"),
+        libc::S_IFREG | 0o644,
+        0,
+        (libc::O_RDWR | libc::O_EXCL) as u32,
+    ));
+    assert_eq!(r.unwrap_err(), Errno::EEXIST);
+
+    // O_APPEND writes append whatever the offset.
+    let o = block_on(fs.open(&ROOT, f, (libc::O_WRONLY | libc::O_APPEND) as u32)).unwrap();
+    block_on(fs.write(&ROOT, f, o.fh, 0, b"!", wf)).unwrap();
+    block_on(fs.release(&ROOT, f, o.fh, 0)).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"hello!");
+
+    // setattr: size, mode, owner, times.
+    let sa = SetAttr {
+        size: Some(2),
+        mode: Some(libc::S_IFREG | 0o600),
+        uid: Some(1234),
+        gid: Some(4321),
+        atime: Some(SetTime::At(Timespec { sec: 1000, nsec: 5 })),
+        mtime: Some(SetTime::At(Timespec { sec: 2000, nsec: 7 })),
+        ..SetAttr::default()
+    };
+    let a = block_on(fs.setattr(&ROOT, f, &sa)).unwrap();
+    assert_eq!(a.attr.size, 2);
+    assert_eq!(a.attr.mode & 0o7777, 0o600);
+    assert_eq!((a.attr.uid, a.attr.gid), (1234, 4321));
+    assert_eq!(a.attr.atime, Timespec { sec: 1000, nsec: 5 });
+    assert_eq!(a.attr.mtime, Timespec { sec: 2000, nsec: 7 });
+    let sa = SetAttr { mtime: Some(SetTime::Now), ..SetAttr::default() };
+    let a = block_on(fs.setattr(&ROOT, f, &sa)).unwrap();
+    assert!(a.attr.mtime.sec > 2000);
+    assert_eq!(a.attr.atime, Timespec { sec: 1000, nsec: 5 });
+    // Owner -1 = unchanged.
+    let a = block_on(fs.setattr(&ROOT, f, &SetAttr { gid: Some(77), ..SetAttr::default() })).unwrap();
+    assert_eq!((a.attr.uid, a.attr.gid), (1234, 77));
+    // Truncate through an open handle.
+    let o = block_on(fs.open(&ROOT, f, libc::O_RDWR as u32)).unwrap();
+    let a = block_on(fs.setattr(&ROOT, f, &SetAttr { size: Some(0), fh: Some(o.fh), ..SetAttr::default() })).unwrap();
+    assert_eq!(a.attr.size, 0);
+    block_on(fs.release(&ROOT, f, o.fh, 0)).unwrap();
+
+    // statx and statfs.
+    let (sx, t) = block_on(fs.statx(&ROOT, f, None, 0, libc::STATX_BASIC_STATS)).unwrap();
+    assert_eq!(t, Duration::from_secs(1));
+    assert_eq!(sx.attr.uid, 1234);
+    assert_eq!(sx.attr.size, 0);
+    assert!(sx.mask & libc::STATX_INO != 0);
+    let sf = block_on(fs.statfs(&ROOT, f)).unwrap();
+    assert!(sf.blocks > 0 && sf.namelen >= 255);
+}
+
+#[test]
+fn mkdir_readdir_stable_cookies() {
+    let (dir, fs) = setup();
+    let d = block_on(fs.mkdir(&ROOT, NodeId::ROOT, &c("d"), libc::S_IFDIR | 0o755, 0)).unwrap().nodeid;
+    for i in 0..60 {
+        std::fs::write(dir.path().join(format!("d/file-with-a-longish-name-{i}")), b"").unwrap();
+    }
+    // A small buffer forces many calls.
+    let first = readdir_all(&fs, d, 200);
+    let names: HashSet<Vec<u8>> = first.iter().map(|(_, n)| n.clone()).collect();
+    assert_eq!(first.len(), 62);
+    assert_eq!(names.len(), 62);
+    assert!(names.contains(b".".as_slice()) && names.contains(b"..".as_slice()));
+    // Same listing with a different buffer size: same cookies.
+    let second = readdir_all(&fs, d, 4096);
+    assert_eq!(first, second);
+    // Resuming from an arbitrary cookie on a fresh handle continues at the same place.
+    let o = block_on(fs.opendir(&ROOT, d, 0)).unwrap();
+    let (cookie, ref name) = first[31];
+    let mut buf = vec![0u8; 4096];
+    let mut db = DirBuffer::new(&mut buf);
+    block_on(fs.readdir(&ROOT, d, o.fh, cookie, &mut db)).unwrap();
+    let n = db.len();
+    let got = parse_dirents(&buf[..n]);
+    assert_eq!(&got[0].3, name);
+    assert_eq!(got.len(), 62 - 31);
+    // Rewind to 0 on the same handle.
+    let mut buf = vec![0u8; 4096];
+    let mut db = DirBuffer::new(&mut buf);
+    block_on(fs.readdir(&ROOT, d, o.fh, 0, &mut db)).unwrap();
+    let n = db.len();
+    assert_eq!(parse_dirents(&buf[..n]).len(), 62);
+    block_on(fs.releasedir(&ROOT, d, o.fh)).unwrap();
+    assert_eq!(fs.open_handle_count(), 0);
+    // rmdir of a non-empty directory.
+    assert_eq!(block_on(fs.rmdir(&ROOT, NodeId::ROOT, &c("d"))).unwrap_err().0, libc::ENOTEMPTY);
+}
+
+#[test]
+fn readdirplus_lookup_counts() {
+    let (dir, fs) = setup();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    for i in 0..20 {
+        std::fs::write(dir.path().join(format!("d/f{i:02}")), b"").unwrap();
+    }
+    let d = node(&fs, NodeId::ROOT, "d");
+    let o = block_on(fs.opendir(&ROOT, d, 0)).unwrap();
+    let mut off = 0;
+    let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
+    loop {
+        // Room for about three entries per call.
+        let mut buf = vec![0u8; 3 * direntplus_size(3) + 8];
+        let mut db = DirPlusBuffer::new(&mut buf);
+        block_on(fs.readdirplus(&ROOT, d, o.fh, off, &mut db)).unwrap();
+        let n = db.len();
+        if n == 0 {
+            break;
+        }
+        for (nodeid, next, name) in parse_direntplus(&buf[..n]) {
+            if name == b"." || name == b".." {
+                assert_eq!(nodeid, 0);
+            } else {
+                assert_ne!(nodeid, 0);
+            }
+            assert!(seen.insert(name, nodeid).is_none());
+            off = next;
+        }
+    }
+    assert_eq!(seen.len(), 22);
+    // d + 20 files + root; each file referenced exactly once.
+    assert_eq!(fs.inode_count(), 22);
+    for (name, id) in &seen {
+        if *id != 0 {
+            assert_eq!(fs.inodes.lookups(*id), 1, "{name:?}");
+        }
+    }
+    // Forgetting them all brings the table back.
+    for id in seen.values().filter(|id| **id != 0) {
+        fs.forget(NodeId(*id), 1);
+    }
+    assert_eq!(fs.inode_count(), 2);
+    block_on(fs.releasedir(&ROOT, d, o.fh)).unwrap();
+}
+
+#[test]
+fn rename_flags() {
+    let (dir, fs) = setup();
+    let p = dir.path();
+    std::fs::write(p.join("a"), b"A").unwrap();
+    std::fs::write(p.join("b"), b"B").unwrap();
+    let r = NodeId::ROOT;
+    let noreplace = libc::RENAME_NOREPLACE;
+    assert_eq!(block_on(fs.rename(&ROOT, r, &c("a"), r, &c("b"), noreplace)).unwrap_err(), Errno::EEXIST);
+    block_on(fs.rename(&ROOT, r, &c("a"), r, &c("b"), libc::RENAME_EXCHANGE)).unwrap();
+    assert_eq!(std::fs::read(p.join("a")).unwrap(), b"B");
+    assert_eq!(std::fs::read(p.join("b")).unwrap(), b"A");
+    std::fs::create_dir(p.join("sub")).unwrap();
+    let sub = node(&fs, r, "sub");
+    block_on(fs.rename(&ROOT, r, &c("a"), sub, &c("c"), noreplace)).unwrap();
+    assert_eq!(std::fs::read(p.join("sub/c")).unwrap(), b"B");
+    block_on(fs.rename(&ROOT, r, &c("b"), r, &c("w"), libc::RENAME_WHITEOUT)).unwrap();
+    let md = std::fs::symlink_metadata(p.join("b")).unwrap();
+    assert_eq!(md.mode() & libc::S_IFMT, libc::S_IFCHR);
+    assert_eq!(md.rdev(), 0);
+    assert_eq!(block_on(fs.rename(&ROOT, r, &c(".."), r, &c("x"), 0)).unwrap_err(), Errno::EINVAL);
+    // unlink.
+    block_on(fs.unlink(&ROOT, r, &c("w"))).unwrap();
+    assert!(!p.join("w").exists());
+}
+
+#[test]
+fn symlinks_never_followed() {
+    let (dir, fs) = setup();
+    let p = dir.path();
+    std::os::unix::fs::symlink("/etc", p.join("esc")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../", p.join("up")).unwrap();
+    let esc = lookup(&fs, NodeId::ROOT, "esc").unwrap();
+    assert_eq!(esc.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert!(lookup(&fs, esc.nodeid, "passwd").is_err());
+    let up = node(&fs, NodeId::ROOT, "up");
+    assert!(lookup(&fs, up, "etc").is_err());
+    assert_eq!(block_on(fs.readlink(&ROOT, esc.nodeid)).unwrap(), b"/etc");
+    assert_eq!(block_on(fs.opendir(&ROOT, esc.nodeid, 0)).unwrap_err(), Errno::ENOTDIR);
+    // Creating through a symlink name does not follow it either.
+    let r = block_on(fs.create(&ROOT, NodeId::ROOT, &c("esc"), libc::S_IFREG | 0o644, 0, libc::O_RDWR as u32));
+    assert!(r.is_err());
+    // Names with slashes are refused.
+    assert_eq!(block_on(fs.mkdir(&ROOT, NodeId::ROOT, &c("esc/x"), 0o755, 0)).unwrap_err(), Errno::EINVAL);
+    // A symlink made through the file system keeps its raw target.
+    let s = block_on(fs.symlink(&ROOT, NodeId::ROOT, &c("s"), &c("../../etc/shadow"))).unwrap();
+    assert_eq!(block_on(fs.readlink(&ROOT, s.nodeid)).unwrap(), b"../../etc/shadow");
+    // chmod on a symlink is not possible; chown and times are.
+    let sa = SetAttr { mode: Some(0o700), ..SetAttr::default() };
+    assert_eq!(block_on(fs.setattr(&ROOT, s.nodeid, &sa)).unwrap_err(), Errno::EOPNOTSUPP);
+    let sa = SetAttr { uid: Some(5), mtime: Some(SetTime::At(Timespec { sec: 99, nsec: 0 })), ..SetAttr::default() };
+    let a = block_on(fs.setattr(&ROOT, s.nodeid, &sa)).unwrap();
+    assert_eq!((a.attr.uid, a.attr.mtime.sec), (5, 99));
+    assert_eq!(std::fs::metadata("/etc/shadow").map(|m| m.uid()).unwrap_or(0), 0);
+}
+
+#[test]
+fn creation_as_caller() {
+    let (dir, fs) = setup();
+    let p = dir.path();
+    std::fs::create_dir(p.join("pub")).unwrap();
+    std::fs::set_permissions(p.join("pub"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pubd = node(&fs, NodeId::ROOT, "pub");
+    let (e, o) = block_on(fs.create(&NOBODY, pubd, &c("f"), libc::S_IFREG | 0o604, 0, libc::O_WRONLY as u32)).unwrap();
+    block_on(fs.release(&NOBODY, e.nodeid, o.fh, 0)).unwrap();
+    let md = std::fs::metadata(p.join("pub/f")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (65534, 65534, 0o604));
+    let d = block_on(fs.mkdir(&NOBODY, pubd, &c("d"), libc::S_IFDIR | 0o750, 0)).unwrap();
+    assert_eq!((d.attr.uid, d.attr.gid, d.attr.mode & 0o7777), (65534, 65534, 0o750));
+    let s = block_on(fs.symlink(&NOBODY, pubd, &c("s"), &c("target"))).unwrap();
+    assert_eq!((s.attr.uid, s.attr.gid), (65534, 65534));
+    let n = block_on(fs.mknod(&NOBODY, pubd, &c("fifo"), libc::S_IFIFO | 0o640, 0, 0)).unwrap();
+    assert_eq!((n.attr.uid, n.attr.mode), (65534, libc::S_IFIFO | 0o640));
+    let (t, o) = block_on(fs.tmpfile(&NOBODY, pubd, libc::S_IFREG | 0o600, 0, libc::O_RDWR as u32)).unwrap();
+    assert_eq!(t.attr.uid, 65534);
+    block_on(fs.release(&NOBODY, t.nodeid, o.fh, 0)).unwrap();
+    // The thread is root again afterwards.
+    let r = block_on(fs.mkdir(&ROOT, pubd, &c("rootdir"), libc::S_IFDIR | 0o755, 0)).unwrap();
+    assert_eq!((r.attr.uid, r.attr.gid), (0, 0));
+    // Device nodes by root.
+    let dev =
+        block_on(fs.mknod(&ROOT, pubd, &c("null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3) as u32, 0)).unwrap();
+    assert_eq!(dev.attr.rdev, libc::makedev(1, 3) as u32);
+    // No permission in a root-owned 0755 directory.
+    std::fs::create_dir(p.join("priv")).unwrap();
+    std::fs::set_permissions(p.join("priv"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let privd = node(&fs, NodeId::ROOT, "priv");
+    assert_eq!(block_on(fs.mkdir(&NOBODY, privd, &c("x"), libc::S_IFDIR | 0o755, 0)).unwrap_err(), Errno::EACCES);
+    // Set-gid directory inheritance.
+    std::fs::create_dir(p.join("sg")).unwrap();
+    std::os::unix::fs::chown(p.join("sg"), None, Some(4242)).unwrap();
+    std::fs::set_permissions(p.join("sg"), std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let sg = node(&fs, NodeId::ROOT, "sg");
+    let sd = block_on(fs.mkdir(&NOBODY, sg, &c("sub"), libc::S_IFDIR | 0o755, 0)).unwrap();
+    assert_eq!((sd.attr.uid, sd.attr.gid), (65534, 4242));
+    assert!(sd.attr.mode & libc::S_ISGID != 0);
+}
+
+#[test]
+fn creation_with_supplementary_group() {
+    let (dir, fs) = setup();
+    let p = dir.path();
+    std::fs::create_dir(p.join("grp")).unwrap();
+    std::os::unix::fs::chown(p.join("grp"), Some(0), Some(31337)).unwrap();
+    std::fs::set_permissions(p.join("grp"), std::fs::Permissions::from_mode(0o770)).unwrap();
+    let grp = node(&fs, NodeId::ROOT, "grp");
+    // A process that has 31337 as a supplementary group.
+    let mut child = std::process::Command::new("setpriv").args(["--groups", "31337", "sleep", "30"]).spawn().unwrap();
+    let mut found = false;
+    for _ in 0..200 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+        if status.is_ok_and(|s| creds::parse_groups(&s).contains(&31337)) {
+            found = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(found);
+    let ctx = Context { uid: 65534, gid: 65534, pid: child.id() };
+    let r = block_on(fs.mkdir(&ctx, grp, &c("x"), libc::S_IFDIR | 0o700, 0));
+    child.kill().ok();
+    child.wait().ok();
+    let e = r.unwrap();
+    assert_eq!((e.attr.uid, e.attr.gid), (65534, 65534));
+    // Groups are reset: the same caller without the pid fails.
+    assert_eq!(block_on(fs.mkdir(&NOBODY, grp, &c("y"), libc::S_IFDIR | 0o700, 0)).unwrap_err(), Errno::EACCES);
+}
+
+#[test]
+fn without_default_permissions() {
+    let (dir, fs) = setup_with(|c| c.default_permissions = false);
+    let p = dir.path();
+    std::fs::create_dir(p.join("closed")).unwrap();
+    std::fs::set_permissions(p.join("closed"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(p.join("closed/f"), b"").unwrap();
+    std::fs::write(p.join("secret"), b"s").unwrap();
+    std::fs::set_permissions(p.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(p.join("public"), b"p").unwrap();
+    std::fs::set_permissions(p.join("public"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let closed = node(&fs, NodeId::ROOT, "closed");
+    assert_eq!(block_on(fs.lookup(&NOBODY, closed, &c("f"))).unwrap_err(), Errno::EACCES);
+    let secret = node(&fs, NodeId::ROOT, "secret");
+    let public = node(&fs, NodeId::ROOT, "public");
+    assert_eq!(block_on(fs.open(&NOBODY, secret, libc::O_RDONLY as u32)).unwrap_err(), Errno::EACCES);
+    let o = block_on(fs.open(&NOBODY, public, libc::O_RDONLY as u32)).unwrap();
+    block_on(fs.release(&NOBODY, public, o.fh, 0)).unwrap();
+    assert_eq!(block_on(fs.open(&NOBODY, public, libc::O_WRONLY as u32)).unwrap_err(), Errno::EACCES);
+    block_on(fs.access(&NOBODY, public, libc::R_OK as u32)).unwrap();
+    assert_eq!(block_on(fs.access(&NOBODY, public, libc::W_OK as u32)).unwrap_err(), Errno::EACCES);
+    block_on(fs.access(&ROOT, secret, libc::W_OK as u32)).unwrap();
+    let sa = SetAttr { mode: Some(0o777), ..SetAttr::default() };
+    assert_eq!(block_on(fs.setattr(&NOBODY, public, &sa)).unwrap_err(), Errno::EPERM);
+    assert_eq!(block_on(fs.unlink(&NOBODY, NodeId::ROOT, &c("public"))).unwrap_err(), Errno::EACCES);
+    assert_eq!(block_on(fs.opendir(&NOBODY, closed, 0)).unwrap_err(), Errno::EACCES);
+}
+
+#[test]
+fn xattrs_on_file_and_symlink() {
+    let (dir, fs) = setup();
+    std::fs::write(dir.path().join("f"), b"").unwrap();
+    std::os::unix::fs::symlink("nowhere", dir.path().join("l")).unwrap();
+    let f = node(&fs, NodeId::ROOT, "f");
+    let l = node(&fs, NodeId::ROOT, "l");
+    block_on(fs.setxattr(&ROOT, f, &c("user.a"), b"value", 0)).unwrap();
+    assert_eq!(
+        block_on(fs.setxattr(&ROOT, f, &c("user.a"), b"v", libc::XATTR_CREATE as u32)).unwrap_err(),
+        Errno::EEXIST
+    );
+    assert_eq!(block_on(fs.getxattr(&ROOT, f, &c("user.a"), 0)).unwrap(), XattrReply::Size(5));
+    assert_eq!(block_on(fs.getxattr(&ROOT, f, &c("user.a"), 64)).unwrap(), XattrReply::Data(b"value".to_vec()));
+    assert_eq!(block_on(fs.getxattr(&ROOT, f, &c("user.a"), 2)).unwrap_err(), Errno::ERANGE);
+    let XattrReply::Data(list) = block_on(fs.listxattr(&ROOT, f, 256)).unwrap() else {
+        panic!("no data");
+    };
+    assert!(list.split(|&b| b == 0).any(|n| n == b"user.a"));
+    assert_eq!(block_on(fs.listxattr(&ROOT, f, 0)).unwrap(), XattrReply::Size(list.len() as u32));
+    assert_eq!(block_on(fs.listxattr(&ROOT, f, 1)).unwrap_err(), Errno::ERANGE);
+    block_on(fs.removexattr(&ROOT, f, &c("user.a"))).unwrap();
+    assert_eq!(block_on(fs.getxattr(&ROOT, f, &c("user.a"), 64)).unwrap_err(), Errno::ENODATA);
+    // Symlinks: user.* is refused by ext4, trusted.* works for root, on the link itself.
+    assert_eq!(block_on(fs.setxattr(&ROOT, l, &c("user.a"), b"v", 0)).unwrap_err(), Errno::EPERM);
+    block_on(fs.setxattr(&ROOT, l, &c("trusted.t"), b"tv", 0)).unwrap();
+    assert_eq!(block_on(fs.getxattr(&ROOT, l, &c("trusted.t"), 16)).unwrap(), XattrReply::Data(b"tv".to_vec()));
+    let XattrReply::Data(list) = block_on(fs.listxattr(&ROOT, l, 256)).unwrap() else {
+        panic!("no data");
+    };
+    assert!(list.split(|&b| b == 0).any(|n| n == b"trusted.t"));
+    // Unprivileged callers do not see trusted.* names.
+    assert_eq!(block_on(fs.listxattr(&NOBODY, l, 0)).unwrap(), XattrReply::Size(0));
+    block_on(fs.removexattr(&ROOT, l, &c("trusted.t"))).unwrap();
+}
+
+#[test]
+fn fd_count_bounded() {
+    let (dir, fs) = setup_with(|c| c.max_cached_fds = 1000);
+    let d = dir.path().join("many");
+    std::fs::create_dir(&d).unwrap();
+    const N: usize = 30_000;
+    for i in 0..N {
+        std::fs::File::create(d.join(format!("{i}"))).unwrap();
+    }
+    let many = node(&fs, NodeId::ROOT, "many");
+    let before = open_fds();
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        ids.push(node(&fs, many, &i.to_string()));
+    }
+    let after = open_fds();
+    assert!(after < before + 1000 + 200, "fds grew from {before} to {after}");
+    assert!(fs.inodes.cached_fds() <= 1000);
+    assert_eq!(fs.inode_count(), N + 2);
+    // Evicted inodes reopen by handle.
+    for (i, id) in ids.iter().enumerate().take(50) {
+        let a = block_on(fs.getattr(&ROOT, *id, None)).unwrap();
+        let md = std::fs::metadata(d.join(i.to_string())).unwrap();
+        assert_eq!(a.attr.ino, md.ino());
+    }
+    for id in &ids {
+        fs.forget(*id, 1);
+    }
+    assert_eq!(fs.inode_count(), 2);
+    assert!(open_fds() < before + 200);
+}
+
+#[test]
+fn open_unlinked_and_tmpfile_stay_pinned() {
+    let (dir, fs) = setup_with(|c| c.max_cached_fds = 2);
+    let p = dir.path();
+    for i in 0..10 {
+        std::fs::write(p.join(format!("o{i}")), b"").unwrap();
+    }
+    let (e, o) =
+        block_on(fs.create(&ROOT, NodeId::ROOT, &c("victim"), libc::S_IFREG | 0o644, 0, libc::O_RDWR as u32)).unwrap();
+    block_on(fs.unlink(&ROOT, NodeId::ROOT, &c("victim"))).unwrap();
+    for i in 0..10 {
+        node(&fs, NodeId::ROOT, &format!("o{i}"));
+    }
+    let a = block_on(fs.getattr(&ROOT, e.nodeid, None)).unwrap();
+    assert_eq!(a.attr.nlink, 0);
+    block_on(fs.release(&ROOT, e.nodeid, o.fh, 0)).unwrap();
+    fs.forget(e.nodeid, 1);
+
+    // O_TMPFILE, then linked into the tree.
+    let (t, o) = block_on(fs.tmpfile(&ROOT, NodeId::ROOT, libc::S_IFREG | 0o640, 0, libc::O_RDWR as u32)).unwrap();
+    block_on(fs.write(&ROOT, t.nodeid, o.fh, 0, b"tmp", WriteFlags::default())).unwrap();
+    for i in 0..10 {
+        node(&fs, NodeId::ROOT, &format!("o{i}"));
+    }
+    let a = block_on(fs.getattr(&ROOT, t.nodeid, None)).unwrap();
+    assert_eq!((a.attr.nlink, a.attr.size), (0, 3));
+    let l = block_on(fs.link(&ROOT, t.nodeid, NodeId::ROOT, &c("named"))).unwrap();
+    assert_eq!(l.nodeid, t.nodeid);
+    assert_eq!(l.attr.nlink, 1);
+    assert_eq!(std::fs::read(p.join("named")).unwrap(), b"tmp");
+    block_on(fs.release(&ROOT, t.nodeid, o.fh, 0)).unwrap();
+    // Hard link of a regular file.
+    let o0 = node(&fs, NodeId::ROOT, "o0");
+    let l = block_on(fs.link(&ROOT, o0, NodeId::ROOT, &c("o0-link"))).unwrap();
+    assert_eq!((l.nodeid, l.attr.nlink), (o0, 2));
+}
+
+#[test]
+fn reused_inode_number_gets_new_node() {
+    let (dir, fs) = setup_with(|c| c.max_cached_fds = 1);
+    let p = dir.path();
+    std::fs::write(p.join("x"), b"").unwrap();
+    std::fs::write(p.join("y"), b"").unwrap();
+    let x = lookup(&fs, NodeId::ROOT, "x").unwrap();
+    // Evict x's descriptor, then replace the file behind the kernel's back.
+    node(&fs, NodeId::ROOT, "y");
+    std::fs::remove_file(p.join("x")).unwrap();
+    let mut reused = false;
+    for i in 0..50 {
+        let name = format!("n{i}");
+        std::fs::write(p.join(&name), b"").unwrap();
+        let md = std::fs::metadata(p.join(&name)).unwrap();
+        let e = lookup(&fs, NodeId::ROOT, &name).unwrap();
+        assert_ne!(e.nodeid, x.nodeid);
+        if md.ino() == x.attr.ino {
+            reused = true;
+            break;
+        }
+    }
+    eprintln!("inode number reused: {reused}");
+    // The old node is stale now.
+    assert_eq!(block_on(fs.getattr(&ROOT, x.nodeid, None)).unwrap_err(), Errno::ESTALE);
+    fs.forget(x.nodeid, 1);
+}
+
+#[test]
+fn suid_cleared_on_unprivileged_truncate_and_kill_flag() {
+    let (dir, fs) = setup();
+    let p = dir.path();
+    std::fs::write(p.join("s"), b"data").unwrap();
+    std::os::unix::fs::chown(p.join("s"), Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o6755)).unwrap();
+    let s = node(&fs, NodeId::ROOT, "s");
+    // Truncate by root keeps the bits.
+    let sa = SetAttr { size: Some(3), ..SetAttr::default() };
+    let a = block_on(fs.setattr(&ROOT, s, &sa)).unwrap();
+    assert_eq!(a.attr.mode & 0o7777, 0o6755);
+    // By the (unprivileged) owner they go.
+    let a = block_on(fs.setattr(&NOBODY, s, &sa)).unwrap();
+    assert_eq!(a.attr.mode & 0o7777, 0o755);
+    // S_ISGID without group-exec stays (mandatory-locking marker).
+    std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o6744)).unwrap();
+    let a = block_on(fs.setattr(&NOBODY, s, &sa)).unwrap();
+    assert_eq!(a.attr.mode & 0o7777, 0o2744);
+    // WriteFlags::kill_suidgid.
+    std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o6755)).unwrap();
+    let o = block_on(fs.open(&ROOT, s, libc::O_RDWR as u32)).unwrap();
+    let wf = WriteFlags { kill_suidgid: true, ..WriteFlags::default() };
+    block_on(fs.write(&ROOT, s, o.fh, 0, b"x", wf)).unwrap();
+    let a = block_on(fs.getattr(&ROOT, s, Some(o.fh))).unwrap();
+    assert_eq!(a.attr.mode & 0o7777, 0o755);
+    block_on(fs.release(&ROOT, s, o.fh, 0)).unwrap();
+    // SetAttr::kill_suidgid.
+    std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let sa = SetAttr { uid: Some(65534), kill_suidgid: true, ..SetAttr::default() };
+    let a = block_on(fs.setattr(&ROOT, s, &sa)).unwrap();
+    assert_eq!(a.attr.mode & 0o7777, 0o755);
+}
+
+#[test]
+fn fallocate_lseek_copy_range() {
+    let (dir, fs) = setup();
+    let (e, o) =
+        block_on(fs.create(&ROOT, NodeId::ROOT, &c("f"), libc::S_IFREG | 0o644, 0, libc::O_RDWR as u32)).unwrap();
+    let f = e.nodeid;
+    let data = vec![7u8; 1 << 20];
+    block_on(fs.write(&ROOT, f, o.fh, 0, &data, WriteFlags::default())).unwrap();
+    block_on(fs.fallocate(
+        &ROOT,
+        f,
+        o.fh,
+        0,
+        512 * 1024,
+        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+    ))
+    .unwrap();
+    let a = block_on(fs.getattr(&ROOT, f, None)).unwrap();
+    assert_eq!(a.attr.size, 1 << 20);
+    let d = block_on(fs.lseek(&ROOT, f, o.fh, 0, libc::SEEK_DATA as u32)).unwrap();
+    assert_eq!(d, 512 * 1024);
+    let h = block_on(fs.lseek(&ROOT, f, o.fh, 0, libc::SEEK_HOLE as u32)).unwrap();
+    assert_eq!(h, 0);
+    let (e2, o2) =
+        block_on(fs.create(&ROOT, NodeId::ROOT, &c("g"), libc::S_IFREG | 0o644, 0, libc::O_RDWR as u32)).unwrap();
+    let n = block_on(fs.copy_file_range(&ROOT, f, o.fh, 512 * 1024, e2.nodeid, o2.fh, 10, 4096, 0)).unwrap();
+    assert_eq!(n, 4096);
+    let g = std::fs::read(dir.path().join("g")).unwrap();
+    assert_eq!(g.len(), 10 + 4096);
+    assert!(g[10..].iter().all(|&b| b == 7));
+    block_on(fs.release(&ROOT, f, o.fh, 0)).unwrap();
+    block_on(fs.release(&ROOT, e2.nodeid, o2.fh, 0)).unwrap();
+    assert_eq!(fs.open_handle_count(), 0);
+}
+
+#[test]
+fn parse_groups_line() {
+    let s = "Name:\tx\nGroups:\t4 24 27 \nNgid:\t0\n";
+    assert_eq!(creds::parse_groups(s), vec![4, 24, 27]);
+    assert!(creds::parse_groups("Groups:\t\n").is_empty());
+    let _ = Path::new("/");
+}
+
+#[test]
+fn futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let (_d, fs) = setup();
+    let name = c("x");
+    let mut buf = vec![0u8; 4096];
+    let mut out = DirPlusBuffer::new(&mut buf);
+    is_send(&fs.lookup(&ROOT, NodeId::ROOT, &name));
+    is_send(&fs.create(&ROOT, NodeId::ROOT, &name, 0o644, 0, 0));
+    is_send(&fs.setattr(&ROOT, NodeId::ROOT, &SetAttr::default()));
+    is_send(&fs.listxattr(&ROOT, NodeId::ROOT, 0));
+    is_send(&fs.getxattr(&ROOT, NodeId::ROOT, &name, 0));
+    is_send(&fs.readdirplus(&ROOT, NodeId::ROOT, FileHandle(1), 0, &mut out));
+    is_send(&fs.fsyncdir(&ROOT, NodeId::ROOT, FileHandle(1), false));
+}
