@@ -230,7 +230,16 @@ impl<F: FileSystem> Dispatcher<F> {
                 }
                 entry_reply(out, fs.link(&ctx, NodeId(arg.oldnodeid), node, name).await)
             }
-            Operation::Open { arg } => open_reply(out, fs.open(&ctx, node, arg.flags).await),
+            Operation::Open { arg } => {
+                if arg.open_flags & abi::flags::OPEN_KILL_SUIDGID != 0 {
+                    // HANDLE_KILLPRIV_V2: a truncating open by a caller without CAP_FSETID.
+                    let kill = SetAttr { kill_suidgid: true, ..SetAttr::default() };
+                    if let Err(e) = fs.setattr(&ctx, node, &kill).await {
+                        return Outcome::err(e);
+                    }
+                }
+                open_reply(out, fs.open(&ctx, node, arg.flags).await)
+            }
             Operation::Read { arg } => {
                 let n = (arg.size as usize).min(out.len());
                 match fs.read(&ctx, node, FileHandle(arg.fh), arg.offset, &mut out[..n]).await {

@@ -32,7 +32,8 @@ pub struct InitParams {
 /// - `DONT_MASK`: the kernel applies the caller's umask before sending modes.
 /// - `SPLICE_*`: copies through pipes cost more than they save for this server.
 /// - `POSIX_ACL`, `SECURITY_CTX`, `SETXATTR_EXT`: ACLs pass through as plain xattrs.
-/// - `HANDLE_KILLPRIV(_V2)`: the kernel clears set-uid/set-gid itself via SETATTR.
+/// - `HANDLE_KILLPRIV`: superseded by `HANDLE_KILLPRIV_V2`, which is offered to the file system
+///   as an opt-in (`ConnInfo::handle_killpriv_v2`): it then clears set-uid/set-gid itself.
 pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
     (InitFlags::ASYNC_READ, "concurrent reads of one file"),
     (InitFlags::ATOMIC_O_TRUNC, "O_TRUNC handled in OPEN, no extra SETATTR"),
@@ -60,6 +61,8 @@ pub struct Negotiated {
     pub flags: InitFlags,
     /// What the file system is told.
     pub conn: ConnInfo,
+    /// The kernel offered FUSE_HANDLE_KILLPRIV_V2 (enabled if the file system opts in).
+    pub killpriv_offered: bool,
 }
 
 /// Negotiates INIT. Returns `Err(EPROTO)` for a kernel too old to speak with.
@@ -81,7 +84,11 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
     if p.over_io_uring {
         want |= InitFlags::OVER_IO_URING;
     }
-    let flags = offered & want;
+    // Offered to the file system, which must opt in (it takes over clearing set-uid/set-gid).
+    want |= InitFlags::HANDLE_KILLPRIV_V2;
+    let mut flags = offered & want;
+    let killpriv_offered = flags.contains(InitFlags::HANDLE_KILLPRIV_V2);
+    flags -= InitFlags::HANDLE_KILLPRIV_V2;
     let max_write = p.max_write.clamp(4096, 16 << 20) & !4095;
     let max_pages = max_write.div_ceil(4096).clamp(1, u16::MAX as u32) as u16;
     let bits = flags.bits();
@@ -106,12 +113,13 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
         passthrough: flags.contains(InitFlags::PASSTHROUGH),
         readdirplus: flags.contains(InitFlags::DO_READDIRPLUS),
         writeback_cache: flags.contains(InitFlags::WRITEBACK_CACHE),
-        handle_killpriv_v2: flags.contains(InitFlags::HANDLE_KILLPRIV_V2),
+        // Opt-in: the file system sets it in `init` if it honours the kill flags.
+        handle_killpriv_v2: false,
         default_permissions: p.default_permissions,
         max_write,
         max_read: max_pages as u32 * 4096,
     };
-    Ok(Negotiated { out, flags, conn })
+    Ok(Negotiated { out, flags, conn, killpriv_offered })
 }
 
 /// Applies what the file system switched off in [`ConnInfo`] to the reply.
@@ -127,10 +135,12 @@ pub fn apply_conn(n: &mut Negotiated) {
     if !n.conn.writeback_cache {
         drop |= InitFlags::WRITEBACK_CACHE;
     }
-    if !n.conn.handle_killpriv_v2 {
-        drop |= InitFlags::HANDLE_KILLPRIV_V2;
-    }
     n.flags -= drop;
+    if n.conn.handle_killpriv_v2 && n.killpriv_offered {
+        n.flags |= InitFlags::HANDLE_KILLPRIV_V2;
+    } else {
+        n.conn.handle_killpriv_v2 = false;
+    }
     let bits = n.flags.bits();
     n.out.flags = bits as u32;
     n.out.flags2 = (bits >> 32) as u32;

@@ -106,6 +106,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         attr_timeout: cfg.cache.attr_timeout,
         negative_timeout: cfg.cache.negative_timeout,
         default_permissions: cfg.default_permissions,
+        passthrough: cfg.offload.passthrough,
         ..FsConfig::default()
     })
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
@@ -137,8 +138,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             max_background: cfg.fuse.max_background,
             congestion_threshold: cfg.fuse.effective_congestion_threshold(),
             writeback_cache: cfg.fuse.writeback_cache,
-            // Passthrough is the kernel-offload issue's work; not negotiated yet.
-            passthrough: false,
+            passthrough: cfg.offload.passthrough && !cfg.fuse.writeback_cache,
             over_io_uring: false,
             default_permissions: cfg.default_permissions,
         },

@@ -19,6 +19,7 @@
 mod creds;
 mod handles;
 mod inode;
+pub mod passthrough;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -58,6 +59,9 @@ pub struct FsConfig {
     pub default_permissions: bool,
     /// Maximum number of cached (evictable) O_PATH descriptors.
     pub max_cached_fds: usize,
+    /// Let the kernel do reads and writes of regular files on the backing file itself
+    /// (FUSE passthrough), when the kernel negotiated it.
+    pub passthrough: bool,
 }
 
 impl Default for FsConfig {
@@ -69,6 +73,7 @@ impl Default for FsConfig {
             negative_timeout: Duration::from_secs(1),
             default_permissions: true,
             max_cached_fds: 4096,
+            passthrough: true,
         }
     }
 }
@@ -83,6 +88,8 @@ pub struct PassthroughFs {
     default_permissions: AtomicBool,
     /// fchmodat2(AT_EMPTY_PATH) is unavailable: use `/proc/self/fd/N`.
     no_fchmodat2: AtomicBool,
+    /// Passthrough decisions and backing ids.
+    passthrough: passthrough::Passthrough,
 }
 
 /// Open flags passed through to the backing file system on open/create.
@@ -171,6 +178,7 @@ impl PassthroughFs {
             handles: HandleTable::new(),
             proc_fd,
             no_fchmodat2: AtomicBool::new(false),
+            passthrough: Default::default(),
         })
     }
 
@@ -252,9 +260,40 @@ impl PassthroughFs {
         let opath =
             sys::openat(self.proc_fd.as_raw_fd(), &sys::fd_name(file.as_raw_fd()), libc::O_PATH | libc::O_CLOEXEC, 0)?;
         let (id, ifd) = self.inodes.insert_or_ref(opath, &st, reopenable)?;
+        // A file this open just created is the caller's own: no set-id risk.
+        let backing_id = if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            self.passthrough.open(id, file.as_raw_fd(), false)
+        } else {
+            0
+        };
         let fh = self.handles.insert_file(id, file);
         self.inodes.pin(id, &ifd);
-        Ok((self.entry(id, &st), Opened { fh: FileHandle(fh), options: OpenOptions::default() }))
+        Ok((
+            self.entry(id, &st),
+            Opened { fh: FileHandle(fh), options: OpenOptions { backing_id, ..OpenOptions::default() } },
+        ))
+    }
+
+    /// Decides passthrough for a new open of a regular file; returns the backing id (0 = none).
+    fn passthrough_open(&self, ctx: &Context, node: u64, file: &OwnedFd, kind: u32, flags: i32) -> i32 {
+        if kind != libc::S_IFREG {
+            return 0;
+        }
+        // Writes through passthrough run with the server's credentials on the backing file;
+        // keep set-uid/set-gid files written by others on the server path, where the clearing
+        // of those bits is done explicitly.
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let setid_risk = writable
+            && ctx.uid != 0
+            && sys::fstat(file.as_raw_fd())
+                .map(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 && st.st_uid != ctx.uid)
+                .unwrap_or(true);
+        self.passthrough.open(node, file.as_raw_fd(), setid_risk)
+    }
+
+    /// Counters of passthrough decisions.
+    pub fn passthrough_stats(&self) -> std::sync::Arc<passthrough::PassthroughStats> {
+        self.passthrough.stats.clone()
     }
 
     /// Reopens the inode behind O_PATH descriptor `fd` with real open flags.
@@ -462,8 +501,17 @@ impl PassthroughFs {
 }
 
 impl FileSystem for PassthroughFs {
+    fn attach_kernel(&self, kernel: std::sync::Arc<dyn protocol::KernelChannel>) {
+        self.passthrough.attach(kernel);
+    }
+
     fn init(&self, conn: &mut ConnInfo) -> Result<()> {
         self.default_permissions.store(conn.default_permissions, Ordering::Relaxed);
+        conn.passthrough &= self.cfg.passthrough;
+        self.passthrough.set_enabled(conn.passthrough);
+        // The server clears set-uid/set-gid itself (WRITE/SETATTR/OPEN kill flags are honoured),
+        // which lets the kernel skip its per-write security.capability check (SB_NOSEC).
+        conn.handle_killpriv_v2 = true;
         Ok(())
     }
 
@@ -648,9 +696,10 @@ impl FileSystem for PassthroughFs {
             & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT))
             | libc::O_CLOEXEC;
         let file = self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?;
+        let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
         let fh = self.handles.insert_file(node.0, file);
         self.inodes.pin(node.0, &fd);
-        Ok(Opened { fh: FileHandle(fh), options: OpenOptions::default() })
+        Ok(Opened { fh: FileHandle(fh), options: OpenOptions { backing_id, ..OpenOptions::default() } })
     }
 
     async fn create(
@@ -728,6 +777,9 @@ impl FileSystem for PassthroughFs {
 
     async fn release(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _flags: u32) -> Result<()> {
         if let Some(h) = self.handles.remove(fh.0) {
+            if matches!(h.kind, handles::HandleKind::File(_)) {
+                self.passthrough.release(h.node);
+            }
             self.inodes.unpin(h.node);
         }
         Ok(())

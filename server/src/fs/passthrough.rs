@@ -1,0 +1,149 @@
+//! Kernel passthrough of file I/O: which opens get a backing file, and the backing ids.
+//!
+//! The kernel allows one backing file per inode at a time (concurrent opens of one inode with
+//! different backing files fail with EBUSY) and refuses to mix passthrough and cached opens of
+//! one inode (ETXTBSY, seen by the caller as EIO). So each inode has a mode decided by its
+//! first open and kept while any open exists: passthrough opens share one backing id, which is
+//! closed with the last of them; when the kernel refuses a backing file, the inode's opens go
+//! through the server ("cached" mode) instead of failing the user's open().
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use protocol::KernelChannel;
+
+/// How the opens of one inode are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The kernel does the I/O on backing id `.0`.
+    Passthrough(i32),
+    /// Reads and writes come to the server.
+    Cached,
+}
+
+struct State {
+    mode: Mode,
+    opens: u64,
+}
+
+/// Why an open of a regular file was not passed through (a bounded set: metrics labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    /// Passthrough is switched off or was not negotiated.
+    Disabled,
+    /// Another open of the same inode is served by the server.
+    InodeCached,
+    /// The kernel refused the backing file (stack depth, file type, ...).
+    Refused,
+    /// A set-uid/set-gid file opened for writing by a user other than its owner.
+    SetId,
+}
+
+impl Fallback {
+    /// All reasons, for exporting zero counters.
+    pub const ALL: [Fallback; 4] = [Fallback::Disabled, Fallback::InodeCached, Fallback::Refused, Fallback::SetId];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Disabled => "disabled",
+            Fallback::InodeCached => "inode_cached",
+            Fallback::Refused => "refused",
+            Fallback::SetId => "setid",
+        }
+    }
+}
+
+/// Counters of passthrough decisions.
+#[derive(Debug, Default)]
+pub struct PassthroughStats {
+    /// Opens served by passthrough.
+    pub enabled: AtomicU64,
+    /// Opens that fell back, by [`Fallback`] (same order as [`Fallback::ALL`]).
+    pub fallback: [AtomicU64; 4],
+}
+
+/// Per-inode passthrough bookkeeping.
+#[derive(Default)]
+pub(crate) struct Passthrough {
+    kernel: OnceLock<Arc<dyn KernelChannel>>,
+    enabled: std::sync::atomic::AtomicBool,
+    inodes: Mutex<HashMap<u64, State>>,
+    pub(crate) stats: Arc<PassthroughStats>,
+}
+
+impl Passthrough {
+    pub(crate) fn attach(&self, kernel: Arc<dyn KernelChannel>) {
+        let _ = self.kernel.set(kernel);
+    }
+
+    pub(crate) fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    fn count(&self, r: std::result::Result<i32, Fallback>) -> i32 {
+        match r {
+            Ok(id) => {
+                self.stats.enabled.fetch_add(1, Ordering::Relaxed);
+                id
+            }
+            Err(f) => {
+                let i = Fallback::ALL.iter().position(|x| *x == f).unwrap_or(0);
+                self.stats.fallback[i].fetch_add(1, Ordering::Relaxed);
+                0
+            }
+        }
+    }
+
+    /// Decides how a new open of regular file `node` (backing descriptor `fd`) is served and
+    /// records it. Returns the backing id for the reply (0 = served by the server).
+    /// `setid_risk`: the open could write to a set-uid/set-gid file that is not the caller's.
+    pub(crate) fn open(&self, node: u64, fd: RawFd, setid_risk: bool) -> i32 {
+        let r = self.decide(node, fd, setid_risk);
+        self.count(r)
+    }
+
+    fn decide(&self, node: u64, fd: RawFd, setid_risk: bool) -> std::result::Result<i32, Fallback> {
+        let Ok(mut map) = self.inodes.lock() else { return Err(Fallback::Disabled) };
+        if let Some(st) = map.get_mut(&node) {
+            st.opens += 1;
+            return match st.mode {
+                Mode::Passthrough(id) => Ok(id),
+                Mode::Cached => Err(Fallback::InodeCached),
+            };
+        }
+        let (mode, result) = match self.kernel.get() {
+            None => (Mode::Cached, Err(Fallback::Disabled)),
+            Some(_) if !self.enabled.load(Ordering::Relaxed) => (Mode::Cached, Err(Fallback::Disabled)),
+            Some(_) if setid_risk => (Mode::Cached, Err(Fallback::SetId)),
+            Some(k) => match k.backing_open(fd) {
+                Ok(id) => (Mode::Passthrough(id), Ok(id)),
+                Err(e) => {
+                    log::debug!("passthrough refused for node {node}: {e}");
+                    (Mode::Cached, Err(Fallback::Refused))
+                }
+            },
+        };
+        map.insert(node, State { mode, opens: 1 });
+        result
+    }
+
+    /// An open of `node` was released.
+    pub(crate) fn release(&self, node: u64) {
+        let Ok(mut map) = self.inodes.lock() else { return };
+        let Some(st) = map.get_mut(&node) else { return };
+        st.opens = st.opens.saturating_sub(1);
+        if st.opens > 0 {
+            return;
+        }
+        if let Some(State { mode: Mode::Passthrough(id), .. }) = map.remove(&node) {
+            if let Some(k) = self.kernel.get() {
+                if let Err(e) = k.backing_close(id) {
+                    log::warn!("closing backing id {id}: {e}");
+                }
+            }
+        }
+    }
+}
