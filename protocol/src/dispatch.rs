@@ -4,12 +4,15 @@
 //! channel's life belong to the transport, which handles them before calling [`Dispatcher`].
 
 use std::ffi::CStr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::abi::{self, FuseGetxattrOut, FuseLseekOut, FuseWriteOut};
 use crate::fs::*;
 use crate::reply::{self, put};
 use crate::request::{Operation, Request};
+use crate::stats::DispatchStats;
 
 /// What the transport must send back for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,14 +41,15 @@ impl Outcome {
     }
 }
 
-/// Calls a [`FileSystem`] for each request.
+/// Calls a [`FileSystem`] for each request, counting what it does.
 pub struct Dispatcher<F> {
     fs: Arc<F>,
+    stats: Arc<DispatchStats>,
 }
 
 impl<F> Clone for Dispatcher<F> {
     fn clone(&self) -> Self {
-        Dispatcher { fs: self.fs.clone() }
+        Dispatcher { fs: self.fs.clone(), stats: self.stats.clone() }
     }
 }
 
@@ -154,7 +158,12 @@ fn name_ok(name: &CStr) -> bool {
 impl<F: FileSystem> Dispatcher<F> {
     /// Wraps a file system.
     pub fn new(fs: Arc<F>) -> Self {
-        Dispatcher { fs }
+        Dispatcher { fs, stats: Arc::new(DispatchStats::default()) }
+    }
+
+    /// Per-operation counters.
+    pub fn stats(&self) -> &Arc<DispatchStats> {
+        &self.stats
     }
 
     /// The file system.
@@ -165,6 +174,25 @@ impl<F: FileSystem> Dispatcher<F> {
     /// Serves one request, writing the reply payload into `out`, which must hold at least the
     /// negotiated max read size plus one page.
     pub async fn dispatch(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
+        let start = Instant::now();
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.serve(req, out).await;
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let op = req.header.opcode;
+        let (error, len) = match outcome {
+            Outcome::Reply { error, len } => (error, len),
+            Outcome::NoReply => (0, 0),
+        };
+        let bytes_in = match &req.op {
+            Operation::Write { data, .. } => data.len(),
+            _ => 0,
+        };
+        let bytes_out = if op == abi::opcode::READ { len } else { 0 };
+        self.stats.record(op, error, start.elapsed(), bytes_in, bytes_out);
+        outcome
+    }
+
+    async fn serve(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
         let fs = &*self.fs;
         let ctx = context(req);
         let node = NodeId(req.header.nodeid);

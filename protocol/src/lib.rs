@@ -6,6 +6,7 @@
 //! - [`fs`]: the [`fs::FileSystem`] trait that file systems implement.
 //! - [`dispatch`]: decodes a request, calls the file system, encodes the reply.
 //! - [`init`]: INIT negotiation and the capability table.
+//! - [`stats`]: per-operation counters the dispatcher keeps.
 
 pub mod abi;
 pub mod dispatch;
@@ -13,5 +14,6 @@ pub mod fs;
 pub mod init;
 pub mod reply;
 pub mod request;
+pub mod stats;
 
 pub use fs::*;

@@ -111,6 +111,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     })
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
     let fs = Arc::new(fs);
+    let started = Instant::now();
 
     let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
     let opts = MountOptions {
@@ -149,7 +150,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         },
         queue_depth: cfg.transport.queue_depth as usize,
     };
-    let session = match Session::init(mounted, fs, &session_cfg) {
+    let session = match Session::init(mounted, fs.clone(), &session_cfg) {
         Ok(s) => s,
         Err(e) => {
             let _ = mount::unmount(&mountpoint);
@@ -164,6 +165,19 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         libc::minor(dev),
         if session.stats().uring { "io_uring" } else { "dev-fuse" }
     );
+    if let Some(addr) = cfg.metrics.addr {
+        let sources = crate::metrics::Sources {
+            dispatch: session.dispatch_stats(),
+            session: session.stats(),
+            notify: session.notify_stats(),
+            passthrough: fs.passthrough_stats(),
+            passthrough_enabled: session.conn().passthrough,
+            fs: fs.clone(),
+            mountpoint: mountpoint.display().to_string(),
+            started,
+        };
+        crate::metrics::start(addr, sources);
+    }
     if let Some(mut p) = ready_pipe.take() {
         let _ = p.write_all(b"O");
     }

@@ -13,7 +13,7 @@ use protocol::abi::{opcode, FuseInHeader, FuseOutHeader, InitFlags};
 use protocol::dispatch::{Dispatcher, Outcome};
 use protocol::init::{self, InitParams};
 use protocol::request::{self, Operation};
-use protocol::FileSystem;
+use protocol::{ConnInfo, FileSystem};
 use zerocopy::IntoBytes;
 
 use crate::executor::block_on;
@@ -93,6 +93,7 @@ pub struct Session<F> {
     queue_depth: usize,
     stats: Arc<SessionStats>,
     channel: Arc<Channel>,
+    conn: ConnInfo,
 }
 
 /// An 8-byte aligned, zeroed byte buffer (request structs are read in place).
@@ -223,12 +224,23 @@ impl<F: FileSystem> Session<F> {
             queue_depth: cfg.queue_depth.clamp(1, 1024),
             stats: Arc::new(SessionStats::new(uring, queues)),
             channel,
+            conn: negotiated.conn.clone(),
         })
     }
 
     /// The session's counters.
     pub fn stats(&self) -> Arc<SessionStats> {
         self.stats.clone()
+    }
+
+    /// What was negotiated at INIT.
+    pub fn conn(&self) -> &ConnInfo {
+        &self.conn
+    }
+
+    /// The dispatcher's per-operation counters.
+    pub fn dispatch_stats(&self) -> Arc<protocol::stats::DispatchStats> {
+        self.dispatcher.stats().clone()
     }
 
     /// The kernel channel's counters (invalidations, backing files).

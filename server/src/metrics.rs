@@ -1,0 +1,303 @@
+//! The `/metrics` endpoint: Prometheus text exposition of the server's counters.
+//!
+//! **Architecture Invariant:** metrics only observe. Counters are relaxed atomics owned by the
+//! parts that count (dispatcher, transport, file system); this module reads them at scrape time
+//! and never takes a lock a request path holds.
+//!
+//! Histograms use fixed buckets kept as atomics by the dispatcher rather than an exporter that
+//! stores every sample until the next scrape: recording stays O(1) in memory at any rate.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::abi::opcode;
+use protocol::stats::{DispatchStats, LATENCY_BOUNDS_NS};
+use uring_transport::notify::NotifyStats;
+use uring_transport::SessionStats;
+
+use crate::fs::passthrough::{Fallback, PassthroughStats};
+use crate::fs::PassthroughFs;
+
+/// Everything the endpoint reads.
+pub struct Sources {
+    /// Dispatcher counters.
+    pub dispatch: Arc<DispatchStats>,
+    /// Transport counters.
+    pub session: Arc<SessionStats>,
+    /// Kernel channel counters.
+    pub notify: Arc<NotifyStats>,
+    /// Passthrough decisions.
+    pub passthrough: Arc<PassthroughStats>,
+    /// Whether passthrough was negotiated.
+    pub passthrough_enabled: bool,
+    /// The file system (inode and handle counts).
+    pub fs: Arc<PassthroughFs>,
+    /// Mount point, for the info metric.
+    pub mountpoint: String,
+    /// Server start.
+    pub started: Instant,
+}
+
+/// errno names for labels (a bounded set; anything else is `E<n>`).
+fn errno_name(e: usize) -> String {
+    let name = match e as i32 {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::EMLINK => "EMLINK",
+        libc::ERANGE => "ERANGE",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ELOOP => "ELOOP",
+        libc::ENODATA => "ENODATA",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ESTALE => "ESTALE",
+        libc::EINTR => "EINTR",
+        libc::ETXTBSY => "ETXTBSY",
+        libc::EDQUOT => "EDQUOT",
+        0 => "other",
+        _ => return format!("E{e}"),
+    };
+    name.to_string()
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn process_stats(out: &mut String) {
+    // /proc/self/stat: utime (14) and stime (15) in clock ticks, rss (24) in pages.
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // SAFETY: sysconf has no preconditions.
+            let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            // SAFETY: as above.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            header(out, "process_cpu_seconds_total", "counter", "User and system CPU time of the server.");
+            let _ = writeln!(out, "process_cpu_seconds_total {}", (num(11) + num(12)) / tick);
+            header(out, "process_resident_memory_bytes", "gauge", "Resident memory of the server.");
+            let _ = writeln!(out, "process_resident_memory_bytes {}", num(21) * page);
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        header(out, "process_open_fds", "gauge", "Open file descriptors of the server.");
+        let _ = writeln!(out, "process_open_fds {}", dir.count());
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        header(out, "process_max_fds", "gauge", "RLIMIT_NOFILE of the server.");
+        let _ = writeln!(out, "process_max_fds {}", lim.rlim_cur);
+    }
+}
+
+/// Renders all metrics in the Prometheus text format (version 0.0.4).
+pub fn render(s: &Sources) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+
+    header(&mut out, "ringfs_build_info", "gauge", "Build information; always 1.");
+    let _ = writeln!(out, "ringfs_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    header(&mut out, "ringfs_transport_info", "gauge", "The request transport in use; always 1.");
+    let t = if s.session.uring { "io_uring" } else { "dev_fuse" };
+    let _ = writeln!(out, "ringfs_transport_info{{transport=\"{t}\"}} 1");
+    header(&mut out, "ringfs_passthrough_enabled", "gauge", "1 when FUSE passthrough was negotiated.");
+    let _ = writeln!(out, "ringfs_passthrough_enabled {}", s.passthrough_enabled as u8);
+    header(&mut out, "ringfs_uptime_seconds", "gauge", "Seconds since the server started.");
+    let _ = writeln!(out, "ringfs_uptime_seconds {:.3}", s.started.elapsed().as_secs_f64());
+
+    let ops: Vec<u32> = (0..opcode::COUNT as u32).filter(|&op| s.dispatch.requests(op) > 0).collect();
+    header(&mut out, "ringfs_requests_total", "counter", "Requests served by the server, by operation.");
+    for &op in &ops {
+        let _ = writeln!(out, "ringfs_requests_total{{op=\"{}\"}} {}", opcode::name(op), s.dispatch.requests(op));
+    }
+    header(&mut out, "ringfs_request_errors_total", "counter", "Requests answered with an error, by operation.");
+    for &op in &ops {
+        let _ = writeln!(
+            out,
+            "ringfs_request_errors_total{{op=\"{}\"}} {}",
+            opcode::name(op),
+            ld(&s.dispatch.op(op).errors)
+        );
+    }
+    header(&mut out, "ringfs_errors_total", "counter", "Error replies by errno.");
+    for (e, c) in s.dispatch.errnos.iter().enumerate() {
+        let v = ld(c);
+        if v > 0 {
+            let _ = writeln!(out, "ringfs_errors_total{{errno=\"{}\"}} {v}", errno_name(e));
+        }
+    }
+    header(
+        &mut out,
+        "ringfs_request_duration_seconds",
+        "histogram",
+        "Time from request parsed to reply ready in the server, by operation.",
+    );
+    for &op in &ops {
+        let c = s.dispatch.op(op);
+        let name = opcode::name(op);
+        let mut cum = 0u64;
+        for (i, bound) in LATENCY_BOUNDS_NS.iter().enumerate() {
+            cum += ld(&c.buckets[i]);
+            let le = *bound as f64 / 1e9;
+            let _ = writeln!(out, "ringfs_request_duration_seconds_bucket{{op=\"{name}\",le=\"{le}\"}} {cum}");
+        }
+        cum += ld(&c.buckets[LATENCY_BOUNDS_NS.len()]);
+        let _ = writeln!(out, "ringfs_request_duration_seconds_bucket{{op=\"{name}\",le=\"+Inf\"}} {cum}");
+        let _ = writeln!(
+            out,
+            "ringfs_request_duration_seconds_sum{{op=\"{name}\"}} {}",
+            ld(&c.latency_sum_ns) as f64 / 1e9
+        );
+        let _ = writeln!(out, "ringfs_request_duration_seconds_count{{op=\"{name}\"}} {cum}");
+    }
+    header(&mut out, "ringfs_requests_in_flight", "gauge", "Requests being served right now.");
+    let _ = writeln!(out, "ringfs_requests_in_flight {}", ld(&s.dispatch.in_flight));
+    header(&mut out, "ringfs_malformed_requests_total", "counter", "Requests that could not be parsed.");
+    let _ = writeln!(out, "ringfs_malformed_requests_total {}", ld(&s.dispatch.malformed) + ld(&s.session.malformed));
+    header(&mut out, "ringfs_server_read_bytes_total", "counter", "Bytes read by the server for READ requests.");
+    let _ = writeln!(out, "ringfs_server_read_bytes_total {}", ld(&s.dispatch.op(opcode::READ).bytes_out));
+    header(&mut out, "ringfs_server_write_bytes_total", "counter", "Bytes written by the server for WRITE requests.");
+    let _ = writeln!(out, "ringfs_server_write_bytes_total {}", ld(&s.dispatch.op(opcode::WRITE).bytes_in));
+
+    header(
+        &mut out,
+        "ringfs_devfuse_requests_total",
+        "counter",
+        "Requests read from /dev/fuse (the classic channel), by operation.",
+    );
+    for op in 0..opcode::COUNT as u32 {
+        let v = s.session.count(op);
+        if v > 0 {
+            let _ = writeln!(out, "ringfs_devfuse_requests_total{{op=\"{}\"}} {v}", opcode::name(op));
+        }
+    }
+    if !s.session.queues.is_empty() {
+        header(&mut out, "ringfs_queue_requests_total", "counter", "Requests served per io_uring queue.");
+        for (i, q) in s.session.queues.iter().enumerate() {
+            let _ = writeln!(out, "ringfs_queue_requests_total{{queue=\"{i}\"}} {}", ld(&q.requests));
+        }
+        header(&mut out, "ringfs_queue_submits_total", "counter", "io_uring_enter calls per io_uring queue.");
+        for (i, q) in s.session.queues.iter().enumerate() {
+            let _ = writeln!(out, "ringfs_queue_submits_total{{queue=\"{i}\"}} {}", ld(&q.submits));
+        }
+    }
+
+    header(&mut out, "ringfs_inodes", "gauge", "Inodes the kernel holds references to.");
+    let _ = writeln!(out, "ringfs_inodes {}", s.fs.inode_count());
+    header(&mut out, "ringfs_open_handles", "gauge", "Open files and directories.");
+    let _ = writeln!(out, "ringfs_open_handles {}", s.fs.open_handle_count());
+    header(&mut out, "ringfs_passthrough_opens_total", "counter", "Opens of regular files served by passthrough.");
+    let _ = writeln!(out, "ringfs_passthrough_opens_total {}", ld(&s.passthrough.enabled));
+    header(
+        &mut out,
+        "ringfs_passthrough_fallbacks_total",
+        "counter",
+        "Opens of regular files served by the server instead of passthrough, by reason.",
+    );
+    for (i, f) in Fallback::ALL.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringfs_passthrough_fallbacks_total{{reason=\"{}\"}} {}",
+            f.as_str(),
+            ld(&s.passthrough.fallback[i])
+        );
+    }
+    header(&mut out, "ringfs_backing_files", "gauge", "Passthrough backing files registered with the kernel.");
+    let _ = writeln!(out, "ringfs_backing_files {}", ld(&s.notify.backing_open));
+    header(&mut out, "ringfs_invalidations_total", "counter", "Cache invalidations sent to the kernel.");
+    let _ = writeln!(out, "ringfs_invalidations_total {}", ld(&s.notify.sent));
+    header(&mut out, "ringfs_invalidation_failures_total", "counter", "Cache invalidations the kernel refused.");
+    let _ = writeln!(out, "ringfs_invalidation_failures_total {}", ld(&s.notify.failed));
+    process_stats(&mut out);
+    out
+}
+
+fn serve_one(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Drain the headers (bounded).
+    let mut line = String::new();
+    for _ in 0..100 {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = if method != "GET" {
+        ("405 Method Not Allowed", "text/plain", "only GET\n".to_string())
+    } else if path == "/metrics" || path.starts_with("/metrics?") {
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(sources))
+    } else if path == "/" {
+        ("200 OK", "text/html", "<a href=\"/metrics\">/metrics</a>\n".to_string())
+    } else {
+        ("404 Not Found", "text/plain", "not found\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    Ok(())
+}
+
+/// Binds the endpoint and serves it from a thread. A failed bind is logged, not fatal: the
+/// mount matters more than its metrics.
+pub fn start(addr: SocketAddr, sources: Sources) -> Option<SocketAddr> {
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("metrics endpoint disabled: cannot listen on {addr}: {e} (set metrics.addr)");
+            return None;
+        }
+    };
+    let local = listener.local_addr().ok()?;
+    let sources = Arc::new(sources);
+    let spawned = std::thread::Builder::new().name("ringfs-metrics".into()).spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => {
+                    if let Err(e) = serve_one(s, &sources) {
+                        log::debug!("metrics request: {e}");
+                    }
+                }
+                Err(e) => log::debug!("metrics accept: {e}"),
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("metrics endpoint disabled: {e}");
+        return None;
+    }
+    log::info!("metrics: listening on http://{local}/metrics");
+    Some(local)
+}
