@@ -37,10 +37,10 @@ fn defaults() {
     assert_eq!(c.subtype, "ringfs");
     assert_eq!(c.mount_flags, MountFlags::default());
     assert!(!c.mount_flags.nosuid && !c.mount_flags.nodev && !c.mount_flags.noexec);
-    assert_eq!(c.cache.entry_timeout, Duration::from_secs(1));
-    assert_eq!(c.cache.attr_timeout, Duration::from_secs(1));
-    assert_eq!(c.cache.negative_timeout, Duration::from_secs(1));
-    assert_eq!(c.cache.coherence, CoherenceMode::Ttl);
+    assert_eq!(c.cache.entry_timeout, Duration::from_secs(3600));
+    assert_eq!(c.cache.attr_timeout, Duration::from_secs(3600));
+    assert_eq!(c.cache.negative_timeout, Duration::from_secs(3600));
+    assert_eq!(c.cache.coherence, CoherenceMode::Watch);
     assert_eq!(c.fuse.max_write, 1_048_576);
     assert_eq!(c.fuse.max_readahead, 1_048_576);
     assert_eq!(c.fuse.max_background, 64);
@@ -194,7 +194,7 @@ fn to_toml_string_round_trips() {
     c.transport.mode = TransportMode::DevFuse;
     c.mount_flags.noexec = true;
     let text = to_toml_string(&c);
-    assert!(text.contains("entry_timeout = 1.0\n"), "{text}");
+    assert!(text.contains("entry_timeout = 3600.0\n"), "{text}");
     assert!(text.contains("attr_timeout = 1.5\n"), "{text}");
     assert!(text.contains("addr = \"\"\n"), "{text}");
     assert!(text.contains("mode = \"dev-fuse\"\n"), "{text}");

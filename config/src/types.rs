@@ -120,28 +120,29 @@ pub struct MountFlags {
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// `entry_timeout`: how long the kernel caches a name lookup, in seconds
-    /// (integer or float, 0 to one year). Default `1.0`.
+    /// (integer or float, 0 to one year). Default `3600.0`: with `coherence = "watch"`
+    /// changes made behind the mount's back are invalidated at once, so long is safe.
     #[serde(with = "seconds")]
     pub entry_timeout: Duration,
     /// `attr_timeout`: how long the kernel caches attributes, in seconds
-    /// (0 to one year). Default `1.0`.
+    /// (0 to one year). Default `3600.0`.
     #[serde(with = "seconds")]
     pub attr_timeout: Duration,
     /// `negative_timeout`: how long the kernel caches "no such entry", in
-    /// seconds (0 to one year; 0 disables negative caching). Default `1.0`.
+    /// seconds (0 to one year; 0 disables negative caching). Default `3600.0`.
     #[serde(with = "seconds")]
     pub negative_timeout: Duration,
     /// `coherence`: how the cache learns of changes made behind its back.
-    /// Default `"ttl"`.
+    /// Default `"watch"` (with timeouts only, "ttl", set the timeouts short).
     pub coherence: CoherenceMode,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
-            entry_timeout: Duration::from_secs(1),
-            attr_timeout: Duration::from_secs(1),
-            negative_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(3600),
+            attr_timeout: Duration::from_secs(3600),
+            negative_timeout: Duration::from_secs(3600),
             coherence: CoherenceMode::default(),
         }
     }
@@ -371,9 +372,9 @@ keyword_enum! {
     /// source directory by others.
     pub enum CoherenceMode {
         /// `"ttl"`: trust cached entries until their timeouts expire.
-        #[default]
         Ttl = "ttl",
         /// `"watch"`: also watch the source and invalidate on change.
+        #[default]
         Watch = "watch",
     }
 }

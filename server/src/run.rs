@@ -100,11 +100,29 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let mut watchdog = Watchdog::spawn(&mountpoint).map_err(|e| format!("starting the watchdog: {e}"))?;
     let sigset = block_signals();
 
+    let mut cache = cfg.cache.clone();
+    let watch = if cache.coherence == config::CoherenceMode::Watch {
+        match crate::fs::watch::Watch::new(&source) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                // Without invalidations, long timeouts would show stale names: shorten them.
+                let short = Duration::from_secs(1);
+                cache.entry_timeout = cache.entry_timeout.min(short);
+                cache.attr_timeout = cache.attr_timeout.min(short);
+                cache.negative_timeout = cache.negative_timeout.min(short);
+                log::warn!("cache.coherence = \"watch\" unavailable ({e}); using timeouts of at most 1 s");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let fs = PassthroughFs::new(FsConfig {
         source: source.clone(),
-        entry_timeout: cfg.cache.entry_timeout,
-        attr_timeout: cfg.cache.attr_timeout,
-        negative_timeout: cfg.cache.negative_timeout,
+        entry_timeout: cache.entry_timeout,
+        attr_timeout: cache.attr_timeout,
+        negative_timeout: cache.negative_timeout,
         default_permissions: cfg.default_permissions,
         passthrough: cfg.offload.passthrough,
         ..FsConfig::default()
@@ -165,6 +183,11 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         libc::minor(dev),
         if session.stats().uring { "io_uring" } else { "dev-fuse" }
     );
+    if let Some(w) = watch {
+        if let Err(e) = fs.start_watch(w) {
+            log::warn!("backing-directory watch not started: {e}");
+        }
+    }
     if let Some(addr) = cfg.metrics.addr {
         let sources = crate::metrics::Sources {
             dispatch: session.dispatch_stats(),

@@ -51,6 +51,8 @@ impl Inode {
 struct Inner {
     nodes: HashMap<u64, Inode>,
     by_key: HashMap<(u64, u64), u64>,
+    /// File handle bytes → node id (for change notifications from the backing file system).
+    by_handle: HashMap<Arc<[u8]>, u64>,
     /// stamp → node id, oldest first.
     lru: BTreeMap<u64, u64>,
     next_stamp: u64,
@@ -116,6 +118,11 @@ impl Inner {
         if self.by_key.get(&node.key) == Some(&id) {
             self.by_key.remove(&node.key);
         }
+        if let Some(h) = &node.handle {
+            if self.by_handle.get(h) == Some(&id) {
+                self.by_handle.remove(h);
+            }
+        }
         Some(node)
     }
 }
@@ -137,6 +144,10 @@ impl InodeTable {
         let mount_fd = sys::openat(root_fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
         let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok().map(Arc::<[u8]>::from);
+        let mut by_handle = HashMap::new();
+        if let Some(h) = &handle {
+            by_handle.insert(h.clone(), NodeId::ROOT.0);
+        }
         let key = (st.st_dev, st.st_ino);
         let mut nodes = HashMap::new();
         nodes.insert(
@@ -155,7 +166,7 @@ impl InodeTable {
         let mut by_key = HashMap::new();
         by_key.insert(key, NodeId::ROOT.0);
         Ok(InodeTable {
-            inner: Mutex::new(Inner { nodes, by_key, lru: BTreeMap::new(), next_stamp: 1, next_id: 2 }),
+            inner: Mutex::new(Inner { nodes, by_key, by_handle, lru: BTreeMap::new(), next_stamp: 1, next_id: 2 }),
             mount_fd,
             root_dev: st.st_dev,
             max_cached: max_cached.max(1),
@@ -165,6 +176,11 @@ impl InodeTable {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the table consistent enough to go on.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node whose backing file handle (complete `struct file_handle` bytes) is `handle`.
+    pub(crate) fn node_by_handle(&self, handle: &[u8]) -> Option<u64> {
+        self.lock().by_handle.get(handle).copied()
     }
 
     /// Number of inodes in the table (the root included).
@@ -285,6 +301,9 @@ impl InodeTable {
                         },
                     );
                     g.by_key.insert(key, id);
+                    if let Some(h) = h {
+                        g.by_handle.insert(h.clone(), id);
+                    }
                     g.make_evictable(id, self.max_cached, &mut garbage);
                     drop(g);
                     drop(garbage);

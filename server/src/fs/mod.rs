@@ -23,6 +23,7 @@ pub mod passthrough;
 mod sys;
 #[cfg(test)]
 mod tests;
+pub mod watch;
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -81,7 +82,7 @@ impl Default for FsConfig {
 /// A FUSE file system that passes every operation through to a backing directory.
 pub struct PassthroughFs {
     cfg: FsConfig,
-    inodes: InodeTable,
+    inodes: std::sync::Arc<InodeTable>,
     handles: HandleTable,
     /// `/proc/self/fd`, for reopening inodes by their O_PATH descriptor.
     proc_fd: OwnedFd,
@@ -170,7 +171,7 @@ impl PassthroughFs {
         let proc_fd =
             sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
-        let inodes = InodeTable::new(root, cfg.max_cached_fds).map_err(|e| io_err(e, &what))?;
+        let inodes = std::sync::Arc::new(InodeTable::new(root, cfg.max_cached_fds).map_err(|e| io_err(e, &what))?);
         Ok(PassthroughFs {
             default_permissions: AtomicBool::new(cfg.default_permissions),
             cfg,
@@ -289,6 +290,15 @@ impl PassthroughFs {
                 .map(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 && st.st_uid != ctx.uid)
                 .unwrap_or(true);
         self.passthrough.open(node, file.as_raw_fd(), setid_risk)
+    }
+
+    /// Starts pushing changes made directly on the backing directory to the kernel's caches.
+    /// Needs the kernel channel (attached at INIT).
+    pub fn start_watch(&self, watch: watch::Watch) -> io::Result<()> {
+        let kernel = self.passthrough.kernel().ok_or_else(|| io::Error::other("no kernel channel attached"))?;
+        let inodes = self.inodes.clone();
+        std::thread::Builder::new().name("ringfs-watch".into()).spawn(move || watch::run(watch, inodes, kernel))?;
+        Ok(())
     }
 
     /// Counters of passthrough decisions.

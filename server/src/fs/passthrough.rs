@@ -79,6 +79,10 @@ impl Passthrough {
         let _ = self.kernel.set(kernel);
     }
 
+    pub(crate) fn kernel(&self) -> Option<Arc<dyn KernelChannel>> {
+        self.kernel.get().cloned()
+    }
+
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
     }

@@ -1,0 +1,199 @@
+//! Coherence with the backing directory: changes made there by other processes (not through
+//! the mount) are pushed to the kernel's caches as invalidations.
+//!
+//! A fanotify group with a file-system mark reports every create/delete/rename/attribute/data
+//! change on the backing file system as (directory file handle, name) plus the changed object's
+//! own file handle. Handles are mapped to the nodes the kernel knows (an unknown handle means
+//! the kernel has nothing cached for it: ignored). Events caused by this server itself (changes
+//! made through the mount) are skipped: the kernel already knows. Invalidations are coalesced
+//! over a short window so that a storm of writes costs one notification per node per window,
+//! then handed to the notifier thread (never written from here).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::{KernelChannel, NodeId};
+
+use super::inode::InodeTable;
+
+const FAN_CLOEXEC: u32 = 0x1;
+const FAN_UNLIMITED_QUEUE: u32 = 0x10;
+const FAN_REPORT_FID: u32 = 0x200;
+const FAN_REPORT_DIR_FID: u32 = 0x400;
+const FAN_REPORT_NAME: u32 = 0x800;
+const FAN_REPORT_TARGET_FID: u32 = 0x1000;
+const FAN_MARK_ADD: u32 = 0x1;
+const FAN_MARK_FILESYSTEM: u32 = 0x100;
+
+const FAN_MODIFY: u64 = 0x2;
+const FAN_ATTRIB: u64 = 0x4;
+const FAN_MOVED_FROM: u64 = 0x40;
+const FAN_MOVED_TO: u64 = 0x80;
+const FAN_CREATE: u64 = 0x100;
+const FAN_DELETE: u64 = 0x200;
+const FAN_ONDIR: u64 = 0x4000_0000;
+const FAN_Q_OVERFLOW: u64 = 0x4000;
+
+const INFO_FID: u8 = 1;
+const INFO_DFID_NAME: u8 = 2;
+const INFO_DFID: u8 = 3;
+
+/// How long changes are collected before their invalidations go out.
+const COALESCE: Duration = Duration::from_millis(5);
+
+/// An open fanotify group watching the backing file system.
+pub struct Watch {
+    fd: OwnedFd,
+}
+
+impl Watch {
+    /// Sets up the watch on the file system holding `source`. Fails (with the reason) where
+    /// fanotify with file handles is unavailable (old kernel, file system without file handles).
+    pub fn new(source: &Path) -> io::Result<Watch> {
+        let flags = FAN_CLOEXEC | FAN_UNLIMITED_QUEUE | FAN_REPORT_FID | FAN_REPORT_DIR_FID | FAN_REPORT_NAME;
+        // SAFETY: plain syscall; returns an fd or -1.
+        let mut fd = unsafe { libc::fanotify_init(flags | FAN_REPORT_TARGET_FID, libc::O_RDONLY as u32) };
+        if fd < 0 {
+            // SAFETY: as above, without TARGET_FID (kernels before 5.17).
+            fd = unsafe { libc::fanotify_init(flags, libc::O_RDONLY as u32) };
+        }
+        if fd < 0 {
+            return Err(io::Error::other(format!("fanotify_init: {}", io::Error::last_os_error())));
+        }
+        // SAFETY: fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let path = CString::new(source.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let mask = FAN_MODIFY | FAN_ATTRIB | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_CREATE | FAN_DELETE | FAN_ONDIR;
+        // SAFETY: valid fd and path.
+        let rc = unsafe {
+            libc::fanotify_mark(fd.as_raw_fd(), FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, libc::AT_FDCWD, path.as_ptr())
+        };
+        if rc != 0 {
+            return Err(io::Error::other(format!(
+                "fanotify_mark on {}: {}",
+                source.display(),
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(Watch { fd })
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Inval {
+    Entry(u64, Vec<u8>),
+    Inode(u64, bool),
+}
+
+/// Runs the watch until the kernel channel goes away (the process exits with the mount).
+pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelChannel>) {
+    let own_pid = std::process::id() as i32;
+    let mut buf = vec![0u64; 8192];
+    let mut pending: HashSet<Inval> = HashSet::new();
+    let mut window_start: Option<Instant> = None;
+    loop {
+        let timeout = match window_start {
+            Some(t) => COALESCE.saturating_sub(t.elapsed()).as_millis() as i32,
+            None => -1,
+        };
+        let mut pfd = libc::pollfd { fd: watch.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout.max(0)) };
+        if r > 0 {
+            let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(buf.as_mut_slice());
+            // SAFETY: reading into our buffer.
+            let n = unsafe { libc::read(watch.fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
+            if n > 0 {
+                parse_events(&bytes[..n as usize], own_pid, &inodes, &mut pending);
+                if !pending.is_empty() && window_start.is_none() {
+                    window_start = Some(Instant::now());
+                }
+            }
+        }
+        if window_start.is_some_and(|t| t.elapsed() >= COALESCE) {
+            for inv in pending.drain() {
+                match inv {
+                    Inval::Entry(parent, name) => kernel.inval_entry(NodeId(parent), &name),
+                    Inval::Inode(node, data) => kernel.inval_inode(NodeId(node), if data { 0 } else { -1 }, 0),
+                }
+            }
+            window_start = None;
+        }
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4).map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// Walks a buffer of `fanotify_event_metadata` records with their info records.
+fn parse_events(buf: &[u8], own_pid: i32, inodes: &InodeTable, out: &mut HashSet<Inval>) {
+    let mut pos = 0usize;
+    // struct fanotify_event_metadata { u32 event_len; u8 vers; u8 reserved; u16 metadata_len;
+    //   u64 mask; i32 fd; i32 pid; }
+    while pos + 24 <= buf.len() {
+        let ev = &buf[pos..];
+        let event_len = u32_at(ev, 0) as usize;
+        let meta_len = u16::from_ne_bytes([ev[6], ev[7]]) as usize;
+        if event_len < 24 || event_len > ev.len() || meta_len > event_len {
+            return;
+        }
+        let mask = u64::from_ne_bytes(ev[8..16].try_into().unwrap_or([0; 8]));
+        let pid = u32_at(ev, 20) as i32;
+        if mask & FAN_Q_OVERFLOW != 0 {
+            log::warn!("backing-directory watch lost events (queue overflow); caches may be stale until they expire");
+        }
+        if pid != own_pid {
+            handle_event(&ev[meta_len..event_len], mask, inodes, out);
+        }
+        pos += event_len;
+    }
+}
+
+fn handle_event(mut info: &[u8], mask: u64, inodes: &InodeTable, out: &mut HashSet<Inval>) {
+    let names_change = mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
+    let data_change = mask & FAN_MODIFY != 0;
+    // struct fanotify_event_info_header { u8 info_type; u8 pad; u16 len; } then
+    // __kernel_fsid_t fsid (8 bytes), struct file_handle, [name\0].
+    while info.len() >= 4 {
+        let kind = info[0];
+        let len = u16::from_ne_bytes([info[2], info[3]]) as usize;
+        if len < 4 || len > info.len() {
+            return;
+        }
+        let rec = &info[4..len];
+        if rec.len() >= 16 && matches!(kind, INFO_FID | INFO_DFID_NAME | INFO_DFID) {
+            let fh = &rec[8..];
+            let handle_bytes = u32_at(fh, 0) as usize;
+            let handle_len = 8 + handle_bytes;
+            if handle_len <= fh.len() {
+                let node = inodes.node_by_handle(&fh[..handle_len]);
+                match (kind, node) {
+                    (INFO_DFID_NAME, Some(parent)) if names_change => {
+                        let rest = &fh[handle_len..];
+                        let name = rest.split(|&b| b == 0).next().unwrap_or(&[]);
+                        if !name.is_empty() && name != b"." {
+                            out.insert(Inval::Entry(parent, name.to_vec()));
+                        }
+                        // The directory's own attributes and cached listing changed too.
+                        out.insert(Inval::Inode(parent, true));
+                    }
+                    (INFO_FID, Some(node)) => {
+                        out.insert(Inval::Inode(node, data_change));
+                    }
+                    (INFO_DFID, Some(node)) if names_change => {
+                        out.insert(Inval::Inode(node, false));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        info = &info[len..];
+    }
+}
