@@ -39,6 +39,10 @@ pub(crate) struct Reactor {
     pub(crate) pending: Vec<squeue::Entry128>,
     /// Operations in flight.
     pub(crate) inflight: usize,
+    /// The queue slot whose request is being polled (owner of the operations it submits).
+    pub(crate) current: Option<usize>,
+    /// Owner of each operation slot.
+    owners: Vec<Option<usize>>,
 }
 
 thread_local! {
@@ -64,12 +68,21 @@ impl Reactor {
     fn submit(&mut self, sqe: squeue::Entry128) -> usize {
         let idx = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::Free);
+            self.owners.push(None);
             self.slots.len() - 1
         });
         self.slots[idx] = Slot::Waiting(None);
+        self.owners[idx] = self.current;
         self.pending.push(sqe.user_data(IO_TAG | idx as u64));
         self.inflight += 1;
         idx
+    }
+
+    /// Operations in flight on behalf of queue slot `owner`.
+    pub(crate) fn ops_of(&self, owner: usize) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| self.owners[i] == Some(owner) && matches!(self.slots[i], Slot::Waiting(_)))
+            .collect()
     }
 
     /// Records the completion of slot `idx` and wakes its future.
@@ -231,4 +244,21 @@ pub async fn renameat2(
     let sqe =
         opcode::RenameAt::new(types::Fd(olddir), old.as_ptr(), types::Fd(newdir), new.as_ptr()).flags(flags).build();
     result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// Sleeps for `d`; on a queue thread this is an io_uring timeout, so the core keeps serving
+/// other requests, and an interrupted request's sleep is cancelled (`ECANCELED`).
+pub async fn sleep(d: std::time::Duration) -> io::Result<()> {
+    if !on_ring() {
+        std::thread::sleep(d);
+        return Ok(());
+    }
+    let ts = Box::new(types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()));
+    let sqe = opcode::Timeout::new(&*ts as *const types::Timespec).build();
+    let res = Op { sqe: Some(sqe.into()), slot: None }.await;
+    drop(ts);
+    match res {
+        r if r == -libc::ETIME || r >= 0 => Ok(()),
+        r => Err(io::Error::from_raw_os_error(-r)),
+    }
 }

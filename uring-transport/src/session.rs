@@ -19,7 +19,7 @@ use zerocopy::IntoBytes;
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
 use crate::notify::{Channel, NotifyStats};
-use crate::ring::{possible_cpus, run_uring_queue, QueueParams, QueueStats, StopSignal};
+use crate::ring::{possible_cpus, run_queue, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal};
 
 /// Which channel carries requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl SessionStats {
         self.requests.get(op as usize).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    fn record(&self, op: u32) {
+    pub(crate) fn record(&self, op: u32) {
         let i = (op as usize).min(opcode::COUNT);
         self.requests[i].fetch_add(1, Ordering::Relaxed);
     }
@@ -86,7 +86,6 @@ impl SessionStats {
 pub struct Session<F> {
     mounted: Mounted,
     dispatcher: Dispatcher<F>,
-    workers: usize,
     bufsize: usize,
     outsize: usize,
     payload_size: usize,
@@ -213,11 +212,10 @@ impl<F: FileSystem> Session<F> {
         } else {
             log::info!("transport: classic /dev/fuse channel (configured)");
         }
-        let queues = if uring { possible_cpus() } else { 0 };
+        let queues = if uring { possible_cpus() } else { cfg.workers.max(1) };
         Ok(Session {
             mounted,
             dispatcher: Dispatcher::new(fs),
-            workers: cfg.workers.max(1),
             bufsize,
             outsize,
             payload_size,
@@ -254,25 +252,51 @@ impl<F: FileSystem> Session<F> {
     }
 
     /// Serves requests until the connection goes away (unmount or abort).
+    ///
+    /// Either mode runs one thread per queue, each with its own io_uring: FUSE-over-io_uring
+    /// queues (one per possible CPU), or classic-channel queues reading their own non-blocking
+    /// clone of the session fd through io_uring. In io_uring mode the session fd itself is read
+    /// by one more thread for what the kernel keeps on /dev/fuse (FORGET, INTERRUPT).
     pub fn run(self) -> io::Result<()> {
-        if self.stats.uring {
-            return self.run_uring();
-        }
-        let mut fds = Vec::with_capacity(self.workers);
-        for _ in 1..self.workers {
-            fds.push(clone_fd(&self.mounted.fd)?);
-        }
+        let waker = StopSignal::new()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let nqueues = self.stats.queues.len();
+        let interrupts: Arc<Vec<InterruptInbox>> =
+            Arc::new((0..nqueues).map(|_| InterruptInbox::new()).collect::<io::Result<_>>()?);
         let mut handles = Vec::new();
-        for (i, fd) in fds.into_iter().enumerate() {
-            let d = self.dispatcher.clone();
-            let stats = self.stats.clone();
-            let (bufsize, outsize) = (self.bufsize, self.outsize);
-            let h = std::thread::Builder::new()
-                .name(format!("ringfs-w{}", i + 1))
-                .spawn(move || worker(&fd, &d, &stats, bufsize, outsize))?;
+        for (qid, qstats) in self.stats.queues.iter().enumerate() {
+            let channel = if self.stats.uring {
+                QueueChannel::Ring { fuse_fd: self.mounted.fd.as_raw_fd() }
+            } else {
+                let fd = clone_fd(&self.mounted.fd)?;
+                set_nonblocking(&fd)?;
+                QueueChannel::Dev { fd, bufsize: self.bufsize }
+            };
+            let params = QueueParams {
+                qid,
+                channel,
+                depth: self.queue_depth,
+                payload_size: self.payload_size,
+                dispatcher: self.dispatcher.clone(),
+                stats: qstats.clone(),
+                stop: stop.clone(),
+                wake_fd: waker.fd.as_raw_fd(),
+                interrupts: interrupts.clone(),
+                dev_counts: self.stats.clone(),
+            };
+            let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
+                if let Err(e) = run_queue(params) {
+                    log::error!("queue {qid}: {e}");
+                }
+            })?;
             handles.push(h);
         }
-        worker(&self.mounted.fd, &self.dispatcher, &self.stats, self.bufsize, self.outsize);
+        if self.stats.uring {
+            // FORGET, BATCH_FORGET and INTERRUPT still arrive on /dev/fuse.
+            worker(&self.mounted.fd, &self.dispatcher, &self.stats, &interrupts, self.bufsize, self.outsize);
+            stop.store(true, Ordering::Release);
+            waker.wake(handles.len());
+        }
         for h in handles {
             let _ = h.join();
         }
@@ -282,40 +306,14 @@ impl<F: FileSystem> Session<F> {
     }
 }
 
-impl<F: FileSystem> Session<F> {
-    fn run_uring(self) -> io::Result<()> {
-        let waker = StopSignal::new()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
-        for (qid, qstats) in self.stats.queues.iter().enumerate() {
-            let params = QueueParams {
-                qid,
-                fuse_fd: self.mounted.fd.as_raw_fd(),
-                depth: self.queue_depth,
-                payload_size: self.payload_size,
-                dispatcher: self.dispatcher.clone(),
-                stats: qstats.clone(),
-                stop: stop.clone(),
-                wake_fd: waker.fd.as_raw_fd(),
-            };
-            let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
-                if let Err(e) = run_uring_queue(params) {
-                    log::error!("queue {qid}: {e}");
-                }
-            })?;
-            handles.push(h);
-        }
-        // FORGET, BATCH_FORGET and INTERRUPT still arrive on /dev/fuse.
-        worker(&self.mounted.fd, &self.dispatcher, &self.stats, self.bufsize, self.outsize);
-        stop.store(true, Ordering::Release);
-        waker.wake(handles.len());
-        for h in handles {
-            let _ = h.join();
-        }
-        self.channel.stop();
-        self.dispatcher.fs().destroy();
-        Ok(())
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Why FUSE over io_uring is not in use, for the log and for start-up errors.
@@ -330,7 +328,14 @@ pub fn uring_unavailable_reason() -> String {
 /// The fuse module parameter that switches FUSE over io_uring on.
 pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
-fn worker<F: FileSystem>(fd: &OwnedFd, d: &Dispatcher<F>, stats: &SessionStats, bufsize: usize, outsize: usize) {
+fn worker<F: FileSystem>(
+    fd: &OwnedFd,
+    d: &Dispatcher<F>,
+    stats: &SessionStats,
+    interrupts: &[InterruptInbox],
+    bufsize: usize,
+    outsize: usize,
+) {
     let mut inbuf = AlignedBuf::new(bufsize);
     let mut outbuf = AlignedBuf::new(outsize);
     let out = outbuf.bytes_mut();
@@ -368,6 +373,13 @@ fn worker<F: FileSystem>(fd: &OwnedFd, d: &Dispatcher<F>, stats: &SessionStats, 
             }
         };
         stats.record(req.header.opcode);
+        if let Operation::Interrupt { arg } = &req.op {
+            // The request runs on some queue: tell them all; the one serving it cancels it.
+            for inbox in interrupts {
+                inbox.push(arg.unique);
+            }
+            continue;
+        }
         match block_on(d.dispatch(&req, &mut out[16..])) {
             Outcome::Reply { error, len } => {
                 if error != 0 {

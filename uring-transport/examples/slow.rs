@@ -1,0 +1,106 @@
+//! A deliberately slow file system for tests: one file, `slow`, whose every lookup and read
+//! takes `DELAY_MS` milliseconds (default 3000), and one file, `fast`, answered at once.
+//!
+//! The delay is an io_uring timeout on the serving queue (`uring_transport::io::sleep`), so
+//! other requests on the same core keep completing, and an interrupted read ends at once
+//! with EINTR. `slow MOUNTPOINT [dev-fuse|uring|auto]`; `umount MOUNTPOINT` ends it.
+
+use std::ffi::CStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::init::InitParams;
+use protocol::*;
+use uring_transport::mount::{mount, MountOptions};
+use uring_transport::{Session, SessionConfig, TransportMode};
+
+const TEXT: &[u8] = b"0123456789abcdef";
+
+struct Slow {
+    delay: Duration,
+}
+
+fn attr(node: NodeId) -> FileAttr {
+    let (mode, size, nlink) =
+        if node == NodeId::ROOT { (libc::S_IFDIR | 0o755, 0, 2) } else { (libc::S_IFREG | 0o444, TEXT.len(), 1) };
+    FileAttr { ino: node.0, mode, size: size as u64, nlink, blksize: 4096, ..Default::default() }
+}
+
+impl FileSystem for Slow {
+    fn init(&self, conn: &mut ConnInfo) -> Result<()> {
+        conn.readdirplus = false;
+        Ok(())
+    }
+
+    async fn lookup(&self, _: &Context, parent: NodeId, name: &CStr) -> Result<Entry> {
+        let node = match (parent, name.to_bytes()) {
+            (NodeId::ROOT, b"slow") => NodeId(2),
+            (NodeId::ROOT, b"fast") => NodeId(3),
+            _ => return Err(Errno::ENOENT),
+        };
+        if node == NodeId(2) {
+            uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
+        }
+        let t = Duration::ZERO;
+        Ok(Entry { nodeid: node, generation: 0, attr: attr(node), entry_timeout: t, attr_timeout: t })
+    }
+
+    async fn getattr(&self, _: &Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
+        Ok(AttrOut { attr: attr(node), timeout: Duration::ZERO })
+    }
+
+    async fn open(&self, _: &Context, _: NodeId, _: u32) -> Result<Opened> {
+        // Direct I/O: every read reaches the server (no page cache hits).
+        Ok(Opened { fh: FileHandle(0), options: OpenOptions { direct_io: true, ..OpenOptions::default() } })
+    }
+
+    async fn read(&self, _: &Context, node: NodeId, _: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if node == NodeId(2) {
+            uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
+        }
+        let data = TEXT.get(offset as usize..).unwrap_or(&[]);
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        Ok(n)
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mountpoint = args.next().expect("usage: slow MOUNTPOINT [dev-fuse|uring|auto]");
+    let transport = match args.next().as_deref() {
+        Some("dev-fuse") => TransportMode::DevFuse,
+        Some("uring") => TransportMode::Uring,
+        _ => TransportMode::Auto,
+    };
+    let delay = Duration::from_millis(std::env::var("DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000));
+    let opts = MountOptions {
+        mountpoint: std::fs::canonicalize(mountpoint)?,
+        fsname: "slow".into(),
+        subtype: "slow".into(),
+        allow_other: true,
+        default_permissions: true,
+        read_only: true,
+        nosuid: true,
+        nodev: true,
+        noexec: true,
+        max_read: 128 * 1024,
+    };
+    let mounted = mount(&opts)?;
+    let cfg = SessionConfig {
+        workers: 1,
+        init: InitParams {
+            max_write: 128 * 1024,
+            max_readahead: 128 * 1024,
+            max_background: 16,
+            congestion_threshold: 12,
+            writeback_cache: false,
+            passthrough: false,
+            over_io_uring: false,
+            default_permissions: true,
+        },
+        transport,
+        queue_depth: 8,
+    };
+    Session::init(mounted, Arc::new(Slow { delay }), &cfg)?.run()
+}
