@@ -1,5 +1,6 @@
-//! A deliberately slow file system for tests: one file, `slow`, whose every lookup and read
-//! takes `DELAY_MS` milliseconds (default 3000), and one file, `fast`, answered at once.
+//! A deliberately slow file system for tests: a file `slow` whose every read takes `DELAY_MS`
+//! milliseconds (default 3000), a name `slowlookup` whose every lookup takes as long, and a
+//! file `fast` answered at once.
 //!
 //! The delay is an io_uring timeout on the serving queue (`uring_transport::io::sleep`), so
 //! other requests on the same core keep completing, and an interrupted read ends at once
@@ -36,9 +37,10 @@ impl FileSystem for Slow {
         let node = match (parent, name.to_bytes()) {
             (NodeId::ROOT, b"slow") => NodeId(2),
             (NodeId::ROOT, b"fast") => NodeId(3),
+            (NodeId::ROOT, b"slowlookup") => NodeId(4),
             _ => return Err(Errno::ENOENT),
         };
-        if node == NodeId(2) {
+        if node == NodeId(4) {
             uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
         }
         let t = Duration::ZERO;

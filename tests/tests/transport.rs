@@ -1,0 +1,239 @@
+//! The transports: requests really travel the io_uring queues, both transports serve real
+//! workloads, a slow backing file stalls only its own request, and INTERRUPT cancels.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use support::{metric, on_cpu, require, samples, Server};
+
+/// Opcodes the kernel keeps on /dev/fuse even in io_uring mode.
+const DEV_FUSE_ONLY: &[&str] = &["init", "forget", "batch_forget", "interrupt"];
+
+#[test]
+fn requests_travel_the_rings() {
+    if !require("requests_travel_the_rings", true, &[]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    let mut m = Server::ringfs("transport=uring,passthrough=false,metrics_addr=127.0.0.1:0");
+    let ncpu = support::cpus();
+    let handles: Vec<_> = (0..ncpu)
+        .map(|cpu| {
+            let dir = m.mountpoint.clone();
+            on_cpu(cpu, move || {
+                for i in 0..50 {
+                    let p = dir.join(format!("cpu{cpu}-{i}"));
+                    let mut f = std::fs::File::create(&p).expect("create");
+                    f.write_all(b"hello rings").expect("write");
+                    drop(f);
+                    let mut s = String::new();
+                    std::fs::File::open(&p).expect("open").read_to_string(&mut s).expect("read");
+                    assert_eq!(s, "hello rings");
+                    std::fs::remove_file(&p).expect("unlink");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("worker");
+    }
+    let text = m.scrape();
+    assert_eq!(metric(&text, "ringfs_transport_info{transport=\"io_uring\"}"), 1.0, "{text}");
+    let queues = samples(&text, "ringfs_queue_requests_total");
+    assert_eq!(queues.len(), ncpu.max(queues.len()), "one queue per possible CPU: {queues:?}");
+    for (labels, v) in &queues {
+        let q: usize = labels.trim_start_matches("queue=\"").trim_end_matches('"').parse().unwrap_or(usize::MAX);
+        if q < ncpu {
+            assert!(*v > 0.0, "queue {q} served nothing although its CPU did work: {queues:?}");
+        }
+    }
+    for (labels, v) in samples(&text, "ringfs_devfuse_requests_total") {
+        let op = labels.trim_start_matches("op=\"").trim_end_matches('"').to_string();
+        assert!(DEV_FUSE_ONLY.contains(&op.as_str()), "{v} {op} requests came through /dev/fuse in uring mode");
+    }
+}
+
+/// The kernel's switch is machine-wide: tests of this binary that mount hold it shared; the
+/// one test that turns it off holds it exclusively.
+static URING_SWITCH: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+struct RestoreUring;
+
+impl Drop for RestoreUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(URING_PARAM, "1");
+    }
+}
+
+#[test]
+fn without_kernel_uring_auto_falls_back_and_uring_refuses() {
+    if !require("without_kernel_uring_auto_falls_back_and_uring_refuses", true, &[]) {
+        return;
+    }
+    let _exclusive = URING_SWITCH.write().unwrap_or_else(|e| e.into_inner());
+    std::fs::write(URING_PARAM, "0").expect("switch FUSE io_uring off");
+    let _restore = RestoreUring;
+    // transport=uring: a clear start-up error, nothing mounted.
+    let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+    let mnt = tempfile::tempdir_in("/tmp").expect("tempdir");
+    let out = std::process::Command::new(support::ringfs_bin())
+        .args(["mount", src.path().to_str().unwrap_or(""), mnt.path().to_str().unwrap_or("")])
+        .args(["-o", "transport=uring,metrics_addr="])
+        .output()
+        .expect("run ringfs");
+    assert!(!out.status.success(), "transport=uring started without kernel support");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("enable_uring"), "error does not say why: {err}");
+    assert!(std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .all(|l| !l.contains(mnt.path().to_str().unwrap_or("?"))));
+    // transport=auto: falls back to the classic channel and says why.
+    let mut m = Server::ringfs("transport=auto,metrics_addr=127.0.0.1:0");
+    std::fs::write(m.mountpoint.join("x"), b"fallback").expect("write");
+    assert_eq!(std::fs::read(m.mountpoint.join("x")).expect("read"), b"fallback");
+    let text = m.scrape();
+    assert_eq!(metric(&text, "ringfs_transport_info{transport=\"dev_fuse\"}"), 1.0, "{text}");
+    assert!(m.log().contains("switched off"), "no reason logged: {}", m.log());
+}
+
+fn slow_backing_case(transport: &str) {
+    // ringfs over a file system whose reads take 3 s: a read of the slow file must not delay a
+    // stat and a read of another file served by the same core.
+    let slow = Server::slow("auto", 3000);
+    let mut m = Server::ringfs_on(
+        &slow.mountpoint,
+        &format!(
+            "transport={transport},passthrough=false,attr_timeout=0,entry_timeout=0,metrics_addr=127.0.0.1:0,workers=1"
+        ),
+        vec![],
+    );
+    let mnt = m.mountpoint.clone();
+    // Look both names up first (lookups are synchronous in the server).
+    std::fs::metadata(mnt.join("slow")).expect("stat slow");
+    std::fs::metadata(mnt.join("fast")).expect("stat fast");
+    let slow_path = mnt.join("slow");
+    let reader = on_cpu(0, move || {
+        let start = Instant::now();
+        let mut f =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&slow_path).expect("open slow");
+        let mut buf = vec![0u8; 4096];
+        let _ = f.read(&mut buf);
+        start.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let fast_path = mnt.join("fast");
+    let fast = on_cpu(0, move || {
+        let start = Instant::now();
+        for _ in 0..20 {
+            std::fs::metadata(&fast_path).expect("stat fast");
+        }
+        let data = std::fs::read(&fast_path).expect("read fast");
+        (start.elapsed(), data)
+    })
+    .join()
+    .expect("fast thread");
+    let slow_took = reader.join().expect("slow thread");
+    assert_eq!(fast.1, b"0123456789abcdef");
+    assert!(slow_took >= Duration::from_millis(2500), "the slow read was not slow ({slow_took:?}): test is void");
+    assert!(
+        fast.0 < Duration::from_millis(1500),
+        "{transport}: requests on the same core waited for the slow backing read ({:?})\n{}",
+        fast.0,
+        m.log()
+    );
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+#[test]
+fn slow_backing_file_stalls_only_its_request_uring() {
+    if !require("slow_backing_file_stalls_only_its_request_uring", true, &["slow"]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    slow_backing_case("uring");
+}
+
+#[test]
+fn slow_backing_file_stalls_only_its_request_dev_fuse() {
+    if !require("slow_backing_file_stalls_only_its_request_dev_fuse", false, &["slow"]) {
+        return;
+    }
+    slow_backing_case("dev-fuse");
+}
+
+fn interrupt_case(transport: &str) {
+    let slow = Server::slow(transport, 5000);
+    let path = slow.mountpoint.join("slowlookup");
+    let mut child = std::process::Command::new("stat").arg(&path).spawn().expect("spawn stat");
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait stat");
+    let took = start.elapsed();
+    assert!(!status.success());
+    assert!(took < Duration::from_millis(2000), "{transport}: interrupted lookup still took {took:?}");
+    // The file system keeps serving afterwards.
+    assert_eq!(std::fs::read(slow.mountpoint.join("fast")).expect("read fast"), b"0123456789abcdef");
+}
+
+#[test]
+fn interrupt_cancels_in_flight_request_uring() {
+    if !require("interrupt_cancels_in_flight_request_uring", true, &["slow"]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    interrupt_case("uring");
+}
+
+#[test]
+fn interrupt_cancels_in_flight_request_dev_fuse() {
+    if !require("interrupt_cancels_in_flight_request_dev_fuse", false, &["slow"]) {
+        return;
+    }
+    interrupt_case("dev-fuse");
+}
+
+fn workload(dir: &std::path::Path) {
+    for i in 0..200 {
+        let p = dir.join(format!("f{i}"));
+        std::fs::write(&p, vec![i as u8; 10_000 + i]).expect("write");
+    }
+    let mut names: Vec<_> = std::fs::read_dir(dir).expect("readdir").map(|e| e.expect("entry").file_name()).collect();
+    names.sort();
+    assert_eq!(names.len(), 200);
+    for i in 0..200 {
+        let p = dir.join(format!("f{i}"));
+        assert_eq!(std::fs::metadata(&p).expect("stat").size(), 10_000 + i as u64);
+        assert_eq!(std::fs::read(&p).expect("read"), vec![i as u8; 10_000 + i]);
+        std::fs::rename(&p, dir.join(format!("g{i}"))).expect("rename");
+    }
+    for i in 0..200 {
+        std::fs::remove_file(dir.join(format!("g{i}"))).expect("unlink");
+    }
+    assert_eq!(std::fs::read_dir(dir).expect("readdir").count(), 0);
+}
+
+#[test]
+fn both_transports_serve_a_workload() {
+    if !require("both_transports_serve_a_workload", true, &[]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    for opts in [
+        "transport=uring,passthrough=false",
+        "transport=dev-fuse,passthrough=false",
+        "transport=uring",
+        "transport=dev-fuse",
+    ] {
+        let m = Server::ringfs(&format!("{opts},metrics_addr="));
+        workload(&m.mountpoint);
+    }
+}
