@@ -1,0 +1,283 @@
+//! Kernel offload: passthrough I/O never reaches the server, every fallback still opens,
+//! repeated metadata is answered by the kernel, and changes made directly on the backing
+//! directory show through the mount within 50 ms although the timeouts are an hour.
+
+mod support;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use support::{metric, require, Server};
+
+fn requests(text: &str, op: &str) -> f64 {
+    metric(text, &format!("ringfs_requests_total{{op=\"{op}\"}}"))
+}
+
+fn fallbacks(text: &str, reason: &str) -> f64 {
+    metric(text, &format!("ringfs_passthrough_fallbacks_total{{reason=\"{reason}\"}}"))
+}
+
+#[test]
+fn passthrough_reads_and_writes_never_reach_the_server() {
+    if !require("passthrough_reads_and_writes_never_reach_the_server", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let data: Vec<u8> = (0..8 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(m.source.join("big"), &data).expect("write backing");
+    assert_eq!(std::fs::read(m.mountpoint.join("big")).expect("read through mount"), data);
+    let mut f = std::fs::OpenOptions::new().write(true).open(m.mountpoint.join("big")).expect("open rw");
+    f.seek(SeekFrom::Start(4096)).expect("seek");
+    f.write_all(&[0xAB; 8192]).expect("write through mount");
+    drop(f);
+    let back = std::fs::read(m.source.join("big")).expect("read backing");
+    assert_eq!(&back[4096..4096 + 8192], &[0xAB; 8192][..]);
+    let text = m.scrape();
+    assert_eq!(metric(&text, "ringfs_passthrough_enabled"), 1.0, "{text}");
+    assert_eq!(requests(&text, "read"), 0.0, "reads reached the server:\n{text}");
+    assert_eq!(requests(&text, "write"), 0.0, "writes reached the server:\n{text}");
+    assert!(metric(&text, "ringfs_passthrough_opens_total") >= 2.0, "{text}");
+    assert_eq!(metric(&text, "ringfs_server_read_bytes_total"), 0.0);
+}
+
+#[test]
+fn mmap_odirect_and_splice_work_through_passthrough() {
+    if !require("mmap_odirect_and_splice_work_through_passthrough", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let path = m.mountpoint.join("f");
+    std::fs::write(&path, vec![1u8; 65536]).expect("create");
+    // mmap: a shared write lands in the backing file.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    // SAFETY: mapping 64 KiB of a file we just sized; unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            65536,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap failed: {}", std::io::Error::last_os_error());
+        let s = std::slice::from_raw_parts_mut(p as *mut u8, 65536);
+        assert_eq!(s[100], 1);
+        s[0..5].copy_from_slice(b"MMAP!");
+        assert_eq!(libc::msync(p, 65536, libc::MS_SYNC), 0);
+        libc::munmap(p, 65536);
+    }
+    drop(f);
+    assert_eq!(&std::fs::read(m.source.join("f")).expect("backing")[..5], b"MMAP!");
+    // O_DIRECT: aligned read and write.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("open O_DIRECT");
+    let layout = std::alloc::Layout::from_size_align(8192, 4096).expect("layout");
+    // SAFETY: an aligned allocation of 8192 bytes, freed below.
+    let buf = unsafe { std::slice::from_raw_parts_mut(std::alloc::alloc_zeroed(layout), 8192) };
+    buf.fill(7);
+    f.seek(SeekFrom::Start(8192)).expect("seek");
+    f.write_all(buf).expect("O_DIRECT write");
+    buf.fill(0);
+    f.seek(SeekFrom::Start(8192)).expect("seek");
+    f.read_exact(buf).expect("O_DIRECT read");
+    assert!(buf.iter().all(|&b| b == 7));
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf.as_mut_ptr(), layout) };
+    drop(f);
+    // splice: file → pipe → file.
+    let src = std::fs::File::open(&path).expect("open");
+    let dst = std::fs::File::create(m.mountpoint.join("copy")).expect("create copy");
+    let mut fds = [0i32; 2];
+    // SAFETY: plain syscalls on fds we own.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        let mut moved = 0usize;
+        while moved < 65536 {
+            let n = libc::splice(
+                std::os::fd::AsRawFd::as_raw_fd(&src),
+                std::ptr::null_mut(),
+                fds[1],
+                std::ptr::null_mut(),
+                16384,
+                0,
+            );
+            assert!(n > 0, "splice in: {}", std::io::Error::last_os_error());
+            let w = libc::splice(
+                fds[0],
+                std::ptr::null_mut(),
+                std::os::fd::AsRawFd::as_raw_fd(&dst),
+                std::ptr::null_mut(),
+                n as usize,
+                0,
+            );
+            assert_eq!(w, n, "splice out: {}", std::io::Error::last_os_error());
+            moved += n as usize;
+        }
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    drop(dst);
+    assert_eq!(std::fs::read(m.mountpoint.join("copy")).expect("read copy"), std::fs::read(&path).expect("read"));
+    let text = m.scrape();
+    assert_eq!(requests(&text, "read"), 0.0, "{text}");
+}
+
+#[test]
+fn every_fallback_case_still_opens() {
+    if !require("every_fallback_case_still_opens", false, &[]) {
+        return;
+    }
+    // 1. Passthrough switched off.
+    let mut off = Server::ringfs("passthrough=false,metrics_addr=127.0.0.1:0");
+    std::fs::write(off.mountpoint.join("a"), b"no passthrough").expect("write");
+    assert_eq!(std::fs::read(off.mountpoint.join("a")).expect("read"), b"no passthrough");
+    let text = off.scrape();
+    assert_eq!(metric(&text, "ringfs_passthrough_enabled"), 0.0);
+    assert!(requests(&text, "read") >= 1.0, "{text}");
+    drop(off);
+
+    // 2. A set-uid file written by another user: served by the server (which clears the bit),
+    //    and a later open of the same inode follows that inode's mode.
+    let mut m = Server::ringfs("allow_other,metrics_addr=127.0.0.1:0");
+    std::fs::set_permissions(&m.mountpoint, std::fs::Permissions::from_mode(0o777)).expect("chmod root");
+    let suid = m.mountpoint.join("suid");
+    std::fs::write(&suid, b"#!/bin/sh\n").expect("create");
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4777)).expect("chmod");
+    let mut writer = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(format!("exec 3>>{0}; echo appended >&3; sleep 1; echo again >&3", suid.display()))
+        .spawn()
+        .expect("setpriv");
+    std::thread::sleep(Duration::from_millis(400));
+    // Root opens the same inode while the other user's cached open is live.
+    let mut s = String::new();
+    std::fs::File::open(&suid).expect("open while cached").read_to_string(&mut s).expect("read");
+    assert!(s.starts_with("#!/bin/sh"));
+    assert!(writer.wait().expect("wait").success());
+    let mode = std::fs::metadata(m.source.join("suid")).expect("stat").mode();
+    assert_eq!(mode & 0o4000, 0, "set-uid survived a write by another user: {mode:o}");
+    assert!(std::fs::read_to_string(m.source.join("suid")).expect("read").ends_with("appended\nagain\n"));
+    let text = m.scrape();
+    assert!(fallbacks(&text, "setid") >= 1.0, "{text}");
+    assert!(fallbacks(&text, "inode_cached") >= 1.0, "{text}");
+    drop(m);
+
+    // 3. The kernel refuses the backing file: an overlayfs backing directory is already at the
+    //    stacking depth passthrough allows.
+    let base = tempfile::tempdir_in("/tmp").expect("tempdir");
+    for d in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir(base.path().join(d)).expect("mkdir");
+    }
+    std::fs::write(base.path().join("lower/f"), b"from overlay").expect("write lower");
+    let b = base.path().display();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={b}/lower,upperdir={b}/upper,workdir={b}/work"))
+        .arg(base.path().join("merged"))
+        .status()
+        .expect("mount overlay")
+        .success();
+    assert!(ok, "cannot mount overlayfs for the refusal case");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _overlay = Unmount(base.path().join("merged"));
+    let mut o = Server::ringfs_on(&base.path().join("merged"), "metrics_addr=127.0.0.1:0", vec![]);
+    assert_eq!(std::fs::read(o.mountpoint.join("f")).expect("read over overlay"), b"from overlay");
+    std::fs::write(o.mountpoint.join("g"), b"written").expect("write over overlay");
+    let text = o.scrape();
+    assert!(fallbacks(&text, "refused") >= 1.0, "{text}");
+    drop(o);
+}
+
+#[test]
+fn repeated_stats_are_answered_by_the_kernel() {
+    if !require("repeated_stats_are_answered_by_the_kernel", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    std::fs::write(m.source.join("s"), b"x").expect("write");
+    let p = m.mountpoint.join("s");
+    std::fs::metadata(&p).expect("first stat");
+    let before = m.scrape();
+    for _ in 0..1000 {
+        std::fs::metadata(&p).expect("stat");
+    }
+    let after = m.scrape();
+    let delta = |op: &str| requests(&after, op) - requests(&before, op);
+    let total = delta("getattr") + delta("lookup") + delta("statx");
+    assert!(total <= 1.0, "1000 stats caused {total} GETATTR/LOOKUP/STATX requests");
+}
+
+fn wait_visible(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    None
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[test]
+fn backing_changes_show_through_within_50ms() {
+    if !require("backing_changes_show_through_within_50ms", false, &[]) {
+        return;
+    }
+    let m = Server::ringfs("entry_timeout=3600,attr_timeout=3600,negative_timeout=3600,coherence=watch,metrics_addr=");
+    let (src, mnt) = (m.source.clone(), m.mountpoint.clone());
+    let limit = Duration::from_secs(2);
+    let mut lat: Vec<Duration> = Vec::new();
+    let mut record = |what: &str, i: usize, d: Option<Duration>| match d {
+        Some(d) => lat.push(d),
+        None => panic!("{what} #{i} made on the backing directory never showed through the mount"),
+    };
+    for i in 0..40 {
+        // rename
+        let (a, b) = (format!("r{i}a"), format!("r{i}b"));
+        std::fs::write(src.join(&a), b"r").expect("create");
+        assert!(std::fs::metadata(mnt.join(&a)).is_ok());
+        assert!(std::fs::metadata(mnt.join(&b)).is_err());
+        std::fs::rename(src.join(&a), src.join(&b)).expect("rename");
+        record("rename", i, wait_visible(limit, || mnt.join(&b).exists() && !mnt.join(&a).exists()));
+        // unlink
+        std::fs::remove_file(src.join(&b)).expect("unlink");
+        record("unlink", i, wait_visible(limit, || !mnt.join(&b).exists()));
+        // chmod
+        let c = format!("c{i}");
+        std::fs::write(src.join(&c), b"0123456789").expect("create");
+        let backing_mode = std::fs::metadata(src.join(&c)).expect("stat").mode() & 0o777;
+        assert_eq!(std::fs::metadata(mnt.join(&c)).expect("stat").mode() & 0o777, backing_mode);
+        std::fs::set_permissions(src.join(&c), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        record(
+            "chmod",
+            i,
+            wait_visible(limit, || std::fs::metadata(mnt.join(&c)).is_ok_and(|md| md.mode() & 0o777 == 0o600)),
+        );
+        // truncate
+        std::fs::OpenOptions::new().write(true).open(src.join(&c)).expect("open").set_len(3).expect("truncate");
+        record("truncate", i, wait_visible(limit, || std::fs::metadata(mnt.join(&c)).is_ok_and(|md| md.size() == 3)));
+        // write (content visible through a fresh read)
+        std::fs::write(src.join(&c), format!("content {i}")).expect("write");
+        let want = format!("content {i}");
+        record("write", i, wait_visible(limit, || std::fs::read_to_string(mnt.join(&c)).is_ok_and(|s| s == want)));
+    }
+    let p = p99(lat.clone());
+    assert!(p <= Duration::from_millis(50), "p99 visibility {p:?} over {} trials", lat.len());
+    assert_eq!(lat.len(), 200);
+}
