@@ -99,7 +99,8 @@ pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelC
     let mut window_start: Option<Instant> = None;
     loop {
         let timeout = match window_start {
-            Some(t) => COALESCE.saturating_sub(t.elapsed()).as_millis() as i32,
+            // Rounded up: a window with less than a millisecond left must not spin on poll(0).
+            Some(t) => COALESCE.saturating_sub(t.elapsed()).as_micros().div_ceil(1000) as i32,
             None => -1,
         };
         let mut pfd = libc::pollfd { fd: watch.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
