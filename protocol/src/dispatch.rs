@@ -176,7 +176,9 @@ impl<F: FileSystem> Dispatcher<F> {
     pub async fn dispatch(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
         let start = Instant::now();
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let slot = self.stats.inflight_starts.enter();
         let outcome = self.serve(req, out).await;
+        self.stats.inflight_starts.exit(slot);
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         let op = req.header.opcode;
         let (error, len) = match outcome {

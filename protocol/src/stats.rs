@@ -4,8 +4,9 @@
 //! uncontended atomic adds and never allocates; readers (the metrics endpoint) sum whenever
 //! they like. Latency buckets are fixed ([`LATENCY_BOUNDS_NS`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::abi::opcode;
 
@@ -62,6 +63,61 @@ impl Default for OpCounters {
     }
 }
 
+/// Start times of the requests being served, to report the oldest one's age.
+///
+/// A fixed table of slots; a request claims a free slot (compare-and-swap of 0 → its start
+/// time) and clears it when done. When every slot is taken the request simply goes untracked.
+#[derive(Debug)]
+pub struct InFlight {
+    slots: Box<[AtomicU64]>,
+    next: AtomicUsize,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    // +1 so that a start time is never 0 (the free marker).
+    epoch().elapsed().as_nanos().min(u64::MAX as u128 - 1) as u64 + 1
+}
+
+impl InFlight {
+    const SLOTS: usize = 4096;
+
+    fn new() -> Self {
+        epoch();
+        InFlight { slots: (0..Self::SLOTS).map(|_| AtomicU64::new(0)).collect(), next: AtomicUsize::new(0) }
+    }
+
+    /// Records a request start; returns its slot (or `usize::MAX` when untracked).
+    pub fn enter(&self) -> usize {
+        let start = now_ns();
+        let base = self.next.fetch_add(1, Ordering::Relaxed);
+        for k in 0..8 {
+            let i = (base + k * 97) % Self::SLOTS;
+            if self.slots[i].compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                return i;
+            }
+        }
+        usize::MAX
+    }
+
+    /// Records a request end.
+    pub fn exit(&self, slot: usize) {
+        if let Some(s) = self.slots.get(slot) {
+            s.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Age of the oldest request being served (zero when none).
+    pub fn oldest_age(&self) -> Duration {
+        let oldest = self.slots.iter().map(|s| s.load(Ordering::Relaxed)).filter(|&v| v != 0).min();
+        oldest.map_or(Duration::ZERO, |start| Duration::from_nanos(now_ns().saturating_sub(start)))
+    }
+}
+
 /// Dispatcher statistics.
 #[derive(Debug)]
 pub struct DispatchStats {
@@ -73,6 +129,8 @@ pub struct DispatchStats {
     pub in_flight: AtomicU64,
     /// Requests whose arguments could not be parsed.
     pub malformed: AtomicU64,
+    /// Start times of the requests being served.
+    pub inflight_starts: InFlight,
 }
 
 impl Default for DispatchStats {
@@ -82,6 +140,7 @@ impl Default for DispatchStats {
             errnos: (0..ERRNO_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             in_flight: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            inflight_starts: InFlight::new(),
         }
     }
 }
@@ -122,6 +181,20 @@ impl DispatchStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oldest_in_flight_age() {
+        let f = InFlight::new();
+        assert_eq!(f.oldest_age(), Duration::ZERO);
+        let a = f.enter();
+        std::thread::sleep(Duration::from_millis(20));
+        let b = f.enter();
+        assert!(f.oldest_age() >= Duration::from_millis(20));
+        f.exit(a);
+        assert!(f.oldest_age() < Duration::from_millis(20));
+        f.exit(b);
+        assert_eq!(f.oldest_age(), Duration::ZERO);
+    }
 
     #[test]
     fn buckets_and_errors() {

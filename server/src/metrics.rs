@@ -176,6 +176,14 @@ pub fn render(s: &Sources) -> String {
     }
     header(&mut out, "ringfs_requests_in_flight", "gauge", "Requests being served right now.");
     let _ = writeln!(out, "ringfs_requests_in_flight {}", ld(&s.dispatch.in_flight));
+    header(
+        &mut out,
+        "ringfs_oldest_request_age_seconds",
+        "gauge",
+        "Age of the oldest request being served (0 when idle).",
+    );
+    let _ =
+        writeln!(out, "ringfs_oldest_request_age_seconds {:.6}", s.dispatch.inflight_starts.oldest_age().as_secs_f64());
     header(&mut out, "ringfs_malformed_requests_total", "counter", "Requests that could not be parsed.");
     let _ = writeln!(out, "ringfs_malformed_requests_total {}", ld(&s.dispatch.malformed) + ld(&s.session.malformed));
     header(&mut out, "ringfs_server_read_bytes_total", "counter", "Bytes read by the server for READ requests.");
