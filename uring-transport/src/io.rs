@@ -262,3 +262,33 @@ pub async fn sleep(d: std::time::Duration) -> io::Result<()> {
         r => Err(io::Error::from_raw_os_error(-r)),
     }
 }
+
+/// openat2(2) with `RESOLVE_*` flags; returns the new descriptor.
+pub async fn openat2(
+    dirfd: RawFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let how = types::OpenHow::new().flags(flags as u64).mode(mode as u64).resolve(resolve);
+    let fd = if !on_ring() {
+        // SAFETY: valid path pointer and open_how of the size passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd,
+                path.as_ptr(),
+                &how as *const types::OpenHow,
+                size_of::<types::OpenHow>(),
+            )
+        };
+        sys(r as isize)?
+    } else {
+        let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow).build();
+        result(Op { sqe: Some(sqe.into()), slot: None }.await)?
+    };
+    // SAFETY: a descriptor the kernel just opened for us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}

@@ -247,6 +247,27 @@ impl PassthroughFs {
         Ok((id, st))
     }
 
+    /// True when the kernel checks permissions (`default_permissions`), so operations may run
+    /// with the server's credentials, and so through the queue's ring.
+    fn kernel_checks(&self) -> bool {
+        self.default_permissions.load(Ordering::Relaxed)
+    }
+
+    /// [`lookup_at`](Self::lookup_at) through the queue's io_uring (server credentials).
+    async fn lookup_at_ring(&self, dir: RawFd, name: &CStr) -> Result<(u64, libc::stat)> {
+        let fd = uring_transport::io::openat2(
+            dir,
+            name,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0,
+            sys::RESOLVE_STRICT,
+        )
+        .await?;
+        let st = sys::fstat_async(fd.as_raw_fd()).await?;
+        let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
+        Ok((id, st))
+    }
+
     /// After a successful creation of `name` in `dir`: look it up (as the server).
     fn created(&self, dir: RawFd, name: &CStr) -> Result<Entry> {
         let fd = sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT)?;
@@ -532,7 +553,14 @@ impl FileSystem for PassthroughFs {
         }
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
-        match self.lookup_at(ctx, pfd.as_raw_fd(), name) {
+        let found = if self.kernel_checks() {
+            // The kernel checked permissions: resolve through the queue's ring, so a slow
+            // backing directory does not hold the core.
+            self.lookup_at_ring(pfd.as_raw_fd(), name).await
+        } else {
+            self.lookup_at(ctx, pfd.as_raw_fd(), name)
+        };
+        match found {
             Ok((id, st)) => Ok(self.entry(id, &st)),
             Err(e) if e == Errno::ENOENT && !self.cfg.negative_timeout.is_zero() => {
                 Ok(Entry::negative(self.cfg.negative_timeout))
@@ -547,8 +575,11 @@ impl FileSystem for PassthroughFs {
 
     async fn getattr(&self, _ctx: &Context, node: NodeId, fh: Option<FileHandle>) -> Result<AttrOut> {
         let st = match fh.map(|fh| self.handle_fd(fh)) {
-            Some(Ok(h)) => sys::fstat(h.fd())?,
-            _ => sys::fstat(self.inodes.get(node.0)?.0.as_raw_fd())?,
+            Some(Ok(h)) => sys::fstat_async(h.fd()).await?,
+            _ => {
+                let (fd, _) = self.inodes.get(node.0)?;
+                sys::fstat_async(fd.as_raw_fd()).await?
+            }
         };
         Ok(self.attr_out(&st))
     }
@@ -650,6 +681,9 @@ impl FileSystem for PassthroughFs {
     async fn unlink(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        if self.kernel_checks() {
+            return Ok(uring_transport::io::unlinkat(pfd.as_raw_fd(), name, 0).await?);
+        }
         self.as_caller(ctx, false, || {
             // SAFETY: `name` is NUL-terminated.
             cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
@@ -659,6 +693,9 @@ impl FileSystem for PassthroughFs {
     async fn rmdir(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        if self.kernel_checks() {
+            return Ok(uring_transport::io::unlinkat(pfd.as_raw_fd(), name, libc::AT_REMOVEDIR).await?);
+        }
         self.as_caller(ctx, false, || {
             // SAFETY: `name` is NUL-terminated.
             cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
@@ -678,6 +715,9 @@ impl FileSystem for PassthroughFs {
         check_name(new_name)?;
         let (ofd, _) = self.inodes.get(parent.0)?;
         let (nfd, _) = self.inodes.get(new_parent.0)?;
+        if self.kernel_checks() {
+            return Ok(uring_transport::io::renameat2(ofd.as_raw_fd(), name, nfd.as_raw_fd(), new_name, flags).await?);
+        }
         self.as_caller(ctx, false, || sys::renameat2(ofd.as_raw_fd(), name, nfd.as_raw_fd(), new_name, flags))
     }
 

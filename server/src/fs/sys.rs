@@ -100,6 +100,37 @@ pub(crate) fn statx(fd: RawFd, flags: i32, mask: u32) -> Result<libc::statx> {
     Ok(unsafe { stx.assume_init() })
 }
 
+/// The `stat` view of a `statx` result (basic fields).
+pub(crate) fn stat_from_statx(x: &libc::statx) -> libc::stat {
+    // SAFETY: stat is plain data; all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    st.st_dev = libc::makedev(x.stx_dev_major, x.stx_dev_minor);
+    st.st_ino = x.stx_ino;
+    st.st_mode = x.stx_mode as u32;
+    st.st_nlink = x.stx_nlink as _;
+    st.st_uid = x.stx_uid;
+    st.st_gid = x.stx_gid;
+    st.st_rdev = libc::makedev(x.stx_rdev_major, x.stx_rdev_minor);
+    st.st_size = x.stx_size as i64;
+    st.st_blksize = x.stx_blksize as _;
+    st.st_blocks = x.stx_blocks as i64;
+    st.st_atime = x.stx_atime.tv_sec;
+    st.st_atime_nsec = x.stx_atime.tv_nsec as i64;
+    st.st_mtime = x.stx_mtime.tv_sec;
+    st.st_mtime_nsec = x.stx_mtime.tv_nsec as i64;
+    st.st_ctime = x.stx_ctime.tv_sec;
+    st.st_ctime_nsec = x.stx_ctime.tv_nsec as i64;
+    st
+}
+
+/// fstat through the queue's io_uring (a plain syscall off the queues).
+pub(crate) async fn fstat_async(fd: RawFd) -> Result<libc::stat> {
+    let x =
+        uring_transport::io::statx(fd, EMPTY, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW, libc::STATX_BASIC_STATS)
+            .await?;
+    Ok(stat_from_statx(&x))
+}
+
 /// Size of the `struct file_handle` header (handle_bytes, handle_type).
 const HANDLE_HEADER: usize = 8;
 /// Aligned buffer big enough for any `struct file_handle`.
