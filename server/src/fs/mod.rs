@@ -745,7 +745,13 @@ impl FileSystem for PassthroughFs {
         let flags = (flags as i32
             & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT))
             | libc::O_CLOEXEC;
-        let file = self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?;
+        let file = if self.kernel_checks() {
+            // Through the queue's ring: opening may block on the backing file (NFS, devices).
+            let name = sys::fd_name(fd.as_raw_fd());
+            uring_transport::io::openat2(self.proc_fd.as_raw_fd(), &name, flags, 0, 0).await?
+        } else {
+            self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?
+        };
         let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
         let fh = self.handles.insert_file(node.0, file);
         self.inodes.pin(node.0, &fd);
