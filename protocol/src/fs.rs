@@ -236,6 +236,8 @@ pub struct OpenOptions {
     pub cache_dir: bool,
     /// Allow parallel direct writes (FOPEN_PARALLEL_DIRECT_WRITES).
     pub parallel_direct_writes: bool,
+    /// Do not send FLUSH on close(2) (FOPEN_NOFLUSH): for file systems whose flush does nothing.
+    pub noflush: bool,
     /// Kernel does I/O on this backing id itself (FOPEN_PASSTHROUGH); see the transport's
     /// backing-file API. 0 = no passthrough.
     pub backing_id: i32,

@@ -78,6 +78,9 @@ pub fn open_out(o: &Opened) -> FuseOpenOut {
     if opts.parallel_direct_writes {
         open_flags |= fopen::PARALLEL_DIRECT_WRITES;
     }
+    if opts.noflush {
+        open_flags |= fopen::NOFLUSH;
+    }
     if opts.backing_id > 0 {
         open_flags |= fopen::PASSTHROUGH;
     }

@@ -91,6 +91,20 @@ pub struct PassthroughFs {
     no_fchmodat2: AtomicBool,
     /// Passthrough decisions and backing ids.
     passthrough: passthrough::Passthrough,
+    /// Closing a backing file does nothing worth a FLUSH round trip (local file systems); on
+    /// network file systems close-to-open semantics need it.
+    noflush: bool,
+}
+
+/// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
+fn close_matters(f_type: i64) -> bool {
+    const NFS: i64 = 0x6969;
+    const SMB2: i64 = 0xFE53_4D42;
+    const CIFS: i64 = 0xFF53_4D42;
+    const FUSE: i64 = 0x6573_5546;
+    const CEPH: i64 = 0x00C3_6400;
+    const AFS: i64 = 0x6B41_4653;
+    matches!(f_type, NFS | SMB2 | CIFS | FUSE | CEPH | AFS)
 }
 
 /// Open flags passed through to the backing file system on open/create.
@@ -107,6 +121,18 @@ const OPEN_FLAGS: i32 = libc::O_ACCMODE
     | libc::O_SYNC
     | libc::O_NOATIME
     | libc::O_LARGEFILE;
+
+/// `f_type` of the file system holding `path` (0 when unknown).
+fn backing_fs_type(path: &std::path::Path) -> i64 {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    let mut s = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid path and a writable statfs buffer.
+    if unsafe { libc::statfs(c.as_ptr(), s.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    // SAFETY: statfs succeeded.
+    unsafe { s.assume_init() }.f_type
+}
 
 fn io_err(e: Errno, what: &str) -> io::Error {
     let os = io::Error::from_raw_os_error(e.0);
@@ -154,6 +180,7 @@ impl PassthroughFs {
     /// Also sets the process umask to 0 (the kernel already applied the caller's umask) and
     /// drops the process's supplementary groups (callers' groups are set per operation).
     pub fn new(cfg: FsConfig) -> io::Result<PassthroughFs> {
+        let noflush = !close_matters(backing_fs_type(&cfg.source));
         // SAFETY: umask only changes the process file-creation mask.
         unsafe { libc::umask(0) };
         // Process-wide (glibc broadcasts to all threads): no stray groups of the server may
@@ -180,6 +207,7 @@ impl PassthroughFs {
             proc_fd,
             no_fchmodat2: AtomicBool::new(false),
             passthrough: Default::default(),
+            noflush,
         })
     }
 
@@ -292,7 +320,10 @@ impl PassthroughFs {
         self.inodes.pin(id, &ifd);
         Ok((
             self.entry(id, &st),
-            Opened { fh: FileHandle(fh), options: OpenOptions { backing_id, ..OpenOptions::default() } },
+            Opened {
+                fh: FileHandle(fh),
+                options: OpenOptions { backing_id, noflush: self.noflush, ..OpenOptions::default() },
+            },
         ))
     }
 
@@ -742,9 +773,9 @@ impl FileSystem for PassthroughFs {
         if kind == libc::S_IFDIR {
             return Err(Errno::EISDIR);
         }
-        let flags = (flags as i32
-            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_DIRECT))
-            | libc::O_CLOEXEC;
+        // Only flags open(2) knows: the kernel's may carry internal bits (__FMODE_EXEC for an
+        // exec) that openat2 would refuse with EINVAL.
+        let flags = (flags as i32 & OPEN_FLAGS) | libc::O_CLOEXEC;
         let file = if self.kernel_checks() {
             // Through the queue's ring: opening may block on the backing file (NFS, devices).
             let name = sys::fd_name(fd.as_raw_fd());
@@ -755,7 +786,10 @@ impl FileSystem for PassthroughFs {
         let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
         let fh = self.handles.insert_file(node.0, file);
         self.inodes.pin(node.0, &fd);
-        Ok(Opened { fh: FileHandle(fh), options: OpenOptions { backing_id, ..OpenOptions::default() } })
+        Ok(Opened {
+            fh: FileHandle(fh),
+            options: OpenOptions { backing_id, noflush: self.noflush, ..OpenOptions::default() },
+        })
     }
 
     async fn create(
