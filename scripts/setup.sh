@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Prepares a Debian 12 machine (as root) for building, running and testing ringfs. Idempotent:
+# a second run changes nothing and takes about a second.
+#
+# - Debian packages (apt-get update + install, only when one is missing)
+# - pjdfstest 0.2.2 (cargo install, only when missing or another version)
+# - the test users: nobody/nogroup (Debian base) and pjdtest (uid/gid 4242 when free)
+# - the fuse module, the fuse control file system at /sys/fs/fuse/connections
+# - FUSE over io_uring switched on (/sys/module/fuse/parameters/enable_uring = 1) when the kernel
+#   has the parameter: the tests exercise both transports. This is global to the machine.
+#
+# Quiet on success; every failure is printed and stops the script.
+set -euo pipefail
+
+log() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (installs packages, creates users, loads modules)"
+
+packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null || die "apt-get update failed"
+    # Some packages (prometheus) start a service; that is harmless here.
+    apt-get install -qq -y --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+fi
+
+# pjdfstest (the Rust rewrite) for the POSIX conformance test.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+pjd="${CARGO_HOME:-$HOME/.cargo}/bin/pjdfstest"
+if ! { [ -x "$pjd" ] && "$pjd" --version 2>/dev/null | grep -qx "pjdfstest 0.2.2"; }; then
+    command -v cargo >/dev/null 2>&1 || die "cargo not found (install the Rust toolchain first)"
+    log "installing pjdfstest 0.2.2"
+    cargo install --quiet pjdfstest --version 0.2.2 --locked || die "cargo install pjdfstest failed"
+fi
+
+# Users for the permission tests and pjdfstest's [dummy_auth] (tests/pjdfstest/pjdfstest.toml).
+getent passwd nobody >/dev/null || die "user nobody is missing (Debian's base-passwd provides it)"
+getent group nogroup >/dev/null || die "group nogroup is missing (Debian's base-passwd provides it)"
+if ! getent group pjdtest >/dev/null; then
+    if getent group 4242 >/dev/null; then groupadd pjdtest; else groupadd -g 4242 pjdtest; fi
+fi
+if ! getent passwd pjdtest >/dev/null; then
+    uid_opt=(-u 4242)
+    if getent passwd 4242 >/dev/null; then uid_opt=(); fi
+    useradd "${uid_opt[@]}" -g pjdtest -M -d / -s /usr/sbin/nologin -c "ringfs/pjdfstest dummy user" pjdtest
+fi
+[ "$(id -gn pjdtest)" = pjdtest ] || die "user pjdtest exists but its primary group is not pjdtest"
+
+# FUSE.
+if [ ! -e /sys/module/fuse ]; then
+    modprobe fuse || die "modprobe fuse failed"
+fi
+[ -c /dev/fuse ] || die "/dev/fuse is missing after loading the fuse module"
+if ! grep -q " /sys/fs/fuse/connections fusectl " /proc/mounts; then
+    mount -t fusectl none /sys/fs/fuse/connections || die "cannot mount fusectl on /sys/fs/fuse/connections"
+fi
+uring=/sys/module/fuse/parameters/enable_uring
+if [ -e "$uring" ]; then
+    if [ "$(cat "$uring")" != "Y" ]; then
+        echo 1 > "$uring" || die "cannot write 1 to $uring"
+        log "FUSE over io_uring switched on ($uring = 1; global to this machine until reboot)"
+    fi
+else
+    log "note: $uring does not exist (kernel without FUSE over io_uring): only /dev/fuse is tested"
+fi

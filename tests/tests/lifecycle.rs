@@ -1,0 +1,208 @@
+//! The server's life: clean shutdown on SIGTERM/SIGINT, the watchdog after SIGKILL, start-up
+//! errors, and what the mount looks like in /proc/self/mountinfo.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tests::{mount_at, require_root_fuse, run_ringfs, wait_until, Mount, FSTYPE};
+
+/// `stat(path)` works (no ENOTCONN from a dead FUSE connection).
+fn stat_ok(p: &Path) -> Result<fs::Metadata, std::io::Error> {
+    fs::metadata(p)
+}
+
+#[test]
+fn sigterm_exits_zero_and_unmounts() {
+    if !require_root_fuse("lifecycle::sigterm_exits_zero_and_unmounts") {
+        return;
+    }
+    let mut m = Mount::start(&[]);
+    fs::write(m.path("kept"), b"data").unwrap();
+    let under = fs::metadata(m.scratch()).unwrap().dev();
+    let status = m.terminate();
+    assert!(status.success(), "SIGTERM: exit status {status}; log:\n{}", m.log());
+    assert!(!m.is_mounted(), "still mounted after the server exited");
+    let md = stat_ok(&m.mountpoint).expect("stat of the mount point after shutdown");
+    assert_eq!(md.dev(), under, "the mount point is the plain directory again");
+    assert_eq!(fs::read_dir(&m.mountpoint).unwrap().count(), 0);
+    assert_eq!(fs::read(m.backing("kept")).unwrap(), b"data", "data survives in the backing dir");
+}
+
+#[test]
+fn sigint_exits_zero_and_unmounts() {
+    if !require_root_fuse("lifecycle::sigint_exits_zero_and_unmounts") {
+        return;
+    }
+    let mut m = Mount::start(&[]);
+    m.signal(libc::SIGINT);
+    let status = m.wait_exit(Duration::from_secs(10)).expect("ringfs exits within 10 s of SIGINT");
+    assert!(status.success(), "SIGINT: exit status {status}; log:\n{}", m.log());
+    assert!(!m.is_mounted());
+}
+
+#[test]
+fn sigterm_while_busy_detaches_then_exits_when_released() {
+    if !require_root_fuse("lifecycle::sigterm_while_busy_detaches_then_exits_when_released") {
+        return;
+    }
+    let mut m = Mount::start(&[]);
+    fs::write(m.path("open"), b"held open").unwrap();
+    let mut f = fs::File::open(m.path("open")).unwrap();
+    m.signal(libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(3), || !m.is_mounted()), "a busy mount is detached promptly on SIGTERM");
+    // The last user may still finish its work on the detached mount.
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "held open");
+    assert!(m.server_running(), "the server waits for the detached mount's last user");
+    drop(f);
+    let status = m.wait_exit(Duration::from_secs(5)).expect("ringfs exits once the last user is gone");
+    assert!(status.success(), "exit status {status}; log:\n{}", m.log());
+}
+
+#[test]
+fn sigkill_watchdog_unmounts_and_remount_works() {
+    if !require_root_fuse("lifecycle::sigkill_watchdog_unmounts_and_remount_works") {
+        return;
+    }
+    let mut m = Mount::start(&[]);
+    fs::write(m.backing("file"), b"after restart").unwrap();
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"after restart");
+    let killed = Instant::now();
+    m.kill9();
+    assert!(
+        wait_until(Duration::from_secs(2), || !m.is_mounted()),
+        "the watchdog did not unmount within 2 s of SIGKILL; log:\n{}",
+        m.log()
+    );
+    let took = killed.elapsed();
+    let md = stat_ok(&m.mountpoint).unwrap_or_else(|e| panic!("stat(mount point) after SIGKILL: {e}"));
+    assert!(md.is_dir());
+    eprintln!("watchdog unmounted {took:?} after SIGKILL");
+    // No watchdog (or other ringfs process) lingers holding the mount point.
+    let again = Mount::start_at(&m.source, &m.mountpoint, &[]);
+    assert_eq!(fs::read(again.path("file")).unwrap(), b"after restart", "a new mount on the same point works at once");
+    drop(again);
+}
+
+#[test]
+fn sigkill_with_open_files_does_not_hang_users() {
+    if !require_root_fuse("lifecycle::sigkill_with_open_files_does_not_hang_users") {
+        return;
+    }
+    let mut m = Mount::start(&[]);
+    fs::write(m.path("f"), b"x").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    let f = fs::File::open(m.path("f")).unwrap();
+    let d = fs::File::open(m.path("d")).unwrap();
+    m.kill9();
+    assert!(wait_until(Duration::from_secs(2), || !m.is_mounted()), "watchdog unmount with open files");
+    stat_ok(&m.mountpoint).expect("stat(mount point)");
+    // Users of the dead mount get an answer (data or an error), never a hang.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut f = f;
+        let mut buf = Vec::new();
+        let r = f.read_to_end(&mut buf).map(|_| buf);
+        let _ = tx.send(r.map_err(|e| e.raw_os_error()));
+        drop(d);
+    });
+    let r = rx.recv_timeout(Duration::from_secs(5)).expect("a read on the killed mount hangs");
+    eprintln!("read after SIGKILL: {r:?}");
+}
+
+/// Checks a start-up failure: non-zero exit, exactly one line on stderr that names `names`,
+/// and nothing mounted at `mountpoint`.
+fn assert_startup_error(args: &[&std::ffi::OsStr], names: &Path, mountpoint: &Path) {
+    let out = run_ringfs(args, Duration::from_secs(10));
+    assert!(!out.status.success(), "ringfs {args:?} succeeded; stderr: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line on stderr, got:\n{}", out.stderr);
+    assert!(lines[0].contains(&*names.to_string_lossy()), "the message names {}: {:?}", names.display(), lines[0]);
+    assert!(mount_at(mountpoint).is_none(), "something is mounted at {}", mountpoint.display());
+    // (Other tests mount concurrently: look only at this test's directory.)
+    let dir = mountpoint.parent().unwrap();
+    let ours: Vec<_> = tests::mountinfo().into_iter().filter(|m| m.mountpoint.starts_with(dir)).collect();
+    assert!(ours.is_empty(), "mounts under {}: {ours:?}", dir.display());
+}
+
+#[test]
+fn startup_errors_are_one_line_and_mount_nothing() {
+    if !require_root_fuse("lifecycle::startup_errors_are_one_line_and_mount_nothing") {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("ringfs-err-").tempdir_in("/tmp").unwrap();
+    let src = dir.path().join("src");
+    let mnt = dir.path().join("mnt");
+    let file = dir.path().join("file");
+    let missing = dir.path().join("missing");
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(&file, b"not a directory").unwrap();
+    let m = |a: &Path, b: &Path| -> Vec<std::ffi::OsString> {
+        vec!["mount".into(), a.into(), b.into(), "-o".into(), "metrics_addr=".into()]
+    };
+    let run = |args: Vec<std::ffi::OsString>, names: &Path, mountpoint: &Path| {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        assert_startup_error(&refs, names, mountpoint);
+    };
+    run(m(&missing, &mnt), &missing, &mnt);
+    run(m(&src, &missing), &missing, &missing);
+    run(m(&file, &mnt), &file, &mnt);
+    run(m(&src, &file), &file, &file);
+    assert!(!missing.exists(), "ringfs must not create a missing mount point");
+}
+
+#[test]
+fn not_root_is_refused() {
+    if !tests::require_root_fuse_setpriv("lifecycle::not_root_is_refused") {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("ringfs-nr-").tempdir_in("/tmp").unwrap();
+    fs::create_dir(dir.path().join("src")).unwrap();
+    fs::create_dir(dir.path().join("mnt")).unwrap();
+    let script = format!(
+        "exec '{}' mount '{}/src' '{}/mnt' -o metrics_addr=",
+        tests::ringfs_bin().display(),
+        dir.path().display(),
+        dir.path().display()
+    );
+    let out = tests::run_as(tests::NOBODY_UID, tests::NOBODY_GID, &script);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(126) || out.status.code() == Some(127) {
+        tests::skip("lifecycle::not_root_is_refused", &format!("nobody cannot execute the binary: {stderr}"));
+        return;
+    }
+    assert!(!out.status.success(), "ringfs ran as nobody and succeeded");
+    assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("root"), "the message says root is needed: {stderr}");
+    assert!(mount_at(&dir.path().join("mnt")).is_none());
+}
+
+#[test]
+fn mountinfo_shows_fstype_and_fsname() {
+    if !require_root_fuse("lifecycle::mountinfo_shows_fstype_and_fsname") {
+        return;
+    }
+    let m = Mount::start(&[]);
+    let info = mount_at(&m.mountpoint).expect("mounted");
+    assert_eq!(info.fstype, FSTYPE);
+    assert_eq!(Path::new(&info.source), m.source, "the default fsname is the backing directory");
+    assert!(info.super_options.contains("default_permissions"), "default_permissions is the default: {info:?}");
+    assert!(!info.super_options.contains("allow_other"), "allow_other is off by default: {info:?}");
+    drop(m);
+    let m = Mount::start(&["fsname=my-data", "allow_other"]);
+    let info = mount_at(&m.mountpoint).expect("mounted");
+    assert_eq!(info.source, "my-data");
+    assert!(info.super_options.contains("allow_other"), "{info:?}");
+    // /proc/mounts agrees.
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(&*m.mountpoint.to_string_lossy()))
+        .expect("the mount in /proc/mounts");
+    assert_eq!(line.split(' ').nth(2), Some(FSTYPE), "{line}");
+}

@@ -1,0 +1,257 @@
+//! Containment and permission checks through a real ringfs mount.
+//!
+//! Layout used by the containment tests: the backing directory is `A/backing` with a secret
+//! file `A/secret` next to it (outside the backing tree); the mount point is `B/mnt`, a different
+//! directory, with a decoy `B/secret`. Symlinks are resolved by the kernel in the caller's mount
+//! namespace, so `mnt/x -> ../secret` legitimately reaches `B/secret` (the decoy); what must
+//! never happen is that anything read through the mount yields `A/secret`, the file beside the
+//! backing directory.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tests::{as_user, cstr, require_root_fuse, Mount, NOBODY_GID, NOBODY_UID};
+
+const SECRET: &[u8] = b"BACKING-SIDE-SECRET";
+const DECOY: &[u8] = b"mount-side decoy";
+
+/// Builds `A/backing` + `A/secret`, mounts it on `B/mnt` and writes the decoy `B/secret`.
+fn contained_mount(opts: &[&str]) -> (tempfile::TempDir, Mount) {
+    let a = tempfile::Builder::new().prefix("ringfs-sec-").tempdir_in("/tmp").unwrap();
+    let backing = a.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    fs::set_permissions(a.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(a.path().join("secret"), SECRET).unwrap();
+    let m = Mount::start_with(&backing, opts);
+    fs::write(m.scratch().join("secret"), DECOY).unwrap();
+    assert_ne!(m.mountpoint.parent(), backing.parent(), "the layout needs distinct parents");
+    (a, m)
+}
+
+fn read_or_errno(p: &Path) -> Result<Vec<u8>, i32> {
+    fs::read(p).map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+#[test]
+fn relative_symlinks_do_not_reach_beside_the_backing_dir() {
+    if !require_root_fuse("security::relative_symlinks_do_not_reach_beside_the_backing_dir") {
+        return;
+    }
+    let (_a, m) = contained_mount(&[]);
+    fs::create_dir_all(m.backing("sub/deeper")).unwrap();
+    // Links planted in the backing directory.
+    std::os::unix::fs::symlink("../secret", m.backing("esc1")).unwrap();
+    std::os::unix::fs::symlink("../../secret", m.backing("sub/esc2")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../../../secret", m.backing("sub/deeper/esc3")).unwrap();
+    std::os::unix::fs::symlink("..", m.backing("up")).unwrap();
+    // Links created through the mount.
+    std::os::unix::fs::symlink("../secret", m.path("esc4")).unwrap();
+    std::os::unix::fs::symlink("../../secret", m.path("sub/esc5")).unwrap();
+    assert_eq!(fs::read_link(m.backing("sub/esc5")).unwrap(), Path::new("../../secret"), "targets are stored verbatim");
+
+    for link in ["esc1", "sub/esc2", "esc4", "sub/esc5", "up/secret"] {
+        let got = read_or_errno(&m.path(link));
+        assert_eq!(got, Ok(DECOY.to_vec()), "{link}: resolves beside the mount point, never beside the backing dir");
+    }
+    // Deep `..` chains end at / (the kernel clamps at the root): /secret does not exist.
+    assert_ne!(read_or_errno(&m.path("sub/deeper/esc3")), Ok(SECRET.to_vec()));
+    // `..` of the mount root is the mount point's parent.
+    let parent = fs::metadata(m.path("..")).unwrap();
+    let b = fs::metadata(m.scratch()).unwrap();
+    assert_eq!((parent.dev(), parent.ino()), (b.dev(), b.ino()), "mnt/.. is the mount point's parent");
+    assert_eq!(read_or_errno(&m.path("../secret")), Ok(DECOY.to_vec()));
+    assert_eq!(read_or_errno(&m.path("sub/../../secret")), Ok(DECOY.to_vec()));
+    // Listing every file reachable under the mount (without following links) never shows the secret.
+    let mut stack = vec![m.mountpoint.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                assert_ne!(fs::read(e.path()).unwrap(), SECRET, "{} holds the secret", e.path().display());
+            }
+        }
+    }
+}
+
+/// One thread flips the backing tree between shapes (`a/b` <-> `b`, and `a` a directory <-> a
+/// symlink to `..`) while readers open paths through the mount: a server that resolved names by
+/// path walks from the backing root (instead of one component at a time from the parent's
+/// handle, refusing symlinks) would at some point read `A/b/name` or `A/secret` through the
+/// mount.
+#[test]
+fn rename_race_never_reaches_outside() {
+    if !require_root_fuse("security::rename_race_never_reaches_outside") {
+        return;
+    }
+    let (a, m) = contained_mount(&[]);
+    // Outside the backing dir: A/b/name holds the secret, so that `backing/a -> ..` makes
+    // backing/a/b/name point at it for anyone who follows symlinks in the backing tree.
+    fs::create_dir(a.path().join("b")).unwrap();
+    fs::write(a.path().join("b/name"), SECRET).unwrap();
+    fs::create_dir_all(m.backing("a/b")).unwrap();
+    fs::write(m.backing("a/b/name"), b"inside").unwrap();
+    fs::write(m.backing("a/b/x"), b"inside").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flips = Arc::new(AtomicUsize::new(0));
+    let flipper = {
+        let (stop, flips) = (stop.clone(), flips.clone());
+        let backing = m.source.clone();
+        std::thread::spawn(move || {
+            let p = |s: &str| backing.join(s);
+            while !stop.load(Ordering::Relaxed) {
+                // a/b -> b and back.
+                let _ = fs::rename(p("a/b"), p("b"));
+                let _ = fs::rename(p("b"), p("a/b"));
+                // a: directory -> symlink to the backing dir's parent -> directory.
+                if fs::rename(p("a"), p("a.real")).is_ok() {
+                    let _ = std::os::unix::fs::symlink("..", p("a"));
+                    let _ = fs::remove_file(p("a"));
+                    let _ = fs::rename(p("a.real"), p("a"));
+                }
+                flips.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let paths = ["a/b/name", "b/name", "a/b/../../../secret", "a/b/../../secret", "b/../../secret", "a/b/x/../name"];
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            let stop = stop.clone();
+            let mnt = m.mountpoint.clone();
+            std::thread::spawn(move || {
+                let (mut attempts, mut reads) = (0usize, 0usize);
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) {
+                    let rel = paths[n % paths.len()];
+                    n += 1;
+                    attempts += 1;
+                    if let Ok(data) = fs::read(mnt.join(rel)) {
+                        assert_ne!(data, SECRET, "read the secret beside the backing dir through mnt/{rel}");
+                        reads += 1;
+                    }
+                    // Directory-fd relative opens, too.
+                    if let Ok(d) = fs::File::open(mnt.join("a/b")) {
+                        use std::os::fd::AsRawFd;
+                        let c = cstr("../../secret");
+                        // SAFETY: valid dir fd and path.
+                        let fd = unsafe { libc::openat(d.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                        if fd >= 0 {
+                            // SAFETY: fd is ours.
+                            let mut f: fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+                            let mut data = Vec::new();
+                            let _ = std::io::Read::read_to_end(&mut f, &mut data);
+                            assert_ne!(data, SECRET, "openat(mnt/a/b, ../../secret) read the secret");
+                        }
+                    }
+                }
+                (attempts, reads)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    flipper.join().unwrap();
+    let (attempts, reads) =
+        readers.into_iter().map(|r| r.join().unwrap()).fold((0, 0), |(a, r), (a2, r2)| (a + a2, r + r2));
+    let flips = flips.load(Ordering::Relaxed);
+    eprintln!("rename race: {flips} flips, {attempts} path opens, {reads} of them read a file");
+    assert!(flips > 100, "the flipper ran ({flips} flips)");
+    assert!(attempts > 100, "the readers ran ({attempts} attempts)");
+    assert!(reads > 0, "some paths resolved while the tree was flipping ({reads} reads)");
+    // The mount still works afterwards.
+    let _ = fs::rename(m.backing("b"), m.backing("a/b"));
+    assert!(tests::wait_until(Duration::from_secs(5), || fs::read(m.path("a/b/name")).is_ok_and(|d| d == b"inside")));
+}
+
+#[test]
+fn default_permissions_protect_root_files_from_others() {
+    if !require_root_fuse("security::default_permissions_protect_root_files_from_others") {
+        return;
+    }
+    let m = Mount::start(&["allow_other", "default_permissions"]);
+    fs::write(m.path("private"), b"root only").unwrap();
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.path("public"), b"everyone").unwrap();
+    fs::set_permissions(m.path("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::create_dir(m.path("closed")).unwrap();
+    fs::set_permissions(m.path("closed"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.path("closed/inner"), b"x").unwrap();
+    fs::set_permissions(m.path("closed/inner"), fs::Permissions::from_mode(0o644)).unwrap();
+    let (private, public, inner, root) =
+        (cstr(m.path("private")), cstr(m.path("public")), cstr(m.path("closed/inner")), cstr(&m.mountpoint));
+    let open = |p: &std::ffi::CString, flags: i32| {
+        let ptr = p.as_ptr();
+        move || {
+            // SAFETY: open/close on a prepared path in the forked child.
+            unsafe {
+                let fd = libc::open(ptr, flags);
+                if fd < 0 {
+                    return *libc::__errno_location();
+                }
+                libc::close(fd);
+                0
+            }
+        }
+    };
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&public, libc::O_RDONLY)), 0, "allow_other lets nobody in");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&root, libc::O_RDONLY)), 0, "nobody lists the mount root");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&private, libc::O_RDONLY)), libc::EACCES, "0600 root file");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&public, libc::O_WRONLY)), libc::EACCES, "0644 root file, write");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&inner, libc::O_RDONLY)), libc::EACCES, "search permission");
+    // Creating in the root-owned 0755 mount root is refused, and nothing appears in the backing dir.
+    let newfile = cstr(m.path("intruder"));
+    let create = open(&newfile, libc::O_WRONLY | libc::O_CREAT);
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, create), libc::EACCES);
+    assert!(!m.backing("intruder").exists());
+    // chmod of a file one does not own.
+    let chmod = || {
+        // SAFETY: chmod on a prepared path in the forked child.
+        unsafe {
+            if libc::chmod(public.as_ptr(), 0o666) == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            }
+        }
+    };
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, chmod), libc::EPERM);
+    assert_eq!(fs::metadata(m.backing("public")).unwrap().mode() & 0o777, 0o644);
+}
+
+#[test]
+fn without_allow_other_others_get_eacces() {
+    if !require_root_fuse("security::without_allow_other_others_get_eacces") {
+        return;
+    }
+    let m = Mount::start(&[]);
+    fs::write(m.path("f"), b"x").unwrap();
+    fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    let (root, f) = (cstr(&m.mountpoint), cstr(m.path("f")));
+    let stat = |p: &std::ffi::CString| {
+        let ptr = p.as_ptr();
+        move || {
+            // SAFETY: stat on a prepared path into a stack buffer, in the forked child.
+            unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(ptr, &mut st) == 0 {
+                    0
+                } else {
+                    *libc::__errno_location()
+                }
+            }
+        }
+    };
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, stat(&root)), libc::EACCES, "stat of the mount root");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, stat(&f)), libc::EACCES, "stat of a 0644 file");
+    assert_eq!(as_user(0, 0, stat(&f)), 0, "root (the mounter) gets in");
+}
