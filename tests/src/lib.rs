@@ -97,23 +97,24 @@ fn build_ringfs(profile_dir: &Path) {
     let Some(target_dir) = profile_dir.parent() else { return };
     let profile = profile_dir.file_name().and_then(OsStr::to_str).unwrap_or("debug");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", "server", "--bin", "ringfs"])
-        .current_dir(workspace)
-        .env("CARGO_TARGET_DIR", target_dir);
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
+    // The server binary, and the example file systems some tests mount (`slow`, `hello`).
+    for targets in [&["-p", "server", "--bin", "ringfs"][..], &["-p", "uring-transport", "--examples"][..]] {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet"]).args(targets).current_dir(workspace).env("CARGO_TARGET_DIR", target_dir);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
         }
-        other => {
-            cmd.args(["--profile", other]);
+        match cmd.status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => eprintln!("warning: `cargo build {targets:?}` failed ({s}); using the existing binaries"),
+            Err(e) => eprintln!("warning: cannot run cargo to build {targets:?} ({e}); using the existing binaries"),
         }
-    }
-    match cmd.status() {
-        Ok(s) if s.success() => {}
-        Ok(s) => eprintln!("warning: `cargo build -p server --bin ringfs` failed ({s}); using the existing binary"),
-        Err(e) => eprintln!("warning: cannot run cargo to build ringfs ({e}); using the existing binary"),
     }
 }
 

@@ -89,6 +89,9 @@ pub struct PassthroughFs {
     default_permissions: AtomicBool,
     /// fchmodat2(AT_EMPTY_PATH) is unavailable: use `/proc/self/fd/N`.
     no_fchmodat2: AtomicBool,
+    /// The kernel caches writes (FUSE_WRITEBACK_CACHE): it reads partial pages back and sends
+    /// page writes at explicit offsets, so backing files open read-write and without O_APPEND.
+    writeback: AtomicBool,
     /// Passthrough decisions and backing ids.
     passthrough: passthrough::Passthrough,
     /// Closing a backing file does nothing worth a FLUSH round trip (local file systems); on
@@ -206,6 +209,7 @@ impl PassthroughFs {
             handles: HandleTable::new(),
             proc_fd,
             no_fchmodat2: AtomicBool::new(false),
+            writeback: AtomicBool::new(false),
             passthrough: Default::default(),
             noflush,
         })
@@ -273,6 +277,18 @@ impl PassthroughFs {
         let st = sys::fstat(fd.as_raw_fd())?;
         let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
         Ok((id, st))
+    }
+
+    /// The flags to open a backing file with for an open(2) with `flags`.
+    fn backing_open_flags(&self, flags: i32) -> i32 {
+        if !self.writeback.load(Ordering::Relaxed) {
+            return flags;
+        }
+        let mut f = flags & !libc::O_APPEND;
+        if f & libc::O_ACCMODE == libc::O_WRONLY {
+            f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        f
     }
 
     /// True when the kernel checks permissions (`default_permissions`), so operations may run
@@ -570,6 +586,7 @@ impl FileSystem for PassthroughFs {
     fn init(&self, conn: &mut ConnInfo) -> Result<()> {
         self.default_permissions.store(conn.default_permissions, Ordering::Relaxed);
         conn.passthrough &= self.cfg.passthrough;
+        self.writeback.store(conn.writeback_cache, Ordering::Relaxed);
         self.passthrough.set_enabled(conn.passthrough);
         // The server clears set-uid/set-gid itself (WRITE/SETATTR/OPEN kill flags are honoured),
         // which lets the kernel skip its per-write security.capability check (SB_NOSEC).
@@ -775,7 +792,7 @@ impl FileSystem for PassthroughFs {
         }
         // Only flags open(2) knows: the kernel's may carry internal bits (__FMODE_EXEC for an
         // exec) that openat2 would refuse with EINVAL.
-        let flags = (flags as i32 & OPEN_FLAGS) | libc::O_CLOEXEC;
+        let flags = self.backing_open_flags(flags as i32 & OPEN_FLAGS) | libc::O_CLOEXEC;
         let file = if self.kernel_checks() {
             // Through the queue's ring: opening may block on the backing file (NFS, devices).
             let name = sys::fd_name(fd.as_raw_fd());
@@ -803,7 +820,10 @@ impl FileSystem for PassthroughFs {
     ) -> Result<(Entry, Opened)> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
-        let oflags = (flags as i32 & (OPEN_FLAGS | libc::O_EXCL)) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL))
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC;
         let file = self
             .as_caller(ctx, true, || sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT))?;
         self.created_open(file, true)
@@ -818,7 +838,9 @@ impl FileSystem for PassthroughFs {
         flags: u32,
     ) -> Result<(Entry, Opened)> {
         let (pfd, _) = self.inodes.get(parent.0)?;
-        let oflags = (flags as i32 & (OPEN_FLAGS | libc::O_EXCL) & !libc::O_TRUNC) | libc::O_TMPFILE | libc::O_CLOEXEC;
+        let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL) & !libc::O_TRUNC)
+            | libc::O_TMPFILE
+            | libc::O_CLOEXEC;
         let file = self.as_caller(ctx, true, || sys::openat(pfd.as_raw_fd(), c".", oflags, mode & 0o7777))?;
         // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
         self.created_open(file, false)
