@@ -24,6 +24,8 @@ use crate::fs::PassthroughFs;
 
 /// Everything the endpoint reads.
 pub struct Sources {
+    /// Kernel-side accounting, when the eBPF programs are attached.
+    pub ebpf: Option<std::sync::Mutex<bpf_programs::Accounting>>,
     /// Dispatcher counters.
     pub dispatch: Arc<DispatchStats>,
     /// Transport counters.
@@ -240,8 +242,117 @@ pub fn render(s: &Sources) -> String {
     let _ = writeln!(out, "ringfs_invalidations_total {}", ld(&s.notify.sent));
     header(&mut out, "ringfs_invalidation_failures_total", "counter", "Cache invalidations the kernel refused.");
     let _ = writeln!(out, "ringfs_invalidation_failures_total {}", ld(&s.notify.failed));
+    kernel_stats(&mut out, s);
     process_stats(&mut out);
     out
+}
+
+/// The kernel-side families (eBPF): what reached the server versus what the kernel answered.
+fn kernel_stats(out: &mut String, s: &Sources) {
+    use bpf_programs::DemandClass;
+    let snap = s.ebpf.as_ref().and_then(|m| m.lock().ok().and_then(|a| a.snapshot().ok()));
+    header(out, "ringfs_ebpf_enabled", "gauge", "1 when the eBPF accounting programs are attached.");
+    let _ = writeln!(out, "ringfs_ebpf_enabled {}", snap.is_some() as u8);
+    let Some(snap) = snap else { return };
+    let ops: Vec<u32> = (0..opcode::COUNT as u32).filter(|&op| snap.fallback(op) > 0).collect();
+    header(
+        out,
+        "ringfs_kernel_fallbacks_total",
+        "counter",
+        "Requests the kernel sent to the server (not answered from its caches or by passthrough), by operation.",
+    );
+    for &op in &ops {
+        let _ = writeln!(out, "ringfs_kernel_fallbacks_total{{op=\"{}\"}} {}", opcode::name(op), snap.fallback(op));
+    }
+    header(
+        out,
+        "ringfs_kernel_fallback_errors_total",
+        "counter",
+        "Requests sent to the server that ended with an error, by operation.",
+    );
+    for &op in &ops {
+        let _ = writeln!(
+            out,
+            "ringfs_kernel_fallback_errors_total{{op=\"{}\"}} {}",
+            opcode::name(op),
+            snap.fallbacks[op as usize].errors
+        );
+    }
+    header(
+        out,
+        "ringfs_kernel_request_duration_seconds",
+        "histogram",
+        "Kernel-side round trip of requests sent to the server (send to end), by operation.",
+    );
+    let bounds = bpf_programs::latency_bounds_seconds();
+    for &op in &ops {
+        let c = &snap.fallbacks[op as usize];
+        let name = opcode::name(op);
+        let mut cum = 0u64;
+        for (i, le) in bounds.iter().enumerate() {
+            cum += c.buckets[i];
+            let _ = writeln!(out, "ringfs_kernel_request_duration_seconds_bucket{{op=\"{name}\",le=\"{le}\"}} {cum}");
+        }
+        cum += c.buckets[bounds.len()];
+        let _ = writeln!(out, "ringfs_kernel_request_duration_seconds_bucket{{op=\"{name}\",le=\"+Inf\"}} {cum}");
+        let _ = writeln!(
+            out,
+            "ringfs_kernel_request_duration_seconds_sum{{op=\"{name}\"}} {}",
+            c.latency_sum_ns as f64 / 1e9
+        );
+        let _ = writeln!(out, "ringfs_kernel_request_duration_seconds_count{{op=\"{name}\"}} {cum}");
+    }
+    if !snap.demand_tracing {
+        return;
+    }
+    header(
+        out,
+        "ringfs_kernel_demand_total",
+        "counter",
+        "System calls that landed on the mount, by the operation the kernel could answer itself.",
+    );
+    for c in DemandClass::ALL {
+        let _ = writeln!(out, "ringfs_kernel_demand_total{{op=\"{}\"}} {}", c.as_str(), snap.class_demand(c));
+    }
+    header(
+        out,
+        "ringfs_kernel_hit_ratio",
+        "gauge",
+        "1 - fallbacks/demand per operation since start (recompute from the raw counters for windows).",
+    );
+    for c in DemandClass::ALL {
+        if let Some(r) = snap.hit_ratio(c) {
+            let _ = writeln!(out, "ringfs_kernel_hit_ratio{{op=\"{}\"}} {r:.6}", c.as_str());
+        }
+    }
+    header(
+        out,
+        "ringfs_kernel_read_bytes_total",
+        "counter",
+        "Bytes returned by read-family system calls on the mount.",
+    );
+    let _ = writeln!(out, "ringfs_kernel_read_bytes_total {}", snap.read_bytes);
+    header(
+        out,
+        "ringfs_kernel_write_bytes_total",
+        "counter",
+        "Bytes returned by write-family system calls on the mount.",
+    );
+    let _ = writeln!(out, "ringfs_kernel_write_bytes_total {}", snap.write_bytes);
+    header(
+        out,
+        "ringfs_passthrough_read_bytes_total",
+        "counter",
+        "Bytes read from files the kernel passes through to their backing file.",
+    );
+    let _ = writeln!(out, "ringfs_passthrough_read_bytes_total {}", snap.passthrough_read_bytes);
+    header(
+        out,
+        "ringfs_passthrough_write_bytes_total",
+        "counter",
+        "Bytes written to files the kernel passes through to their backing file.",
+    );
+    let _ = writeln!(out, "ringfs_passthrough_write_bytes_total {}", snap.passthrough_write_bytes);
 }
 
 fn serve_one(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {

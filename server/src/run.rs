@@ -188,8 +188,31 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             log::warn!("backing-directory watch not started: {e}");
         }
     }
+    let ebpf = if cfg.ebpf.enable {
+        let opts = bpf_programs::AccountingOptions {
+            dev,
+            mountpoint: mountpoint.clone(),
+            demand_tracing: cfg.ebpf.demand_tracing,
+        };
+        match bpf_programs::Accounting::load(&opts) {
+            Ok(a) => {
+                log::info!(
+                    "eBPF accounting attached (demand tracing {})",
+                    if opts.demand_tracing { "on" } else { "off" }
+                );
+                Some(std::sync::Mutex::new(a))
+            }
+            Err(e) => {
+                log::warn!("eBPF accounting unavailable, serving without it: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Some(addr) = cfg.metrics.addr {
         let sources = crate::metrics::Sources {
+            ebpf,
             dispatch: session.dispatch_stats(),
             session: session.stats(),
             notify: session.notify_stats(),
