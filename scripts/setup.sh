@@ -5,7 +5,7 @@
 # - Debian packages (apt-get update + install, only when one is missing)
 # - pjdfstest 0.2.2 (cargo install, only when missing or another version)
 # - the test users: nobody/nogroup (Debian base) and pjdtest (uid/gid 4242 when free)
-# - the fuse module, the fuse control file system at /sys/fs/fuse/connections
+# - the fuse module, the fuse control file system at /sys/fs/fuse/connections, tracefs
 # - FUSE over io_uring switched on (/sys/module/fuse/parameters/enable_uring = 1) when the kernel
 #   has the parameter: the tests exercise both transports. This is global to the machine.
 #
@@ -64,6 +64,10 @@ fi
 [ -c /dev/fuse ] || die "/dev/fuse is missing after loading the fuse module"
 if ! grep -q " /sys/fs/fuse/connections fusectl " /proc/mounts; then
     mount -t fusectl none /sys/fs/fuse/connections || die "cannot mount fusectl on /sys/fs/fuse/connections"
+fi
+# eBPF accounting attaches to tracepoints, found through tracefs.
+if [ ! -d /sys/kernel/tracing/events ] && ! grep -q " /sys/kernel/tracing tracefs " /proc/mounts; then
+    mount -t tracefs nodev /sys/kernel/tracing || die "cannot mount tracefs on /sys/kernel/tracing"
 fi
 uring=/sys/module/fuse/parameters/enable_uring
 if [ -e "$uring" ]; then
