@@ -166,17 +166,18 @@ static __always_inline struct file *file_on_mount(long fd)
 {
 	if (fd < 0)
 		return NULL;
+	/* BTF-typed loads (no helper calls) down to the fd array. */
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct files_struct *files = task->files;
 	if (!files)
 		return NULL;
-	struct fdtable *fdt = BPF_CORE_READ(files, fdt);
+	struct fdtable *fdt = files->fdt;
 	if (!fdt)
 		return NULL;
-	unsigned int max = BPF_CORE_READ(fdt, max_fds);
+	unsigned int max = fdt->max_fds;
 	if ((unsigned long)fd >= max)
 		return NULL;
-	struct file **arr = BPF_CORE_READ(fdt, fd);
+	struct file **arr = fdt->fd;
 	struct file *f = NULL;
 	bpf_core_read(&f, sizeof(f), &arr[fd]);
 	if (!f)
@@ -279,19 +280,46 @@ static __always_inline int interesting(long nr)
 	return 0;
 }
 
+/* Decides at entry whether the call concerns the mount, so that the common case (any other
+ * file system) costs a switch and at most one fd-table walk or path prefix check, and no map
+ * update. */
+static __always_inline int enter_on_mount(long nr, unsigned long *a)
+{
+	switch (nr) {
+	case NR_read: case NR_pread64: case NR_readv: case NR_preadv: case NR_preadv2:
+	case NR_write: case NR_pwrite64: case NR_writev: case NR_pwritev: case NR_pwritev2:
+	case NR_getdents64: case NR_fstat: case NR_fgetxattr:
+		return fd_on_mount(a[0]);
+	case NR_stat: case NR_lstat: case NR_open: case NR_creat: case NR_readlink:
+	case NR_getxattr: case NR_lgetxattr: case NR_access:
+		return path_on_mount(-100, (const char *)a[0]);
+	case NR_newfstatat:
+		if (a[3] & 0x1000 /* AT_EMPTY_PATH */)
+			return fd_on_mount(a[0]) || path_on_mount(a[0], (const char *)a[1]);
+		return path_on_mount(a[0], (const char *)a[1]);
+	case NR_statx:
+		if (a[2] & 0x1000)
+			return fd_on_mount(a[0]) || path_on_mount(a[0], (const char *)a[1]);
+		return path_on_mount(a[0], (const char *)a[1]);
+	case NR_openat: case NR_openat2: case NR_readlinkat: case NR_faccessat: case NR_faccessat2:
+		return path_on_mount(a[0], (const char *)a[1]);
+	}
+	return 0;
+}
+
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 {
 	if (!interesting(id))
 		return 0;
 	struct call c = { .nr = id };
-	c.args[0] = BPF_CORE_READ(regs, di);
-	c.args[1] = BPF_CORE_READ(regs, si);
-	c.args[2] = BPF_CORE_READ(regs, dx);
-	c.args[3] = BPF_CORE_READ(regs, r10);
-	c.args[4] = BPF_CORE_READ(regs, r8);
-	/* fd-based calls are classified at exit, but the fd may be closed by then only by
-	 * another thread; stash everything. */
+	c.args[0] = regs->di;
+	c.args[1] = regs->si;
+	c.args[2] = regs->dx;
+	c.args[3] = regs->r10;
+	c.args[4] = regs->r8;
+	if (!enter_on_mount(id, c.args))
+		return 0;
 	__u64 key = bpf_get_current_pid_tgid();
 	bpf_map_update_elem(&calls, &key, &c, BPF_ANY);
 	return 0;
@@ -318,6 +346,9 @@ static __always_inline int statx_buf_on_mount(unsigned long ubuf)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
+	/* Only calls that sys_enter may have stashed: skip the map for everything else. */
+	if (!interesting(regs->orig_ax))
+		return 0;
 	__u64 key = bpf_get_current_pid_tgid();
 	struct call *cp = bpf_map_lookup_elem(&calls, &key);
 	if (!cp)
@@ -389,40 +420,24 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 		}
 		break;
 	case NR_open: case NR_creat: case NR_openat: case NR_openat2:
+		/* The path resolved into the mount at entry; the new fd confirms it. */
 		if (ret >= 0 && fd_on_mount(ret)) {
 			count(RINGFS_LOOKUP);
 			count(RINGFS_OPEN);
 		}
 		break;
-	case NR_readlink:
-		if (path_on_mount(-100, (const char *)c.args[0])) {
-			count(RINGFS_LOOKUP);
-			count(RINGFS_READLINK);
-		}
-		break;
-	case NR_readlinkat:
-		if (path_on_mount(c.args[0], (const char *)c.args[1])) {
-			count(RINGFS_LOOKUP);
-			count(RINGFS_READLINK);
-		}
+	/* Path-based calls whose path was found to lead into the mount at entry. */
+	case NR_readlink: case NR_readlinkat:
+		count(RINGFS_LOOKUP);
+		count(RINGFS_READLINK);
 		break;
 	case NR_getxattr: case NR_lgetxattr:
-		if (path_on_mount(-100, (const char *)c.args[0])) {
-			count(RINGFS_LOOKUP);
-			count(RINGFS_GETXATTR);
-		}
+		count(RINGFS_LOOKUP);
+		count(RINGFS_GETXATTR);
 		break;
-	case NR_access:
-		if (path_on_mount(-100, (const char *)c.args[0])) {
-			count(RINGFS_LOOKUP);
-			count(RINGFS_ACCESS);
-		}
-		break;
-	case NR_faccessat: case NR_faccessat2:
-		if (path_on_mount(c.args[0], (const char *)c.args[1])) {
-			count(RINGFS_LOOKUP);
-			count(RINGFS_ACCESS);
-		}
+	case NR_access: case NR_faccessat: case NR_faccessat2:
+		count(RINGFS_LOOKUP);
+		count(RINGFS_ACCESS);
 		break;
 	}
 	return 0;
