@@ -697,7 +697,12 @@ fn every_panel_query_returns_data_from_prometheus_scraping_a_live_mount() {
     assert!(ops.is_some_and(|v| v > 0.0), "no server requests under load: {ops:?}");
 
     let ebpf = prom.value(&format!("ringfs_ebpf_enabled{{job=\"{JOB}\"}}"), t);
+    assert!(ebpf.is_some(), "ringfs_ebpf_enabled is not exported");
     let ebpf_on = ebpf == Some(1.0);
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        // CI machines support the eBPF accounting: every kernel-side panel must show data.
+        assert!(ebpf_on, "eBPF accounting is off under CI; the server log says why");
+    }
     let transport = prom
         .query(&format!("ringfs_transport_info{{job=\"{JOB}\"}}"), t)
         .ok()
