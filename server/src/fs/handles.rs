@@ -89,8 +89,9 @@ fn parse_dirents(buf: &[u8], out: &mut VecDeque<DirEntry>) {
 
 /// What an open handle refers to.
 pub(crate) enum HandleKind {
-    /// An open regular file.
-    File(OwnedFd),
+    /// An open regular file (shared with the inode table while it is open, so an open file
+    /// costs one descriptor, not two).
+    File(std::sync::Arc<OwnedFd>),
     /// An open directory and its read position.
     Dir(OwnedFd, Mutex<DirStream>),
 }
@@ -107,7 +108,8 @@ impl Handle {
     /// The descriptor (file or directory).
     pub(crate) fn fd(&self) -> RawFd {
         match &self.kind {
-            HandleKind::File(fd) | HandleKind::Dir(fd, _) => fd.as_raw_fd(),
+            HandleKind::File(fd) => fd.as_raw_fd(),
+            HandleKind::Dir(fd, _) => fd.as_raw_fd(),
         }
     }
 
@@ -145,7 +147,7 @@ impl HandleTable {
     }
 
     /// Registers an open regular file.
-    pub(crate) fn insert_file(&self, node: u64, fd: OwnedFd) -> u64 {
+    pub(crate) fn insert_file(&self, node: u64, fd: std::sync::Arc<OwnedFd>) -> u64 {
         self.insert(Handle { node, kind: HandleKind::File(fd) })
     }
 

@@ -351,6 +351,28 @@ impl InodeTable {
         }
     }
 
+    /// Registers an open regular file on `id`. An inode that can be reopened by handle takes
+    /// the open file's descriptor as its own while open (its O_PATH one is closed), so an open
+    /// file costs one descriptor; the others keep their pinned O_PATH descriptor.
+    pub(crate) fn pin_open(&self, id: u64, file: &InodeFd) {
+        let mut garbage = Garbage::new();
+        {
+            let mut g = self.lock();
+            g.unlist(id);
+            if let Some(node) = g.nodes.get_mut(&id) {
+                node.opens += 1;
+                if node.opens == 1 && node.handle.is_some() && !node.permanent {
+                    if let Some(old) = node.fd.replace(file.clone()) {
+                        garbage.push(old);
+                    }
+                } else if node.fd.is_none() {
+                    node.fd = Some(file.clone());
+                }
+            }
+        }
+        drop(garbage);
+    }
+
     /// An open file handle on node `id` was released.
     pub(crate) fn unpin(&self, id: u64) {
         let mut garbage = Garbage::new();
@@ -362,6 +384,13 @@ impl InodeTable {
             node.opens = node.opens.saturating_sub(1);
             if node.opens > 0 {
                 return;
+            }
+            if node.handle.is_some() && !node.permanent {
+                // Possibly an open file's descriptor (see `pin_open`): let it close with its
+                // handle; the inode is reopened by handle when needed.
+                if let Some(fd) = node.fd.take() {
+                    garbage.push(fd);
+                }
             }
             if node.lookups == 0 && !node.permanent {
                 g.remove(id)

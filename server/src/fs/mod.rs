@@ -332,8 +332,10 @@ impl PassthroughFs {
         } else {
             0
         };
-        let fh = self.handles.insert_file(id, file);
-        self.inodes.pin(id, &ifd);
+        let file = std::sync::Arc::new(file);
+        let fh = self.handles.insert_file(id, file.clone());
+        self.inodes.pin_open(id, &file);
+        drop(ifd);
         Ok((
             self.entry(id, &st),
             Opened {
@@ -801,8 +803,10 @@ impl FileSystem for PassthroughFs {
             self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?
         };
         let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
-        let fh = self.handles.insert_file(node.0, file);
-        self.inodes.pin(node.0, &fd);
+        let file = std::sync::Arc::new(file);
+        let fh = self.handles.insert_file(node.0, file.clone());
+        self.inodes.pin_open(node.0, &file);
+        drop(fd);
         Ok(Opened {
             fh: FileHandle(fh),
             options: OpenOptions { backing_id, noflush: self.noflush, ..OpenOptions::default() },
