@@ -796,7 +796,9 @@ fn hung_backing_case(test: &str, transport: &str) {
     if !support::require(test, transport == "uring", &["slow"]) {
         return;
     }
-    const DELAY: Duration = Duration::from_millis(3000);
+    // Long against the 2 s allowed to unrelated operations, so that a loaded machine cannot blur
+    // "answered while the read hangs" with "answered after it".
+    const DELAY: Duration = Duration::from_millis(6000);
     let slow = support::Server::slow("dev-fuse", DELAY.as_millis() as u64);
     let m = Mount::start_with(
         &slow.mountpoint,
@@ -831,7 +833,7 @@ fn hung_backing_case(test: &str, transport: &str) {
     for (what, took) in
         [("statfs", statfs_took), ("read of fast", fast_took), ("lookup", missing_took), ("/metrics", scrape_took)]
     {
-        assert!(took < Duration::from_secs(1), "{test}: {what} took {took:?} while a backing read hung");
+        assert!(took < Duration::from_secs(2), "{test}: {what} took {took:?} while a backing read hung");
     }
     assert!(metric(&text, "ringfs_requests_in_flight") >= 1.0, "{test}: no request in flight:\n{text}");
     assert!(age1 > 0.3 && age1 <= since + 0.1, "{test}: oldest request age {age1} s, reader started {since:.2} s ago");
