@@ -257,6 +257,20 @@ fn plan(mut cli: Cli) -> Result<Plan> {
             ringfs_bin.display()
         );
     }
+    fs::create_dir_all(&cli.work)?;
+    let work = fs::canonicalize(&cli.work)?;
+    // Measure one binary for the whole run, even if someone rebuilds target/ meanwhile.
+    let ringfs_bin = if needs_ringfs {
+        let snapshot = work.join("bin").join("ringfs");
+        fs::create_dir_all(work.join("bin"))?;
+        let tmp = snapshot.with_extension("tmp");
+        fs::copy(&ringfs_bin, &tmp).with_context(|| format!("copying {}", ringfs_bin.display()))?;
+        fs::rename(&tmp, &snapshot)?;
+        eprintln!("measuring a copy of {} ({})", ringfs_bin.display(), snapshot.display());
+        snapshot
+    } else {
+        ringfs_bin
+    };
     let fio_dir = cli
         .fio_dir
         .clone()
@@ -266,8 +280,6 @@ fn plan(mut cli: Cli) -> Result<Plan> {
         bail!("no fio job files in {} (pass --fio-dir)", fio_dir.display());
     }
 
-    fs::create_dir_all(&cli.work)?;
-    let work = fs::canonicalize(&cli.work)?;
     let src = cli.src.clone().unwrap_or_else(|| work.join("src"));
     fs::create_dir_all(&src)?;
     let src = fs::canonicalize(&src)?;
