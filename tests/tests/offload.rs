@@ -239,7 +239,23 @@ fn backing_changes_show_through_within_50ms() {
     if !require("backing_changes_show_through_within_50ms", false, &[]) {
         return;
     }
-    let m = Server::ringfs("entry_timeout=3600,attr_timeout=3600,negative_timeout=3600,coherence=watch,metrics_addr=");
+    coherence_case("passthrough=true");
+}
+
+#[test]
+fn backing_changes_show_through_within_50ms_without_passthrough() {
+    if !require("backing_changes_show_through_within_50ms_without_passthrough", false, &[]) {
+        return;
+    }
+    // Server-served opens keep their page cache across opens here (FOPEN_KEEP_CACHE): the
+    // watch must drop it when the backing file changes.
+    coherence_case("passthrough=false");
+}
+
+fn coherence_case(extra: &str) {
+    let m = Server::ringfs(&format!(
+        "entry_timeout=3600,attr_timeout=3600,negative_timeout=3600,coherence=watch,metrics_addr=,{extra}"
+    ));
     let (src, mnt) = (m.source.clone(), m.mountpoint.clone());
     let limit = Duration::from_secs(2);
     let mut lat: Vec<Duration> = Vec::new();

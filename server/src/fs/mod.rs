@@ -63,6 +63,9 @@ pub struct FsConfig {
     /// Let the kernel do reads and writes of regular files on the backing file itself
     /// (FUSE passthrough), when the kernel negotiated it.
     pub passthrough: bool,
+    /// Keep a file's page cache across opens (FOPEN_KEEP_CACHE) for opens the server serves.
+    /// Safe only while changes made behind the mount's back are invalidated (the watch).
+    pub keep_cache: bool,
 }
 
 impl Default for FsConfig {
@@ -75,6 +78,7 @@ impl Default for FsConfig {
             default_permissions: true,
             max_cached_fds: 4096,
             passthrough: true,
+            keep_cache: false,
         }
     }
 }
@@ -340,7 +344,12 @@ impl PassthroughFs {
             self.entry(id, &st),
             Opened {
                 fh: FileHandle(fh),
-                options: OpenOptions { backing_id, noflush: self.noflush, ..OpenOptions::default() },
+                options: OpenOptions {
+                    backing_id,
+                    noflush: self.noflush,
+                    keep_cache: self.cfg.keep_cache && backing_id == 0,
+                    ..OpenOptions::default()
+                },
             },
         ))
     }
@@ -809,7 +818,12 @@ impl FileSystem for PassthroughFs {
         drop(fd);
         Ok(Opened {
             fh: FileHandle(fh),
-            options: OpenOptions { backing_id, noflush: self.noflush, ..OpenOptions::default() },
+            options: OpenOptions {
+                backing_id,
+                noflush: self.noflush,
+                keep_cache: self.cfg.keep_cache && backing_id == 0,
+                ..OpenOptions::default()
+            },
         })
     }
 
