@@ -8,3 +8,6 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --release -- --test-threads=2
+# The integration suites again on the classic channel (the run above uses io_uring where the
+# kernel offers it; pjdfstest and the transport tests already cover both).
+RINGFS_EXTRA_OPTS=transport=dev-fuse cargo test --release -p tests --test ops --test security --test lifecycle -- --test-threads=2
