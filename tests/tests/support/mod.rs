@@ -69,13 +69,7 @@ pub fn uring_enabled() -> bool {
 }
 
 fn mounted_at(mp: &Path) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mp = mp.to_str()?;
-    text.lines().rev().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let f: Vec<&str> = left.split(' ').collect();
-        (f.get(4) == Some(&mp)).then(|| right.split(' ').next().unwrap_or("").to_string())
-    })
+    tests::mounted_fstype(mp)
 }
 
 /// Polls `cond` until it holds or `timeout` passes.
