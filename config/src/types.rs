@@ -264,11 +264,12 @@ impl Default for MetricsConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EbpfConfig {
-    /// `enable`: load the eBPF programs when the kernel allows it.
-    /// Default `true`.
+    /// `enable`: attach the eBPF accounting (fallbacks per operation, kernel-side latency)
+    /// when the kernel allows it; the mount runs without it otherwise. Default `true`.
     pub enable: bool,
-    /// `demand_tracing`: trace page-cache demand to guide readahead; ignored
-    /// when `enable` is false. Default `true`.
+    /// `demand_tracing`: also trace system calls on the mount (demand, hit ratios,
+    /// passthrough bytes); costs every system call on the machine a little. Ignored when
+    /// `enable` is false. Default `true`.
     pub demand_tracing: bool,
 }
 
