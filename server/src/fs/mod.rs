@@ -930,7 +930,14 @@ impl FileSystem for PassthroughFs {
         })?;
         let fh = self.handles.insert_dir(node.0, dir);
         self.inodes.pin(node.0, &fd);
-        Ok(Opened { fh: FileHandle(fh), options: OpenOptions::default() })
+        // With the watch, a directory's cached listing is dropped when the backing directory
+        // changes (and by the kernel itself for changes made through the mount): let the kernel
+        // keep it across opens.
+        let cache = self.cfg.keep_cache;
+        Ok(Opened {
+            fh: FileHandle(fh),
+            options: OpenOptions { cache_dir: cache, keep_cache: cache, ..OpenOptions::default() },
+        })
     }
 
     async fn readdir(
