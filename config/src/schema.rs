@@ -106,6 +106,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("transport.workers", int(0, 1024)),
     key("transport.queue_depth", int(1, 1024)),
     key("offload.passthrough", Kind::Bool),
+    key("offload.passthrough_exclude", Kind::Text),
     key("metrics.addr", Kind::AddrOrEmpty),
     key("ebpf.enable", Kind::Bool),
     key("ebpf.demand_tracing", Kind::Bool),

@@ -236,11 +236,22 @@ pub struct OffloadConfig {
     /// directly (FUSE_PASSTHROUGH) when it supports it. Excludes
     /// `fuse.writeback_cache`. Default `true`.
     pub passthrough: bool,
+    /// `passthrough_exclude`: files never passed through, as `:`-separated glob patterns
+    /// (`*`, `?`). A pattern without `/` matches the file name, one with `/` the path relative
+    /// to `source`; e.g. `"*.sqlite:logs/*"`. Default `""` (none).
+    pub passthrough_exclude: String,
 }
 
 impl Default for OffloadConfig {
     fn default() -> Self {
-        Self { passthrough: true }
+        Self { passthrough: true, passthrough_exclude: String::new() }
+    }
+}
+
+impl OffloadConfig {
+    /// The exclusion patterns, split.
+    pub fn exclude_patterns(&self) -> Vec<String> {
+        self.passthrough_exclude.split(':').filter(|p| !p.is_empty()).map(str::to_string).collect()
     }
 }
 

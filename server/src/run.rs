@@ -125,6 +125,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         negative_timeout: cache.negative_timeout,
         default_permissions: cfg.default_permissions,
         passthrough: cfg.offload.passthrough,
+        passthrough_exclude: cfg.offload.exclude_patterns(),
         // With the watch, external changes invalidate the page cache explicitly, and
         // auto_inval_data catches size/mtime changes: cached data may outlive an open.
         keep_cache: watch.is_some(),

@@ -168,7 +168,20 @@ fn every_fallback_case_still_opens() {
     assert!(fallbacks(&text, "inode_cached") >= 1.0, "{text}");
     drop(m);
 
-    // 3. The kernel refuses the backing file: an overlayfs backing directory is already at the
+    // 3. Excluded by configuration: matching files go through the server, others do not.
+    let mut x = Server::ringfs("passthrough_exclude=*.db:logs/*,metrics_addr=127.0.0.1:0");
+    std::fs::create_dir(x.source.join("logs")).expect("mkdir");
+    for f in ["a.db", "logs/l", "b.txt"] {
+        std::fs::write(x.source.join(f), b"content").expect("write backing");
+        assert_eq!(std::fs::read(x.mountpoint.join(f)).expect("read through mount"), b"content");
+    }
+    let text = x.scrape();
+    assert_eq!(fallbacks(&text, "excluded"), 2.0, "{text}");
+    assert_eq!(metric(&text, "ringfs_passthrough_opens_total"), 1.0, "{text}");
+    assert!(requests(&text, "read") >= 2.0, "excluded files were not read by the server:\n{text}");
+    drop(x);
+
+    // 4. The kernel refuses the backing file: an overlayfs backing directory is already at the
     //    stacking depth passthrough allows.
     let base = tempfile::tempdir_in("/tmp").expect("tempdir");
     for d in ["lower", "upper", "work", "merged"] {

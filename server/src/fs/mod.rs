@@ -63,6 +63,8 @@ pub struct FsConfig {
     /// Let the kernel do reads and writes of regular files on the backing file itself
     /// (FUSE passthrough), when the kernel negotiated it.
     pub passthrough: bool,
+    /// Files never passed through: glob patterns (see `offload.passthrough_exclude`).
+    pub passthrough_exclude: Vec<String>,
     /// Keep a file's page cache across opens (FOPEN_KEEP_CACHE) for opens the server serves.
     /// Safe only while changes made behind the mount's back are invalidated (the watch).
     pub keep_cache: bool,
@@ -78,6 +80,7 @@ impl Default for FsConfig {
             default_permissions: true,
             max_cached_fds: 4096,
             passthrough: true,
+            passthrough_exclude: Vec::new(),
             keep_cache: false,
         }
     }
@@ -332,7 +335,8 @@ impl PassthroughFs {
         let (id, ifd) = self.inodes.insert_or_ref(opath, &st, reopenable)?;
         // A file this open just created is the caller's own: no set-id risk.
         let backing_id = if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            self.passthrough.open(id, file.as_raw_fd(), false)
+            let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
+            self.passthrough.open(id, file.as_raw_fd(), false, excluded)
         } else {
             0
         };
@@ -368,7 +372,15 @@ impl PassthroughFs {
             && sys::fstat(file.as_raw_fd())
                 .map(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 && st.st_uid != ctx.uid)
                 .unwrap_or(true);
-        self.passthrough.open(node, file.as_raw_fd(), setid_risk)
+        let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
+        self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded)
+    }
+
+    /// Whether the open file `fd` matches `passthrough_exclude` (by its current path).
+    fn excluded(&self, fd: RawFd) -> bool {
+        let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else { return false };
+        let Ok(rel) = path.strip_prefix(&self.cfg.source) else { return false };
+        passthrough::excluded(&self.cfg.passthrough_exclude, rel.as_os_str().as_bytes())
     }
 
     /// Starts pushing changes made directly on the backing directory to the kernel's caches.

@@ -39,11 +39,14 @@ pub enum Fallback {
     Refused,
     /// A set-uid/set-gid file opened for writing by a user other than its owner.
     SetId,
+    /// The file matches `offload.passthrough_exclude`.
+    Excluded,
 }
 
 impl Fallback {
     /// All reasons, for exporting zero counters.
-    pub const ALL: [Fallback; 4] = [Fallback::Disabled, Fallback::InodeCached, Fallback::Refused, Fallback::SetId];
+    pub const ALL: [Fallback; 5] =
+        [Fallback::Disabled, Fallback::InodeCached, Fallback::Refused, Fallback::SetId, Fallback::Excluded];
 
     /// Label value.
     pub fn as_str(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Fallback {
             Fallback::InodeCached => "inode_cached",
             Fallback::Refused => "refused",
             Fallback::SetId => "setid",
+            Fallback::Excluded => "excluded",
         }
     }
 }
@@ -62,7 +66,7 @@ pub struct PassthroughStats {
     /// Opens served by passthrough.
     pub enabled: AtomicU64,
     /// Opens that fell back, by [`Fallback`] (same order as [`Fallback::ALL`]).
-    pub fallback: [AtomicU64; 4],
+    pub fallback: [AtomicU64; 5],
 }
 
 /// Per-inode passthrough bookkeeping.
@@ -104,12 +108,12 @@ impl Passthrough {
     /// Decides how a new open of regular file `node` (backing descriptor `fd`) is served and
     /// records it. Returns the backing id for the reply (0 = served by the server).
     /// `setid_risk`: the open could write to a set-uid/set-gid file that is not the caller's.
-    pub(crate) fn open(&self, node: u64, fd: RawFd, setid_risk: bool) -> i32 {
-        let r = self.decide(node, fd, setid_risk);
+    pub(crate) fn open(&self, node: u64, fd: RawFd, setid_risk: bool, excluded: bool) -> i32 {
+        let r = self.decide(node, fd, setid_risk, excluded);
         self.count(r)
     }
 
-    fn decide(&self, node: u64, fd: RawFd, setid_risk: bool) -> std::result::Result<i32, Fallback> {
+    fn decide(&self, node: u64, fd: RawFd, setid_risk: bool, excluded: bool) -> std::result::Result<i32, Fallback> {
         let Ok(mut map) = self.inodes.lock() else { return Err(Fallback::Disabled) };
         if let Some(st) = map.get_mut(&node) {
             st.opens += 1;
@@ -122,6 +126,7 @@ impl Passthrough {
             None => (Mode::Cached, Err(Fallback::Disabled)),
             Some(_) if !self.enabled.load(Ordering::Relaxed) => (Mode::Cached, Err(Fallback::Disabled)),
             Some(_) if setid_risk => (Mode::Cached, Err(Fallback::SetId)),
+            Some(_) if excluded => (Mode::Cached, Err(Fallback::Excluded)),
             Some(k) => match k.backing_open(fd) {
                 Ok(id) => (Mode::Passthrough(id), Ok(id)),
                 Err(e) => {
@@ -149,5 +154,59 @@ impl Passthrough {
                 }
             }
         }
+    }
+}
+
+/// Shell-style match of `text` against `pattern` (`*` any run, `?` one byte).
+pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Whether `rel` (a path relative to the backing root) matches one of `patterns`: a pattern
+/// without `/` is matched against the file name, one with `/` against the whole path.
+pub(crate) fn excluded(patterns: &[String], rel: &[u8]) -> bool {
+    let name = rel.rsplit(|&c| c == b'/').next().unwrap_or(rel);
+    patterns.iter().any(|p| {
+        let p = p.as_bytes();
+        if p.contains(&b'/') {
+            glob_match(p, rel)
+        } else {
+            glob_match(p, name)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"*.db", b"x.db"));
+        assert!(!glob_match(b"*.db", b"x.dbx"));
+        assert!(glob_match(b"a?c*", b"abcdef"));
+        assert!(glob_match(b"*", b""));
+        let pats = vec!["*.sqlite".to_string(), "logs/*".to_string()];
+        assert!(excluded(&pats, b"data/app.sqlite"));
+        assert!(excluded(&pats, b"logs/today"));
+        assert!(!excluded(&pats, b"data/logs/today"));
+        assert!(!excluded(&pats, b"app.db"));
     }
 }
