@@ -32,7 +32,7 @@ pub(crate) struct Row {
 /// The result rows of workload `name`.
 pub(crate) fn rows(name: &str) -> Vec<Row> {
     if name == "meta-py" {
-        ["create", "stat", "unlink"]
+        META_PHASES
             .iter()
             .map(|p| Row { name: format!("meta-py:{p}"), unit: "files/s", higher_is_better: true })
             .collect()
@@ -48,6 +48,8 @@ pub(crate) struct WlParams {
     pub tree_files: u32,
     /// Files of the Python metadata storm.
     pub meta_files: u32,
+    /// Minimum time between the last mass deletion and the storm's create phase.
+    pub meta_settle: std::time::Duration,
     /// Repository whose sources go into the tarball (None: generated files only).
     pub repo_root: Option<PathBuf>,
     /// Where the tarball is kept between runs.
@@ -219,8 +221,14 @@ fn make_crate(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Phases of the Python metadata storm, in order.
+const META_PHASES: [&str; 4] = ["create", "stat", "stat-cold", "unlink"];
+
+/// When the last Python storm (or its set-up) deleted files.
+static LAST_DELETE: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
 /// Untimed native setup before the target is mounted.
-pub(crate) fn setup(name: &str, src: &Path) -> Result<()> {
+pub(crate) fn setup(name: &str, src: &Path, params: &WlParams) -> Result<()> {
     let wl = wl(src);
     let fresh = |d: &Path| -> Result<()> {
         let _ = fs::remove_dir_all(d);
@@ -238,6 +246,12 @@ pub(crate) fn setup(name: &str, src: &Path) -> Result<()> {
     // Flush what the removal (and earlier runs) dirtied, so the timed run does not pay for it.
     // SAFETY: plain syscall.
     unsafe { libc::sync() };
+    if name == "meta-py" {
+        let last = *LAST_DELETE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(wait) = last.and_then(|t| params.meta_settle.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+    }
     Ok(())
 }
 
@@ -252,10 +266,18 @@ t1 = time.perf_counter()
 for p in names:
     os.stat(p)
 t2 = time.perf_counter()
+# Cold: the kernel's dentry and inode caches dropped (the backing file system's blocks stay
+# cached), so every stat looks the name up again: through FUSE, one LOOKUP per file.
+with open("/proc/sys/vm/drop_caches", "w") as f:
+    f.write("2")
+t3 = time.perf_counter()
+for p in names:
+    os.stat(p)
+t4 = time.perf_counter()
 for p in names:
     os.unlink(p)
-t3 = time.perf_counter()
-print(json.dumps({"create": t1 - t0, "stat": t2 - t1, "unlink": t3 - t2}))
+t5 = time.perf_counter()
+print(json.dumps({"create": t1 - t0, "stat": t2 - t1, "stat-cold": t4 - t3, "unlink": t5 - t4}))
 "#;
 
 /// Warms (untimed) and then times workload `name` through `root` (the target's view of `src`).
@@ -315,9 +337,11 @@ pub(crate) fn measure(
             let n = params.meta_files.max(1);
             let mut c = Command::new("python3");
             c.arg("-c").arg(META_PY).arg(wl.join("meta")).arg(n.to_string());
-            let done = proc::run(&mut c, TIMEOUT, true)?.check("python metadata storm")?;
+            let done = proc::run(&mut c, TIMEOUT, true);
+            *LAST_DELETE.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            let done = done?.check("python metadata storm")?;
             let v: Value = serde_json::from_str(done.stdout.trim()).context("parsing the Python storm's output")?;
-            ["create", "stat", "unlink"]
+            META_PHASES
                 .iter()
                 .map(|p| {
                     let t = v.get(*p).and_then(Value::as_f64).context("missing phase time")?;

@@ -245,6 +245,8 @@ impl Accounting {
             .override_global("target_minor", &minor, true)
             .override_global("mountpoint", &path, true)
             .override_global("mountpoint_len", &mp_len, true)
+            // `calls` is task-local storage, which aya creates but has no typed wrapper for.
+            .allow_unsupported_maps()
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF object", e))?;
         for (prog, event) in [("fuse_send", "fuse_request_send"), ("fuse_end", "fuse_request_end")] {

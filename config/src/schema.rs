@@ -105,6 +105,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("transport.mode", Kind::Keyword(TransportMode::NAMES)),
     key("transport.workers", int(0, 1024)),
     key("transport.queue_depth", int(1, 1024)),
+    key("transport.inline_metadata", Kind::Bool),
     key("offload.passthrough", Kind::Bool),
     key("offload.passthrough_exclude", Kind::Text),
     key("metrics.addr", Kind::AddrOrEmpty),

@@ -208,11 +208,16 @@ pub struct TransportConfig {
     pub workers: usize,
     /// `queue_depth`: io_uring entries per queue, 1 to 1024. Default `8`.
     pub queue_depth: u32,
+    /// `inline_metadata`: let queue threads run metadata calls (stat, open, unlink, rename)
+    /// as plain system calls when every file system under the backing directory is a local
+    /// one, falling back to io_uring for a while after any slow call. `false` always uses
+    /// io_uring (io-wq worker threads). Default `true`.
+    pub inline_metadata: bool,
 }
 
 impl Default for TransportConfig {
     fn default() -> Self {
-        Self { mode: TransportMode::default(), workers: 0, queue_depth: 8 }
+        Self { mode: TransportMode::default(), workers: 0, queue_depth: 8, inline_metadata: true }
     }
 }
 

@@ -242,6 +242,21 @@ pub fn render(s: &Sources) -> String {
     let _ = writeln!(out, "ringfs_invalidations_total {}", ld(&s.notify.sent));
     header(&mut out, "ringfs_invalidation_failures_total", "counter", "Cache invalidations the kernel refused.");
     let _ = writeln!(out, "ringfs_invalidation_failures_total {}", ld(&s.notify.failed));
+    let (inline, slow) = uring_transport::io::inline_stats();
+    header(
+        &mut out,
+        "ringfs_inline_metadata_calls_total",
+        "counter",
+        "Backing metadata calls (stat, open, unlink, rename) run inline on queue threads instead of io-wq.",
+    );
+    let _ = writeln!(out, "ringfs_inline_metadata_calls_total {inline}");
+    header(
+        &mut out,
+        "ringfs_inline_metadata_slow_total",
+        "counter",
+        "Inline metadata calls slower than 2 ms; each sent its queue to io-wq for 1 s.",
+    );
+    let _ = writeln!(out, "ringfs_inline_metadata_slow_total {slow}");
     kernel_stats(&mut out, s);
     process_stats(&mut out);
     out

@@ -134,6 +134,12 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
     let fs = Arc::new(fs);
     let started = Instant::now();
+    if cfg.transport.inline_metadata {
+        match inline_metadata_safe(&source) {
+            Ok(()) => uring_transport::io::set_inline_metadata(true),
+            Err(why) => log::info!("metadata calls go through io_uring worker threads: {why}"),
+        }
+    }
 
     let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
     let opts = MountOptions {
@@ -272,5 +278,85 @@ fn signal_thread(set: libc::sigset_t, mountpoint: &Path, dev: u64, finished: &At
     let abort = format!("/sys/fs/fuse/connections/{}/abort", dev as u32);
     if std::fs::write(&abort, b"1").is_err() {
         std::process::exit(0);
+    }
+}
+
+/// File system types whose metadata calls on cached objects are answered from memory.
+const LOCAL_FS_TYPES: &[&str] =
+    &["ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "bcachefs", "tmpfs", "ramfs", "vfat", "exfat", "jfs"];
+
+/// Whether metadata calls under `source` may run inline on the queue threads: the file system
+/// holding `source` and every file system mounted below it must be local ones (`Err` names the
+/// first that is not).
+pub(crate) fn inline_metadata_safe(source: &Path) -> Result<(), String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
+    check_mounts_local(&info, source)
+}
+
+/// [`inline_metadata_safe`] over the text of a mountinfo file.
+fn check_mounts_local(mountinfo: &str, source: &Path) -> Result<(), String> {
+    let mut containing: Option<(usize, String)> = None;
+    for line in mountinfo.lines() {
+        // id parent major:minor root mountpoint options [optional...] - fstype source superopts
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else { continue };
+        let mp = unescape_mountinfo(mp);
+        let mp = Path::new(&mp);
+        if source.starts_with(mp) {
+            let depth = mp.components().count();
+            if containing.as_ref().is_none_or(|(d, _)| depth >= *d) {
+                containing = Some((depth, fstype.to_string()));
+            }
+        } else if mp.starts_with(source) && !LOCAL_FS_TYPES.contains(fstype) {
+            return Err(format!("{} is {fstype}", mp.display()));
+        }
+    }
+    match containing {
+        Some((_, t)) if LOCAL_FS_TYPES.contains(&t.as_str()) => Ok(()),
+        Some((_, t)) => Err(format!("{} is on {t}", source.display())),
+        None => Err(format!("no mount holds {}", source.display())),
+    }
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod mountinfo_tests {
+    use super::*;
+
+    const INFO: &str = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:26 / /srv/data/nfs rw shared:5 - nfs4 host:/x rw
+31 22 0:27 / /srv/data/tmp\\040dir rw shared:6 - tmpfs tmpfs rw
+32 22 0:28 / /mnt/fuse rw shared:7 - fuse.ringfs /srv rw
+";
+
+    #[test]
+    fn local_when_every_mount_below_is_local() {
+        assert_eq!(check_mounts_local(INFO, Path::new("/srv/other")), Ok(()));
+        assert_eq!(check_mounts_local(INFO, Path::new("/srv/data/tmp dir/x")), Ok(()));
+    }
+
+    #[test]
+    fn not_local_with_a_network_mount_below_or_around() {
+        assert_eq!(check_mounts_local(INFO, Path::new("/srv/data")), Err("/srv/data/nfs is nfs4".into()));
+        assert_eq!(check_mounts_local(INFO, Path::new("/srv/data/nfs/a")), Err("/srv/data/nfs/a is on nfs4".into()));
+        assert_eq!(check_mounts_local(INFO, Path::new("/mnt/fuse")), Err("/mnt/fuse is on fuse.ringfs".into()));
     }
 }

@@ -77,6 +77,8 @@ const KNOWN_FAMILIES: &[&str] = &[
     "ringfs_backing_files",
     "ringfs_invalidations_total",
     "ringfs_invalidation_failures_total",
+    "ringfs_inline_metadata_calls_total",
+    "ringfs_inline_metadata_slow_total",
     "ringfs_ebpf_enabled",
     "ringfs_kernel_fallbacks_total",
     "ringfs_kernel_fallback_errors_total",

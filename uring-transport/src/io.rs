@@ -6,16 +6,27 @@
 //! not the core. Anywhere else (classic workers, tests, tools) the same calls run as plain
 //! system calls.
 //!
+//! **Inline metadata.** io_uring runs statx, openat2, unlinkat and renameat on its io-wq worker
+//! threads, never inline: every such call costs two thread switches (queue thread -> worker ->
+//! queue thread), which on small VMs is several times the call itself. Where the file system
+//! says the backing store answers these from memory ([`set_inline_metadata`]: local disk file
+//! systems, never network or FUSE ones), a queue thread runs them as plain system calls instead,
+//! timing each one. A call slower than [`SLOW_INLINE`] (a cold directory block, a journal stall)
+//! sends that thread back to the ring for [`INLINE_PAUSE`], so a slow disk stalls a core for at
+//! most one call per pause. Data I/O (read, write, fsync, fallocate) always goes through the ring.
+//!
 //! Buffers passed to these functions must stay valid until the returned future completes; the
 //! futures are not cancel-safe (dropping one with its operation in flight is a bug, and the
 //! executor never does it: interrupted requests are cancelled through the kernel instead).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
 
@@ -47,6 +58,75 @@ pub(crate) struct Reactor {
 
 thread_local! {
     static REACTOR: RefCell<Option<Reactor>> = const { RefCell::new(None) };
+    /// Until when this thread sends metadata calls to the ring after a slow inline call.
+    static INLINE_PAUSED_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// An inline metadata call slower than this pauses inline calls on its thread.
+pub const SLOW_INLINE: Duration = Duration::from_millis(2);
+/// How long a thread sends metadata calls through the ring after a slow inline one.
+pub const INLINE_PAUSE: Duration = Duration::from_secs(1);
+
+static INLINE_METADATA: AtomicBool = AtomicBool::new(false);
+static INLINE_CALLS: AtomicU64 = AtomicU64::new(0);
+static INLINE_SLOW: AtomicU64 = AtomicU64::new(0);
+
+/// Lets queue threads run metadata calls (statx, openat2, unlinkat, renameat2) inline, for a
+/// backing store that answers them from memory (see the module documentation). Off by default.
+pub fn set_inline_metadata(on: bool) {
+    INLINE_METADATA.store(on, Ordering::Relaxed);
+}
+
+/// Whether inline metadata calls are allowed (process-wide).
+pub fn inline_metadata() -> bool {
+    INLINE_METADATA.load(Ordering::Relaxed)
+}
+
+/// Counters of inline metadata calls: (calls made inline on queue threads, of which slower
+/// than [`SLOW_INLINE`], each of which paused inline calls on its thread).
+pub fn inline_stats() -> (u64, u64) {
+    (INLINE_CALLS.load(Ordering::Relaxed), INLINE_SLOW.load(Ordering::Relaxed))
+}
+
+/// How a metadata call runs on this thread.
+enum Way {
+    /// A plain system call, off the queues.
+    Plain,
+    /// A plain system call on a queue thread, timed.
+    Inline,
+    /// An SQE on this queue's ring.
+    Ring,
+}
+
+fn metadata_way() -> Way {
+    if !on_ring() {
+        return Way::Plain;
+    }
+    if !INLINE_METADATA.load(Ordering::Relaxed) {
+        return Way::Ring;
+    }
+    match INLINE_PAUSED_UNTIL.get() {
+        Some(t) if Instant::now() < t => Way::Ring,
+        Some(_) => {
+            INLINE_PAUSED_UNTIL.set(None);
+            Way::Inline
+        }
+        None => Way::Inline,
+    }
+}
+
+/// Runs an inline call, pausing inline calls on this thread when it was slow.
+fn run_inline<R>(f: impl FnOnce() -> R) -> R {
+    let start = Instant::now();
+    let r = f();
+    let took = start.elapsed();
+    INLINE_CALLS.fetch_add(1, Ordering::Relaxed);
+    if took > SLOW_INLINE {
+        INLINE_SLOW.fetch_add(1, Ordering::Relaxed);
+        INLINE_PAUSED_UNTIL.set(Some(Instant::now() + INLINE_PAUSE));
+        log::debug!("inline metadata call took {took:?}: this queue uses the ring for {INLINE_PAUSE:?}");
+    }
+    r
 }
 
 /// Installs a reactor on the calling (queue) thread.
@@ -205,10 +285,12 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
 pub async fn statx(dirfd: RawFd, path: &std::ffi::CStr, flags: i32, mask: u32) -> io::Result<libc::statx> {
     // SAFETY: statx is plain data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    if !on_ring() {
-        // SAFETY: valid path pointer and output buffer.
-        let rc = unsafe { libc::statx(dirfd, path.as_ptr(), flags, mask, &mut stx) };
-        return sys(rc as isize).map(|_| stx);
+    // SAFETY: valid path pointer and output buffer.
+    let plain = |stx: &mut libc::statx| unsafe { libc::statx(dirfd, path.as_ptr(), flags, mask, stx) };
+    match metadata_way() {
+        Way::Plain => return sys(plain(&mut stx) as isize).map(|_| stx),
+        Way::Inline => return sys(run_inline(|| plain(&mut stx)) as isize).map(|_| stx),
+        Way::Ring => {}
     }
     let sqe = opcode::Statx::new(types::Fd(dirfd), path.as_ptr(), (&mut stx as *mut libc::statx).cast())
         .flags(flags)
@@ -219,10 +301,12 @@ pub async fn statx(dirfd: RawFd, path: &std::ffi::CStr, flags: i32, mask: u32) -
 
 /// unlinkat(2).
 pub async fn unlinkat(dirfd: RawFd, name: &std::ffi::CStr, flags: i32) -> io::Result<()> {
-    if !on_ring() {
-        // SAFETY: valid path pointer.
-        let rc = unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) };
-        return sys(rc as isize).map(|_| ());
+    // SAFETY: valid path pointer.
+    let plain = || unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) };
+    match metadata_way() {
+        Way::Plain => return sys(plain() as isize).map(|_| ()),
+        Way::Inline => return sys(run_inline(plain) as isize).map(|_| ()),
+        Way::Ring => {}
     }
     let sqe = opcode::UnlinkAt::new(types::Fd(dirfd), name.as_ptr()).flags(flags).build();
     result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
@@ -236,10 +320,12 @@ pub async fn renameat2(
     new: &std::ffi::CStr,
     flags: u32,
 ) -> io::Result<()> {
-    if !on_ring() {
-        // SAFETY: valid path pointers.
-        let rc = unsafe { libc::renameat2(olddir, old.as_ptr(), newdir, new.as_ptr(), flags) };
-        return sys(rc as isize).map(|_| ());
+    // SAFETY: valid path pointers.
+    let plain = || unsafe { libc::renameat2(olddir, old.as_ptr(), newdir, new.as_ptr(), flags) };
+    match metadata_way() {
+        Way::Plain => return sys(plain() as isize).map(|_| ()),
+        Way::Inline => return sys(run_inline(plain) as isize).map(|_| ()),
+        Way::Ring => {}
     }
     let sqe =
         opcode::RenameAt::new(types::Fd(olddir), old.as_ptr(), types::Fd(newdir), new.as_ptr()).flags(flags).build();
@@ -273,21 +359,23 @@ pub async fn openat2(
 ) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     let how = types::OpenHow::new().flags(flags as u64).mode(mode as u64).resolve(resolve);
-    let fd = if !on_ring() {
-        // SAFETY: valid path pointer and open_how of the size passed.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dirfd,
-                path.as_ptr(),
-                &how as *const types::OpenHow,
-                size_of::<types::OpenHow>(),
-            )
-        };
-        sys(r as isize)?
-    } else {
-        let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow).build();
-        result(Op { sqe: Some(sqe.into()), slot: None }.await)?
+    // SAFETY: valid path pointer and open_how of the size passed.
+    let plain = || unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            &how as *const types::OpenHow,
+            size_of::<types::OpenHow>(),
+        )
+    };
+    let fd = match metadata_way() {
+        Way::Plain => sys(plain() as isize)?,
+        Way::Inline => sys(run_inline(plain) as isize)?,
+        Way::Ring => {
+            let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow).build();
+            result(Op { sqe: Some(sqe.into()), slot: None }.await)?
+        }
     };
     // SAFETY: a descriptor the kernel just opened for us.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })

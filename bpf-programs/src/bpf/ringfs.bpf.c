@@ -57,15 +57,19 @@ struct {
 } inflight SEC(".maps");
 
 struct call {
+	long live; /* 1 while a call on the mount is stashed, 0 otherwise */
 	long nr;
+	__u64 file; /* read/write family: the file found at entry, and whether it passes through */
+	__u64 passthrough;
 	unsigned long args[5];
 };
 
-/* Syscall arguments stashed at entry, by thread. */
+/* Syscall arguments stashed at entry, in the calling thread's local storage: a get is a few
+ * loads (no hashing, no lock), which keeps sys_exit cheap for every other call on the machine. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct call);
 } calls SEC(".maps");
 
@@ -286,8 +290,6 @@ static __always_inline int interesting(long nr)
 static __always_inline int enter_on_mount(long nr, unsigned long *a)
 {
 	switch (nr) {
-	case NR_read: case NR_pread64: case NR_readv: case NR_preadv: case NR_preadv2:
-	case NR_write: case NR_pwrite64: case NR_writev: case NR_pwritev: case NR_pwritev2:
 	case NR_getdents64: case NR_fstat: case NR_fgetxattr:
 		return fd_on_mount(a[0]);
 	case NR_stat: case NR_lstat: case NR_open: case NR_creat: case NR_readlink:
@@ -312,16 +314,35 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 {
 	if (!interesting(id))
 		return 0;
-	struct call c = { .nr = id };
-	c.args[0] = regs->di;
-	c.args[1] = regs->si;
-	c.args[2] = regs->dx;
-	c.args[3] = regs->r10;
-	c.args[4] = regs->r8;
-	if (!enter_on_mount(id, c.args))
+	unsigned long args[5];
+	args[0] = regs->di;
+	args[1] = regs->si;
+	args[2] = regs->dx;
+	args[3] = regs->r10;
+	args[4] = regs->r8;
+	struct file *f = NULL;
+	switch (id) {
+	case NR_read: case NR_pread64: case NR_readv: case NR_preadv: case NR_preadv2:
+	case NR_write: case NR_pwrite64: case NR_writev: case NR_pwritev: case NR_pwritev2:
+		/* The file is looked up once, here: sys_exit only adds up. */
+		f = file_on_mount(args[0]);
+		if (!f)
+			return 0;
+		break;
+	default:
+		if (!enter_on_mount(id, args))
+			return 0;
+	}
+	struct call *c = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
+					      BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c)
 		return 0;
-	__u64 key = bpf_get_current_pid_tgid();
-	bpf_map_update_elem(&calls, &key, &c, BPF_ANY);
+	c->nr = id;
+	c->file = (__u64)f;
+	c->passthrough = f ? is_passthrough(f) : 0;
+	for (int i = 0; i < 5; i++)
+		c->args[i] = args[i];
+	c->live = 1;
 	return 0;
 }
 
@@ -349,44 +370,35 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	/* Only calls that sys_enter may have stashed: skip the map for everything else. */
 	if (!interesting(regs->orig_ax))
 		return 0;
-	__u64 key = bpf_get_current_pid_tgid();
-	struct call *cp = bpf_map_lookup_elem(&calls, &key);
-	if (!cp)
+	struct call *cp = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	if (!cp || !cp->live)
 		return 0;
 	struct call c = *cp;
-	bpf_map_delete_elem(&calls, &key);
+	cp->live = 0;
 	struct ringfs_demand *d;
 	switch (c.nr) {
-	case NR_read: case NR_pread64: case NR_readv: case NR_preadv: case NR_preadv2: {
-		struct file *f = file_on_mount(c.args[0]);
-		if (f) {
-			d = demand_slot();
-			if (d) {
-				d->calls[RINGFS_READ]++;
-				if (ret > 0) {
-					d->read_bytes += ret;
-					if (is_passthrough(f))
-						d->passthrough_read_bytes += ret;
-				}
+	case NR_read: case NR_pread64: case NR_readv: case NR_preadv: case NR_preadv2:
+		d = demand_slot();
+		if (d) {
+			d->calls[RINGFS_READ]++;
+			if (ret > 0) {
+				d->read_bytes += ret;
+				if (c.passthrough)
+					d->passthrough_read_bytes += ret;
 			}
 		}
 		break;
-	}
-	case NR_write: case NR_pwrite64: case NR_writev: case NR_pwritev: case NR_pwritev2: {
-		struct file *f = file_on_mount(c.args[0]);
-		if (f) {
-			d = demand_slot();
-			if (d) {
-				d->calls[RINGFS_WRITE]++;
-				if (ret > 0) {
-					d->write_bytes += ret;
-					if (is_passthrough(f))
-						d->passthrough_write_bytes += ret;
-				}
+	case NR_write: case NR_pwrite64: case NR_writev: case NR_pwritev: case NR_pwritev2:
+		d = demand_slot();
+		if (d) {
+			d->calls[RINGFS_WRITE]++;
+			if (ret > 0) {
+				d->write_bytes += ret;
+				if (c.passthrough)
+					d->passthrough_write_bytes += ret;
 			}
 		}
 		break;
-	}
 	case NR_getdents64:
 		if (fd_on_mount(c.args[0]))
 			count(RINGFS_READDIR);

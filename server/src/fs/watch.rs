@@ -16,13 +16,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use protocol::{KernelChannel, NodeId};
 
 use super::inode::InodeTable;
 
 const FAN_CLOEXEC: u32 = 0x1;
+const FAN_NONBLOCK: u32 = 0x2;
 const FAN_UNLIMITED_QUEUE: u32 = 0x10;
 const FAN_REPORT_FID: u32 = 0x200;
 const FAN_REPORT_DIR_FID: u32 = 0x400;
@@ -56,7 +57,8 @@ impl Watch {
     /// Sets up the watch on the file system holding `source`. Fails (with the reason) where
     /// fanotify with file handles is unavailable (old kernel, file system without file handles).
     pub fn new(source: &Path) -> io::Result<Watch> {
-        let flags = FAN_CLOEXEC | FAN_UNLIMITED_QUEUE | FAN_REPORT_FID | FAN_REPORT_DIR_FID | FAN_REPORT_NAME;
+        let flags =
+            FAN_CLOEXEC | FAN_NONBLOCK | FAN_UNLIMITED_QUEUE | FAN_REPORT_FID | FAN_REPORT_DIR_FID | FAN_REPORT_NAME;
         // SAFETY: plain syscall; returns an fd or -1.
         let mut fd = unsafe { libc::fanotify_init(flags | FAN_REPORT_TARGET_FID, libc::O_RDONLY as u32) };
         if fd < 0 {
@@ -96,35 +98,34 @@ pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelC
     let own_pid = std::process::id() as i32;
     let mut buf = vec![0u64; 8192];
     let mut pending: HashSet<Inval> = HashSet::new();
-    let mut window_start: Option<Instant> = None;
     loop {
-        let timeout = match window_start {
-            // Rounded up: a window with less than a millisecond left must not spin on poll(0).
-            Some(t) => COALESCE.saturating_sub(t.elapsed()).as_micros().div_ceil(1000) as i32,
-            None => -1,
-        };
+        // Sleep until the first event, then let the coalescing window fill before reading: a
+        // storm of changes (the server's own, above all) costs one wake-up per window instead
+        // of one per event.
         let mut pfd = libc::pollfd { fd: watch.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, timeout.max(0)) };
-        if r > 0 {
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r <= 0 {
+            continue;
+        }
+        std::thread::sleep(COALESCE);
+        loop {
             let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(buf.as_mut_slice());
-            // SAFETY: reading into our buffer.
+            // SAFETY: reading into our buffer from a nonblocking fd.
             let n = unsafe { libc::read(watch.fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
-            if n > 0 {
-                parse_events(&bytes[..n as usize], own_pid, &inodes, &mut pending);
-                if !pending.is_empty() && window_start.is_none() {
-                    window_start = Some(Instant::now());
-                }
+            if n <= 0 {
+                break;
+            }
+            parse_events(&bytes[..n as usize], own_pid, &inodes, &mut pending);
+            if (n as usize) < bytes.len() / 2 {
+                break;
             }
         }
-        if window_start.is_some_and(|t| t.elapsed() >= COALESCE) {
-            for inv in pending.drain() {
-                match inv {
-                    Inval::Entry(parent, name) => kernel.inval_entry(NodeId(parent), &name),
-                    Inval::Inode(node, data) => kernel.inval_inode(NodeId(node), if data { 0 } else { -1 }, 0),
-                }
+        for inv in pending.drain() {
+            match inv {
+                Inval::Entry(parent, name) => kernel.inval_entry(NodeId(parent), &name),
+                Inval::Inode(node, data) => kernel.inval_inode(NodeId(node), if data { 0 } else { -1 }, 0),
             }
-            window_start = None;
         }
     }
 }
