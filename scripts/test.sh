@@ -11,3 +11,6 @@ cargo test --workspace --release -- --test-threads=2
 # The integration suites again on the classic channel (the run above uses io_uring where the
 # kernel offers it; pjdfstest and the transport tests already cover both).
 RINGFS_EXTRA_OPTS=transport=dev-fuse cargo test --release -p tests --test ops --test security --test lifecycle -- --test-threads=2
+# And with metadata calls through the rings' io-wq workers (creations as io_uring personalities)
+# instead of inline on the queue threads.
+RINGFS_EXTRA_OPTS=inline_metadata=false cargo test --release -p tests --test ops --test security -- --test-threads=2

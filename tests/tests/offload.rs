@@ -315,3 +315,52 @@ fn coherence_case(extra: &str) {
     assert!(p <= Duration::from_millis(50), "p99 visibility {p:?} over {} trials", lat.len());
     assert_eq!(lat.len(), 240);
 }
+
+/// While a file is open for writing through passthrough, its own writes raise no invalidation
+/// traffic (FAN_MODIFY is ignored for it); a size change made meanwhile directly on the backing
+/// file shows through the mount as soon as the writer through the mount closes, and once it
+/// is closed, backing writes show through within 50 ms again.
+#[test]
+fn writes_through_passthrough_stay_coherent() {
+    if !require("writes_through_passthrough_stay_coherent", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let path = m.mountpoint.join("w");
+    std::fs::write(&path, b"").expect("create");
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open rw");
+    // The creating open's release (asynchronous) invalidates once: let it land first.
+    std::thread::sleep(Duration::from_millis(100));
+    let inval_before = metric(&m.scrape(), "ringfs_invalidations_total");
+    for i in 0..2000u64 {
+        f.write_all(&[b'x'; 512]).expect("write");
+        if i % 500 == 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let text = m.scrape();
+    assert_eq!(requests(&text, "write"), 0.0, "writes went through passthrough: {text}");
+    let inval = metric(&text, "ringfs_invalidations_total") - inval_before;
+    assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2000 * 512);
+
+    // Another process appends directly to the backing file while the mount holds it open.
+    let backing = m.source.join("w");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf 'external' >> '{}'", backing.display()))
+        .status()
+        .expect("sh");
+    assert!(out.success());
+    drop(f);
+    let want = 2000 * 512 + 8;
+    let took = wait_visible(Duration::from_secs(2), || std::fs::metadata(&path).map(|s| s.len()).ok() == Some(want));
+    assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "size after close: {took:?}");
+
+    // Closed through the mount: a backing write shows through within 50 ms.
+    std::fs::OpenOptions::new().append(true).open(&backing).expect("open backing").write_all(b"more").expect("append");
+    let took =
+        wait_visible(Duration::from_secs(2), || std::fs::metadata(&path).map(|s| s.len()).ok() == Some(want + 4));
+    assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "size after a backing write: {took:?}");
+}

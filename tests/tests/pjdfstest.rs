@@ -295,6 +295,17 @@ fn pjdfstest_dev_fuse_without_passthrough() {
     );
 }
 
+/// Metadata calls through the rings' io-wq workers instead of inline: creations run as the
+/// caller through io_uring personalities, which this run checks for ownership and permissions.
+#[test]
+fn pjdfstest_metadata_through_the_ring() {
+    compare(
+        "pjdfstest::pjdfstest_metadata_through_the_ring",
+        "ring-metadata",
+        &["allow_other", "inline_metadata=false"],
+    );
+}
+
 #[test]
 fn parser_reads_pjdfstest_lines() {
     let out = "chmod::a      ok\n\u{1b}[34mchmod::b\u{1b}[0m    \u{1b}[31mFAILED\u{1b}[0m\n\tassertion failed\n\

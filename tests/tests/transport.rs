@@ -237,3 +237,52 @@ fn both_transports_serve_a_workload() {
         workload(&m.mountpoint);
     }
 }
+
+/// Creates, stats, renames and removes files as root and as nobody through `m`; returns the
+/// inline-call counter afterwards.
+fn metadata_workload(m: &mut Server, label: &str) -> f64 {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = m.mountpoint.join("pub");
+    std::fs::create_dir(&dir).expect("mkdir pub");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod pub");
+    for i in 0..20 {
+        let p = dir.join(format!("root{i}"));
+        std::fs::write(&p, b"x").expect("create as root");
+        std::fs::metadata(&p).expect("stat");
+        std::fs::rename(&p, dir.join(format!("moved{i}"))).expect("rename");
+    }
+    let script = format!(
+        "set -e; cd '{}'; echo data > file; mkdir d; ln -s file link; ln file hard; mv file f2; rm f2 hard; echo ok",
+        dir.display()
+    );
+    let out = tests::run_as(tests::NOBODY_UID, tests::NOBODY_GID, &script);
+    assert!(out.status.success(), "{label}: as nobody: {}", String::from_utf8_lossy(&out.stderr));
+    for name in ["d", "link"] {
+        let b = std::fs::symlink_metadata(m.source.join("pub").join(name)).expect("backing lstat");
+        assert_eq!((b.uid(), b.gid()), (tests::NOBODY_UID, tests::NOBODY_GID), "{label}: {name} owned by nobody");
+    }
+    let text = m.scrape();
+    metric(&text, "ringfs_inline_metadata_calls_total")
+}
+
+/// On a local backing file system metadata calls run inline on the queue threads by default;
+/// with `inline_metadata=false` none does, and creations still belong to their creator (they
+/// go through io_uring personalities).
+#[test]
+fn metadata_calls_inline_or_through_the_ring() {
+    let test = "metadata_calls_inline_or_through_the_ring";
+    if !require(test, false, &[]) || !tests::require_root_fuse_setpriv(test) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    let mut inline = Server::ringfs("allow_other,metrics_addr=127.0.0.1:0");
+    let n = metadata_workload(&mut inline, "inline");
+    assert!(n > 0.0, "no metadata call ran inline on a local backing file system");
+    for transport in ["auto", "dev-fuse"] {
+        let mut ring = Server::ringfs(&format!(
+            "allow_other,inline_metadata=false,transport={transport},metrics_addr=127.0.0.1:0"
+        ));
+        let n = metadata_workload(&mut ring, transport);
+        assert_eq!(n, 0.0, "{transport}: metadata calls ran inline although inline_metadata=false");
+    }
+}

@@ -54,6 +54,8 @@ pub(crate) struct Reactor {
     pub(crate) current: Option<usize>,
     /// Owner of each operation slot.
     owners: Vec<Option<usize>>,
+    /// The queue's ring (for registering personalities).
+    ring_fd: RawFd,
 }
 
 thread_local! {
@@ -129,9 +131,37 @@ fn run_inline<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Installs a reactor on the calling (queue) thread.
-pub(crate) fn install() {
-    REACTOR.with(|r| *r.borrow_mut() = Some(Reactor::default()));
+/// Installs a reactor for the ring `ring_fd` on the calling (queue) thread.
+pub(crate) fn install(ring_fd: RawFd) {
+    REACTOR.with(|r| *r.borrow_mut() = Some(Reactor { ring_fd, ..Reactor::default() }));
+}
+
+const IORING_REGISTER_PERSONALITY: libc::c_uint = 9;
+const IORING_UNREGISTER_PERSONALITY: libc::c_uint = 10;
+
+/// Registers the calling thread's current credentials (fsuid, fsgid, groups, capabilities) as
+/// an io_uring personality of this queue's ring; operations submitted with it (the `*_as`
+/// functions) run with those credentials on io-wq. Only on a queue thread.
+pub fn register_personality() -> io::Result<u16> {
+    let fd = with(|r| r.ring_fd).ok_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP))?;
+    // SAFETY: io_uring_register on our own ring; this opcode takes no argument.
+    let r = unsafe { libc::syscall(libc::SYS_io_uring_register, fd, IORING_REGISTER_PERSONALITY, 0usize, 0u32) };
+    let id = sys(r as isize)?;
+    u16::try_from(id).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// Drops a personality registered with [`register_personality`] on this thread's ring.
+pub fn unregister_personality(id: u16) {
+    if let Some(fd) = with(|r| r.ring_fd) {
+        // SAFETY: io_uring_register on our own ring; the id travels in nr_args.
+        unsafe { libc::syscall(libc::SYS_io_uring_register, fd, IORING_UNREGISTER_PERSONALITY, 0usize, u32::from(id)) };
+    }
+}
+
+/// True when this thread sends metadata calls through its ring right now (a queue thread with
+/// inline metadata off or paused); false off the queues or while calls run inline.
+pub fn metadata_on_ring() -> bool {
+    matches!(metadata_way(), Way::Ring)
 }
 
 /// Runs `f` on this thread's reactor, if any.
@@ -349,8 +379,103 @@ pub async fn sleep(d: std::time::Duration) -> io::Result<()> {
     }
 }
 
-/// openat2(2) with `RESOLVE_*` flags; returns the new descriptor.
+/// mkdirat(2) as personality `personality` (0: the thread's own credentials).
+pub async fn mkdirat_as(dirfd: RawFd, name: &std::ffi::CStr, mode: u32, personality: u16) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: valid path pointer.
+        return sys(unsafe { libc::mkdirat(dirfd, name.as_ptr(), mode) } as isize).map(|_| ());
+    }
+    let sqe = opcode::MkDirAt::new(types::Fd(dirfd), name.as_ptr()).mode(mode).build().personality(personality);
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// symlinkat(2) as personality `personality` (0: the thread's own credentials).
+pub async fn symlinkat_as(
+    target: &std::ffi::CStr,
+    dirfd: RawFd,
+    name: &std::ffi::CStr,
+    personality: u16,
+) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: valid path pointers.
+        return sys(unsafe { libc::symlinkat(target.as_ptr(), dirfd, name.as_ptr()) } as isize).map(|_| ());
+    }
+    let sqe = opcode::SymlinkAt::new(types::Fd(dirfd), target.as_ptr(), name.as_ptr()).build().personality(personality);
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// linkat(2) as personality `personality` (0: the thread's own credentials).
+pub async fn linkat_as(
+    olddir: RawFd,
+    old: &std::ffi::CStr,
+    newdir: RawFd,
+    new: &std::ffi::CStr,
+    flags: i32,
+    personality: u16,
+) -> io::Result<()> {
+    if !on_ring() {
+        // SAFETY: valid path pointers.
+        return sys(unsafe { libc::linkat(olddir, old.as_ptr(), newdir, new.as_ptr(), flags) } as isize).map(|_| ());
+    }
+    let sqe = opcode::LinkAt::new(types::Fd(olddir), old.as_ptr(), types::Fd(newdir), new.as_ptr())
+        .flags(flags)
+        .build()
+        .personality(personality);
+    result(Op { sqe: Some(sqe.into()), slot: None }.await).map(|_| ())
+}
+
+/// openat2(2) through the ring as personality `personality` (0: the thread's own
+/// credentials), for creating files as their creator; a plain syscall off the queues.
+pub async fn openat2_as(
+    dirfd: RawFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+    personality: u16,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let how = types::OpenHow::new().flags(flags as u64).mode(mode as u64).resolve(resolve);
+    let fd = if !on_ring() {
+        // SAFETY: valid path pointer and open_how of the size passed.
+        sys(unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd,
+                path.as_ptr(),
+                &how as *const types::OpenHow,
+                size_of::<types::OpenHow>(),
+            )
+        } as isize)?
+    } else {
+        let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow)
+            .build()
+            .personality(personality);
+        result(Op { sqe: Some(sqe.into()), slot: None }.await)?
+    };
+    // SAFETY: a descriptor the kernel just opened for us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// openat2(2) with `RESOLVE_*` flags; returns the new descriptor. `EAGAIN` (a concurrent
+/// rename or mount raced with `RESOLVE_BENEATH`) is retried a few times.
 pub async fn openat2(
+    dirfd: RawFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<std::os::fd::OwnedFd> {
+    let mut tries = 0;
+    loop {
+        match openat2_once(dirfd, path, flags, mode, resolve).await {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 16 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+async fn openat2_once(
     dirfd: RawFd,
     path: &std::ffi::CStr,
     flags: i32,

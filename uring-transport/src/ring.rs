@@ -311,9 +311,9 @@ fn arm(
 /// connection goes away.
 pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     pin_to_cpu(p.qid);
-    crate::io::install();
     let sq = ((p.depth + 4) * 2).next_power_of_two() as u32;
     let mut ring = new_ring(sq)?;
+    crate::io::install(ring.as_raw_fd());
     if let QueueChannel::Ring { fuse_fd } = &p.channel {
         ring.submitter().register_files(&[*fuse_fd])?;
     }

@@ -85,3 +85,47 @@ pub(crate) fn parse_groups(status: &str) -> Vec<libc::gid_t> {
         .map(|rest| rest.split_whitespace().filter_map(|g| g.parse::<libc::gid_t>().ok()).collect())
         .unwrap_or_default()
 }
+
+/// Personalities registered per queue thread before the cache is emptied.
+const MAX_PERSONALITIES: usize = 64;
+
+thread_local! {
+    /// This queue thread's io_uring personalities, by (uid, gid).
+    static PERSONALITIES: std::cell::RefCell<std::collections::HashMap<(u32, u32), u16>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The io_uring personality of this queue thread's ring that carries `uid`/`gid` as fsuid/fsgid
+/// (no supplementary groups), registering it on first use: operations submitted with it run
+/// on io-wq as that user, so creations need not switch the queue thread's own credentials.
+/// `Some(0)` for root/root (the server's own credentials); `None` when registering fails.
+pub(crate) fn personality(uid: u32, gid: u32) -> Option<u16> {
+    if uid == 0 && gid == 0 {
+        return Some(0);
+    }
+    PERSONALITIES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(&id) = cache.get(&(uid, gid)) {
+            return Some(id);
+        }
+        if cache.len() >= MAX_PERSONALITIES {
+            for (_, id) in cache.drain() {
+                uring_transport::io::unregister_personality(id);
+            }
+        }
+        let id = {
+            let _guard = CredGuard::switch(uid, gid);
+            uring_transport::io::register_personality()
+        };
+        match id {
+            Ok(id) => {
+                cache.insert((uid, gid), id);
+                Some(id)
+            }
+            Err(e) => {
+                log::debug!("io_uring personality for {uid}:{gid} not registered: {e}");
+                None
+            }
+        }
+    })
+}

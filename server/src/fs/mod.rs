@@ -104,6 +104,8 @@ pub struct PassthroughFs {
     /// Closing a backing file does nothing worth a FLUSH round trip (local file systems); on
     /// network file systems close-to-open semantics need it.
     noflush: bool,
+    /// FAN_MODIFY ignore marks for files open for writing through passthrough (with the watch).
+    write_ignores: std::sync::OnceLock<watch::WriteIgnores>,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -219,6 +221,7 @@ impl PassthroughFs {
             writeback: AtomicBool::new(false),
             passthrough: Default::default(),
             noflush,
+            write_ignores: std::sync::OnceLock::new(),
         })
     }
 
@@ -319,6 +322,22 @@ impl PassthroughFs {
         Ok((id, st))
     }
 
+    /// The io_uring personality to create files as `ctx`'s caller with, when this queue sends
+    /// metadata calls through its ring right now; `None`: create synchronously under the
+    /// caller's credentials (inline metadata, off the queues, or no personality available).
+    fn ring_creator(&self, ctx: &Context) -> Option<u16> {
+        if !uring_transport::io::metadata_on_ring() {
+            return None;
+        }
+        creds::personality(ctx.uid, ctx.gid)
+    }
+
+    /// [`created`](Self::created) through the queue's ring.
+    async fn created_ring(&self, dir: RawFd, name: &CStr) -> Result<Entry> {
+        let (id, st) = self.lookup_at_ring(dir, name).await?;
+        Ok(self.entry(id, &st))
+    }
+
     /// After a successful creation of `name` in `dir`: look it up (as the server).
     fn created(&self, dir: RawFd, name: &CStr) -> Result<Entry> {
         let fd = sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT)?;
@@ -342,6 +361,7 @@ impl PassthroughFs {
         };
         let file = std::sync::Arc::new(file);
         let fh = self.handles.insert_file(id, file.clone());
+        self.note_writer(fh, id, &file, backing_id);
         self.inodes.pin_open(id, &file);
         drop(ifd);
         Ok((
@@ -356,6 +376,20 @@ impl PassthroughFs {
                 },
             },
         ))
+    }
+
+    /// Registers open `fh` of `node` with the watch's write ignores when it writes through
+    /// passthrough (see [`watch::WriteIgnores`]).
+    fn note_writer(&self, fh: u64, node: u64, file: &OwnedFd, backing_id: i32) {
+        let Some(w) = self.write_ignores.get() else { return };
+        if backing_id == 0 {
+            return;
+        }
+        // SAFETY: F_GETFL on an open descriptor.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if fl >= 0 && fl & libc::O_ACCMODE != libc::O_RDONLY {
+            w.opened(fh, node, file.as_raw_fd());
+        }
     }
 
     /// Decides passthrough for a new open of a regular file; returns the backing id (0 = none).
@@ -387,6 +421,7 @@ impl PassthroughFs {
     /// Needs the kernel channel (attached at INIT).
     pub fn start_watch(&self, watch: watch::Watch) -> io::Result<()> {
         let kernel = self.passthrough.kernel().ok_or_else(|| io::Error::other("no kernel channel attached"))?;
+        let _ = self.write_ignores.set(watch.write_ignores());
         let inodes = self.inodes.clone();
         std::thread::Builder::new().name("ringfs-watch".into()).spawn(move || watch::run(watch, inodes, kernel))?;
         Ok(())
@@ -713,6 +748,13 @@ impl FileSystem for PassthroughFs {
     async fn symlink(&self, ctx: &Context, parent: NodeId, name: &CStr, target: &CStr) -> Result<Entry> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        if let Some(p) = self.ring_creator(ctx) {
+            match uring_transport::io::symlinkat_as(target, pfd.as_raw_fd(), name, p).await {
+                Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
+                Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
         self.as_caller(ctx, true, || {
             // SAFETY: both strings are NUL-terminated.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), pfd.as_raw_fd(), name.as_ptr()) })
@@ -742,6 +784,13 @@ impl FileSystem for PassthroughFs {
     async fn mkdir(&self, ctx: &Context, parent: NodeId, name: &CStr, mode: u32, _umask: u32) -> Result<Entry> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        if let Some(p) = self.ring_creator(ctx) {
+            match uring_transport::io::mkdirat_as(pfd.as_raw_fd(), name, mode & 0o7777, p).await {
+                Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
+                Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
         self.as_caller(ctx, true, || {
             // SAFETY: `name` is NUL-terminated.
             cvt(unsafe { libc::mkdirat(pfd.as_raw_fd(), name.as_ptr(), mode & 0o7777) })
@@ -797,6 +846,22 @@ impl FileSystem for PassthroughFs {
         let (fd, _) = self.inodes.get(node.0)?;
         let (pfd, _) = self.inodes.get(new_parent.0)?;
         let src = sys::proc_path(fd.as_raw_fd());
+        // Through the ring: as the server when the kernel checked permissions, else as the caller.
+        let creator = if self.kernel_checks() && uring_transport::io::metadata_on_ring() {
+            Some(0)
+        } else if self.kernel_checks() {
+            None
+        } else {
+            self.ring_creator(ctx)
+        };
+        if let Some(p) = creator {
+            let flags = libc::AT_SYMLINK_FOLLOW;
+            match uring_transport::io::linkat_as(libc::AT_FDCWD, &src, pfd.as_raw_fd(), new_name, flags, p).await {
+                Ok(()) => return self.created_ring(pfd.as_raw_fd(), new_name).await,
+                Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
         self.as_caller(ctx, false, || {
             // SAFETY: both names are NUL-terminated. Following the magic link reaches the
             // inode itself (a symlink is not followed further); unlike AT_EMPTY_PATH this
@@ -826,6 +891,7 @@ impl FileSystem for PassthroughFs {
         let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
         let file = std::sync::Arc::new(file);
         let fh = self.handles.insert_file(node.0, file.clone());
+        self.note_writer(fh, node.0, &file, backing_id);
         self.inodes.pin_open(node.0, &file);
         drop(fd);
         Ok(Opened {
@@ -854,6 +920,14 @@ impl FileSystem for PassthroughFs {
             | libc::O_CREAT
             | libc::O_NOFOLLOW
             | libc::O_CLOEXEC;
+        if let Some(p) = self.ring_creator(ctx) {
+            let (dir, mode) = (pfd.as_raw_fd(), mode & 0o7777);
+            match uring_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
+                Ok(file) => return self.created_open(file, true),
+                Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
         let file = self
             .as_caller(ctx, true, || sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT))?;
         self.created_open(file, true)
@@ -871,6 +945,14 @@ impl FileSystem for PassthroughFs {
         let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL) & !libc::O_TRUNC)
             | libc::O_TMPFILE
             | libc::O_CLOEXEC;
+        if let Some(p) = self.ring_creator(ctx) {
+            match uring_transport::io::openat2_as(pfd.as_raw_fd(), c".", oflags, mode & 0o7777, 0, p).await {
+                // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
+                Ok(file) => return self.created_open(file, false),
+                Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
         let file = self.as_caller(ctx, true, || sys::openat(pfd.as_raw_fd(), c".", oflags, mode & 0o7777))?;
         // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
         self.created_open(file, false)
@@ -919,7 +1001,15 @@ impl FileSystem for PassthroughFs {
 
     async fn release(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _flags: u32) -> Result<()> {
         if let Some(h) = self.handles.remove(fh.0) {
-            if matches!(h.kind, handles::HandleKind::File(_)) {
+            if let handles::HandleKind::File(f) = &h.kind {
+                if let Some(w) = self.write_ignores.get() {
+                    if w.closed(fh.0, h.node, f.as_raw_fd()) {
+                        // Another writer's size/time changes were not reported meanwhile.
+                        if let Some(k) = self.passthrough.kernel() {
+                            k.inval_inode(NodeId(h.node), -1, 0);
+                        }
+                    }
+                }
                 self.passthrough.release(h.node);
             }
             self.inodes.unpin(h.node);
@@ -1100,4 +1190,10 @@ impl FileSystem for PassthroughFs {
         )?;
         Ok(n as u64)
     }
+}
+
+/// After a creation through the ring as `ctx`'s fsuid/fsgid failed with `e`: whether retrying
+/// synchronously with the caller's supplementary groups may succeed.
+fn groups_may_help(ctx: &Context, e: &std::io::Error) -> bool {
+    ctx.uid != 0 && matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
 }
