@@ -104,12 +104,18 @@ const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x40;
 /// ignore mark on the inode; creations, renames, deletions and attribute changes still report.
 /// Data read through passthrough comes from the backing file itself, so it cannot go stale;
 /// size and times changed by *another* writer in that window become visible when the last
-/// writer through the mount closes the file (the inode's attributes are invalidated then).
+/// writer through the mount closes the file: if the backing inode's ctime moved since the
+/// first writer opened it, its attributes are invalidated then (a file opened for writing and
+/// not written, such as a fresh create, keeps its cached attributes).
 pub(crate) struct WriteIgnores {
     fd: Arc<OwnedFd>,
-    /// Writing opens per node, and the file handles counted there.
-    writers: Mutex<(HashMap<u64, u32>, HashSet<u64>)>,
+    /// Per node: writing opens, and the backing ctime when the first of them opened; and the
+    /// file handles counted there.
+    writers: Mutex<(HashMap<u64, Writers>, HashSet<u64>)>,
 }
+
+/// Writing opens of one node, and the backing ctime when the first of them opened.
+type Writers = (u32, Option<(i64, i64)>);
 
 impl WriteIgnores {
     fn mark(&self, flags: u32, file: RawFd) -> io::Result<()> {
@@ -129,9 +135,10 @@ impl WriteIgnores {
         if !handles.insert(fh) {
             return;
         }
-        let n = w.entry(node).or_insert(0);
-        *n += 1;
-        if *n == 1 {
+        let n = w.entry(node).or_insert((0, None));
+        n.0 += 1;
+        if n.0 == 1 {
+            n.1 = ctime(file);
             let flags = FAN_MARK_ADD | FAN_MARK_IGNORED_MASK | FAN_MARK_IGNORED_SURV_MODIFY;
             if let Err(e) = self.mark(flags, file) {
                 log::debug!("FAN_MODIFY ignore mark for node {node} not set: {e}");
@@ -139,8 +146,8 @@ impl WriteIgnores {
         }
     }
 
-    /// The release of open `fh`; true when it was the last writing open of `node` (the caller
-    /// then invalidates the inode's attributes).
+    /// The release of open `fh`; true when it was the last writing open of `node` and the
+    /// backing inode changed meanwhile (the caller then invalidates the inode's attributes).
     pub(crate) fn closed(&self, fh: u64, node: u64, file: RawFd) -> bool {
         let mut guard = self.writers.lock().unwrap_or_else(|e| e.into_inner());
         let (w, handles) = &mut *guard;
@@ -148,15 +155,28 @@ impl WriteIgnores {
             return false;
         }
         let Some(n) = w.get_mut(&node) else { return false };
-        *n -= 1;
-        if *n > 0 {
+        n.0 -= 1;
+        if n.0 > 0 {
             return false;
         }
+        let before = n.1;
         w.remove(&node);
         if let Err(e) = self.mark(FAN_MARK_REMOVE | FAN_MARK_IGNORED_MASK, file) {
             log::debug!("FAN_MODIFY ignore mark for node {node} not removed: {e}");
         }
-        true
+        before.is_none() || ctime(file) != before
+    }
+}
+
+/// The inode change time of open file `fd`.
+fn ctime(fd: RawFd) -> Option<(i64, i64)> {
+    // SAFETY: stat is plain data; fstat fills it for a valid descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and output buffer.
+    if unsafe { libc::fstat(fd, &mut st) } == 0 {
+        Some((st.st_ctime, st.st_ctime_nsec))
+    } else {
+        None
     }
 }
 
