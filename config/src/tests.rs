@@ -52,7 +52,7 @@ fn defaults() {
     assert!(c.offload.passthrough);
     assert_eq!(c.metrics.addr, Some("127.0.0.1:9464".parse::<SocketAddr>().unwrap()));
     assert!(c.ebpf.enable);
-    assert!(c.ebpf.demand_tracing);
+    assert!(!c.ebpf.demand_tracing);
     assert_eq!(c.log.level, LogLevel::Info);
 
     // The default is invalid only because source and mountpoint are missing.
@@ -148,7 +148,7 @@ fn full_file_is_read() {
         [metrics]
         addr = ""
         [ebpf]
-        demand_tracing = false
+        demand_tracing = true
         [log]
         level = "trace"
         "#,
@@ -168,7 +168,7 @@ fn full_file_is_read() {
     assert_eq!(c.transport.worker_count(8), 4);
     assert!(!c.offload.passthrough);
     assert_eq!(c.metrics.addr, None);
-    assert!(c.ebpf.enable && !c.ebpf.demand_tracing);
+    assert!(c.ebpf.enable && c.ebpf.demand_tracing);
     assert_eq!(c.log.level, LogLevel::Trace);
 }
 

@@ -284,14 +284,15 @@ pub struct EbpfConfig {
     /// when the kernel allows it; the mount runs without it otherwise. Default `true`.
     pub enable: bool,
     /// `demand_tracing`: also trace system calls on the mount (demand, hit ratios,
-    /// passthrough bytes); costs every system call on the machine a little. Ignored when
-    /// `enable` is false. Default `true`.
+    /// passthrough bytes). Costs every system call on the machine ~0.1-0.3 µs and a 4 KiB
+    /// page-cache read through the mount ~0.5 µs, so it is opt-in. Ignored when `enable` is
+    /// false. Default `false`.
     pub demand_tracing: bool,
 }
 
 impl Default for EbpfConfig {
     fn default() -> Self {
-        Self { enable: true, demand_tracing: true }
+        Self { enable: true, demand_tracing: false }
     }
 }
 

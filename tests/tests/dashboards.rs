@@ -645,7 +645,8 @@ fn every_panel_query_returns_data_from_prometheus_scraping_a_live_mount() {
     let dashboard = load_dashboard();
 
     // Declared in start order, so dropped in reverse: load first, then Prometheus, then the mount.
-    let mut mount = Server::ringfs("metrics_addr=127.0.0.1:0");
+    // Demand tracing on: the hit-ratio and byte panels need it.
+    let mut mount = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     let metrics_addr = mount.metrics_addr();
     assert!(mount.scrape().contains("ringfs_build_info"), "no metrics from {metrics_addr}");
     let prom = Prometheus::start(prometheus_bin, &metrics_addr, &mount.mountpoint);

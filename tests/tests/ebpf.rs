@@ -12,7 +12,7 @@ fn ebpf_required(test: &str) -> bool {
     if !require(test, false, &[]) {
         return false;
     }
-    let mut probe = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let mut probe = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     let text = probe.scrape();
     if metric(&text, "ringfs_ebpf_enabled") == 1.0 {
         return true;
@@ -38,7 +38,7 @@ fn getattr_hit_rate_with_and_without_caching() {
         ("entry_timeout=3600,attr_timeout=3600", (|r: f64| r >= 0.99) as fn(f64) -> bool),
         ("entry_timeout=0,attr_timeout=0,negative_timeout=0,coherence=ttl", |r: f64| r <= 0.05),
     ] {
-        let mut m = Server::ringfs(&format!("{opts},metrics_addr=127.0.0.1:0"));
+        let mut m = Server::ringfs(&format!("{opts},ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0"));
         std::fs::write(m.source.join("f"), b"x").expect("write");
         let p = m.mountpoint.join("f");
         for _ in 0..1000 {
@@ -55,7 +55,7 @@ fn kernel_fallbacks_equal_server_requests() {
     if !ebpf_required("kernel_fallbacks_equal_server_requests") {
         return;
     }
-    let mut m = Server::ringfs("passthrough=false,metrics_addr=127.0.0.1:0");
+    let mut m = Server::ringfs("passthrough=false,ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     for i in 0..20 {
         let p = m.mountpoint.join(format!("f{i}"));
         std::fs::write(&p, vec![b'a'; 5000]).expect("write");
@@ -85,7 +85,7 @@ fn passthrough_bytes_are_counted_in_the_kernel() {
     if !ebpf_required("passthrough_bytes_are_counted_in_the_kernel") {
         return;
     }
-    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let mut m = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     let n = 3 * 1024 * 1024 + 123;
     std::fs::write(m.source.join("big"), vec![7u8; n]).expect("write backing");
     let mut buf = Vec::new();
@@ -102,8 +102,8 @@ fn another_mount_does_not_leak_into_the_counters() {
     if !ebpf_required("another_mount_does_not_leak_into_the_counters") {
         return;
     }
-    let mut a = Server::ringfs("metrics_addr=127.0.0.1:0");
-    let mut b = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let mut a = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
+    let mut b = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     std::fs::write(b.source.join("f"), vec![1u8; 100_000]).expect("write");
     for _ in 0..200 {
         std::fs::metadata(b.mountpoint.join("f")).expect("stat b");
@@ -122,7 +122,7 @@ fn live_scrape_passes_promtool() {
     if !ebpf_required("live_scrape_passes_promtool") {
         return;
     }
-    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let mut m = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     std::fs::write(m.mountpoint.join("x"), b"data").expect("write");
     let _ = std::fs::read(m.mountpoint.join("x")).expect("read");
     let _ = std::fs::read(m.mountpoint.join("missing"));
