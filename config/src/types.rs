@@ -391,9 +391,12 @@ keyword_enum! {
     pub enum CoherenceMode {
         /// `"ttl"`: trust cached entries until their timeouts expire.
         Ttl = "ttl",
-        /// `"watch"`: also watch the source and invalidate on change.
+        /// `"watch"`: also watch the source and invalidate on change (fanotify on the
+        /// backing file system, inotify on each known directory where fanotify is unavailable).
         #[default]
         Watch = "watch",
+        /// `"inotify"`: like `"watch"`, always with inotify.
+        Inotify = "inotify",
     }
 }
 

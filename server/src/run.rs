@@ -1,6 +1,6 @@
 //! The life of one mount: checks, watchdog, mount, INIT, serving, signals, unmount.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,8 +101,20 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let sigset = block_signals();
 
     let mut cache = cfg.cache.clone();
-    let watch = if cache.coherence == config::CoherenceMode::Watch {
-        match crate::fs::watch::Watch::new(&source) {
+    let watch = if cache.coherence != config::CoherenceMode::Ttl {
+        let fan = if cache.coherence == config::CoherenceMode::Watch {
+            crate::fs::watch::Watch::new(&source)
+        } else {
+            Err(io::Error::other("cache.coherence = \"inotify\""))
+        };
+        let w = fan.or_else(|fan_err| {
+            crate::fs::watch::Watch::inotify(&source).inspect(|_| {
+                if cache.coherence == config::CoherenceMode::Watch {
+                    log::info!("fanotify unavailable ({fan_err}); watching the backing directories with inotify");
+                }
+            })
+        });
+        match w {
             Ok(w) => Some(w),
             Err(e) => {
                 // Without invalidations, long timeouts would show stale names: shorten them.
@@ -194,8 +206,10 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         if session.stats().uring { "io_uring" } else { "dev-fuse" }
     );
     if let Some(w) = watch {
-        if let Err(e) = fs.start_watch(w) {
-            log::warn!("backing-directory watch not started: {e}");
+        let kind = w.kind();
+        match fs.start_watch(w) {
+            Ok(()) => log::info!("coherence: {kind} watch on {}", source.display()),
+            Err(e) => log::warn!("backing-directory watch not started: {e}"),
         }
     }
     let ebpf = if cfg.ebpf.enable {

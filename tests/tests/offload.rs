@@ -265,6 +265,40 @@ fn backing_changes_show_through_within_50ms_without_passthrough() {
     coherence_case("passthrough=false");
 }
 
+#[test]
+fn backing_changes_show_through_within_50ms_with_inotify() {
+    if !require("backing_changes_show_through_within_50ms_with_inotify", false, &[]) {
+        return;
+    }
+    // The fallback where fanotify is unavailable, forced.
+    coherence_case("coherence=inotify");
+    // inotify watches directories one by one: a subdirectory the kernel learns about later is
+    // covered too (names, attributes, data), and stays covered after the kernel forgets it
+    // and looks it up again.
+    let m = Server::ringfs("coherence=inotify,metrics_addr=");
+    let (src, mnt) = (m.source.clone(), m.mountpoint.clone());
+    std::fs::create_dir_all(src.join("a/b")).expect("mkdir");
+    std::fs::write(src.join("a/b/f"), b"one").expect("write");
+    assert_eq!(std::fs::read_to_string(mnt.join("a/b/f")).expect("read"), "one");
+    assert!(std::fs::metadata(mnt.join("a/b/g")).is_err());
+    let limit = Duration::from_secs(2);
+    std::fs::write(src.join("a/b/g"), b"new").expect("create");
+    let t = wait_visible(limit, || mnt.join("a/b/g").exists());
+    assert!(t.is_some_and(|t| t <= Duration::from_millis(50)), "create in a/b: {t:?}");
+    std::fs::write(src.join("a/b/f"), b"second").expect("rewrite");
+    let t = wait_visible(limit, || std::fs::read_to_string(mnt.join("a/b/f")).is_ok_and(|s| s == "second"));
+    assert!(t.is_some_and(|t| t <= Duration::from_millis(50)), "rewrite of a/b/f: {t:?}");
+    std::fs::set_permissions(src.join("a/b/f"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let t = wait_visible(limit, || std::fs::metadata(mnt.join("a/b/f")).is_ok_and(|md| md.mode() & 0o777 == 0o600));
+    assert!(t.is_some_and(|t| t <= Duration::from_millis(50)), "chmod of a/b/f: {t:?}");
+    // Drop the kernel's dentries and inodes (FORGETs remove the watches), then look again.
+    std::fs::write("/proc/sys/vm/drop_caches", "2").expect("drop_caches");
+    assert!(mnt.join("a/b/f").exists());
+    std::fs::remove_file(src.join("a/b/f")).expect("unlink");
+    let t = wait_visible(limit, || !mnt.join("a/b/f").exists());
+    assert!(t.is_some_and(|t| t <= Duration::from_millis(50)), "unlink in a/b after forget: {t:?}");
+}
+
 fn coherence_case(extra: &str) {
     let m = Server::ringfs(&format!(
         "entry_timeout=3600,attr_timeout=3600,negative_timeout=3600,coherence=watch,metrics_addr=,{extra}"

@@ -11,7 +11,7 @@
 //! backing disk (handles are computed and descriptors opened/closed outside it).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocol::{Errno, NodeId, Result};
@@ -130,6 +130,8 @@ impl Inner {
 /// The table of inodes known to the kernel.
 pub(crate) struct InodeTable {
     inner: Mutex<Inner>,
+    /// Told about directories entering and leaving the table (the inotify watch).
+    hooks: std::sync::OnceLock<Arc<dyn DirHooks>>,
     /// The backing root opened O_RDONLY: the mount fd for open_by_handle_at (which refuses
     /// O_PATH descriptors).
     mount_fd: OwnedFd,
@@ -137,7 +139,25 @@ pub(crate) struct InodeTable {
     max_cached: usize,
 }
 
+/// Observer of the directories the kernel knows (see [`InodeTable::set_hooks`]).
+pub(crate) trait DirHooks: Send + Sync {
+    /// Directory node `id` entered the table; `fd` is a descriptor of it.
+    fn dir_added(&self, id: u64, fd: RawFd);
+    /// Directory node `id` left the table.
+    fn dir_removed(&self, id: u64);
+}
+
 impl InodeTable {
+    /// Installs `hooks` (once); it is called outside the table's lock.
+    pub(crate) fn set_hooks(&self, hooks: Arc<dyn DirHooks>) {
+        let _ = self.hooks.set(hooks);
+    }
+
+    /// The node of backing inode (st_dev, st_ino), if the table has it.
+    pub(crate) fn node_by_key(&self, dev: u64, ino: u64) -> Option<u64> {
+        self.lock().by_key.get(&(dev, ino)).copied()
+    }
+
     /// Creates the table with the root directory (node 1) pinned.
     pub(crate) fn new(root_fd: OwnedFd, max_cached: usize) -> Result<InodeTable> {
         let st = sys::fstat(root_fd.as_raw_fd())?;
@@ -167,6 +187,7 @@ impl InodeTable {
         by_key.insert(key, NodeId::ROOT.0);
         Ok(InodeTable {
             inner: Mutex::new(Inner { nodes, by_key, by_handle, lru: BTreeMap::new(), next_stamp: 1, next_id: 2 }),
+            hooks: std::sync::OnceLock::new(),
             mount_fd,
             root_dev: st.st_dev,
             max_cached: max_cached.max(1),
@@ -307,6 +328,11 @@ impl InodeTable {
                     g.make_evictable(id, self.max_cached, &mut garbage);
                     drop(g);
                     drop(garbage);
+                    if kind == libc::S_IFDIR {
+                        if let Some(h) = self.hooks.get() {
+                            h.dir_added(id, fd.as_raw_fd());
+                        }
+                    }
                     return Ok((id, fd));
                 }
             }
@@ -335,6 +361,11 @@ impl InodeTable {
             }
             g.remove(id)
         };
+        if removed.as_ref().is_some_and(|n| n.kind == libc::S_IFDIR) {
+            if let Some(h) = self.hooks.get() {
+                h.dir_removed(id);
+            }
+        }
         drop(removed);
     }
 

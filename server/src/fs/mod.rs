@@ -19,6 +19,7 @@
 mod creds;
 mod handles;
 mod inode;
+mod inotify;
 pub mod passthrough;
 mod sys;
 #[cfg(test)]
@@ -421,7 +422,12 @@ impl PassthroughFs {
     /// Needs the kernel channel (attached at INIT).
     pub fn start_watch(&self, watch: watch::Watch) -> io::Result<()> {
         let kernel = self.passthrough.kernel().ok_or_else(|| io::Error::other("no kernel channel attached"))?;
-        let _ = self.write_ignores.set(watch.write_ignores());
+        if let Some(w) = watch.write_ignores() {
+            let _ = self.write_ignores.set(w);
+        }
+        if let Some(ino) = &watch.inotify {
+            self.inodes.set_hooks(ino.clone());
+        }
         let inodes = self.inodes.clone();
         std::thread::Builder::new().name("ringfs-watch".into()).spawn(move || watch::run(watch, inodes, kernel))?;
         Ok(())
@@ -847,12 +853,10 @@ impl FileSystem for PassthroughFs {
         let (pfd, _) = self.inodes.get(new_parent.0)?;
         let src = sys::proc_path(fd.as_raw_fd());
         // Through the ring: as the server when the kernel checked permissions, else as the caller.
-        let creator = if self.kernel_checks() && uring_transport::io::metadata_on_ring() {
-            Some(0)
-        } else if self.kernel_checks() {
-            None
-        } else {
-            self.ring_creator(ctx)
+        let creator = match (uring_transport::io::metadata_on_ring(), self.kernel_checks()) {
+            (false, _) => None,
+            (true, true) => Some(0),
+            (true, false) => self.ring_creator(ctx),
         };
         if let Some(p) = creator {
             let flags = libc::AT_SYMLINK_FOLLOW;

@@ -46,11 +46,13 @@ const INFO_DFID_NAME: u8 = 2;
 const INFO_DFID: u8 = 3;
 
 /// How long changes are collected before their invalidations go out.
-const COALESCE: Duration = Duration::from_millis(5);
+pub(crate) const COALESCE: Duration = Duration::from_millis(5);
 
 /// An open fanotify group watching the backing file system.
 pub struct Watch {
     fd: Arc<OwnedFd>,
+    /// Set for the inotify fallback (see [`super::inotify`]); `fd` is then its inotify fd.
+    pub(crate) inotify: Option<Arc<super::inotify::Inotify>>,
 }
 
 impl Watch {
@@ -83,12 +85,31 @@ impl Watch {
                 io::Error::last_os_error()
             )));
         }
-        Ok(Watch { fd: Arc::new(fd) })
+        Ok(Watch { fd: Arc::new(fd), inotify: None })
     }
 
-    /// The per-inode FAN_MODIFY ignore marks for files open for writing through the mount.
-    pub(crate) fn write_ignores(&self) -> WriteIgnores {
-        WriteIgnores { fd: self.fd.clone(), writers: Mutex::new((HashMap::new(), HashSet::new())) }
+    /// The inotify fallback for `source` (see [`super::inotify`]).
+    pub fn inotify(source: &Path) -> io::Result<Watch> {
+        let (fd, ino) = super::inotify::Inotify::new(source)?;
+        Ok(Watch { fd, inotify: Some(ino) })
+    }
+
+    /// Which mechanism this watch uses.
+    pub fn kind(&self) -> &'static str {
+        if self.inotify.is_some() {
+            "inotify"
+        } else {
+            "fanotify"
+        }
+    }
+
+    /// The per-inode FAN_MODIFY ignore marks for files open for writing through the mount
+    /// (fanotify only).
+    pub(crate) fn write_ignores(&self) -> Option<WriteIgnores> {
+        if self.inotify.is_some() {
+            return None;
+        }
+        Some(WriteIgnores { fd: self.fd.clone(), writers: Mutex::new((HashMap::new(), HashSet::new())) })
     }
 }
 
@@ -180,14 +201,20 @@ fn ctime(fd: RawFd) -> Option<(i64, i64)> {
     }
 }
 
+/// One invalidation to send.
 #[derive(Clone, PartialEq, Eq, Hash)]
-enum Inval {
+pub(crate) enum Inval {
+    /// The name (parent node, name) changed: FUSE_NOTIFY_INVAL_ENTRY.
     Entry(u64, Vec<u8>),
+    /// The node's attributes changed, and its data too when true: FUSE_NOTIFY_INVAL_INODE.
     Inode(u64, bool),
 }
 
 /// Runs the watch until the kernel channel goes away (the process exits with the mount).
 pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelChannel>) {
+    if let Some(ino) = &watch.inotify {
+        return super::inotify::run(&watch.fd, ino, &inodes, kernel.as_ref());
+    }
     let own_pid = std::process::id() as i32;
     let mut buf = vec![0u64; 8192];
     let mut pending: HashSet<Inval> = HashSet::new();
@@ -214,11 +241,16 @@ pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelC
                 break;
             }
         }
-        for inv in pending.drain() {
-            match inv {
-                Inval::Entry(parent, name) => kernel.inval_entry(NodeId(parent), &name),
-                Inval::Inode(node, data) => kernel.inval_inode(NodeId(node), if data { 0 } else { -1 }, 0),
-            }
+        flush(&mut pending, kernel.as_ref());
+    }
+}
+
+/// Hands the pending invalidations to the kernel channel (its notifier thread writes them).
+pub(crate) fn flush(pending: &mut HashSet<Inval>, kernel: &dyn KernelChannel) {
+    for inv in pending.drain() {
+        match inv {
+            Inval::Entry(parent, name) => kernel.inval_entry(NodeId(parent), &name),
+            Inval::Inode(node, data) => kernel.inval_inode(NodeId(node), if data { 0 } else { -1 }, 0),
         }
     }
 }
