@@ -371,10 +371,10 @@ fn value_errors_name_their_key() {
             "must be a number of seconds >= 0, got nan",
         ),
         (
-            "cache.coherence = \"inotify\"",
-            "coherence=inotify",
+            "cache.coherence = \"poll\"",
+            "coherence=poll",
             "cache.coherence",
-            r#"must be one of "ttl", "watch", got "inotify""#,
+            r#"must be one of "ttl", "watch", "inotify", got "poll""#,
         ),
         (
             "fuse.max_write = 5000",
