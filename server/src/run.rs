@@ -310,20 +310,15 @@ pub(crate) fn inline_metadata_safe(source: &Path) -> Result<(), String> {
 /// [`inline_metadata_safe`] over the text of a mountinfo file.
 fn check_mounts_local(mountinfo: &str, source: &Path) -> Result<(), String> {
     let mut containing: Option<(usize, String)> = None;
-    for line in mountinfo.lines() {
-        // id parent major:minor root mountpoint options [optional...] - fstype source superopts
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
-        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else { continue };
-        let mp = unescape_mountinfo(mp);
-        let mp = Path::new(&mp);
-        if source.starts_with(mp) {
-            let depth = mp.components().count();
+    for m in mount::parse_mountinfo(mountinfo) {
+        let local = LOCAL_FS_TYPES.contains(&m.fstype.as_str());
+        if source.starts_with(&m.mountpoint) {
+            let depth = m.mountpoint.components().count();
             if containing.as_ref().is_none_or(|(d, _)| depth >= *d) {
-                containing = Some((depth, fstype.to_string()));
+                containing = Some((depth, m.fstype));
             }
-        } else if mp.starts_with(source) && !LOCAL_FS_TYPES.contains(fstype) {
-            return Err(format!("{} is {fstype}", mp.display()));
+        } else if m.mountpoint.starts_with(source) && !local {
+            return Err(format!("{} is {}", m.mountpoint.display(), m.fstype));
         }
     }
     match containing {
@@ -331,23 +326,6 @@ fn check_mounts_local(mountinfo: &str, source: &Path) -> Result<(), String> {
         Some((_, t)) => Err(format!("{} is on {t}", source.display())),
         None => Err(format!("no mount holds {}", source.display())),
     }
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

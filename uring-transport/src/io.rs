@@ -434,27 +434,7 @@ pub async fn openat2_as(
     resolve: u64,
     personality: u16,
 ) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let how = types::OpenHow::new().flags(flags as u64).mode(mode as u64).resolve(resolve);
-    let fd = if !on_ring() {
-        // SAFETY: valid path pointer and open_how of the size passed.
-        sys(unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dirfd,
-                path.as_ptr(),
-                &how as *const types::OpenHow,
-                size_of::<types::OpenHow>(),
-            )
-        } as isize)?
-    } else {
-        let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow)
-            .build()
-            .personality(personality);
-        result(Op { sqe: Some(sqe.into()), slot: None }.await)?
-    };
-    // SAFETY: a descriptor the kernel just opened for us.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+    openat2_once(dirfd, path, flags, mode, resolve, Some(personality)).await
 }
 
 /// openat2(2) with `RESOLVE_*` flags; returns the new descriptor. `EAGAIN` (a concurrent
@@ -468,19 +448,21 @@ pub async fn openat2(
 ) -> io::Result<std::os::fd::OwnedFd> {
     let mut tries = 0;
     loop {
-        match openat2_once(dirfd, path, flags, mode, resolve).await {
+        match openat2_once(dirfd, path, flags, mode, resolve, None).await {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 16 => tries += 1,
             r => return r,
         }
     }
 }
 
+/// One openat2: by the metadata policy, or always through the ring as `personality` when given.
 async fn openat2_once(
     dirfd: RawFd,
     path: &std::ffi::CStr,
     flags: i32,
     mode: u32,
     resolve: u64,
+    personality: Option<u16>,
 ) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     let how = types::OpenHow::new().flags(flags as u64).mode(mode as u64).resolve(resolve);
@@ -494,11 +476,18 @@ async fn openat2_once(
             size_of::<types::OpenHow>(),
         )
     };
-    let fd = match metadata_way() {
+    let way = match (personality, on_ring()) {
+        (Some(_), true) => Way::Ring,
+        (Some(_), false) => Way::Plain,
+        (None, _) => metadata_way(),
+    };
+    let fd = match way {
         Way::Plain => sys(plain() as isize)?,
         Way::Inline => sys(run_inline(plain) as isize)?,
         Way::Ring => {
-            let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow).build();
+            let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow)
+                .build()
+                .personality(personality.unwrap_or(0));
             result(Op { sqe: Some(sqe.into()), slot: None }.await)?
         }
     };
