@@ -221,7 +221,15 @@ fn prerequisites(test: &str) -> Option<PathBuf> {
 }
 
 /// Runs the suite through a ringfs mount with `opts` and compares it with native ext4.
+/// One suite run at a time: under a concurrent suite's load, `open::etxtbsy` fails now and then
+/// through ringfs (the freshly written binary it executes dies with SIGSEGV right after exec;
+/// seen about once in 70 runs with passthrough, more often without, never natively). That is a
+/// known, not yet understood bug (see docs/reliability.md), not something this comparison can
+/// flag reliably, so the configurations do not load each other.
+static ONE_SUITE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn compare(test: &str, label: &str, opts: &[&str]) {
+    let _one = ONE_SUITE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(bin) = prerequisites(test) else { return };
     let native = native(&bin);
     let m = Mount::start(opts);
