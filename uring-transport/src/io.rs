@@ -79,11 +79,6 @@ pub fn set_inline_metadata(on: bool) {
     INLINE_METADATA.store(on, Ordering::Relaxed);
 }
 
-/// Whether inline metadata calls are allowed (process-wide).
-pub fn inline_metadata() -> bool {
-    INLINE_METADATA.load(Ordering::Relaxed)
-}
-
 /// Counters of inline metadata calls: (calls made inline on queue threads, of which slower
 /// than [`SLOW_INLINE`], each of which paused inline calls on its thread).
 pub fn inline_stats() -> (u64, u64) {

@@ -59,8 +59,7 @@ struct {
 struct call {
 	long live; /* 1 while a call on the mount is stashed, 0 otherwise */
 	long nr;
-	__u64 file; /* read/write family: the file found at entry, and whether it passes through */
-	__u64 passthrough;
+	__u64 passthrough; /* read/write family: the file found at entry passes through */
 	unsigned long args[5];
 };
 
@@ -338,7 +337,6 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	if (!c)
 		return 0;
 	c->nr = id;
-	c->file = (__u64)f;
 	c->passthrough = f ? is_passthrough(f) : 0;
 	for (int i = 0; i < 5; i++)
 		c->args[i] = args[i];
@@ -364,6 +362,18 @@ static __always_inline int statx_buf_on_mount(unsigned long ubuf)
 	return mm[0] == target_major && mm[1] == target_minor;
 }
 
+/* One read or write on the mount: the call, and its bytes (also as passthrough bytes). */
+static __always_inline void count_io(struct ringfs_demand *d, int class, long ret, __u64 passthrough,
+				     __u64 *bytes, __u64 *pt_bytes)
+{
+	d->calls[class]++;
+	if (ret > 0) {
+		*bytes += ret;
+		if (passthrough)
+			*pt_bytes += ret;
+	}
+}
+
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
@@ -379,25 +389,13 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	switch (c.nr) {
 	case NR_read: case NR_pread64: case NR_readv: case NR_preadv: case NR_preadv2:
 		d = demand_slot();
-		if (d) {
-			d->calls[RINGFS_READ]++;
-			if (ret > 0) {
-				d->read_bytes += ret;
-				if (c.passthrough)
-					d->passthrough_read_bytes += ret;
-			}
-		}
+		if (d)
+			count_io(d, RINGFS_READ, ret, c.passthrough, &d->read_bytes, &d->passthrough_read_bytes);
 		break;
 	case NR_write: case NR_pwrite64: case NR_writev: case NR_pwritev: case NR_pwritev2:
 		d = demand_slot();
-		if (d) {
-			d->calls[RINGFS_WRITE]++;
-			if (ret > 0) {
-				d->write_bytes += ret;
-				if (c.passthrough)
-					d->passthrough_write_bytes += ret;
-			}
-		}
+		if (d)
+			count_io(d, RINGFS_WRITE, ret, c.passthrough, &d->write_bytes, &d->passthrough_write_bytes);
 		break;
 	case NR_getdents64:
 		if (fd_on_mount(c.args[0]))
