@@ -82,6 +82,46 @@ fn daemonize() -> Result<std::fs::File, RunError> {
     Ok(std::fs::File::from(wr))
 }
 
+/// The open-file limit the server asks for: every open directory or file of every client, plus
+/// the cached inode descriptors, is a descriptor here (virtiofsd asks for the same million).
+const WANTED_FILES: u64 = 1 << 20;
+
+/// Raises RLIMIT_NOFILE as far as the kernel allows (`fs.nr_open`, at most [`WANTED_FILES`]).
+///
+/// The inherited soft limit is often 1024: clients that hold a few thousand directories open
+/// (each one an open directory and a pinned O_PATH descriptor here) would see EMFILE from
+/// mkdir or open, although the same workload succeeds on the backing file system.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(WANTED_FILES);
+    let want = WANTED_FILES.min(nr_open).max(lim.rlim_cur);
+    if want <= lim.rlim_cur {
+        return;
+    }
+    let before = lim.rlim_cur;
+    let raised = libc::rlimit { rlim_cur: want, rlim_max: want.max(lim.rlim_max) };
+    // SAFETY: valid pointer; raising the hard limit needs CAP_SYS_RESOURCE, else fall back to
+    // the hard limit we already have.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        log::debug!("open-file limit raised from {before} to {want}");
+        return;
+    }
+    let soft = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: valid pointer.
+    if lim.rlim_max > before && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } == 0 {
+        log::debug!("open-file limit raised from {before} to the hard limit {}", lim.rlim_max);
+    } else {
+        log::warn!("open-file limit stays at {before}: clients holding many files open may see EMFILE");
+    }
+}
+
 /// Mounts `cfg` and serves it until unmounted or signalled.
 pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let source = canonical_dir("backing directory", &cfg.source)?;
@@ -96,6 +136,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
     }
+    raise_fd_limit();
     let mut ready_pipe = if background { Some(daemonize()?) } else { None };
     let mut watchdog = Watchdog::spawn(&mountpoint).map_err(|e| format!("starting the watchdog: {e}"))?;
     let sigset = block_signals();

@@ -1216,6 +1216,39 @@ fn many_inodes_beyond_the_fd_limit() {
 }
 
 #[test]
+fn many_directories_held_open() {
+    let m = mount!("ops::many_directories_held_open");
+    // A client holding thousands of directories open (stress-ng's chdir stressor, a file
+    // manager, a build): each costs the server an open directory and a pinned O_PATH
+    // descriptor, so a server left at the inherited open-file limit answers EMFILE where the
+    // backing file system would not.
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out pointer.
+    sys(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
+    let inherited = lim.rlim_cur as usize;
+    let mine = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: valid pointer; only this test process's soft limit moves (the server is running).
+    sys(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &mine) }, "setrlimit");
+    // Nearly as many as the server may open: together with its cached inode descriptors (4096
+    // by default) far more than it may, unless open handles push cached descriptors out.
+    let n = (inherited - (inherited / 4).min(1500)).min(lim.rlim_max as usize - 200);
+    assert!(n + 4096 > inherited, "cannot hold enough directories open to test (hard limit {})", lim.rlim_max);
+    for i in 0..n {
+        fs::create_dir(m.backing(format!("d{i}"))).unwrap();
+    }
+    let open: Vec<File> = (0..n)
+        .map(|i| File::open(m.path(format!("d{i}"))).unwrap_or_else(|e| panic!("open directory {i} of {n}: {e}")))
+        .collect();
+    fs::create_dir(m.path("one-more")).expect("mkdir with thousands of directories open");
+    write_file(&m.path("one-more/f"), b"x");
+    assert_eq!(read_file(&m.backing("one-more/f")), b"x");
+    drop(open);
+    // SAFETY: valid pointer; back to what the other tests inherit.
+    sys(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit");
+    assert!(m.is_mounted());
+}
+
+#[test]
 fn concurrent_writers_and_readers() {
     let m = mount!("ops::concurrent_writers_and_readers");
     let chunk = 256 * 1024;

@@ -93,7 +93,7 @@ pub(crate) enum HandleKind {
     /// costs one descriptor, not two).
     File(std::sync::Arc<OwnedFd>),
     /// An open directory and its read position.
-    Dir(OwnedFd, Mutex<DirStream>),
+    Dir(Arc<OwnedFd>, Mutex<DirStream>),
 }
 
 /// One open file or directory.
@@ -152,7 +152,7 @@ impl HandleTable {
     }
 
     /// Registers an open directory (positioned at its start).
-    pub(crate) fn insert_dir(&self, node: u64, fd: OwnedFd) -> u64 {
+    pub(crate) fn insert_dir(&self, node: u64, fd: Arc<OwnedFd>) -> u64 {
         self.insert(Handle {
             node,
             kind: HandleKind::Dir(fd, Mutex::new(DirStream { pending: VecDeque::new(), pos: 0 })),

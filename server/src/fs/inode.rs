@@ -55,6 +55,8 @@ struct Inner {
     by_handle: HashMap<Arc<[u8]>, u64>,
     /// stamp → node id, oldest first.
     lru: BTreeMap<u64, u64>,
+    /// Open file and directory handles (each holds one descriptor).
+    open_handles: usize,
     next_stamp: u64,
     next_id: u64,
 }
@@ -127,6 +129,16 @@ impl Inner {
     }
 }
 
+/// RLIMIT_NOFILE (soft) less [`FD_RESERVE`].
+fn fd_budget() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return usize::MAX;
+    }
+    (lim.rlim_cur as usize).saturating_sub(FD_RESERVE)
+}
+
 /// The table of inodes known to the kernel.
 pub(crate) struct InodeTable {
     inner: Mutex<Inner>,
@@ -137,7 +149,16 @@ pub(crate) struct InodeTable {
     mount_fd: OwnedFd,
     root_dev: u64,
     max_cached: usize,
+    /// Descriptors the table may hold in all: RLIMIT_NOFILE less a reserve for everything else
+    /// the server opens (rings, notification fds, sockets, descriptors in flight).
+    fd_budget: usize,
 }
+
+/// Descriptors kept out of the inode table's budget for the rest of the server.
+const FD_RESERVE: usize = 512;
+
+/// Cached descriptors are never squeezed below this many.
+const MIN_CACHED: usize = 64;
 
 /// Observer of the directories the kernel knows (see [`InodeTable::set_hooks`]).
 pub(crate) trait DirHooks: Send + Sync {
@@ -186,12 +207,29 @@ impl InodeTable {
         let mut by_key = HashMap::new();
         by_key.insert(key, NodeId::ROOT.0);
         Ok(InodeTable {
-            inner: Mutex::new(Inner { nodes, by_key, by_handle, lru: BTreeMap::new(), next_stamp: 1, next_id: 2 }),
+            inner: Mutex::new(Inner {
+                nodes,
+                by_key,
+                by_handle,
+                lru: BTreeMap::new(),
+                open_handles: 0,
+                next_stamp: 1,
+                next_id: 2,
+            }),
             hooks: std::sync::OnceLock::new(),
             mount_fd,
             root_dev: st.st_dev,
             max_cached: max_cached.max(1),
+            fd_budget: fd_budget(),
         })
+    }
+
+    /// How many evictable descriptors may stay cached now: `max_cached`, less what open
+    /// handles take beyond the budget, so clients holding many files or directories open
+    /// push cached descriptors out instead of meeting EMFILE.
+    fn cache_room(&self, g: &Inner) -> usize {
+        let room = self.fd_budget.saturating_sub(g.open_handles);
+        self.max_cached.min(room.max(MIN_CACHED.min(self.max_cached)))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -249,7 +287,8 @@ impl InodeTable {
                     Some(existing) => existing.clone(),
                     None => {
                         node.fd = Some(fd.clone());
-                        g.make_evictable(id, self.max_cached, &mut garbage);
+                        let max = self.cache_room(&g);
+                        g.make_evictable(id, max, &mut garbage);
                         fd
                     }
                 },
@@ -294,7 +333,8 @@ impl InodeTable {
                             if h.is_some() && *h == node.handle {
                                 node.lookups += 1;
                                 node.fd = Some(fd.clone());
-                                g.make_evictable(id, self.max_cached, &mut garbage);
+                                let max = self.cache_room(&g);
+                                g.make_evictable(id, max, &mut garbage);
                                 drop(g);
                                 drop(garbage);
                                 return Ok((id, fd));
@@ -325,7 +365,8 @@ impl InodeTable {
                     if let Some(h) = h {
                         g.by_handle.insert(h.clone(), id);
                     }
-                    g.make_evictable(id, self.max_cached, &mut garbage);
+                    let max = self.cache_room(&g);
+                    g.make_evictable(id, max, &mut garbage);
                     drop(g);
                     drop(garbage);
                     if kind == libc::S_IFDIR {
@@ -369,29 +410,19 @@ impl InodeTable {
         drop(removed);
     }
 
-    /// An open file handle on node `id` now exists: pin its descriptor (`fd`, the descriptor
-    /// the caller obtained from [`get`](Self::get)).
-    pub(crate) fn pin(&self, id: u64, fd: &InodeFd) {
-        let mut g = self.lock();
-        g.unlist(id);
-        if let Some(node) = g.nodes.get_mut(&id) {
-            node.opens += 1;
-            if node.fd.is_none() {
-                node.fd = Some(fd.clone());
-            }
-        }
-    }
-
-    /// Registers an open regular file on `id`. An inode that can be reopened by handle takes
-    /// the open file's descriptor as its own while open (its O_PATH one is closed), so an open
-    /// file costs one descriptor; the others keep their pinned O_PATH descriptor.
+    /// Registers an open file or directory on `id`. An inode that can be reopened by handle
+    /// takes the open descriptor as its own while open (its O_PATH one is closed), so an open
+    /// file costs one descriptor; the others keep their pinned O_PATH descriptor. Every open
+    /// handle shrinks the room left for cached descriptors (see `cache_room`).
     pub(crate) fn pin_open(&self, id: u64, file: &InodeFd) {
         let mut garbage = Garbage::new();
         {
             let mut g = self.lock();
             g.unlist(id);
-            if let Some(node) = g.nodes.get_mut(&id) {
+            let inner = &mut *g;
+            if let Some(node) = inner.nodes.get_mut(&id) {
                 node.opens += 1;
+                inner.open_handles += 1;
                 if node.opens == 1 && node.handle.is_some() && !node.permanent {
                     if let Some(old) = node.fd.replace(file.clone()) {
                         garbage.push(old);
@@ -400,6 +431,8 @@ impl InodeTable {
                     node.fd = Some(file.clone());
                 }
             }
+            let max = self.cache_room(&g);
+            g.evict(max, &mut garbage);
         }
         drop(garbage);
     }
@@ -409,10 +442,15 @@ impl InodeTable {
         let mut garbage = Garbage::new();
         let removed = {
             let mut g = self.lock();
-            let Some(node) = g.nodes.get_mut(&id) else {
+            let inner = &mut *g;
+            let Some(node) = inner.nodes.get_mut(&id) else {
                 return;
             };
-            node.opens = node.opens.saturating_sub(1);
+            if node.opens == 0 {
+                return;
+            }
+            node.opens -= 1;
+            inner.open_handles = inner.open_handles.saturating_sub(1);
             if node.opens > 0 {
                 return;
             }
@@ -426,7 +464,8 @@ impl InodeTable {
             if node.lookups == 0 && !node.permanent {
                 g.remove(id)
             } else {
-                g.make_evictable(id, self.max_cached, &mut garbage);
+                let max = self.cache_room(&g);
+                g.make_evictable(id, max, &mut garbage);
                 None
             }
         };

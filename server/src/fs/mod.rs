@@ -1034,8 +1034,12 @@ impl FileSystem for PassthroughFs {
         let dir = self.as_caller(ctx, false, || {
             self.reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
         })?;
-        let fh = self.handles.insert_dir(node.0, dir);
-        self.inodes.pin(node.0, &fd);
+        // The open directory doubles as the node's descriptor while it is open (as an open
+        // file does): a client holding thousands of directories open costs one descriptor each.
+        let dir = std::sync::Arc::new(dir);
+        let fh = self.handles.insert_dir(node.0, dir.clone());
+        self.inodes.pin_open(node.0, &dir);
+        drop(fd);
         // With the watch, a directory's cached listing is dropped when the backing directory
         // changes (and by the kernel itself for changes made through the mount): let the kernel
         // keep it across opens.
