@@ -33,7 +33,7 @@ pub struct Config {
     /// Default `false`.
     pub allow_other: bool,
     /// `default_permissions`: let the kernel check permissions from the mode
-    /// bits it caches, instead of the server. Default `true`.
+    /// bits and POSIX ACLs it caches, instead of the server. Default `true`.
     pub default_permissions: bool,
     /// `ro`: mount read-only. Default `false`.
     pub ro: bool,

@@ -422,6 +422,12 @@ pub struct ConnInfo {
     pub writeback_cache: bool,
     /// FUSE_HANDLE_KILLPRIV_V2 is enabled: the server clears set-uid/set-gid bits.
     pub handle_killpriv_v2: bool,
+    /// FUSE_POSIX_ACL with FUSE_DONT_MASK: the kernel enforces POSIX ACLs (read through
+    /// GETXATTR `system.posix_acl_access`/`_default` and cached) and sends creation modes
+    /// *without* the caller's umask. Opt-in, offered when the kernel checks permissions: a file
+    /// system that sets it must apply `umask` itself unless the parent directory has a default
+    /// ACL (which replaces the umask, as on a local file system).
+    pub posix_acl: bool,
     /// The kernel checks permissions itself (`default_permissions` mount option).
     pub default_permissions: bool,
     /// Maximum write size the kernel will send.
@@ -512,7 +518,7 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Creates a node (regular file, fifo, socket, device). `mode` already has the umask applied
-    /// by the kernel; `umask` is given for information.
+    /// by the kernel (`umask` is given for information) unless [`ConnInfo::posix_acl`] is on.
     async fn mknod(
         &self,
         ctx: &Context,
@@ -525,7 +531,7 @@ pub trait FileSystem: Send + Sync + 'static {
         Err(Errno::ENOSYS)
     }
 
-    /// Creates a directory. `mode` already has the umask applied.
+    /// Creates a directory. `mode` already has the umask applied (see [`FileSystem::mknod`]).
     async fn mkdir(&self, ctx: &Context, parent: NodeId, name: &CStr, mode: u32, umask: u32) -> Result<Entry> {
         Err(Errno::ENOSYS)
     }
@@ -563,7 +569,8 @@ pub trait FileSystem: Send + Sync + 'static {
         Err(Errno::ENOSYS)
     }
 
-    /// Creates and opens a file (O_CREAT). `mode` already has the umask applied.
+    /// Creates and opens a file (O_CREAT). `mode` already has the umask applied (see
+    /// [`FileSystem::mknod`]).
     async fn create(
         &self,
         ctx: &Context,

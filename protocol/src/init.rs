@@ -31,7 +31,11 @@ pub struct InitParams {
 /// - `EXPORT_SUPPORT`: no lookups of "." / ".." by NFS; `NO_EXPORT_SUPPORT` says so.
 /// - `DONT_MASK`: the kernel applies the caller's umask before sending modes.
 /// - `SPLICE_*`: copies through pipes cost more than they save for this server.
-/// - `POSIX_ACL`, `SECURITY_CTX`, `SETXATTR_EXT`: ACLs pass through as plain xattrs.
+/// - `POSIX_ACL` with `DONT_MASK`: offered to the file system as an opt-in
+///   (`ConnInfo::posix_acl`, only with `default_permissions`): it then applies umasks itself.
+/// - `SECURITY_CTX`, `SETXATTR_EXT`: security labels and the ACL set-gid flag are not
+///   negotiated (a file system that sets ACLs with the caller's credentials gets the set-gid
+///   clearing from the backing file system).
 /// - `HANDLE_KILLPRIV`: superseded by `HANDLE_KILLPRIV_V2`, which is offered to the file system
 ///   as an opt-in (`ConnInfo::handle_killpriv_v2`): it then clears set-uid/set-gid itself.
 pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
@@ -63,6 +67,9 @@ pub struct Negotiated {
     pub conn: ConnInfo,
     /// The kernel offered FUSE_HANDLE_KILLPRIV_V2 (enabled if the file system opts in).
     pub killpriv_offered: bool,
+    /// The kernel offered FUSE_POSIX_ACL and FUSE_DONT_MASK and permissions are checked by the
+    /// kernel (enabled if the file system opts in).
+    pub acl_offered: bool,
 }
 
 /// Negotiates INIT. Returns `Err(EPROTO)` for a kernel too old to speak with.
@@ -86,9 +93,12 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
     }
     // Offered to the file system, which must opt in (it takes over clearing set-uid/set-gid).
     want |= InitFlags::HANDLE_KILLPRIV_V2;
+    let acl = InitFlags::POSIX_ACL | InitFlags::DONT_MASK;
     let mut flags = offered & want;
     let killpriv_offered = flags.contains(InitFlags::HANDLE_KILLPRIV_V2);
     flags -= InitFlags::HANDLE_KILLPRIV_V2;
+    // POSIX_ACL switches default_permissions on in the kernel: only offered where it is on.
+    let acl_offered = p.default_permissions && offered.contains(acl);
     let max_write = p.max_write.clamp(4096, 16 << 20) & !4095;
     let max_pages = max_write.div_ceil(4096).clamp(1, u16::MAX as u32) as u16;
     let bits = flags.bits();
@@ -115,11 +125,12 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
         writeback_cache: flags.contains(InitFlags::WRITEBACK_CACHE),
         // Opt-in: the file system sets it in `init` if it honours the kill flags.
         handle_killpriv_v2: false,
+        posix_acl: false,
         default_permissions: p.default_permissions,
         max_write,
         max_read: max_pages as u32 * 4096,
     };
-    Ok(Negotiated { out, flags, conn, killpriv_offered })
+    Ok(Negotiated { out, flags, conn, killpriv_offered, acl_offered })
 }
 
 /// Applies what the file system switched off in [`ConnInfo`] to the reply.
@@ -140,6 +151,11 @@ pub fn apply_conn(n: &mut Negotiated) {
         n.flags |= InitFlags::HANDLE_KILLPRIV_V2;
     } else {
         n.conn.handle_killpriv_v2 = false;
+    }
+    if n.conn.posix_acl && n.acl_offered {
+        n.flags |= InitFlags::POSIX_ACL | InitFlags::DONT_MASK;
+    } else {
+        n.conn.posix_acl = false;
     }
     let bits = n.flags.bits();
     n.out.flags = bits as u32;
@@ -184,6 +200,31 @@ mod tests {
         p.writeback_cache = true;
         let n = negotiate(&arg, &p).unwrap();
         assert!(!n.flags.contains(InitFlags::PASSTHROUGH));
+    }
+
+    #[test]
+    fn posix_acl_is_an_opt_in_with_default_permissions() {
+        let all = InitFlags::all().bits();
+        let arg =
+            FuseInitIn { major: 7, minor: 45, flags: all as u32, flags2: (all >> 32) as u32, ..Default::default() };
+        let acl = InitFlags::POSIX_ACL | InitFlags::DONT_MASK;
+        // Not asked for: neither flag goes out.
+        let mut n = negotiate(&arg, &params()).unwrap();
+        apply_conn(&mut n);
+        assert!(!n.flags.intersects(acl) && !n.conn.posix_acl);
+        // Asked for: both.
+        let mut n = negotiate(&arg, &params()).unwrap();
+        n.conn.posix_acl = true;
+        apply_conn(&mut n);
+        assert!(n.flags.contains(acl) && n.conn.posix_acl);
+        assert_ne!(n.out.flags & InitFlags::POSIX_ACL.bits() as u32, 0);
+        // Without default_permissions the kernel would switch it on: refused.
+        let mut p = params();
+        p.default_permissions = false;
+        let mut n = negotiate(&arg, &p).unwrap();
+        n.conn.posix_acl = true;
+        apply_conn(&mut n);
+        assert!(!n.flags.intersects(acl) && !n.conn.posix_acl);
     }
 
     #[test]

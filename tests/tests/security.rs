@@ -255,3 +255,108 @@ fn without_allow_other_others_get_eacces() {
     assert_eq!(as_user(NOBODY_UID, NOBODY_GID, stat(&f)), libc::EACCES, "stat of a 0644 file");
     assert_eq!(as_user(0, 0, stat(&f)), 0, "root (the mounter) gets in");
 }
+
+/// Runs `setfacl ARGS` (package acl) and asserts that it worked.
+fn setfacl(args: &[&str], path: &Path) {
+    let out = std::process::Command::new("setfacl").args(args).arg(path).output().expect("run setfacl (package acl)");
+    assert!(out.status.success(), "setfacl {args:?} {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// `getfacl -c` of `path` (comments off, effective rights omitted).
+fn getfacl(path: &Path) -> String {
+    let out = std::process::Command::new("getfacl")
+        .args(["-c", "-E", "-p"])
+        .arg(path)
+        .output()
+        .expect("run getfacl (package acl)");
+    assert!(out.status.success(), "getfacl {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn posix_acls_grant_deny_and_inherit_as_on_the_backing_file_system() {
+    if !require_root_fuse("security::posix_acls_grant_deny_and_inherit_as_on_the_backing_file_system") {
+        return;
+    }
+    let m = Mount::start(&["allow_other"]);
+    // An ACL entry that denies what the mode bits would allow (other::r--).
+    fs::write(m.backing("denied"), b"not for nobody").unwrap();
+    fs::set_permissions(m.backing("denied"), fs::Permissions::from_mode(0o644)).unwrap();
+    setfacl(&["-m", &format!("u:{NOBODY_UID}:---")], &m.backing("denied"));
+    // An ACL entry that grants what the mode bits would refuse (0600 root file).
+    fs::write(m.backing("granted"), b"for nobody").unwrap();
+    fs::set_permissions(m.backing("granted"), fs::Permissions::from_mode(0o600)).unwrap();
+    setfacl(&["-m", &format!("u:{NOBODY_UID}:r")], &m.backing("granted"));
+    // A root directory that nobody may write only through its ACL, with a default ACL.
+    fs::create_dir(m.backing("shared")).unwrap();
+    fs::set_permissions(m.backing("shared"), fs::Permissions::from_mode(0o755)).unwrap();
+    setfacl(&["-m", &format!("u:{NOBODY_UID}:rwx"), "-d", "-m", &format!("u:{NOBODY_UID}:rwx")], &m.backing("shared"));
+    let (denied, granted) = (cstr(m.path("denied")), cstr(m.path("granted")));
+    let created = cstr(m.path("shared/by-nobody"));
+    let open = |p: &std::ffi::CString, flags: i32| {
+        let ptr = p.as_ptr();
+        move || {
+            // SAFETY: open/close on a prepared path in the forked child.
+            unsafe {
+                let fd = libc::open(ptr, flags, 0o666);
+                if fd < 0 {
+                    return *libc::__errno_location();
+                }
+                libc::close(fd);
+                0
+            }
+        }
+    };
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY)), libc::EACCES, "ACL entry ---");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&granted, libc::O_RDONLY)), 0, "ACL entry r--");
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&granted, libc::O_WRONLY)), libc::EACCES, "ACL entry r--, write");
+    assert_eq!(
+        as_user(NOBODY_UID, NOBODY_GID, open(&created, libc::O_WRONLY | libc::O_CREAT)),
+        0,
+        "create in a directory whose ACL lets nobody write"
+    );
+    assert_eq!(fs::metadata(m.backing("shared/by-nobody")).unwrap().uid(), NOBODY_UID);
+    // Inheritance: a default ACL replaces the creator's umask, here and natively alike.
+    let mkdir_file_with_umask = |dir: &Path| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("umask 077 && : > \"$1/f\" && mkdir \"$1/d\"")
+            .args(["sh", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    fs::create_dir(m.backing("native")).unwrap();
+    setfacl(&["-m", &format!("u:{NOBODY_UID}:rwx"), "-d", "-m", &format!("u:{NOBODY_UID}:rwx")], &m.backing("native"));
+    mkdir_file_with_umask(&m.backing("native"));
+    mkdir_file_with_umask(&m.path("shared"));
+    for name in ["f", "d"] {
+        let native = getfacl(&m.backing(format!("native/{name}")));
+        assert!(native.contains("mask::rw"), "native {name} inherits the default ACL: {native}");
+        assert_eq!(getfacl(&m.backing(format!("shared/{name}"))), native, "{name} created through the mount");
+        assert_eq!(getfacl(&m.path(format!("shared/{name}"))), native, "{name} seen through the mount");
+    }
+    // Without a default ACL the umask applies as usual.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 027 && : > \"$1/plain\" && mkdir \"$1/plain-d\"")
+        .args(["sh", m.mountpoint.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(fs::metadata(m.backing("plain")).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(fs::metadata(m.backing("plain-d")).unwrap().mode() & 0o777, 0o750);
+    // An ACL changed through the mount takes effect at once.
+    setfacl(&["-m", &format!("u:{NOBODY_UID}:r")], &m.path("denied"));
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY)), 0, "ACL set through the mount");
+    setfacl(&["-b"], &m.path("granted"));
+    assert_eq!(as_user(NOBODY_UID, NOBODY_GID, open(&granted, libc::O_RDONLY)), libc::EACCES, "ACL removed");
+    // And one changed on the backing directory reaches the kernel's ACL cache (the watch's
+    // inode invalidation drops it).
+    setfacl(&["-m", &format!("u:{NOBODY_UID}:---")], &m.backing("denied"));
+    assert!(
+        tests::wait_until(Duration::from_secs(2), || as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY))
+            == libc::EACCES),
+        "an ACL set on the backing file is enforced through the mount"
+    );
+}

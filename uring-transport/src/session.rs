@@ -195,13 +195,14 @@ impl<F: FileSystem> Session<F> {
         out[16..16 + payload.len()].copy_from_slice(payload);
         send_reply(&mounted.fd, &mut out, req.unique(), 0, payload.len())?;
         log::info!(
-            "FUSE {}.{} negotiated: max_write={} passthrough={} readdirplus={} writeback_cache={}",
+            "FUSE {}.{} negotiated: max_write={} passthrough={} readdirplus={} writeback_cache={} posix_acl={}",
             arg.major,
             arg.minor,
             negotiated.conn.max_write,
             negotiated.conn.passthrough,
             negotiated.conn.readdirplus,
-            negotiated.conn.writeback_cache
+            negotiated.conn.writeback_cache,
+            negotiated.conn.posix_acl
         );
         let outsize = 16 + negotiated.conn.max_read.max(negotiated.conn.max_write) as usize + 8192;
         let payload_size = (negotiated.conn.max_read.max(negotiated.conn.max_write) as usize).max(8192);

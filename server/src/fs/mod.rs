@@ -69,6 +69,10 @@ pub struct FsConfig {
     /// Keep a file's page cache across opens (FOPEN_KEEP_CACHE) for opens the server serves.
     /// Safe only while changes made behind the mount's back are invalidated (the watch).
     pub keep_cache: bool,
+    /// Let the kernel enforce POSIX ACLs (FUSE_POSIX_ACL) when it checks permissions and the
+    /// backing file system supports ACLs; without it, the kernel checks mode bits only and
+    /// ACL entries that grant or deny access are ignored through the mount.
+    pub posix_acl: bool,
 }
 
 impl Default for FsConfig {
@@ -83,6 +87,7 @@ impl Default for FsConfig {
             passthrough: true,
             passthrough_exclude: Vec::new(),
             keep_cache: false,
+            posix_acl: true,
         }
     }
 }
@@ -95,6 +100,10 @@ pub struct PassthroughFs {
     /// `/proc/self/fd`, for reopening inodes by their O_PATH descriptor.
     proc_fd: OwnedFd,
     default_permissions: AtomicBool,
+    /// The backing root answers `system.posix_acl_access` (the backing file system has ACLs).
+    acl_supported: bool,
+    /// FUSE_POSIX_ACL is in effect: creation modes arrive without the umask (see `init`).
+    posix_acl: AtomicBool,
     /// fchmodat2(AT_EMPTY_PATH) is unavailable: use `/proc/self/fd/N`.
     no_fchmodat2: AtomicBool,
     /// The kernel caches writes (FUSE_WRITEBACK_CACHE): it reads partial pages back and sends
@@ -211,9 +220,15 @@ impl PassthroughFs {
         let proc_fd =
             sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
+        let acl_supported = !matches!(
+            sys::xattr::get(&sys::proc_path(root.as_raw_fd()), c"system.posix_acl_access", &mut []),
+            Err(e) if e == Errno::EOPNOTSUPP || e == Errno(libc::ENOTSUP)
+        );
         let inodes = std::sync::Arc::new(InodeTable::new(root, cfg.max_cached_fds).map_err(|e| io_err(e, &what))?);
         Ok(PassthroughFs {
             default_permissions: AtomicBool::new(cfg.default_permissions),
+            acl_supported,
+            posix_acl: AtomicBool::new(false),
             cfg,
             inodes,
             handles: HandleTable::new(),
@@ -224,6 +239,20 @@ impl PassthroughFs {
             noflush,
             write_ignores: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The mode to create a node with in directory `dir`: with FUSE_POSIX_ACL the kernel sends
+    /// `mode` without the caller's `umask`, which applies unless `dir` has a default ACL (the
+    /// backing file system then derives the mode from that ACL, as it would natively; the
+    /// server's own umask is 0).
+    fn creation_mode(&self, dir: RawFd, mode: u32, umask: u32) -> u32 {
+        if !self.posix_acl.load(Ordering::Relaxed) {
+            return mode;
+        }
+        match sys::xattr::get(&sys::proc_path(dir), c"system.posix_acl_default", &mut []) {
+            Ok(n) if n > 0 => mode,
+            _ => mode & !umask,
+        }
     }
 
     /// Number of inodes the kernel currently references (the root included).
@@ -655,6 +684,10 @@ impl FileSystem for PassthroughFs {
         // The server clears set-uid/set-gid itself (WRITE/SETATTR/OPEN kill flags are honoured),
         // which lets the kernel skip its per-write security.capability check (SB_NOSEC).
         conn.handle_killpriv_v2 = true;
+        // The kernel enforces ACLs (fetched once per inode with GETXATTR and cached), and
+        // creation modes come unmasked so a parent's default ACL can replace the umask.
+        conn.posix_acl = conn.default_permissions && self.cfg.posix_acl && self.acl_supported;
+        self.posix_acl.store(conn.posix_acl, Ordering::Relaxed);
         Ok(())
     }
 
@@ -775,10 +808,11 @@ impl FileSystem for PassthroughFs {
         name: &CStr,
         mode: u32,
         rdev: u32,
-        _umask: u32,
+        umask: u32,
     ) -> Result<Entry> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
         self.as_caller(ctx, true, || {
             // SAFETY: `name` is NUL-terminated. The FUSE rdev encoding equals glibc's dev_t
             // encoding for 32-bit values.
@@ -787,9 +821,10 @@ impl FileSystem for PassthroughFs {
         self.created(pfd.as_raw_fd(), name)
     }
 
-    async fn mkdir(&self, ctx: &Context, parent: NodeId, name: &CStr, mode: u32, _umask: u32) -> Result<Entry> {
+    async fn mkdir(&self, ctx: &Context, parent: NodeId, name: &CStr, mode: u32, umask: u32) -> Result<Entry> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
         if let Some(p) = self.ring_creator(ctx) {
             match uring_transport::io::mkdirat_as(pfd.as_raw_fd(), name, mode & 0o7777, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
@@ -915,11 +950,12 @@ impl FileSystem for PassthroughFs {
         parent: NodeId,
         name: &CStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: u32,
     ) -> Result<(Entry, Opened)> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
+        let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
         let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL))
             | libc::O_CREAT
             | libc::O_NOFOLLOW
@@ -942,10 +978,11 @@ impl FileSystem for PassthroughFs {
         ctx: &Context,
         parent: NodeId,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: u32,
     ) -> Result<(Entry, Opened)> {
         let (pfd, _) = self.inodes.get(parent.0)?;
+        let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
         let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL) & !libc::O_TRUNC)
             | libc::O_TMPFILE
             | libc::O_CLOEXEC;
