@@ -17,7 +17,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (installs packages, creates users, loads modules)"
 
-packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux)
+packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux stress-ng)
 
 missing=()
 for p in "${packages[@]}"; do
