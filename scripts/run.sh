@@ -12,6 +12,8 @@ mnt=${2:-/mnt/ringfs}
 shift $(( $# > 2 ? 2 : $# ))
 scripts/setup.sh
 cargo build --release -p server --bin ringfs
+# Also where mount(8) looks, so that `mount -t fuse.ringfs` and fstab lines work.
+install -m 0755 target/release/ringfs /usr/local/sbin/ringfs
 mkdir -p "$src" "$mnt"
 echo "ringfs: mounting $src on $mnt (Ctrl-C to unmount)"
 exec target/release/ringfs mount "$src" "$mnt" "$@"

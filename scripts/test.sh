@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# mount(8) finds mount helpers' programs on a fixed PATH: install ringfs there so that
+# `mount -t fuse.ringfs` and fstab lines work (the lifecycle tests mount that way too).
+cargo build --release -p server --bin ringfs
+install -m 0755 target/release/ringfs /usr/local/sbin/ringfs
 cargo test --workspace --release -- --test-threads=2
 # The integration suites again on the classic channel (the run above uses io_uring where the
 # kernel offers it; pjdfstest and the transport tests already cover both).

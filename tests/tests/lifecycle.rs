@@ -206,3 +206,44 @@ fn mountinfo_shows_fstype_and_fsname() {
         .expect("the mount in /proc/mounts");
     assert_eq!(line.split(' ').nth(2), Some(FSTYPE), "{line}");
 }
+
+/// Where mount(8) finds `ringfs` for `mount -t fuse.ringfs` (it runs mount.fuse3 with this
+/// fixed PATH, not the caller's).
+const HELPER_PATH: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/sbin", "/bin", "/usr/sbin", "/usr/bin"];
+
+#[test]
+fn mount_t_fuse_ringfs_goes_through_mount_fuse3() {
+    let test = "lifecycle::mount_t_fuse_ringfs_goes_through_mount_fuse3";
+    if !require_root_fuse(test) {
+        return;
+    }
+    let Some(installed) = HELPER_PATH.iter().map(|d| Path::new(d).join("ringfs")).find(|p| p.exists()) else {
+        tests::skip(test, "no ringfs on mount(8)'s PATH (scripts/test.sh installs /usr/local/sbin/ringfs)");
+        return;
+    };
+    if fs::read(&installed).ok() != fs::read(tests::ringfs_bin()).ok() {
+        eprintln!("note: {} differs from the ringfs under test", installed.display());
+    }
+    let src = tempfile::tempdir_in("/tmp").unwrap();
+    let mnt = tempfile::tempdir_in("/tmp").unwrap();
+    fs::write(src.path().join("hello"), b"from the backing directory").unwrap();
+    // As an fstab line `SRC MNT fuse.ringfs allow_other,... 0 0` would mount it: mount(8) runs
+    // mount.fuse3, which runs `ringfs SRC MNT -o OPTIONS`; that backgrounds once mounted.
+    let out = std::process::Command::new("mount")
+        .args(["-t", "fuse.ringfs"])
+        .arg(src.path())
+        .arg(mnt.path())
+        .args(["-o", "allow_other,nosuid,metrics_addr="])
+        .output()
+        .expect("run mount(8)");
+    assert!(out.status.success(), "mount -t fuse.ringfs: {}", String::from_utf8_lossy(&out.stderr));
+    let info = mount_at(mnt.path()).expect("mounted as soon as mount(8) returns");
+    assert_eq!(info.fstype, FSTYPE);
+    assert!(info.super_options.contains("allow_other"), "{info:?}");
+    assert_eq!(fs::read(mnt.path().join("hello")).unwrap(), b"from the backing directory");
+    fs::write(mnt.path().join("back"), b"through the mount").unwrap();
+    assert_eq!(fs::read(src.path().join("back")).unwrap(), b"through the mount");
+    let out = std::process::Command::new("umount").arg(mnt.path()).output().expect("run umount(8)");
+    assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_until(Duration::from_secs(5), || mount_at(mnt.path()).is_none()));
+}
