@@ -140,7 +140,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     }
     raise_fd_limit();
     let mut ready_pipe = if background { Some(daemonize()?) } else { None };
-    let mut watchdog = Watchdog::spawn(&mountpoint).map_err(|e| format!("starting the watchdog: {e}"))?;
+    let mut watchdog = Watchdog::spawn(&mountpoint, background).map_err(|e| format!("starting the watchdog: {e}"))?;
     let sigset = block_signals();
 
     let mut cache = cfg.cache.clone();
@@ -292,6 +292,9 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         crate::metrics::start(addr, sources);
     }
     if let Some(mut p) = ready_pipe.take() {
+        // Whoever started us (mount(8), a script's `$(...)`) may wait for end-of-file on our
+        // standard descriptors, which would otherwise come only at unmount.
+        uring_transport::watchdog::detach_stdio();
         let _ = p.write_all(b"O");
     }
 

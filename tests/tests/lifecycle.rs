@@ -229,14 +229,32 @@ fn mount_t_fuse_ringfs_goes_through_mount_fuse3() {
     fs::write(src.path().join("hello"), b"from the backing directory").unwrap();
     // As an fstab line `SRC MNT fuse.ringfs allow_other,... 0 0` would mount it: mount(8) runs
     // mount.fuse3, which runs `ringfs SRC MNT -o OPTIONS`; that backgrounds once mounted.
-    let out = std::process::Command::new("mount")
+    // Its output is read to end-of-file, as `$(mount ...)` would: the backgrounded server (and
+    // its watchdog) must not keep those pipes open.
+    let mut child = std::process::Command::new("mount")
         .args(["-t", "fuse.ringfs"])
         .arg(src.path())
         .arg(mnt.path())
         .args(["-o", "allow_other,nosuid,metrics_addr="])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run mount(8)");
-    assert!(out.status.success(), "mount -t fuse.ringfs: {}", String::from_utf8_lossy(&out.stderr));
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut o, mut e) = (String::new(), String::new());
+        let _ = stdout.read_to_string(&mut o);
+        let _ = stderr.read_to_string(&mut e);
+        let _ = tx.send(e);
+    });
+    let status = child.wait().expect("wait for mount(8)");
+    let err = rx.recv_timeout(Duration::from_secs(10));
+    if err.is_err() {
+        let _ = std::process::Command::new("umount").arg("-l").arg(mnt.path()).status();
+        panic!("mount(8) exited but its output pipes stayed open: the background server holds them");
+    }
+    assert!(status.success(), "mount -t fuse.ringfs: {}", err.unwrap_or_default());
     let info = mount_at(mnt.path()).expect("mounted as soon as mount(8) returns");
     assert_eq!(info.fstype, FSTYPE);
     assert!(info.super_options.contains("allow_other"), "{info:?}");

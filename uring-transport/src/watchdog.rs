@@ -23,7 +23,11 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// Forks the watchdog for `mountpoint`. Must be called before any thread is started.
-    pub fn spawn(mountpoint: &Path) -> io::Result<Watchdog> {
+    ///
+    /// With `detach`, the watchdog lets go of standard descriptors that a waiting parent may
+    /// read to end-of-file (see [`detach_stdio`]): use it for a server that runs in the
+    /// background.
+    pub fn spawn(mountpoint: &Path, detach: bool) -> io::Result<Watchdog> {
         let mut fds = [0i32; 2];
         // SAFETY: fds is a valid array of two ints.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -40,6 +44,9 @@ impl Watchdog {
         }
         if pid == 0 {
             drop(wr);
+            if detach {
+                detach_stdio();
+            }
             let code = watch(std::fs::File::from(rd), mountpoint, &target);
             // SAFETY: leaving the child without running the parent's atexit handlers.
             unsafe { libc::_exit(code) };
@@ -114,4 +121,28 @@ fn still_mounted(mountpoint: &Path, dev: u64) -> bool {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     let mp = PathBuf::from(mountpoint);
     parse_mountinfo(&text).iter().any(|m| m.mountpoint == mp && m.dev == dev)
+}
+
+/// Points stdin and stdout at /dev/null, and stderr too when it is a pipe or a terminal: a
+/// background process must not hold the pipes of whoever started it (mount(8), a script's
+/// `$(...)`, a test harness), which may wait for end-of-file on them. A stderr redirected to a
+/// file or a socket (the journal) keeps receiving the log. Async-signal-safe (raw syscalls), so
+/// a freshly forked child may call it.
+pub fn detach_stdio() {
+    // SAFETY: open/fstat/dup2/close on a NUL-terminated path and descriptors of this process.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null < 0 {
+            return;
+        }
+        let mut st: libc::stat = std::mem::zeroed();
+        let keep_stderr =
+            libc::fstat(2, &mut st) == 0 && matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFSOCK);
+        libc::dup2(null, 0);
+        libc::dup2(null, 1);
+        if !keep_stderr {
+            libc::dup2(null, 2);
+        }
+        libc::close(null);
+    }
 }
