@@ -11,9 +11,12 @@
 //! queue thread), which on small VMs is several times the call itself. Where the file system
 //! says the backing store answers these from memory ([`set_inline_metadata`]: local disk file
 //! systems, never network or FUSE ones), a queue thread runs them as plain system calls instead,
-//! timing each one. A call slower than [`SLOW_INLINE`] (a cold directory block, a journal stall)
-//! sends that thread back to the ring for [`INLINE_PAUSE`], so a slow disk stalls a core for at
-//! most one call per pause. Data I/O (read, write, fsync, fallocate) always goes through the ring.
+//! timing each one. A call slower than [`SLOW_INLINE`] (a cold directory block, a journal stall,
+//! or only the vCPU being descheduled) sends that thread back to the ring for a pause of
+//! [`INLINE_PAUSE_MIN`], doubled for every slow call that comes within two seconds of the
+//! previous one, up to [`INLINE_PAUSE`]. A slow disk thus soon stalls a core for at most one
+//! call per second, while a stray preemption costs only a short detour through io-wq. Data I/O
+//! (read, write, fsync, fallocate) always goes through the ring.
 //!
 //! Buffers passed to these functions must stay valid until the returned future completes; the
 //! futures are not cancel-safe (dropping one with its operation in flight is a bug, and the
@@ -62,12 +65,17 @@ thread_local! {
     static REACTOR: RefCell<Option<Reactor>> = const { RefCell::new(None) };
     /// Until when this thread sends metadata calls to the ring after a slow inline call.
     static INLINE_PAUSED_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The last slow inline call on this thread, and the pause it started.
+    static INLINE_LAST_SLOW: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
 }
 
 /// An inline metadata call slower than this pauses inline calls on its thread.
 pub const SLOW_INLINE: Duration = Duration::from_millis(2);
-/// How long a thread sends metadata calls through the ring after a slow inline one.
+/// The longest a thread sends metadata calls through the ring after a slow inline one (the
+/// pause after slow calls in a row).
 pub const INLINE_PAUSE: Duration = Duration::from_secs(1);
+/// The pause after a slow inline call that follows fast ones.
+pub const INLINE_PAUSE_MIN: Duration = Duration::from_millis(50);
 
 static INLINE_METADATA: AtomicBool = AtomicBool::new(false);
 static INLINE_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -120,8 +128,14 @@ fn run_inline<R>(f: impl FnOnce() -> R) -> R {
     INLINE_CALLS.fetch_add(1, Ordering::Relaxed);
     if took > SLOW_INLINE {
         INLINE_SLOW.fetch_add(1, Ordering::Relaxed);
-        INLINE_PAUSED_UNTIL.set(Some(Instant::now() + INLINE_PAUSE));
-        log::debug!("inline metadata call took {took:?}: this queue uses the ring for {INLINE_PAUSE:?}");
+        let now = Instant::now();
+        let pause = match INLINE_LAST_SLOW.get() {
+            Some((at, last)) if now.duration_since(at) < 2 * INLINE_PAUSE => (last * 2).min(INLINE_PAUSE),
+            _ => INLINE_PAUSE_MIN,
+        };
+        INLINE_LAST_SLOW.set(Some((now, pause)));
+        INLINE_PAUSED_UNTIL.set(Some(now + pause));
+        log::debug!("inline metadata call took {took:?}: this queue uses the ring for {pause:?}");
     }
     r
 }
