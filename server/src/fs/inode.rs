@@ -57,6 +57,11 @@ struct Inner {
     lru: BTreeMap<u64, u64>,
     /// Open file and directory handles (each holds one descriptor).
     open_handles: usize,
+    /// Most cached (evictable) descriptors.
+    max_cached: usize,
+    /// Descriptors the table may hold in all: RLIMIT_NOFILE less a reserve for everything else
+    /// the server opens (rings, notification fds, sockets, descriptors in flight).
+    fd_budget: usize,
     next_stamp: u64,
     next_id: u64,
 }
@@ -78,7 +83,7 @@ impl Inner {
     }
 
     /// Puts the node's descriptor under LRU management if it is cached and evictable.
-    fn make_evictable(&mut self, id: u64, max: usize, garbage: &mut Garbage) {
+    fn make_evictable(&mut self, id: u64, garbage: &mut Garbage) {
         let stamp = self.next_stamp;
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
@@ -88,7 +93,7 @@ impl Inner {
             self.lru.insert(stamp, id);
             self.next_stamp += 1;
         }
-        self.evict(max, garbage);
+        self.evict(garbage);
     }
 
     /// Removes the node from the LRU (its descriptor becomes pinned or goes away).
@@ -100,7 +105,17 @@ impl Inner {
         }
     }
 
-    fn evict(&mut self, max: usize, garbage: &mut Garbage) {
+    /// How many evictable descriptors may stay cached now: `max_cached`, less what open
+    /// handles take beyond the budget, so clients holding many files or directories open
+    /// push cached descriptors out instead of meeting EMFILE.
+    fn cache_room(&self) -> usize {
+        let room = self.fd_budget.saturating_sub(self.open_handles);
+        self.max_cached.min(room.max(MIN_CACHED.min(self.max_cached)))
+    }
+
+    /// Closes the least recently used cached descriptors beyond [`cache_room`](Self::cache_room).
+    fn evict(&mut self, garbage: &mut Garbage) {
+        let max = self.cache_room();
         while self.lru.len() > max {
             let Some((_, id)) = self.lru.pop_first() else {
                 break;
@@ -148,10 +163,6 @@ pub(crate) struct InodeTable {
     /// O_PATH descriptors).
     mount_fd: OwnedFd,
     root_dev: u64,
-    max_cached: usize,
-    /// Descriptors the table may hold in all: RLIMIT_NOFILE less a reserve for everything else
-    /// the server opens (rings, notification fds, sockets, descriptors in flight).
-    fd_budget: usize,
 }
 
 /// Descriptors kept out of the inode table's budget for the rest of the server.
@@ -213,23 +224,15 @@ impl InodeTable {
                 by_handle,
                 lru: BTreeMap::new(),
                 open_handles: 0,
+                max_cached: max_cached.max(1),
+                fd_budget: fd_budget(),
                 next_stamp: 1,
                 next_id: 2,
             }),
             hooks: std::sync::OnceLock::new(),
             mount_fd,
             root_dev: st.st_dev,
-            max_cached: max_cached.max(1),
-            fd_budget: fd_budget(),
         })
-    }
-
-    /// How many evictable descriptors may stay cached now: `max_cached`, less what open
-    /// handles take beyond the budget, so clients holding many files or directories open
-    /// push cached descriptors out instead of meeting EMFILE.
-    fn cache_room(&self, g: &Inner) -> usize {
-        let room = self.fd_budget.saturating_sub(g.open_handles);
-        self.max_cached.min(room.max(MIN_CACHED.min(self.max_cached)))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -287,8 +290,7 @@ impl InodeTable {
                     Some(existing) => existing.clone(),
                     None => {
                         node.fd = Some(fd.clone());
-                        let max = self.cache_room(&g);
-                        g.make_evictable(id, max, &mut garbage);
+                        g.make_evictable(id, &mut garbage);
                         fd
                     }
                 },
@@ -333,8 +335,7 @@ impl InodeTable {
                             if h.is_some() && *h == node.handle {
                                 node.lookups += 1;
                                 node.fd = Some(fd.clone());
-                                let max = self.cache_room(&g);
-                                g.make_evictable(id, max, &mut garbage);
+                                g.make_evictable(id, &mut garbage);
                                 drop(g);
                                 drop(garbage);
                                 return Ok((id, fd));
@@ -365,8 +366,7 @@ impl InodeTable {
                     if let Some(h) = h {
                         g.by_handle.insert(h.clone(), id);
                     }
-                    let max = self.cache_room(&g);
-                    g.make_evictable(id, max, &mut garbage);
+                    g.make_evictable(id, &mut garbage);
                     drop(g);
                     drop(garbage);
                     if kind == libc::S_IFDIR {
@@ -413,7 +413,7 @@ impl InodeTable {
     /// Registers an open file or directory on `id`. An inode that can be reopened by handle
     /// takes the open descriptor as its own while open (its O_PATH one is closed), so an open
     /// file costs one descriptor; the others keep their pinned O_PATH descriptor. Every open
-    /// handle shrinks the room left for cached descriptors (see `cache_room`).
+    /// handle shrinks the room left for cached descriptors (see `Inner::cache_room`).
     pub(crate) fn pin_open(&self, id: u64, file: &InodeFd) {
         let mut garbage = Garbage::new();
         {
@@ -431,8 +431,7 @@ impl InodeTable {
                     node.fd = Some(file.clone());
                 }
             }
-            let max = self.cache_room(&g);
-            g.evict(max, &mut garbage);
+            g.evict(&mut garbage);
         }
         drop(garbage);
     }
@@ -464,8 +463,7 @@ impl InodeTable {
             if node.lookups == 0 && !node.permanent {
                 g.remove(id)
             } else {
-                let max = self.cache_room(&g);
-                g.make_evictable(id, max, &mut garbage);
+                g.make_evictable(id, &mut garbage);
                 None
             }
         };
