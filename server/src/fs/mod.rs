@@ -115,7 +115,7 @@ pub struct PassthroughFs {
     /// network file systems close-to-open semantics need it.
     noflush: bool,
     /// FAN_MODIFY ignore marks for files open for writing through passthrough (with the watch).
-    write_ignores: std::sync::OnceLock<std::sync::Arc<watch::WriteIgnores>>,
+    write_ignores: std::sync::OnceLock<watch::WriteIgnores>,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -410,7 +410,7 @@ impl PassthroughFs {
 
     /// Registers open `fh` of `node` with the watch's write ignores when it writes through
     /// passthrough (see [`watch::WriteIgnores`]).
-    fn note_writer(&self, fh: u64, node: u64, file: &std::sync::Arc<OwnedFd>, backing_id: i32) {
+    fn note_writer(&self, fh: u64, node: u64, file: &OwnedFd, backing_id: i32) {
         let Some(w) = self.write_ignores.get() else { return };
         if backing_id == 0 {
             return;
@@ -418,7 +418,7 @@ impl PassthroughFs {
         // SAFETY: F_GETFL on an open descriptor.
         let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         if fl >= 0 && fl & libc::O_ACCMODE != libc::O_RDONLY {
-            w.opened(fh, node, file);
+            w.opened(fh, node, file.as_raw_fd());
         }
     }
 
@@ -451,17 +451,14 @@ impl PassthroughFs {
     /// Needs the kernel channel (attached at INIT).
     pub fn start_watch(&self, watch: watch::Watch) -> io::Result<()> {
         let kernel = self.passthrough.kernel().ok_or_else(|| io::Error::other("no kernel channel attached"))?;
-        let writers = watch.write_ignores();
-        if let Some(w) = &writers {
-            let _ = self.write_ignores.set(w.clone());
+        if let Some(w) = watch.write_ignores() {
+            let _ = self.write_ignores.set(w);
         }
         if let Some(ino) = &watch.inotify {
             self.inodes.set_hooks(ino.clone());
         }
         let inodes = self.inodes.clone();
-        std::thread::Builder::new()
-            .name("ringfs-watch".into())
-            .spawn(move || watch::run(watch, inodes, kernel, writers))?;
+        std::thread::Builder::new().name("ringfs-watch".into()).spawn(move || watch::run(watch, inodes, kernel))?;
         Ok(())
     }
 

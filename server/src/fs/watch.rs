@@ -105,11 +105,11 @@ impl Watch {
 
     /// The per-inode FAN_MODIFY ignore marks for files open for writing through the mount
     /// (fanotify only).
-    pub(crate) fn write_ignores(&self) -> Option<Arc<WriteIgnores>> {
+    pub(crate) fn write_ignores(&self) -> Option<WriteIgnores> {
         if self.inotify.is_some() {
             return None;
         }
-        Some(Arc::new(WriteIgnores { fd: self.fd.clone(), writers: Mutex::new((HashMap::new(), HashSet::new())) }))
+        Some(WriteIgnores { fd: self.fd.clone(), writers: Mutex::new((HashMap::new(), HashSet::new())) })
     }
 }
 
@@ -123,8 +123,6 @@ const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x40;
 /// the watch to invalidate an inode the kernel already knows is being written. While a backing
 /// inode is open for writing through passthrough, its FAN_MODIFY events are ignored by an
 /// ignore mark on the inode; creations, renames, deletions and attribute changes still report.
-/// The mark is set lazily, by the watch thread at the first FAN_MODIFY event of such an inode
-/// (which it drops), so opens that never write (a create storm) cost no fanotify_mark calls.
 /// Data read through passthrough comes from the backing file itself, so it cannot go stale;
 /// size and times changed by *another* writer in that window become visible when the last
 /// writer through the mount closes the file: if the backing inode's ctime moved since the
@@ -132,21 +130,13 @@ const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x40;
 /// not written, such as a fresh create, keeps its cached attributes).
 pub(crate) struct WriteIgnores {
     fd: Arc<OwnedFd>,
-    /// Per node: its writing opens; and the file handles counted there.
+    /// Per node: writing opens, and the backing ctime when the first of them opened; and the
+    /// file handles counted there.
     writers: Mutex<(HashMap<u64, Writers>, HashSet<u64>)>,
 }
 
-/// The writing opens of one node.
-struct Writers {
-    /// How many.
-    count: u32,
-    /// The backing ctime when the first of them opened.
-    ctime: Option<(i64, i64)>,
-    /// The first one's descriptor (to set the ignore mark with), kept until the last closes.
-    file: Arc<OwnedFd>,
-    /// The ignore mark is set.
-    marked: bool,
-}
+/// Writing opens of one node, and the backing ctime when the first of them opened.
+type Writers = (u32, Option<(i64, i64)>);
 
 impl WriteIgnores {
     fn mark(&self, flags: u32, file: RawFd) -> io::Result<()> {
@@ -160,31 +150,21 @@ impl WriteIgnores {
     }
 
     /// Passthrough open `fh` of `node` for writing, through descriptor `file`.
-    pub(crate) fn opened(&self, fh: u64, node: u64, file: &Arc<OwnedFd>) {
+    pub(crate) fn opened(&self, fh: u64, node: u64, file: RawFd) {
         let mut guard = self.writers.lock().unwrap_or_else(|e| e.into_inner());
         let (w, handles) = &mut *guard;
         if !handles.insert(fh) {
             return;
         }
-        w.entry(node)
-            .or_insert_with(|| Writers { count: 0, ctime: ctime(file.as_raw_fd()), file: file.clone(), marked: false })
-            .count += 1;
-    }
-
-    /// A FAN_MODIFY event of `node` arrived (watch thread). True when `node` is open for
-    /// writing through passthrough: the event is the writers' own (or falls in their window)
-    /// and is dropped; the ignore mark is set now so that no more such events are queued.
-    pub(crate) fn modified(&self, node: u64) -> bool {
-        let mut guard = self.writers.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = guard.0.get_mut(&node) else { return false };
-        if !n.marked {
+        let n = w.entry(node).or_insert((0, None));
+        n.0 += 1;
+        if n.0 == 1 {
+            n.1 = ctime(file);
             let flags = FAN_MARK_ADD | FAN_MARK_IGNORED_MASK | FAN_MARK_IGNORED_SURV_MODIFY;
-            match self.mark(flags, n.file.as_raw_fd()) {
-                Ok(()) => n.marked = true,
-                Err(e) => log::debug!("FAN_MODIFY ignore mark for node {node} not set: {e}"),
+            if let Err(e) = self.mark(flags, file) {
+                log::debug!("FAN_MODIFY ignore mark for node {node} not set: {e}");
             }
         }
-        true
     }
 
     /// The release of open `fh`; true when it was the last writing open of `node` and the
@@ -196,17 +176,16 @@ impl WriteIgnores {
             return false;
         }
         let Some(n) = w.get_mut(&node) else { return false };
-        n.count -= 1;
-        if n.count > 0 {
+        n.0 -= 1;
+        if n.0 > 0 {
             return false;
         }
-        let Some(n) = w.remove(&node) else { return false };
-        if n.marked {
-            if let Err(e) = self.mark(FAN_MARK_REMOVE | FAN_MARK_IGNORED_MASK, file) {
-                log::debug!("FAN_MODIFY ignore mark for node {node} not removed: {e}");
-            }
+        let before = n.1;
+        w.remove(&node);
+        if let Err(e) = self.mark(FAN_MARK_REMOVE | FAN_MARK_IGNORED_MASK, file) {
+            log::debug!("FAN_MODIFY ignore mark for node {node} not removed: {e}");
         }
-        n.ctime.is_none() || ctime(file) != n.ctime
+        before.is_none() || ctime(file) != before
     }
 }
 
@@ -232,12 +211,7 @@ pub(crate) enum Inval {
 }
 
 /// Runs the watch until the kernel channel goes away (the process exits with the mount).
-pub(crate) fn run(
-    watch: Watch,
-    inodes: Arc<InodeTable>,
-    kernel: Arc<dyn KernelChannel>,
-    writers: Option<Arc<WriteIgnores>>,
-) {
+pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelChannel>) {
     if let Some(ino) = &watch.inotify {
         return super::inotify::run(&watch.fd, ino, &inodes, kernel.as_ref());
     }
@@ -262,7 +236,7 @@ pub(crate) fn run(
             if n <= 0 {
                 break;
             }
-            parse_events(&bytes[..n as usize], own_pid, &inodes, writers.as_deref(), &mut pending);
+            parse_events(&bytes[..n as usize], own_pid, &inodes, &mut pending);
             if (n as usize) < bytes.len() / 2 {
                 break;
             }
@@ -286,13 +260,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Walks a buffer of `fanotify_event_metadata` records with their info records.
-fn parse_events(
-    buf: &[u8],
-    own_pid: i32,
-    inodes: &InodeTable,
-    writers: Option<&WriteIgnores>,
-    out: &mut HashSet<Inval>,
-) {
+fn parse_events(buf: &[u8], own_pid: i32, inodes: &InodeTable, out: &mut HashSet<Inval>) {
     let mut pos = 0usize;
     // struct fanotify_event_metadata { u32 event_len; u8 vers; u8 reserved; u16 metadata_len;
     //   u64 mask; i32 fd; i32 pid; }
@@ -309,22 +277,15 @@ fn parse_events(
             log::warn!("backing-directory watch lost events (queue overflow); caches may be stale until they expire");
         }
         if pid != own_pid {
-            handle_event(&ev[meta_len..event_len], mask, inodes, writers, out);
+            handle_event(&ev[meta_len..event_len], mask, inodes, out);
         }
         pos += event_len;
     }
 }
 
-fn handle_event(
-    mut info: &[u8],
-    mask: u64,
-    inodes: &InodeTable,
-    writers: Option<&WriteIgnores>,
-    out: &mut HashSet<Inval>,
-) {
+fn handle_event(mut info: &[u8], mask: u64, inodes: &InodeTable, out: &mut HashSet<Inval>) {
     let names_change = mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
     let data_change = mask & FAN_MODIFY != 0;
-    let only_data = mask & !(FAN_MODIFY | FAN_ONDIR) == 0;
     // struct fanotify_event_info_header { u8 info_type; u8 pad; u16 len; } then
     // __kernel_fsid_t fsid (8 bytes), struct file_handle, [name\0].
     while info.len() >= 4 {
@@ -350,9 +311,6 @@ fn handle_event(
                         // The directory's own attributes and cached listing changed too.
                         out.insert(Inval::Inode(parent, true));
                     }
-                    // A write into a file open for writing through passthrough: dropped, see
-                    // `WriteIgnores` (its last close checks for changes instead).
-                    (INFO_FID, Some(node)) if only_data && writers.is_some_and(|w| w.modified(node)) => {}
                     (INFO_FID, Some(node)) => {
                         out.insert(Inval::Inode(node, data_change));
                     }
