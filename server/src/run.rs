@@ -88,9 +88,9 @@ const WANTED_FILES: u64 = 1 << 20;
 
 /// Raises RLIMIT_NOFILE as far as the kernel allows (`fs.nr_open`, at most [`WANTED_FILES`]).
 ///
-/// The inherited soft limit is often 1024: clients that hold a few thousand directories open
-/// (each one an open directory and a pinned O_PATH descriptor here) would see EMFILE from
-/// mkdir or open, although the same workload succeeds on the backing file system.
+/// The inherited soft limit is often 1024: clients that hold a few thousand files or
+/// directories open (each one a descriptor here) would see EMFILE from mkdir or open, although
+/// the same workload succeeds on the backing file system.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer.
