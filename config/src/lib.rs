@@ -44,6 +44,11 @@ pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
 /// then `source` and `mountpoint` (the positional arguments), then `options`
 /// in order (the `-o` pairs from [`parse_mount_options`]; later wins).
 ///
+/// When a positional `source` is overridden by a `source=` option (the
+/// convention of mount(8) lines such as `mount -t fuse.ringfs tag /mnt -o
+/// source=/srv/data`), the positional names the mount: it becomes `fsname`
+/// unless `fsname` is set, so /proc/mounts shows what mount(8) was given.
+///
 /// Paths are taken as given (relative ones too) and must be valid UTF-8.
 pub fn build(
     base_toml: Option<&str>,
@@ -62,6 +67,12 @@ pub fn build(
     }
     for (name, value) in options {
         options::apply_option(&mut table, name, value)?;
+    }
+    if let Some(tag) = source {
+        let overridden = options.iter().any(|(n, _)| n == "source");
+        if overridden && !table.contains_key("fsname") {
+            table.insert("fsname".into(), Value::String(utf8_path("source", tag)?.to_owned()));
+        }
     }
 
     schema::check_table(&table)?;

@@ -106,6 +106,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("transport.workers", int(0, 1024)),
     key("transport.queue_depth", int(1, 1024)),
     key("transport.inline_metadata", Kind::Bool),
+    key("transport.busy_poll_us", int(0, 10_000)),
     key("offload.passthrough", Kind::Bool),
     key("offload.passthrough_exclude", Kind::Text),
     key("metrics.addr", Kind::AddrOrEmpty),
@@ -195,13 +196,13 @@ fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
             _ => Err(format!("must be a string, got {value}")),
         },
         Kind::Word => {
-            let ok = value.as_str().is_some_and(|s| {
-                !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            });
+            let ok = value
+                .as_str()
+                .is_some_and(|s| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
             if ok {
                 Ok(())
             } else {
-                Err(format!("must be a non-empty name of ASCII letters, digits, '.', '_' and '-', got {value}"))
+                Err(format!("must be a name of ASCII letters, digits, '.', '_' and '-' (or empty), got {value}"))
             }
         }
         Kind::Seconds => {

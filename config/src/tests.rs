@@ -177,6 +177,7 @@ fn helpers() {
     let c = expected_default();
     assert_eq!(c.fsname_or_source(), "/srv/data");
     assert_eq!(c.fstype(), "fuse.ringfs");
+    assert_eq!(with_opts("subtype=").unwrap().fstype(), "fuse");
     assert_eq!(c.transport.worker_count(6), 6);
     assert_eq!(c.transport.worker_count(0), 1);
     assert_eq!(c.fuse.effective_congestion_threshold(), 48);
@@ -446,12 +447,11 @@ fn value_errors_name_their_key() {
             r#"must be one of "error", "warn", "info", "debug", "trace", got "verbose""#,
         ),
         (
-            "subtype = \"\"",
-            "subtype=",
+            "subtype = \"a b\"",
+            "subtype=a/b",
             "subtype",
-            r#"must be a non-empty name of ASCII letters, digits, '.', '_' and '-', got """#,
+            r#"must be a name of ASCII letters, digits, '.', '_' and '-' (or empty), got "a"#,
         ),
-        ("subtype = \"a b\"", "subtype=a/b", "subtype", "must be a non-empty name"),
         ("fsname = 3", "", "fsname", "must be a string, got 3"),
         ("allow_other = \"true\"", "allow_other=sure", "allow_other", "must be true or false, got "),
         ("cache = 5", "", "cache", "must be a table, got 5"),
@@ -560,4 +560,19 @@ fn syntax_errors_carry_line_and_column() {
 fn errors_are_std_errors() {
     fn takes(_: &dyn std::error::Error) {}
     takes(&with_opts("bogus").unwrap_err());
+}
+
+#[test]
+fn source_option_over_a_positional_tag_keeps_the_tag_as_fsname() {
+    let tag = Path::new("non1");
+    let mnt = Path::new("/mnt/test");
+    let c = build(None, Some(tag), Some(mnt), &opts("source=/home/test/test")).unwrap();
+    assert_eq!(c.source, Path::new("/home/test/test"));
+    assert_eq!(c.fsname, "non1");
+    // An explicit fsname wins, in either order.
+    let c = build(None, Some(tag), Some(mnt), &opts("fsname=data,source=/srv")).unwrap();
+    assert_eq!(c.fsname, "data");
+    // Without the override the positional is the source and fsname stays unset.
+    let c = build(None, Some(Path::new("/srv")), Some(mnt), &[]).unwrap();
+    assert_eq!((c.source.as_path(), c.fsname.as_str()), (Path::new("/srv"), ""));
 }

@@ -214,6 +214,16 @@ pub fn render(s: &Sources) -> String {
         for (i, q) in s.session.queues.iter().enumerate() {
             let _ = writeln!(out, "ringfs_queue_submits_total{{queue=\"{i}\"}} {}", ld(&q.submits));
         }
+        header(
+            &mut out,
+            "ringfs_queue_busy_poll_hits_total",
+            "counter",
+            "Times an io_uring queue found its next request while busy-polling (transport.busy_poll_us), \
+             i.e. without sleeping.",
+        );
+        for (i, q) in s.session.queues.iter().enumerate() {
+            let _ = writeln!(out, "ringfs_queue_busy_poll_hits_total{{queue=\"{i}\"}} {}", ld(&q.polled));
+        }
     }
 
     header(&mut out, "ringfs_inodes", "gauge", "Inodes the kernel holds references to.");

@@ -232,6 +232,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             config::TransportMode::DevFuse => TransportMode::DevFuse,
         },
         queue_depth: cfg.transport.queue_depth as usize,
+        busy_poll: std::time::Duration::from_micros(cfg.transport.busy_poll_us),
     };
     let session = match Session::init(mounted, fs.clone(), &session_cfg) {
         Ok(s) => s,

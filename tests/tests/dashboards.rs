@@ -70,6 +70,7 @@ const KNOWN_FAMILIES: &[&str] = &[
     "ringfs_devfuse_requests_total",
     "ringfs_queue_requests_total",
     "ringfs_queue_submits_total",
+    "ringfs_queue_busy_poll_hits_total",
     "ringfs_inodes",
     "ringfs_open_handles",
     "ringfs_passthrough_opens_total",

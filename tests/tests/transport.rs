@@ -56,6 +56,38 @@ fn requests_travel_the_rings() {
     }
 }
 
+/// Back-to-back requests from one thread find their queue still polling (no sleep, no wake-up),
+/// and `busy_poll_us=0` never polls.
+#[test]
+fn busy_polling_catches_back_to_back_requests() {
+    if !require("busy_polling_catches_back_to_back_requests", true, &[]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    for (poll, expect_hits) in [("200", true), ("0", false)] {
+        let mut m = Server::ringfs(&format!("transport=uring,busy_poll_us={poll},metrics_addr=127.0.0.1:0"));
+        let dir = m.mountpoint.clone();
+        on_cpu(0, move || {
+            for i in 0..300 {
+                let p = dir.join(format!("f{i}"));
+                std::fs::File::create(&p).expect("create");
+                std::fs::remove_file(&p).expect("unlink");
+            }
+        })
+        .join()
+        .expect("storm");
+        let text = m.scrape();
+        let hits: f64 = samples(&text, "ringfs_queue_busy_poll_hits_total").iter().map(|(_, v)| v).sum();
+        let served: f64 = samples(&text, "ringfs_queue_requests_total").iter().map(|(_, v)| v).sum();
+        assert!(served >= 900.0, "busy_poll_us={poll}: the storm's requests went elsewhere: {text}");
+        if expect_hits {
+            assert!(hits > 0.0, "busy_poll_us={poll}: {served} requests, none found a polling queue");
+        } else {
+            assert_eq!(hits, 0.0, "busy_poll_us=0 polled");
+        }
+    }
+}
+
 /// The kernel's switch is machine-wide: tests of this binary that mount hold it shared; the
 /// one test that turns it off holds it exclusively.
 static URING_SWITCH: std::sync::RwLock<()> = std::sync::RwLock::new(());

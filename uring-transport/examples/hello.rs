@@ -98,6 +98,7 @@ fn main() -> std::io::Result<()> {
         },
         transport: uring_transport::TransportMode::Auto,
         queue_depth: 4,
+        busy_poll: std::time::Duration::ZERO,
     };
     let session = Session::init(mounted, Arc::new(Hello), &cfg)?;
     let stats = session.stats();

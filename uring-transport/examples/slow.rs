@@ -103,6 +103,7 @@ fn main() -> std::io::Result<()> {
         },
         transport,
         queue_depth: 8,
+        busy_poll: std::time::Duration::ZERO,
     };
     Session::init(mounted, Arc::new(Slow { delay }), &cfg)?.run()
 }

@@ -15,7 +15,7 @@ pub struct MountOptions {
     pub mountpoint: PathBuf,
     /// Shown as the device in /proc/mounts.
     pub fsname: String,
-    /// File-system subtype: the type shows as `fuse.<subtype>`.
+    /// File-system subtype: the type shows as `fuse.<subtype>`, or `fuse` when empty.
     pub subtype: String,
     /// Let users other than root use the mount.
     pub allow_other: bool,
@@ -125,7 +125,8 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
         flags |= libc::MS_NOEXEC;
     }
     let source = CString::new(opts.fsname.as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let fstype = CString::new(format!("fuse.{}", opts.subtype)).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let fstype = if opts.subtype.is_empty() { "fuse".to_owned() } else { format!("fuse.{}", opts.subtype) };
+    let fstype = CString::new(fstype).map_err(|_| io::ErrorKind::InvalidInput)?;
     let target = CString::new(mp.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     let cdata = CString::new(data).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.

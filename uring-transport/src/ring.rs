@@ -81,6 +81,8 @@ pub struct QueueStats {
     pub submits: AtomicU64,
     /// Completions reaped.
     pub completions: AtomicU64,
+    /// Times a brief poll after a request found new work without sleeping.
+    pub polled: AtomicU64,
 }
 
 /// A request being served: its future, polled on the queue thread until it completes.
@@ -244,7 +246,7 @@ pub fn possible_cpus() -> usize {
 /// Creates a ring, with the cheapest task-running mode the kernel accepts.
 pub(crate) fn new_ring(entries: u32) -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
     let mut b = IoUring::<squeue::Entry128, cqueue::Entry>::builder();
-    b.setup_single_issuer().setup_defer_taskrun().setup_cqsize(entries * 2);
+    b.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag().setup_cqsize(entries * 2);
     match b.build(entries) {
         Ok(r) => Ok(r),
         Err(_) => IoUring::<squeue::Entry128, cqueue::Entry>::builder().setup_cqsize(entries * 2).build(entries),
@@ -264,6 +266,8 @@ pub(crate) struct QueueParams<F> {
     pub qid: usize,
     pub channel: QueueChannel,
     pub depth: usize,
+    /// Keep polling this long after the last request before sleeping (see [`SessionConfig`]).
+    pub busy_poll: std::time::Duration,
     pub payload_size: usize,
     pub dispatcher: Dispatcher<F>,
     pub stats: Arc<QueueStats>,
@@ -368,6 +372,8 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     let mut live = p.depth;
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(sq as usize * 2);
     let mut woken: Vec<usize> = Vec::with_capacity(p.depth);
+    let poll = p.busy_poll;
+    let mut last_request = std::time::Instant::now();
     while live > 0 {
         // Everything the tasks queued since the last round goes out with this submit.
         let pending = crate::io::with(|r| std::mem::take(&mut r.pending)).unwrap_or_default();
@@ -376,6 +382,23 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
         }
         let have_ready = ready.0.lock().map(|v| !v.is_empty()).unwrap_or(false);
         let want = if have_ready { 0 } else { 1 };
+        if want == 1 && !poll.is_zero() && last_request.elapsed() < poll {
+            ring.submit()?;
+            loop {
+                if ring.submission().taskrun()
+                    || !ring.completion().is_empty()
+                    || ready.0.lock().map(|v| !v.is_empty()).unwrap_or(false)
+                {
+                    p.stats.polled.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                if last_request.elapsed() >= poll {
+                    break;
+                }
+                // SAFETY: no arguments; gives the CPU to a runnable task (the caller) if any.
+                unsafe { libc::sched_yield() };
+            }
+        }
         match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
@@ -448,6 +471,7 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
             }
             match start_task(s, res as usize, &dispatcher, &p) {
                 Started::Task => {
+                    last_request = std::time::Instant::now();
                     if let Some(k) = early_interrupts.iter().position(|(u, _)| *u == s.unique) {
                         early_interrupts.swap_remove(k);
                         s.interrupted = true;

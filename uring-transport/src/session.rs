@@ -43,6 +43,9 @@ pub struct SessionConfig {
     pub transport: TransportMode,
     /// Ring entries per io_uring queue.
     pub queue_depth: usize,
+    /// How long an io_uring queue thread keeps polling for the next request after serving one
+    /// before it sleeps (zero: sleep at once). The classic channel always sleeps at once.
+    pub busy_poll: std::time::Duration,
 }
 
 /// Counters of a session, readable while it runs.
@@ -90,6 +93,7 @@ pub struct Session<F> {
     outsize: usize,
     payload_size: usize,
     queue_depth: usize,
+    busy_poll: std::time::Duration,
     stats: Arc<SessionStats>,
     channel: Arc<Channel>,
     conn: ConnInfo,
@@ -221,6 +225,7 @@ impl<F: FileSystem> Session<F> {
             outsize,
             payload_size,
             queue_depth: cfg.queue_depth.clamp(1, 1024),
+            busy_poll: if uring { cfg.busy_poll } else { std::time::Duration::ZERO },
             stats: Arc::new(SessionStats::new(uring, queues)),
             channel,
             conn: negotiated.conn.clone(),
@@ -277,6 +282,7 @@ impl<F: FileSystem> Session<F> {
                 qid,
                 channel,
                 depth: self.queue_depth,
+                busy_poll: self.busy_poll,
                 payload_size: self.payload_size,
                 dispatcher: self.dispatcher.clone(),
                 stats: qstats.clone(),

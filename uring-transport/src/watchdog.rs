@@ -123,11 +123,12 @@ fn still_mounted(mountpoint: &Path, dev: u64) -> bool {
     parse_mountinfo(&text).iter().any(|m| m.mountpoint == mp && m.dev == dev)
 }
 
-/// Points stdin and stdout at /dev/null, and stderr too when it is a pipe or a terminal: a
+/// Points stdin and stdout at /dev/null, and stderr too unless it is a socket (the journal): a
 /// background process must not hold the pipes of whoever started it (mount(8), a script's
-/// `$(...)`, a test harness), which may wait for end-of-file on them. A stderr redirected to a
-/// file or a socket (the journal) keeps receiving the log. Async-signal-safe (raw syscalls), so
-/// a freshly forked child may call it.
+/// `$(...)`, a test harness), which may wait for end-of-file on them, nor write into the output
+/// files of whoever mounted it (xfstests compares a test's output, server lines included), as
+/// libfuse's daemonize does not either. Run in the foreground (`-f`) to log to a file.
+/// Async-signal-safe (raw syscalls), so a freshly forked child may call it.
 pub fn detach_stdio() {
     // SAFETY: open/fstat/dup2/close on a NUL-terminated path and descriptors of this process.
     unsafe {
@@ -136,8 +137,7 @@ pub fn detach_stdio() {
             return;
         }
         let mut st: libc::stat = std::mem::zeroed();
-        let keep_stderr =
-            libc::fstat(2, &mut st) == 0 && matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFSOCK);
+        let keep_stderr = libc::fstat(2, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
         libc::dup2(null, 0);
         libc::dup2(null, 1);
         if !keep_stderr {
