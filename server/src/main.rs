@@ -9,6 +9,14 @@ fn init_logging(level: &str) {
     env_logger::Builder::from_env(env).format_target(false).init();
 }
 
+fn stderr_is_terminal_or_socket() -> bool {
+    // SAFETY: isatty and fstat on descriptor 2 with a zeroed stat buffer.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::isatty(2) == 1 || (libc::fstat(2, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+    }
+}
+
 fn main() -> ExitCode {
     // The kernel applies the caller's umask before it sends a mode; ours must not apply again.
     // SAFETY: umask cannot fail.
@@ -30,7 +38,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Mount { config, background, enable_uring } => {
-            init_logging(&config.log.level.to_string());
+            let level = config.log.level.to_string();
+            // A backgrounded server keeps only a journal socket as stderr (detach_stdio); until
+            // it detaches it logs only errors into a file or pipe its starter reads as its own
+            // output (a test harness comparing outputs, a script's log), as libfuse's daemons
+            // print nothing on a successful mount. A terminal still sees the start-up lines.
+            init_logging(if background && !stderr_is_terminal_or_socket() { "error" } else { &level });
             if enable_uring {
                 if let Err(e) = std::fs::write(uring_transport::session::URING_PARAM, b"1") {
                     eprintln!("ringfs: --enable-uring: cannot write {}: {e}", uring_transport::session::URING_PARAM);
