@@ -360,3 +360,68 @@ fn posix_acls_grant_deny_and_inherit_as_on_the_backing_file_system() {
         "an ACL set on the backing file is enforced through the mount"
     );
 }
+
+/// A 4 KiB block aligned for O_DIRECT, written by the forked writers below.
+#[repr(align(4096))]
+struct Block([u8; 4096]);
+static BLOCK: Block = Block([b'w'; 4096]);
+
+/// Writes by anyone without CAP_FSETID clear set-uid, and set-gid where group execution makes it
+/// one, the file's owner included, buffered and O_DIRECT, also when the file is already open
+/// through passthrough (whose writes run with the server's credentials); the mount shows the
+/// cleared mode right after the write. Root's writes keep the bits. (xfstests generic/355.)
+#[test]
+fn writes_clear_set_id_bits_like_the_backing_file_system() {
+    if !require_root_fuse("security::writes_clear_set_id_bits_like_the_backing_file_system") {
+        return;
+    }
+    let m = Mount::start(&["allow_other"]);
+    fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o755)).unwrap();
+    let write_as = |uid: u32, p: &Path, extra: i32| {
+        let path = cstr(p);
+        let write = move || {
+            // SAFETY: open/pwrite/close in the forked child, from a static aligned buffer.
+            unsafe {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | extra);
+                if fd < 0 {
+                    return *libc::__errno_location();
+                }
+                let n = libc::pwrite(fd, BLOCK.0.as_ptr().cast(), BLOCK.0.len(), 0);
+                let e = *libc::__errno_location();
+                libc::close(fd);
+                if n == 4096 {
+                    0
+                } else {
+                    e.max(1)
+                }
+            }
+        };
+        if uid == 0 {
+            write()
+        } else {
+            as_user(uid, NOBODY_GID, write)
+        }
+    };
+    // (name, owner, mode before, writer, O_DIRECT, hold a root passthrough open, mode after)
+    let cases = [
+        ("owner-buffered", NOBODY_UID, 0o6754, NOBODY_UID, 0, false, 0o0754),
+        ("owner-direct", NOBODY_UID, 0o6754, NOBODY_UID, libc::O_DIRECT, false, 0o0754),
+        ("owner-suid-only", NOBODY_UID, 0o4644, NOBODY_UID, 0, false, 0o0644),
+        ("other-sgid-without-gx", 0, 0o6666, NOBODY_UID, 0, false, 0o2666),
+        ("other-held-open", 0, 0o6676, NOBODY_UID, 0, true, 0o0676),
+        ("root-keeps", 0, 0o6755, 0, 0, false, 0o6755),
+    ];
+    for (name, owner, before, writer, extra, hold, after) in cases {
+        let p = m.path(name);
+        fs::write(&p, b"set-id test").unwrap();
+        std::os::unix::fs::chown(&p, Some(owner), Some(NOBODY_GID)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, before, "{name}: mode before");
+        let held = hold.then(|| fs::File::open(&p).unwrap());
+        assert_eq!(write_as(writer, &p, extra), 0, "{name}: the write failed");
+        drop(held);
+        let seen = fs::metadata(&p).unwrap().mode() & 0o7777;
+        let backing = fs::metadata(m.backing(name)).unwrap().mode() & 0o7777;
+        assert_eq!((seen, backing), (after, after), "{name}: mode {before:o} after the write (mount, backing)");
+    }
+}

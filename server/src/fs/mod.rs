@@ -377,18 +377,14 @@ impl PassthroughFs {
     }
 
     /// Registers a freshly created and opened file `file` (create/tmpfile).
-    fn created_open(&self, file: OwnedFd, reopenable: bool) -> Result<(Entry, Opened)> {
+    fn created_open(&self, ctx: &Context, file: OwnedFd, flags: i32, reopenable: bool) -> Result<(Entry, Opened)> {
         let st = sys::fstat(file.as_raw_fd())?;
         let opath =
             sys::openat(self.proc_fd.as_raw_fd(), &sys::fd_name(file.as_raw_fd()), libc::O_PATH | libc::O_CLOEXEC, 0)?;
         let (id, ifd) = self.inodes.insert_or_ref(opath, &st, reopenable)?;
-        // A file this open just created is the caller's own: no set-id risk.
-        let backing_id = if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
-            self.passthrough.open(id, file.as_raw_fd(), false, excluded)
-        } else {
-            0
-        };
+        // Even a file this open just created may be set-id (a mode with S_ISUID, or an existing
+        // file that O_CREAT opened), and writes by its non-root owner must clear that too.
+        let backing_id = self.passthrough_open(ctx, id, &file, st.st_mode & libc::S_IFMT, flags);
         let file = std::sync::Arc::new(file);
         let fh = self.handles.insert_file(id, file.clone());
         self.note_writer(fh, id, &file, backing_id);
@@ -427,17 +423,46 @@ impl PassthroughFs {
         if kind != libc::S_IFREG {
             return 0;
         }
-        // Writes through passthrough run with the server's credentials on the backing file;
-        // keep set-uid/set-gid files written by others on the server path, where the clearing
-        // of those bits is done explicitly.
+        // Writes through passthrough run with the server's credentials on the backing file, so
+        // the backing file system never clears set-uid/set-gid for them, while a write by anyone
+        // without CAP_FSETID (the file's owner included) must. Such opens stay on the server
+        // path, where WRITE's kill flag does the clearing.
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let setid_risk = writable
             && ctx.uid != 0
-            && sys::fstat(file.as_raw_fd())
-                .map(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 && st.st_uid != ctx.uid)
-                .unwrap_or(true);
+            && sys::fstat(file.as_raw_fd()).map(|st| suidgid_to_kill(st.st_mode) != 0).unwrap_or(true);
         let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
-        self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded)
+        let id = self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded);
+        if id > 0 && setid_risk {
+            // The inode was already open through passthrough (its first open decides, and the
+            // kernel allows no mixing), so this writer's writes will keep the bits: clear them
+            // now, as its first write would.
+            if self.kill_suidgid(file.as_raw_fd()).is_ok_and(|killed| killed) {
+                self.attr_changed(node);
+            }
+        }
+        id
+    }
+
+    /// Clears set-uid, and set-gid where group execution makes it one, on the open file `fd`.
+    /// Whether any bit was cleared.
+    fn kill_suidgid(&self, fd: RawFd) -> Result<bool> {
+        let mode = sys::fstat(fd)?.st_mode;
+        let kill = suidgid_to_kill(mode);
+        if kill != 0 {
+            // SAFETY: fchmod on an open descriptor.
+            cvt(unsafe { libc::fchmod(fd, mode & 0o7777 & !kill) })?;
+        }
+        Ok(kill != 0)
+    }
+
+    /// Tells the kernel that `node`'s attributes changed behind a request that carries none
+    /// back (a WRITE whose kill flag cleared set-id bits): its cached mode is stale otherwise
+    /// until the attribute timeout.
+    fn attr_changed(&self, node: u64) {
+        if let Some(k) = self.passthrough.kernel() {
+            k.inval_inode(NodeId(node), -1, 0);
+        }
     }
 
     /// Whether the open file `fd` matches `passthrough_exclude` (by its current path).
@@ -963,14 +988,14 @@ impl FileSystem for PassthroughFs {
         if let Some(p) = self.ring_creator(ctx) {
             let (dir, mode) = (pfd.as_raw_fd(), mode & 0o7777);
             match uring_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
-                Ok(file) => return self.created_open(file, true),
+                Ok(file) => return self.created_open(ctx, file, flags as i32, true),
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
             }
         }
         let file = self
             .as_caller(ctx, true, || sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT))?;
-        self.created_open(file, true)
+        self.created_open(ctx, file, flags as i32, true)
     }
 
     async fn tmpfile(
@@ -989,14 +1014,14 @@ impl FileSystem for PassthroughFs {
         if let Some(p) = self.ring_creator(ctx) {
             match uring_transport::io::openat2_as(pfd.as_raw_fd(), c".", oflags, mode & 0o7777, 0, p).await {
                 // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
-                Ok(file) => return self.created_open(file, false),
+                Ok(file) => return self.created_open(ctx, file, flags as i32, false),
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
             }
         }
         let file = self.as_caller(ctx, true, || sys::openat(pfd.as_raw_fd(), c".", oflags, mode & 0o7777))?;
         // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
-        self.created_open(file, false)
+        self.created_open(ctx, file, flags as i32, false)
     }
 
     async fn read(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -1010,7 +1035,7 @@ impl FileSystem for PassthroughFs {
     async fn write(
         &self,
         _ctx: &Context,
-        _node: NodeId,
+        node: NodeId,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -1018,13 +1043,8 @@ impl FileSystem for PassthroughFs {
     ) -> Result<usize> {
         let h = self.handle_fd(fh)?;
         let fd = h.file_fd()?;
-        if flags.kill_suidgid {
-            let mode = sys::fstat(fd)?.st_mode;
-            let kill = suidgid_to_kill(mode);
-            if kill != 0 {
-                // SAFETY: fchmod on an open descriptor.
-                cvt(unsafe { libc::fchmod(fd, mode & 0o7777 & !kill) })?;
-            }
+        if flags.kill_suidgid && self.kill_suidgid(fd)? {
+            self.attr_changed(node.0);
         }
         // On an O_APPEND descriptor a positioned write appends, as the open asked for.
         Ok(uring_transport::io::pwrite(fd, data, offset).await?)
