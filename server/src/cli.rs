@@ -37,6 +37,14 @@ pub enum Command {
         /// to the machine) before mounting: an explicit opt-in, never done silently.
         enable_uring: bool,
     },
+    /// `-o remount,...` (as `mount -o remount,ro MOUNTPOINT` runs the helper): change the flags
+    /// of the existing mount on `mountpoint` and exit; the running server is not touched.
+    Remount {
+        /// The mount to change.
+        mountpoint: PathBuf,
+        /// The flags it gets.
+        flags: uring_transport::mount::RemountFlags,
+    },
     /// Print the effective configuration ([`config::to_toml_string`]) and
     /// exit 0.
     CheckConfig {
@@ -197,6 +205,13 @@ struct RunArgs {
 pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, CliError> {
     let cli = Cli::try_parse_from(args).map_err(CliError::from_clap)?;
     match cli.command {
+        Some(Sub::Mount { config: None, mountpoint: Some(mountpoint), run, .. }) if is_remount(&run.options) => {
+            Ok(remount(mountpoint, &run.options))
+        }
+        None if is_remount(&cli.run.options) => match cli.mountpoint.or(cli.source) {
+            Some(mountpoint) => Ok(remount(mountpoint, &cli.run.options)),
+            None => Err(CliError::usage("remount: which mount point?".into())),
+        },
         Some(Sub::Mount { config, source, mountpoint, run }) => {
             let config = load(config.as_deref(), source, mountpoint, &run.options)?;
             Ok(Command::Mount { config, background: run.background, enable_uring: run.enable_uring })
@@ -210,6 +225,16 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
             Ok(Command::Mount { config, background: !cli.run.foreground, enable_uring: cli.run.enable_uring })
         }
     }
+}
+
+/// Whether the `-o` lists ask for a remount (the word `remount`).
+fn is_remount(options: &OptionArgs) -> bool {
+    options.options.iter().any(|list| list.split(',').any(|w| w.trim() == "remount"))
+}
+
+fn remount(mountpoint: PathBuf, options: &OptionArgs) -> Command {
+    let flags = uring_transport::mount::RemountFlags::from_options(&options.options.join(","));
+    Command::Remount { mountpoint, flags }
 }
 
 /// Reads the file (if any), splits the `-o` lists and builds the config.
@@ -250,6 +275,19 @@ mod tests {
     use config::TransportMode;
 
     use super::*;
+
+    #[test]
+    fn remount_form() {
+        // mount(8) runs the helper as `ringfs SOURCE MOUNTPOINT -o ...,remount,...`.
+        match parse(&["/srv", "/mnt", "-o", "ro,relatime,remount,user_id=0,dev,suid"]) {
+            Ok(Command::Remount { mountpoint, flags }) => {
+                assert_eq!(mountpoint, Path::new("/mnt"));
+                assert!(flags.read_only && !flags.nosuid);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse(&["mount", "/srv", "/mnt", "-o", "remount,rw"]), Ok(Command::Remount { .. })));
+    }
 
     fn parse(args: &[&str]) -> Result<Command, CliError> {
         parse_args(std::iter::once("ringfs").chain(args.iter().copied()).map(OsString::from))

@@ -33,6 +33,13 @@ fn main() -> ExitCode {
         }
     };
     match command {
+        Command::Remount { mountpoint, flags } => match uring_transport::mount::remount(&mountpoint, &flags) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringfs: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { config } => {
             print!("{}", config::to_toml_string(&config));
             ExitCode::SUCCESS

@@ -261,6 +261,55 @@ fn mount_t_fuse_ringfs_goes_through_mount_fuse3() {
     assert_eq!(fs::read(mnt.path().join("hello")).unwrap(), b"from the backing directory");
     fs::write(mnt.path().join("back"), b"through the mount").unwrap();
     assert_eq!(fs::read(src.path().join("back")).unwrap(), b"through the mount");
+    // `mount -o remount,ro` runs the helper again with `remount` in the options: the mount turns
+    // read-only in place (the same server keeps serving), and back.
+    let remount = |opts: &str| {
+        let out = std::process::Command::new("mount").args(["-o", opts]).arg(mnt.path()).output().expect("mount(8)");
+        assert!(out.status.success(), "mount -o {opts}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    remount("remount,ro");
+    let info = mount_at(mnt.path()).expect("still mounted after remount,ro");
+    let ro = |opts: &str| opts.split(',').any(|o| o == "ro");
+    assert!(ro(&info.mount_options) || ro(&info.super_options), "{info:?}");
+    let e = fs::write(mnt.path().join("denied"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "write on a read-only remount: {e}");
+    assert_eq!(fs::read(mnt.path().join("back")).unwrap(), b"through the mount");
+    remount("remount,rw");
+    fs::write(mnt.path().join("again"), b"writable again").unwrap();
+    assert_eq!(fs::read(src.path().join("again")).unwrap(), b"writable again");
+    let out = std::process::Command::new("umount").arg(mnt.path()).output().expect("run umount(8)");
+    assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_until(Duration::from_secs(5), || mount_at(mnt.path()).is_none()));
+}
+
+/// The libfuse convention xfstests (`FSTYP=fuse`) and fstab lines use: `mount -t fuse.ringfs TAG
+/// MNT -o source=DIR`: the tag names the mount in /proc/mounts, and `subtype=` (empty) mounts as
+/// plain type `fuse`.
+#[test]
+fn mount_tag_with_source_option_and_plain_fuse_type() {
+    let test = "lifecycle::mount_tag_with_source_option_and_plain_fuse_type";
+    if !require_root_fuse(test) {
+        return;
+    }
+    if !HELPER_PATH.iter().any(|d| Path::new(d).join("ringfs").exists()) {
+        tests::skip(test, "no ringfs on mount(8)'s PATH (scripts/test.sh installs /usr/local/sbin/ringfs)");
+        return;
+    }
+    let src = tempfile::tempdir_in("/tmp").unwrap();
+    let mnt = tempfile::tempdir_in("/tmp").unwrap();
+    fs::write(src.path().join("tagged"), b"behind a tag").unwrap();
+    let opts = format!("source={},subtype=,metrics_addr=", src.path().display());
+    let out = std::process::Command::new("mount")
+        .args(["-t", "fuse.ringfs", "ringfs-tag"])
+        .arg(mnt.path())
+        .args(["-o", &opts])
+        .output()
+        .expect("run mount(8)");
+    assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "a successful mount prints nothing: {out:?}");
+    let info = mount_at(mnt.path()).expect("mounted");
+    assert_eq!((info.source.as_str(), info.fstype.as_str()), ("ringfs-tag", "fuse"), "{info:?}");
+    assert_eq!(fs::read(mnt.path().join("tagged")).unwrap(), b"behind a tag");
     let out = std::process::Command::new("umount").arg(mnt.path()).output().expect("run umount(8)");
     assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
     assert!(wait_until(Duration::from_secs(5), || mount_at(mnt.path()).is_none()));

@@ -147,6 +147,102 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     Ok(Mounted { fd, mountpoint: mp.clone(), dev })
 }
 
+/// The mount(8) words a remount (`mount -o remount,...`) applies; every other option of the
+/// mount stays as it was mounted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemountFlags {
+    /// `ro` (else `rw`).
+    pub read_only: bool,
+    /// `nosuid`.
+    pub nosuid: bool,
+    /// `nodev`.
+    pub nodev: bool,
+    /// `noexec`.
+    pub noexec: bool,
+    /// `noatime`.
+    pub noatime: bool,
+    /// `nodiratime`.
+    pub nodiratime: bool,
+    /// `strictatime` (else the kernel's default, relatime).
+    pub strictatime: bool,
+}
+
+impl RemountFlags {
+    /// Reads the mount(8) words of a comma-separated option list (later words win; others are
+    /// ignored, as is `remount` itself).
+    pub fn from_options(list: &str) -> RemountFlags {
+        let mut f = RemountFlags::default();
+        for word in list.split(',') {
+            match word.trim() {
+                "ro" => f.read_only = true,
+                "rw" => f.read_only = false,
+                "nosuid" => f.nosuid = true,
+                "suid" => f.nosuid = false,
+                "nodev" => f.nodev = true,
+                "dev" => f.nodev = false,
+                "noexec" => f.noexec = true,
+                "exec" => f.noexec = false,
+                "noatime" => f.noatime = true,
+                "atime" => f.noatime = false,
+                "nodiratime" => f.nodiratime = true,
+                "diratime" => f.nodiratime = false,
+                "strictatime" => (f.strictatime, f.noatime) = (true, false),
+                "relatime" => f.strictatime = false,
+                _ => {}
+            }
+        }
+        f
+    }
+
+    fn bits(&self) -> libc::c_ulong {
+        let mut b = libc::MS_REMOUNT;
+        for (on, bit) in [
+            (self.read_only, libc::MS_RDONLY),
+            (self.nosuid, libc::MS_NOSUID),
+            (self.nodev, libc::MS_NODEV),
+            (self.noexec, libc::MS_NOEXEC),
+            (self.noatime, libc::MS_NOATIME),
+            (self.nodiratime, libc::MS_NODIRATIME),
+            (self.strictatime, libc::MS_STRICTATIME),
+        ] {
+            if on {
+                b |= bit;
+            }
+        }
+        b
+    }
+}
+
+/// Changes the flags of the FUSE mount on `mountpoint` in place (`mount -o remount,ro`): the
+/// server keeps serving; only the kernel's view changes (read-only, nosuid, ...). The FUSE
+/// options themselves cannot change on a remount.
+pub fn remount(mountpoint: &Path, flags: &RemountFlags) -> io::Result<()> {
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    match find_mount(mountpoint)? {
+        Some(m) if m.fstype == "fuse" || m.fstype.starts_with("fuse.") => {}
+        Some(m) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is a {} mount, not a FUSE one", mountpoint.display(), m.fstype),
+            ))
+        }
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a mount point", mountpoint.display()),
+            ))
+        }
+    }
+    // SAFETY: valid C string target; null source, type and data (FUSE ignores remount data).
+    let rc =
+        unsafe { libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), flags.bits(), std::ptr::null()) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("remount of {} failed: {e}", mountpoint.display())));
+    }
+    Ok(())
+}
+
 /// Unmounts `mountpoint`; a busy mount is detached lazily (it goes away when its last user
 /// does). Returns whether a lazy detach was needed.
 pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
@@ -249,6 +345,19 @@ pub unsafe fn owned(fd: i32) -> OwnedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remount_words() {
+        // What mount(8) passes for `mount -o remount,ro MNT` (the mount's options plus the change).
+        let f = RemountFlags::from_options("ro,relatime,remount,user_id=0,group_id=0,max_read=1048576,dev,suid");
+        assert_eq!(f, RemountFlags { read_only: true, ..RemountFlags::default() });
+        assert_eq!(f.bits(), libc::MS_REMOUNT | libc::MS_RDONLY);
+        let f = RemountFlags::from_options("ro,rw,remount,nosuid,nodev,noexec,noatime,strictatime");
+        assert_eq!(
+            f.bits(),
+            libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_STRICTATIME
+        );
+    }
 
     #[test]
     fn parses_mountinfo_lines() {
