@@ -35,7 +35,8 @@ pub struct InitParams {
 ///   (`ConnInfo::posix_acl`, only with `default_permissions`): it then applies umasks itself.
 /// - `SECURITY_CTX`, `SETXATTR_EXT`: security labels and the ACL set-gid flag are not
 ///   negotiated (a file system that sets ACLs with the caller's credentials gets the set-gid
-///   clearing from the backing file system).
+///   clearing from the backing file system; ringfs's passthrough file system, which sets them
+///   as root under `default_permissions`, decides it from the caller's groups).
 /// - `HANDLE_KILLPRIV`: superseded by `HANDLE_KILLPRIV_V2`, which is offered to the file system
 ///   as an opt-in (`ConnInfo::handle_killpriv_v2`): it then clears set-uid/set-gid itself.
 pub const BASE_FLAGS: &[(InitFlags, &str)] = &[

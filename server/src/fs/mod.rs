@@ -1178,7 +1178,27 @@ impl FileSystem for PassthroughFs {
     async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
-        self.as_caller(ctx, false, || sys::xattr::set(&p, name, value, flags as i32))
+        // Setting an access ACL clears set-gid when the caller is neither in the file's group nor
+        // privileged, as the kernel does natively. With default_permissions the set runs as the
+        // server (root), for which the backing file system keeps the bit: decide it here, with
+        // the caller's groups.
+        let kill_sgid = ctx.uid != 0
+            && name.to_bytes() == b"system.posix_acl_access"
+            && self.default_permissions.load(Ordering::Relaxed)
+            && sys::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+                st.st_mode & libc::S_IFMT != libc::S_IFLNK
+                    && st.st_mode & libc::S_ISGID != 0
+                    && st.st_gid != ctx.gid
+                    && !creds::caller_groups(ctx.pid).is_ok_and(|g| g.contains(&st.st_gid))
+            });
+        self.as_caller(ctx, false, || sys::xattr::set(&p, name, value, flags as i32))?;
+        if kill_sgid {
+            let st = sys::fstat(fd.as_raw_fd())?;
+            // Through /proc: the node's descriptor may be an O_PATH one.
+            // SAFETY: chmod of a NUL-terminated /proc path naming our own descriptor.
+            cvt(unsafe { libc::chmod(p.as_ptr(), st.st_mode & 0o7777 & !libc::S_ISGID) })?;
+        }
+        Ok(())
     }
 
     async fn getxattr(&self, ctx: &Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
