@@ -366,10 +366,11 @@ fn posix_acls_grant_deny_and_inherit_as_on_the_backing_file_system() {
 struct Block([u8; 4096]);
 static BLOCK: Block = Block([b'w'; 4096]);
 
-/// Writes by anyone without CAP_FSETID clear set-uid, and set-gid where group execution makes it
-/// one, the file's owner included, buffered and O_DIRECT, also when the file is already open
-/// through passthrough (whose writes run with the server's credentials); the mount shows the
-/// cleared mode right after the write. Root's writes keep the bits. (xfstests generic/355.)
+/// Writes and fallocate by anyone without CAP_FSETID clear set-uid, and set-gid where group
+/// execution makes it one or the writer is outside the group, the file's owner included,
+/// buffered and O_DIRECT, also when the file is already open through passthrough (whose writes
+/// run with the server's credentials); the mount shows the cleared mode right after. Root's
+/// writes keep the bits. (xfstests generic/355, 683-685.)
 #[test]
 fn writes_clear_set_id_bits_like_the_backing_file_system() {
     if !require_root_fuse("security::writes_clear_set_id_bits_like_the_backing_file_system") {
@@ -377,19 +378,25 @@ fn writes_clear_set_id_bits_like_the_backing_file_system() {
     }
     let m = Mount::start(&["allow_other"]);
     fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o755)).unwrap();
+    // `extra` open flags; `FALLOC` (not an open flag) means fallocate instead of pwrite.
+    const FALLOC: i32 = 1 << 30;
     let write_as = |uid: u32, p: &Path, extra: i32| {
         let path = cstr(p);
         let write = move || {
-            // SAFETY: open/pwrite/close in the forked child, from a static aligned buffer.
+            // SAFETY: open/pwrite/fallocate/close in the forked child, from a static buffer.
             unsafe {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | extra);
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | (extra & !FALLOC));
                 if fd < 0 {
                     return *libc::__errno_location();
                 }
-                let n = libc::pwrite(fd, BLOCK.0.as_ptr().cast(), BLOCK.0.len(), 0);
+                let ok = if extra & FALLOC != 0 {
+                    libc::fallocate(fd, 0, 0, 8192) == 0
+                } else {
+                    libc::pwrite(fd, BLOCK.0.as_ptr().cast(), BLOCK.0.len(), 0) == 4096
+                };
                 let e = *libc::__errno_location();
                 libc::close(fd);
-                if n == 4096 {
+                if ok {
                     0
                 } else {
                     e.max(1)
@@ -402,19 +409,22 @@ fn writes_clear_set_id_bits_like_the_backing_file_system() {
             as_user(uid, NOBODY_GID, write)
         }
     };
-    // (name, owner, mode before, writer, O_DIRECT, hold a root passthrough open, mode after)
+    // (name, owner, group, mode before, writer, open flags or FALLOC, hold a root passthrough
+    // open, mode after). Set-gid without group execute goes only for a writer outside the group.
     let cases = [
-        ("owner-buffered", NOBODY_UID, 0o6754, NOBODY_UID, 0, false, 0o0754),
-        ("owner-direct", NOBODY_UID, 0o6754, NOBODY_UID, libc::O_DIRECT, false, 0o0754),
-        ("owner-suid-only", NOBODY_UID, 0o4644, NOBODY_UID, 0, false, 0o0644),
-        ("other-sgid-without-gx", 0, 0o6666, NOBODY_UID, 0, false, 0o2666),
-        ("other-held-open", 0, 0o6676, NOBODY_UID, 0, true, 0o0676),
-        ("root-keeps", 0, 0o6755, 0, 0, false, 0o6755),
+        ("owner-buffered", NOBODY_UID, NOBODY_GID, 0o6754, NOBODY_UID, 0, false, 0o0754),
+        ("owner-direct", NOBODY_UID, NOBODY_GID, 0o6754, NOBODY_UID, libc::O_DIRECT, false, 0o0754),
+        ("owner-suid-only", NOBODY_UID, NOBODY_GID, 0o4644, NOBODY_UID, 0, false, 0o0644),
+        ("in-group-sgid-without-gx", 0, NOBODY_GID, 0o6666, NOBODY_UID, 0, false, 0o2666),
+        ("outside-group-sgid-without-gx", 0, 0, 0o6666, NOBODY_UID, 0, false, 0o0666),
+        ("other-held-open", 0, NOBODY_GID, 0o6676, NOBODY_UID, 0, true, 0o0676),
+        ("fallocate", 0, 0, 0o6676, NOBODY_UID, FALLOC, false, 0o0676),
+        ("root-keeps", 0, 0, 0o6755, 0, 0, false, 0o6755),
     ];
-    for (name, owner, before, writer, extra, hold, after) in cases {
+    for (name, owner, group, before, writer, extra, hold, after) in cases {
         let p = m.path(name);
         fs::write(&p, b"set-id test").unwrap();
-        std::os::unix::fs::chown(&p, Some(owner), Some(NOBODY_GID)).unwrap();
+        std::os::unix::fs::chown(&p, Some(owner), Some(group)).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, before, "{name}: mode before");
         let held = hold.then(|| fs::File::open(&p).unwrap());

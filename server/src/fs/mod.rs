@@ -176,12 +176,21 @@ fn is_dot(name: &[u8]) -> bool {
 
 /// Bits that a write/truncate by an unprivileged user clears (like the kernel's
 /// `setattr_should_drop_suidgid`): S_ISUID always, S_ISGID only with group-exec.
-fn suidgid_to_kill(mode: u32) -> u32 {
+/// The set-id bits that a change (write, truncate, fallocate, ...) by `ctx`, a caller without
+/// CAP_FSETID, clears on a file of mode `mode` and group `gid`, as the kernel decides natively:
+/// set-uid always, set-gid when group execution makes it one or when the caller is not in the
+/// file's group.
+fn suidgid_to_kill(ctx: &Context, mode: u32, gid: u32) -> u32 {
     let mut kill = mode & libc::S_ISUID;
-    if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller_in_group(ctx, gid)) {
         kill |= libc::S_ISGID;
     }
     kill
+}
+
+/// Whether `gid` is the caller's group or one of its supplementary groups.
+fn caller_in_group(ctx: &Context, gid: u32) -> bool {
+    ctx.gid == gid || creds::caller_groups(ctx.pid).is_ok_and(|g| g.contains(&gid))
 }
 
 fn timespec_of(t: Option<SetTime>) -> libc::timespec {
@@ -430,25 +439,26 @@ impl PassthroughFs {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let setid_risk = writable
             && ctx.uid != 0
-            && sys::fstat(file.as_raw_fd()).map(|st| suidgid_to_kill(st.st_mode) != 0).unwrap_or(true);
+            && sys::fstat(file.as_raw_fd()).map(|st| suidgid_to_kill(ctx, st.st_mode, st.st_gid) != 0).unwrap_or(true);
         let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
         let id = self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded);
         if id > 0 && setid_risk {
             // The inode was already open through passthrough (its first open decides, and the
             // kernel allows no mixing), so this writer's writes will keep the bits: clear them
             // now, as its first write would.
-            if self.kill_suidgid(file.as_raw_fd()).is_ok_and(|killed| killed) {
+            if self.kill_suidgid(ctx, file.as_raw_fd()).is_ok_and(|killed| killed) {
                 self.attr_changed(node);
             }
         }
         id
     }
 
-    /// Clears set-uid, and set-gid where group execution makes it one, on the open file `fd`.
-    /// Whether any bit was cleared.
-    fn kill_suidgid(&self, fd: RawFd) -> Result<bool> {
-        let mode = sys::fstat(fd)?.st_mode;
-        let kill = suidgid_to_kill(mode);
+    /// Clears on the open file `fd` the set-id bits that a change by `ctx` clears natively
+    /// ([`suidgid_to_kill`]). Whether any bit was cleared.
+    fn kill_suidgid(&self, ctx: &Context, fd: RawFd) -> Result<bool> {
+        let st = sys::fstat(fd)?;
+        let mode = st.st_mode;
+        let kill = suidgid_to_kill(ctx, mode, st.st_gid);
         if kill != 0 {
             // SAFETY: fchmod on an open descriptor.
             cvt(unsafe { libc::fchmod(fd, mode & 0o7777 & !kill) })?;
@@ -533,11 +543,9 @@ impl PassthroughFs {
         // Set-uid/set-gid clearing: asked by the kernel, or a truncate by an unprivileged
         // caller (the server's CAP_FSETID would otherwise keep the bits).
         if kind == libc::S_IFREG && (attr.kill_suidgid || (attr.size.is_some() && ctx.uid != 0)) {
-            let cur = match mode {
-                Some(m) => m,
-                None => sys::fstat(fd.as_raw_fd())?.st_mode,
-            };
-            let kill = suidgid_to_kill(cur);
+            let st = sys::fstat(fd.as_raw_fd())?;
+            let cur = mode.unwrap_or(st.st_mode);
+            let kill = suidgid_to_kill(ctx, cur, st.st_gid);
             if kill != 0 {
                 match mode {
                     Some(m) => mode = Some(m & !kill),
@@ -1034,7 +1042,7 @@ impl FileSystem for PassthroughFs {
 
     async fn write(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         node: NodeId,
         fh: FileHandle,
         offset: u64,
@@ -1043,7 +1051,7 @@ impl FileSystem for PassthroughFs {
     ) -> Result<usize> {
         let h = self.handle_fd(fh)?;
         let fd = h.file_fd()?;
-        if flags.kill_suidgid && self.kill_suidgid(fd)? {
+        if flags.kill_suidgid && self.kill_suidgid(ctx, fd)? {
             self.attr_changed(node.0);
         }
         // On an O_APPEND descriptor a positioned write appends, as the open asked for.
@@ -1231,8 +1239,8 @@ impl FileSystem for PassthroughFs {
 
     async fn fallocate(
         &self,
-        _ctx: &Context,
-        _node: NodeId,
+        ctx: &Context,
+        node: NodeId,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -1240,7 +1248,13 @@ impl FileSystem for PassthroughFs {
     ) -> Result<()> {
         let h = self.handle_fd(fh)?;
         let fd = h.file_fd()?;
-        Ok(uring_transport::io::fallocate(fd, mode as i32, offset, length).await?)
+        uring_transport::io::fallocate(fd, mode as i32, offset, length).await?;
+        // fallocate by an unprivileged caller clears set-id bits natively; FALLOCATE carries no
+        // kill flag and runs as the server, so clear them here.
+        if ctx.uid != 0 && self.kill_suidgid(ctx, fd)? {
+            self.attr_changed(node.0);
+        }
+        Ok(())
     }
 
     async fn lseek(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, offset: u64, whence: u32) -> Result<u64> {
@@ -1253,11 +1267,11 @@ impl FileSystem for PassthroughFs {
 
     async fn copy_file_range(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         _node_in: NodeId,
         fh_in: FileHandle,
         offset_in: u64,
-        _node_out: NodeId,
+        node_out: NodeId,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -1273,6 +1287,10 @@ impl FileSystem for PassthroughFs {
             len as usize,
             flags as u32,
         )?;
+        // As a write: an unprivileged caller's copy clears the destination's set-id bits.
+        if ctx.uid != 0 && n > 0 && self.kill_suidgid(ctx, ho.file_fd()?)? {
+            self.attr_changed(node_out.0);
+        }
         Ok(n as u64)
     }
 }
