@@ -380,16 +380,20 @@ fn writes_clear_set_id_bits_like_the_backing_file_system() {
     fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o755)).unwrap();
     // `extra` open flags; `FALLOC` (not an open flag) means fallocate instead of pwrite.
     const FALLOC: i32 = 1 << 30;
+    // Open only (with O_TRUNC: the truncating open clears the bits).
+    const OPEN_ONLY: i32 = 1 << 29;
     let write_as = |uid: u32, p: &Path, extra: i32| {
         let path = cstr(p);
         let write = move || {
             // SAFETY: open/pwrite/fallocate/close in the forked child, from a static buffer.
             unsafe {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | (extra & !FALLOC));
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | (extra & !FALLOC & !OPEN_ONLY));
                 if fd < 0 {
                     return *libc::__errno_location();
                 }
-                let ok = if extra & FALLOC != 0 {
+                let ok = if extra & OPEN_ONLY != 0 {
+                    true
+                } else if extra & FALLOC != 0 {
                     libc::fallocate(fd, 0, 0, 8192) == 0
                 } else {
                     libc::pwrite(fd, BLOCK.0.as_ptr().cast(), BLOCK.0.len(), 0) == 4096
@@ -419,6 +423,7 @@ fn writes_clear_set_id_bits_like_the_backing_file_system() {
         ("outside-group-sgid-without-gx", 0, 0, 0o6666, NOBODY_UID, 0, false, 0o0666),
         ("other-held-open", 0, NOBODY_GID, 0o6676, NOBODY_UID, 0, true, 0o0676),
         ("fallocate", 0, 0, 0o6676, NOBODY_UID, FALLOC, false, 0o0676),
+        ("truncating-open", 0, 0, 0o6676, NOBODY_UID, OPEN_ONLY | libc::O_TRUNC, false, 0o0676),
         ("root-keeps", 0, 0, 0o6755, 0, 0, false, 0o6755),
     ];
     for (name, owner, group, before, writer, extra, hold, after) in cases {

@@ -550,7 +550,12 @@ impl PassthroughFs {
                 match mode {
                     Some(m) => mode = Some(m & !kill),
                     // Done as the server: a local truncate clears the bits for non-owners too.
-                    None => self.chmod(&fd, hfd, kind, cur & !kill)?,
+                    // The reply's attributes update the kernel, except after a truncating
+                    // OPEN (the dispatcher's kill before it), whose reply carries none.
+                    None => {
+                        self.chmod(&fd, hfd, kind, cur & !kill)?;
+                        self.attr_changed(node.0);
+                    }
                 }
             }
         }
