@@ -261,6 +261,10 @@ pub(crate) enum QueueChannel {
     Dev { fd: OwnedFd, bufsize: usize },
 }
 
+/// Shared by a session's queues: a start instant, and when a request last finished on any queue
+/// (nanoseconds after it).
+pub(crate) type Activity = Arc<(std::time::Instant, AtomicU64)>;
+
 /// Everything one queue thread needs.
 pub(crate) struct QueueParams<F> {
     pub qid: usize,
@@ -268,6 +272,8 @@ pub(crate) struct QueueParams<F> {
     pub depth: usize,
     /// Keep polling this long after the last request before sleeping (see [`SessionConfig`]).
     pub busy_poll: std::time::Duration,
+    /// Request activity of all the session's queues (busy polling).
+    pub activity: Activity,
     pub payload_size: usize,
     pub dispatcher: Dispatcher<F>,
     pub stats: Arc<QueueStats>,
@@ -373,7 +379,12 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(sq as usize * 2);
     let mut woken: Vec<usize> = Vec::with_capacity(p.depth);
     let poll = p.busy_poll;
-    let mut last_request = std::time::Instant::now();
+    // When any queue last finished a request, in nanoseconds since `p.activity.0`: the caller of
+    // a storm moves between CPUs, so every queue keeps polling while any of them is busy.
+    let since_request = |a: &Activity| {
+        let now = a.0.elapsed().as_nanos() as u64;
+        std::time::Duration::from_nanos(now.saturating_sub(a.1.load(Ordering::Relaxed)))
+    };
     while live > 0 {
         // Everything the tasks queued since the last round goes out with this submit.
         let pending = crate::io::with(|r| std::mem::take(&mut r.pending)).unwrap_or_default();
@@ -382,8 +393,13 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
         }
         let have_ready = ready.0.lock().map(|v| !v.is_empty()).unwrap_or(false);
         let want = if have_ready { 0 } else { 1 };
-        if want == 1 && !poll.is_zero() && last_request.elapsed() < poll {
-            ring.submit()?;
+        if want == 1 && !poll.is_zero() && since_request(&p.activity) < poll {
+            // The replies go out now; a transient failure leaves them for submit_and_wait below.
+            match ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+                Err(e) => return Err(e),
+            }
             loop {
                 if ring.submission().taskrun()
                     || !ring.completion().is_empty()
@@ -392,7 +408,7 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
                     p.stats.polled.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
-                if last_request.elapsed() >= poll {
+                if since_request(&p.activity) >= poll {
                     break;
                 }
                 // SAFETY: no arguments; gives the CPU to a runnable task (the caller) if any.
@@ -471,7 +487,6 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
             }
             match start_task(s, res as usize, &dispatcher, &p) {
                 Started::Task => {
-                    last_request = std::time::Instant::now();
                     if let Some(k) = early_interrupts.iter().position(|(u, _)| *u == s.unique) {
                         early_interrupts.swap_remove(k);
                         s.interrupted = true;
@@ -495,6 +510,10 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
             if let Poll::Ready((error, len)) = polled {
                 s.task = None;
                 p.stats.requests.fetch_add(1, Ordering::Relaxed);
+                if !poll.is_zero() {
+                    // The caller is about to be woken: its next request may follow at once.
+                    p.activity.1.store(p.activity.0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
                 let error = if s.interrupted && error == -libc::ECANCELED { -libc::EINTR } else { error };
                 s.interrupted = false;
                 match finish_slot(s, error, len) {
