@@ -32,10 +32,11 @@ const ALIASES: &[(&str, Alias)] = &[
     ("suid", Alias::Negated("nosuid")),
     ("dev", Alias::Negated("nodev")),
     ("exec", Alias::Negated("noexec")),
+    ("atime", Alias::Negated("noatime")),
 ];
 
 /// Standard mount(8)/fstab words that mean nothing to ringfs and are dropped,
-/// each with the reason. (`rw`, `suid`, `dev`, `exec` and their `no` forms
+/// each with the reason. (`rw`, `suid`, `dev`, `exec`, `atime` and their `no` forms
 /// are recorded instead: see [`ALIASES`] and the top-level keys.) Any word
 /// starting with `x-` is dropped too: those are for user-space tools.
 pub(crate) const IGNORED: &[(&str, &str)] = &[
@@ -51,8 +52,6 @@ pub(crate) const IGNORED: &[(&str, &str)] = &[
     ("_netdev", "read by systemd to order network mounts"),
     ("comment", "fstab annotation for user-space tools"),
     ("async", "the default; FUSE has no sync mount mode of ours"),
-    ("atime", "access times are the backing file system's"),
-    ("noatime", "access times are the backing file system's"),
     ("relatime", "access times are the backing file system's"),
     ("strictatime", "access times are the backing file system's"),
     ("lazytime", "access times are the backing file system's"),

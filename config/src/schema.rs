@@ -89,6 +89,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("default_permissions", Kind::Bool),
     key("ro", Kind::Bool),
     key("nosuid", Kind::Bool),
+    key("noatime", Kind::Bool),
     key("nodev", Kind::Bool),
     key("noexec", Kind::Bool),
     key("fsname", Kind::Text),

@@ -273,15 +273,15 @@ fn option_values_by_type() {
 fn option_aliases() {
     assert_eq!(with_opts("transport=uring").unwrap().transport.mode, TransportMode::Uring);
     assert_eq!(with_opts("transport=dev-fuse").unwrap().transport.mode, TransportMode::DevFuse);
-    let c = with_opts("ro,nosuid,nodev,noexec,allow_other,default_permissions").unwrap();
+    let c = with_opts("ro,nosuid,nodev,noexec,noatime,allow_other,default_permissions").unwrap();
     assert!(c.ro && c.allow_other && c.default_permissions);
-    assert_eq!(c.mount_flags, MountFlags { nosuid: true, nodev: true, noexec: true });
+    assert_eq!(c.mount_flags, MountFlags { nosuid: true, nodev: true, noexec: true, noatime: true });
     // The positive words clear what the file or an earlier option set.
     let c = build(
-        Some(&format!("ro = true\nnosuid = true\nnodev = true\nnoexec = true\n{MINIMAL}")),
+        Some(&format!("ro = true\nnosuid = true\nnodev = true\nnoexec = true\nnoatime = true\n{MINIMAL}")),
         None,
         None,
-        &opts("rw,suid,dev,exec"),
+        &opts("rw,suid,dev,exec,atime"),
     )
     .unwrap();
     assert!(!c.ro);
@@ -295,7 +295,7 @@ fn option_aliases() {
 #[test]
 fn mount_words_are_ignored() {
     let c = with_opts(
-        "defaults,auto,noauto,user,nouser,users,nofail,_netdev,async,atime,noatime,\
+        "defaults,auto,noauto,user,nouser,users,nofail,_netdev,async,\
          relatime,x-systemd.automount,x-gvfs-show,comment=systemd.automount",
     )
     .unwrap();

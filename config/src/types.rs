@@ -106,9 +106,9 @@ impl Config {
     }
 }
 
-/// Generic mount flags recorded from the top-level keys `nosuid`, `nodev`
-/// and `noexec` (or the `-o` words of the same names; `suid`, `dev` and
-/// `exec` clear them).
+/// Generic mount flags recorded from the top-level keys `nosuid`, `nodev`,
+/// `noexec` and `noatime` (or the `-o` words of the same names; `suid`,
+/// `dev`, `exec` and `atime` clear them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MountFlags {
     /// `nosuid`: ignore set-user-id and set-group-id bits (`MS_NOSUID`).
@@ -118,6 +118,12 @@ pub struct MountFlags {
     pub nodev: bool,
     /// `noexec`: do not allow executing programs (`MS_NOEXEC`). Default `false`.
     pub noexec: bool,
+    /// `noatime`: `MS_NOATIME`, and the server opens backing files and directories with
+    /// `O_NOATIME`, so reads it serves and directory listings leave access times alone.
+    /// Passthrough reads do not: the kernel opens its own backing file per open with the
+    /// reader's flags, so their access times follow the backing file system's mount. Default
+    /// `false`.
+    pub noatime: bool,
 }
 
 /// `[cache]`: kernel cache lifetimes and how the cache is kept coherent.
@@ -454,6 +460,7 @@ struct ConfigFile {
     nosuid: bool,
     nodev: bool,
     noexec: bool,
+    noatime: bool,
     fsname: String,
     subtype: String,
     cache: CacheConfig,
@@ -483,6 +490,7 @@ impl From<Config> for ConfigFile {
             nosuid: c.mount_flags.nosuid,
             nodev: c.mount_flags.nodev,
             noexec: c.mount_flags.noexec,
+            noatime: c.mount_flags.noatime,
             fsname: c.fsname,
             subtype: c.subtype,
             cache: c.cache,
@@ -506,7 +514,7 @@ impl From<ConfigFile> for Config {
             ro: f.ro,
             fsname: f.fsname,
             subtype: f.subtype,
-            mount_flags: MountFlags { nosuid: f.nosuid, nodev: f.nodev, noexec: f.noexec },
+            mount_flags: MountFlags { nosuid: f.nosuid, nodev: f.nodev, noexec: f.noexec, noatime: f.noatime },
             cache: f.cache,
             fuse: f.fuse,
             transport: f.transport,

@@ -184,6 +184,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         // With the watch, external changes invalidate the page cache explicitly, and
         // auto_inval_data catches size/mtime changes: cached data may outlive an open.
         keep_cache: watch.is_some(),
+        noatime: cfg.mount_flags.noatime,
         ..FsConfig::default()
     })
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
@@ -207,6 +208,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         nosuid: cfg.mount_flags.nosuid,
         nodev: cfg.mount_flags.nodev,
         noexec: cfg.mount_flags.noexec,
+        noatime: cfg.mount_flags.noatime,
         max_read: cfg.fuse.max_write,
     };
     let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;

@@ -1340,3 +1340,34 @@ fn ownership_and_time_rules_for_other_users() {
     assert_eq!((b.uid(), b.mode() & 0o7777), (0, 0o666));
     assert_eq!((v.uid(), v.mode() & 0o7777), (0, 0o666));
 }
+
+/// `noatime`: reads the server serves and directory listings leave the backing access times
+/// alone, where the backing mount (relatime) would have updated them.
+#[test]
+fn noatime_leaves_backing_access_times_alone() {
+    let Some(m) = setup("ops::noatime_leaves_backing_access_times_alone", &["noatime", "passthrough=false"]) else {
+        return;
+    };
+    assert!(tests::mount_at(&m.mountpoint).is_some_and(|i| i.mount_options.split(',').any(|o| o == "noatime")));
+    fs::write(m.backing("f"), b"read me").unwrap();
+    fs::create_dir(m.backing("d")).unwrap();
+    fs::write(m.backing("d/x"), b"").unwrap();
+    // Access times before the modification times: relatime updates them on the next read.
+    let old = |p: &Path| {
+        let c = cstr(p);
+        let times =
+            [libc::timespec { tv_sec: 1_000_000, tv_nsec: 0 }, libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }];
+        // SAFETY: a NUL-terminated path and two timespecs.
+        sys(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) }, "utimensat");
+    };
+    for p in [m.backing("f"), m.backing("d")] {
+        old(&p);
+    }
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"read me");
+    assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 1);
+    assert_eq!(fs::metadata(m.backing("f")).unwrap().atime(), 1_000_000, "a read through the mount touched atime");
+    assert_eq!(fs::metadata(m.backing("d")).unwrap().atime(), 1_000_000, "a listing through the mount touched atime");
+    // The backing mount itself would have: the same read natively updates it.
+    fs::read(m.backing("f")).unwrap();
+    assert_ne!(fs::metadata(m.backing("f")).unwrap().atime(), 1_000_000, "the backing mount does not update atime");
+}

@@ -81,6 +81,7 @@ fn main() -> std::io::Result<()> {
         nosuid: true,
         nodev: true,
         noexec: true,
+        noatime: false,
         max_read: 128 * 1024,
     };
     let mounted = mount(&opts)?;

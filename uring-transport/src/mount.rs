@@ -29,6 +29,8 @@ pub struct MountOptions {
     pub nodev: bool,
     /// MS_NOEXEC.
     pub noexec: bool,
+    /// MS_NOATIME.
+    pub noatime: bool,
     /// Largest read request, in bytes.
     pub max_read: u32,
 }
@@ -123,6 +125,9 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     }
     if opts.noexec {
         flags |= libc::MS_NOEXEC;
+    }
+    if opts.noatime {
+        flags |= libc::MS_NOATIME;
     }
     let source = CString::new(opts.fsname.as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     let fstype = if opts.subtype.is_empty() { "fuse".to_owned() } else { format!("fuse.{}", opts.subtype) };

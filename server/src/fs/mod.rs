@@ -73,6 +73,9 @@ pub struct FsConfig {
     /// backing file system supports ACLs; without it, the kernel checks mode bits only and
     /// ACL entries that grant or deny access are ignored through the mount.
     pub posix_acl: bool,
+    /// Open backing files and directories with O_NOATIME (the mount's `noatime`): reads through
+    /// the server and through passthrough leave access times alone.
+    pub noatime: bool,
 }
 
 impl Default for FsConfig {
@@ -88,6 +91,7 @@ impl Default for FsConfig {
             passthrough_exclude: Vec::new(),
             keep_cache: false,
             posix_acl: true,
+            noatime: false,
         }
     }
 }
@@ -958,12 +962,19 @@ impl FileSystem for PassthroughFs {
         // Only flags open(2) knows: the kernel's may carry internal bits (__FMODE_EXEC for an
         // exec) that openat2 would refuse with EINVAL.
         let flags = self.backing_open_flags(flags as i32 & OPEN_FLAGS) | libc::O_CLOEXEC;
+        let flags = if self.cfg.noatime { flags | libc::O_NOATIME } else { flags };
         let file = if self.kernel_checks() {
             // Through the queue's ring: opening may block on the backing file (NFS, devices).
             let name = sys::fd_name(fd.as_raw_fd());
             uring_transport::io::openat2(self.proc_fd.as_raw_fd(), &name, flags, 0, 0).await?
         } else {
-            self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?
+            // As the caller, O_NOATIME needs ownership of the file (EPERM otherwise).
+            match self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags)) {
+                Err(e) if e == Errno::EPERM && flags & libc::O_NOATIME != 0 => {
+                    self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags & !libc::O_NOATIME))?
+                }
+                r => r?,
+            }
         };
         let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
         let file = std::sync::Arc::new(file);
@@ -997,7 +1008,8 @@ impl FileSystem for PassthroughFs {
         let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL))
             | libc::O_CREAT
             | libc::O_NOFOLLOW
-            | libc::O_CLOEXEC;
+            | libc::O_CLOEXEC
+            | if self.cfg.noatime { libc::O_NOATIME } else { 0 };
         if let Some(p) = self.ring_creator(ctx) {
             let (dir, mode) = (pfd.as_raw_fd(), mode & 0o7777);
             match uring_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
@@ -1006,8 +1018,16 @@ impl FileSystem for PassthroughFs {
                 Err(_) => {}
             }
         }
-        let file = self
-            .as_caller(ctx, true, || sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT))?;
+        let create = |oflags| {
+            self.as_caller(ctx, true, || {
+                sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT)
+            })
+        };
+        let file = match create(oflags) {
+            // O_CREAT without O_EXCL opened someone else's file: O_NOATIME needs ownership.
+            Err(e) if e == Errno::EPERM && oflags & libc::O_NOATIME != 0 => create(oflags & !libc::O_NOATIME)?,
+            r => r?,
+        };
         self.created_open(ctx, file, flags as i32, true)
     }
 
@@ -1101,9 +1121,15 @@ impl FileSystem for PassthroughFs {
         if kind != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
         }
-        let dir = self.as_caller(ctx, false, || {
-            self.reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        })?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let noatime = if self.cfg.noatime { libc::O_NOATIME } else { 0 };
+        let dir = match self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags | noatime)) {
+            // As the caller, O_NOATIME needs ownership of the directory (EPERM otherwise).
+            Err(e) if e == Errno::EPERM && noatime != 0 => {
+                self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags))?
+            }
+            r => r?,
+        };
         // The open directory doubles as the node's descriptor while it is open (as an open
         // file does): a client holding thousands of directories open costs one descriptor each.
         let dir = std::sync::Arc::new(dir);
