@@ -73,8 +73,9 @@ pub struct FsConfig {
     /// backing file system supports ACLs; without it, the kernel checks mode bits only and
     /// ACL entries that grant or deny access are ignored through the mount.
     pub posix_acl: bool,
-    /// Open backing files and directories with O_NOATIME (the mount's `noatime`): reads through
-    /// the server and through passthrough leave access times alone.
+    /// Open backing files and directories with O_NOATIME (the mount's `noatime`): reads the
+    /// server serves and directory listings leave access times alone (passthrough reads go
+    /// through a backing file the kernel opens with the reader's flags, so they do not).
     pub noatime: bool,
 }
 
@@ -178,12 +179,10 @@ fn is_dot(name: &[u8]) -> bool {
     name == b"." || name == b".."
 }
 
-/// Bits that a write/truncate by an unprivileged user clears (like the kernel's
-/// `setattr_should_drop_suidgid`): S_ISUID always, S_ISGID only with group-exec.
 /// The set-id bits that a change (write, truncate, fallocate, ...) by `ctx`, a caller without
 /// CAP_FSETID, clears on a file of mode `mode` and group `gid`, as the kernel decides natively:
 /// set-uid always, set-gid when group execution makes it one or when the caller is not in the
-/// file's group.
+/// file's group (the kernel's `setattr_should_drop_suidgid`).
 fn suidgid_to_kill(ctx: &Context, mode: u32, gid: u32) -> u32 {
     let mut kill = mode & libc::S_ISUID;
     if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller_in_group(ctx, gid)) {
