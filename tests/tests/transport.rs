@@ -318,3 +318,56 @@ fn metadata_calls_inline_or_through_the_ring() {
         assert_eq!(n, 0.0, "{transport}: metadata calls ran inline although inline_metadata=false");
     }
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// A signal the caller handles (stress-ng's SIGALRM, a shell's SIGCHLD) interrupts a request
+/// but must not fail it: local file systems never return EINTR from stat or mkdir, so the
+/// server lets the request finish and the caller gets its answer.
+fn handled_signal_case(transport: &str) {
+    let slow = Server::slow(transport, 1500);
+    let path = slow.mountpoint.join("slowlookup");
+    // SAFETY: installs a handler that does nothing, without SA_RESTART (so the kernel would
+    // report EINTR if the request ended with it).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let statter = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tx.send(unsafe { libc::gettid() }).expect("send tid");
+        let start = Instant::now();
+        let r = std::fs::metadata(&path);
+        (r.map(|m| m.ino()), start.elapsed())
+    });
+    let tid = rx.recv().expect("tid");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        // SAFETY: signalling a thread of our own process; its handler does nothing.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (r, took) = statter.join().expect("statter");
+    assert!(r.is_ok(), "{transport}: a handled signal failed the lookup: {r:?} after {took:?}");
+    assert!(took >= Duration::from_millis(1400), "{transport}: the lookup ended after {took:?}");
+}
+
+#[test]
+fn handled_signal_does_not_fail_a_request_uring() {
+    if !require("handled_signal_does_not_fail_a_request_uring", true, &["slow"]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    handled_signal_case("uring");
+}
+
+#[test]
+fn handled_signal_does_not_fail_a_request_dev_fuse() {
+    if !require("handled_signal_does_not_fail_a_request_dev_fuse", false, &["slow"]) {
+        return;
+    }
+    handled_signal_case("dev-fuse");
+}

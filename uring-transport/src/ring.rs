@@ -112,6 +112,8 @@ struct Slot {
     task: Option<Task>,
     unique: u64,
     opcode: u32,
+    /// Thread id of the caller (from the request header; 0 if outside our pid namespace).
+    pid: u32,
     interrupted: bool,
     waker: Waker,
 }
@@ -348,6 +350,7 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
             task: None,
             unique: 0,
             opcode: 0,
+            pid: 0,
             interrupted: false,
             waker: Waker::from(Arc::new(EntryWaker { idx, ready: ready.clone() })),
         })
@@ -438,7 +441,8 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
             if tag == inbox_tag {
                 for unique in my_inbox.take() {
                     match slots.iter().position(|s| s.task.is_some() && s.unique == unique) {
-                        Some(i) => interrupt_slot(&mut ring, &mut slots[i], i)?,
+                        Some(i) if honours_interrupt(&slots[i]) => interrupt_slot(&mut ring, &mut slots[i], i)?,
+                        Some(_) => {}
                         None => early_interrupts.push((unique, std::time::Instant::now())),
                     }
                 }
@@ -489,7 +493,7 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
                 Started::Task => {
                     if let Some(k) = early_interrupts.iter().position(|(u, _)| *u == s.unique) {
                         early_interrupts.swap_remove(k);
-                        s.interrupted = true;
+                        s.interrupted = honours_interrupt(s);
                     }
                     woken.push(i);
                 }
@@ -534,6 +538,36 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether an INTERRUPT for the request in `s` is acted on. A signal that the caller handles
+/// and returns from (stress-ng's SIGALRM, a shell's SIGCHLD) must not turn a mkdir or a read
+/// into EINTR, which local file systems never return for them; so, as in the kernel's own file
+/// systems, only a blocking lock wait (SETLKW, where EINTR is the documented answer) is cut
+/// short by any signal, and every other request only when its caller gives up on it: the
+/// caller is being killed (a fatal signal queues SIGKILL on the thread before the kernel sends
+/// INTERRUPT), or it is an io_uring worker whose work was cancelled (another FUSE server, ringfs
+/// itself among them, cancelling its backing call). A process stuck on a hung file system can
+/// then still die promptly.
+fn honours_interrupt(s: &Slot) -> bool {
+    s.opcode == protocol::abi::opcode::SETLKW || caller_gives_up(s.pid)
+}
+
+/// True when thread `pid` has SIGKILL pending or is an io_uring worker (read from /proc; false
+/// when it cannot be read).
+fn caller_gives_up(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let kill_bit = 1u64 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        if let Some(name) = l.strip_prefix("Name:") {
+            return name.trim().starts_with("iou-wrk-");
+        }
+        let Some(v) = l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")) else { return false };
+        u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & kill_bit != 0)
+    })
+}
+
 /// Cancels the backing operations of the request in slot `i` (the kernel asked to interrupt
 /// it). Operations complete with ECANCELED, which the request then answers as EINTR; a request
 /// with nothing in flight finishes normally.
@@ -568,6 +602,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             let ent = FuseUringEntInOut::read_from_prefix(&hdr[HDR_ENT..]).map(|(h, _)| h).unwrap_or_default();
             s.unique = inh.unique;
             s.opcode = inh.opcode;
+            s.pid = inh.pid;
             let payload_sz = (ent.payload_sz as usize).min(payload.len());
             *via_scratch = payload_sz > 0;
             let op_in: *const u8 = hdr[HDR_OP_IN..].as_ptr();
@@ -617,6 +652,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             p.dev_counts.record(h.opcode);
             s.unique = h.unique;
             s.opcode = h.opcode;
+            s.pid = h.pid;
             if h.opcode == protocol::abi::opcode::INTERRUPT {
                 if let Ok(req) = request::parse(data) {
                     if let request::Operation::Interrupt { arg } = req.op {
