@@ -37,11 +37,14 @@ pub struct InitParams {
 ///   negotiated (a file system that sets ACLs with the caller's credentials gets the set-gid
 ///   clearing from the backing file system; ringfs's passthrough file system, which sets them
 ///   as root under `default_permissions`, decides it from the caller's groups).
+/// - `ATOMIC_O_TRUNC`: the kernel would send O_TRUNC inside OPEN and check for a running
+///   executable (ETXTBSY) only afterwards, so `open(O_RDONLY|O_TRUNC)` of a binary that is being
+///   executed would empty it and then fail, killing the running program. Without it the kernel
+///   checks first and truncates with a SETATTR (one more round trip per truncating open).
 /// - `HANDLE_KILLPRIV`: superseded by `HANDLE_KILLPRIV_V2`, which is offered to the file system
 ///   as an opt-in (`ConnInfo::handle_killpriv_v2`): it then clears set-uid/set-gid itself.
 pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
     (InitFlags::ASYNC_READ, "concurrent reads of one file"),
-    (InitFlags::ATOMIC_O_TRUNC, "O_TRUNC handled in OPEN, no extra SETATTR"),
     (InitFlags::BIG_WRITES, "writes larger than one page"),
     (InitFlags::AUTO_INVAL_DATA, "page cache dropped when mtime/size change"),
     (InitFlags::DO_READDIRPLUS, "directory listing fills the entry cache"),

@@ -366,6 +366,71 @@ fn hard_links() {
     assert_eq!(err_of(fs::hard_link(m.path("d"), m.path("d2"))), libc::EPERM);
 }
 
+/// A program that is running is text-busy: opening it to truncate fails with ETXTBSY and
+/// leaves it whole. `open(O_RDONLY|O_TRUNC)` is the case the kernel does not refuse before
+/// asking the server (no write access is taken for O_RDONLY), so a server that truncated inside
+/// OPEN (FUSE_ATOMIC_O_TRUNC) emptied the binary before the kernel's ETXTBSY check, and the
+/// running program died at its next page fault (pjdfstest's `open::etxtbsy`, intermittently).
+fn running_executable_is_not_truncated(opts: &[&str]) {
+    let m = mount!("ops::running_executable_is_not_truncated", opts);
+    let sleep = fs::read("/bin/sleep").expect("read /bin/sleep");
+    for round in 0..3 {
+        let exe = m.path(format!("sleep{round}"));
+        // Written through the mount and executed right away, as pjdfstest does.
+        std::io::copy(&mut File::open("/bin/sleep").unwrap(), &mut File::create(&exe).unwrap()).unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+        // Another test thread's fork may briefly hold a copy of our (close-on-exec) write
+        // descriptor until its exec: the classic ETXTBSY race of threaded programs. Retry it.
+        let mut tries = 0;
+        let mut child = loop {
+            match Command::new(&exe).arg("30").spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.expect("run the copied sleep"),
+            }
+        };
+        for (what, flags) in [
+            ("O_WRONLY", libc::O_WRONLY),
+            ("O_RDWR", libc::O_RDWR),
+            ("O_RDONLY|O_TRUNC", libc::O_RDONLY | libc::O_TRUNC),
+            ("O_WRONLY|O_TRUNC", libc::O_WRONLY | libc::O_TRUNC),
+        ] {
+            // SAFETY: plain open of a NUL-terminated path; closed below if it succeeds.
+            let fd = unsafe { libc::open(cstr(&exe).as_ptr(), flags | libc::O_CLOEXEC) };
+            let e = tests::errno();
+            if fd >= 0 {
+                // SAFETY: the descriptor we just opened.
+                unsafe { libc::close(fd) };
+            }
+            assert_eq!((fd, e), (-1, libc::ETXTBSY), "{what} of a running executable");
+        }
+        assert_eq!(lstat(&m.backing(format!("sleep{round}"))).len(), sleep.len() as u64, "the backing file is whole");
+        assert_eq!(lstat(&exe).len(), sleep.len() as u64);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(child.try_wait().unwrap().is_none(), "the program is still running (round {round})");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(fs::read(&exe).unwrap(), sleep, "content intact after the program ended");
+    }
+    // Once nothing runs it, a truncating open works as usual.
+    let exe = m.path("sleep0");
+    OpenOptions::new().read(true).custom_flags(libc::O_TRUNC).open(&exe).unwrap();
+    assert_eq!(lstat(&m.backing("sleep0")).len(), 0, "O_RDONLY|O_TRUNC truncates a file nobody runs");
+    assert_eq!(lstat(&exe).len(), 0);
+}
+
+#[test]
+fn running_executable_is_not_truncated_passthrough() {
+    running_executable_is_not_truncated(&[]);
+}
+
+#[test]
+fn running_executable_is_not_truncated_served() {
+    running_executable_is_not_truncated(&["passthrough=false"]);
+}
+
 #[test]
 fn open_create_excl_trunc_append() {
     let m = mount!("ops::open_create_excl_trunc_append");

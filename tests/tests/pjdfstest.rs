@@ -154,20 +154,12 @@ fn secondary_fs(primary: &Path) -> Option<PathBuf> {
 
 /// Runs the whole suite in `dir` and parses its output (kept in `log`).
 fn run_suite(bin: &Path, dir: &Path, log: &Path) -> Run {
-    let run = run_cases(bin, dir, log, &[]);
-    assert!(run.outcomes.len() > 100, "pjdfstest ran only {} tests; see {}", run.outcomes.len(), log.display());
-    run
-}
-
-/// Runs the named cases (all when `cases` is empty) in `dir`; output kept in `log`.
-fn run_cases(bin: &Path, dir: &Path, log: &Path, cases: &[&str]) -> Run {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = Command::new(bin);
     cmd.arg("-c").arg(config_file()).arg("-p").arg(dir);
     if let Some(s) = secondary_fs(dir) {
         cmd.arg("-s").arg(s);
     }
-    cmd.args(cases);
     let out = File::create(log).unwrap();
     let err = out.try_clone().unwrap();
     let start = Instant::now();
@@ -187,15 +179,9 @@ fn run_cases(bin: &Path, dir: &Path, log: &Path, cases: &[&str]) -> Run {
     }
     let mut run = parse(&fs::read_to_string(log).unwrap());
     run.elapsed = start.elapsed();
+    assert!(run.outcomes.len() > 100, "pjdfstest ran only {} tests; see {}", run.outcomes.len(), log.display());
     run
 }
-
-/// Cases that fail now and then through FUSE because of a known race outside ringfs's control:
-/// `open::etxtbsy` executes a binary it has just written, and that process dies with SIGSEGV
-/// right after exec about once in 50 runs, through ringfs on either transport, with or without
-/// passthrough, and through libfuse's passthrough_ll too, never natively (docs/reliability.md).
-/// Such a case counts as a regression only if it also fails both of two reruns on a fresh mount.
-const KNOWN_RACES: &[&str] = &["open::etxtbsy"];
 
 /// Where the full outputs are kept: `<target>/pjdfstest/`.
 fn log_dir() -> PathBuf {
@@ -235,12 +221,7 @@ fn prerequisites(test: &str) -> Option<PathBuf> {
 }
 
 /// Runs the suite through a ringfs mount with `opts` and compares it with native ext4.
-/// One suite run at a time: under a concurrent suite's load, `open::etxtbsy` (see
-/// [`KNOWN_RACES`]) fails far more often, so the configurations do not load each other.
-static ONE_SUITE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn compare(test: &str, label: &str, opts: &[&str]) {
-    let _one = ONE_SUITE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(bin) = prerequisites(test) else { return };
     let native = native(&bin);
     let m = Mount::start(opts);
@@ -291,23 +272,6 @@ fn compare(test: &str, label: &str, opts: &[&str]) {
         }
     }
     println!("pass natively, fail through ringfs ({label}): {}\n{report}", regressions.len());
-    // A known race (see KNOWN_RACES) gets two more chances, each on a fresh mount; the first
-    // failure is still printed above.
-    let mut regressions = regressions;
-    if !regressions.is_empty() && regressions.iter().all(|n| KNOWN_RACES.contains(&n.as_str())) {
-        let cases: Vec<&str> = regressions.iter().map(|n| n.as_str()).collect();
-        let passed = (1..=2).any(|attempt| {
-            let m = Mount::start(opts);
-            let log = log_dir().join(format!("ringfs-{label}-rerun{attempt}.log"));
-            let again = run_cases(&bin, &m.mountpoint, &log, &cases);
-            let ok = cases.iter().all(|c| again.passed(c));
-            println!("known race {cases:?} ({label}): rerun {attempt} {}", if ok { "passed" } else { "failed" });
-            ok
-        });
-        if passed {
-            regressions.clear();
-        }
-    }
     assert!(missing.is_empty(), "tests run natively but not through ringfs: {missing:?} (see {})", log.display());
     assert!(
         regressions.is_empty(),
