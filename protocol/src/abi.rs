@@ -263,6 +263,26 @@ pub mod flags {
     pub const EXPIRE_ONLY: u32 = 1 << 0;
     /// Request extension type: supplementary groups.
     pub const EXT_GROUPS: u32 = 32;
+    /// `fuse_ioctl_in.flags`: the handle is a directory's.
+    pub const IOCTL_DIR: u32 = 1 << 4;
+}
+
+/// The file-attribute ioctls the kernel forwards as FUSE_IOCTL (`fuse_fileattr_get/set`).
+pub mod fileattr {
+    /// `FS_IOC_GETFLAGS` (`_IOR('f', 1, long)`); the kernel passes an `int`.
+    pub const GETFLAGS: u32 = 0x8008_6601;
+    /// `FS_IOC_SETFLAGS` (`_IOW('f', 2, long)`).
+    pub const SETFLAGS: u32 = 0x4008_6602;
+    /// `FS_IOC32_GETFLAGS`.
+    pub const GETFLAGS32: u32 = 0x8004_6601;
+    /// `FS_IOC32_SETFLAGS`.
+    pub const SETFLAGS32: u32 = 0x4004_6602;
+    /// `FS_IOC_FSGETXATTR` (`_IOR('X', 31, struct fsxattr)`).
+    pub const FSGETXATTR: u32 = 0x801c_581f;
+    /// `FS_IOC_FSSETXATTR` (`_IOW('X', 32, struct fsxattr)`).
+    pub const FSSETXATTR: u32 = 0x401c_5820;
+    /// `sizeof(struct fsxattr)`.
+    pub const FSXATTR_SIZE: usize = 28;
 }
 
 /// `/dev/fuse` ioctls.

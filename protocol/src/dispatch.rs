@@ -129,6 +129,65 @@ fn create_reply(out: &mut [u8], r: Result<(Entry, Opened)>) -> Outcome {
     }
 }
 
+/// FUSE_IOCTL: only the file-attribute ioctls (`lsattr`/`chattr`, `xfs_io -c lsattr`) are
+/// served; every other command is ENOTTY, as on a file system without ioctls.
+async fn ioctl<F: FileSystem + ?Sized>(
+    fs: &F,
+    ctx: &Context,
+    node: NodeId,
+    arg: &abi::FuseIoctlIn,
+    data: &[u8],
+    out: &mut [u8],
+) -> Outcome {
+    use abi::fileattr as fa;
+    let fh = FileHandle(arg.fh);
+    let dir = arg.flags & abi::flags::IOCTL_DIR != 0;
+    let head = std::mem::size_of::<abi::FuseIoctlOut>();
+    let out_size = arg.out_size as usize;
+    if out.len() < head + out_size {
+        return Outcome::err(Errno::EIO);
+    }
+    let u32_at = |b: &[u8], i: usize| b.get(i * 4..i * 4 + 4).map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]));
+    let payload: Result<Vec<u8>> = match arg.cmd {
+        fa::GETFLAGS | fa::GETFLAGS32 => fs.get_inode_flags(ctx, node, fh, dir).await.map(|f| f.to_ne_bytes().to_vec()),
+        fa::SETFLAGS | fa::SETFLAGS32 => match u32_at(data, 0) {
+            Some(flags) => fs.set_inode_flags(ctx, node, fh, dir, flags).await.map(|()| Vec::new()),
+            None => Err(Errno::EINVAL),
+        },
+        fa::FSGETXATTR => fs.get_fsxattr(ctx, node, fh, dir).await.map(|x| {
+            let mut v = Vec::with_capacity(fa::FSXATTR_SIZE);
+            for w in [x.xflags, x.extsize, x.nextents, x.projid, x.cowextsize] {
+                v.extend_from_slice(&w.to_ne_bytes());
+            }
+            v.resize(fa::FSXATTR_SIZE, 0);
+            v
+        }),
+        fa::FSSETXATTR => {
+            let w = |i| u32_at(data, i);
+            match (w(0), w(1), w(2), w(3), w(4)) {
+                (Some(xflags), Some(extsize), Some(nextents), Some(projid), Some(cowextsize)) => {
+                    let x = FsXattr { xflags, extsize, nextents, projid, cowextsize };
+                    fs.set_fsxattr(ctx, node, fh, dir, &x).await.map(|()| Vec::new())
+                }
+                _ => Err(Errno::EINVAL),
+            }
+        }
+        _ => Err(Errno::ENOTTY),
+    };
+    match payload {
+        Ok(v) => {
+            // The reply carries exactly `out_size` bytes after fuse_ioctl_out.
+            let Some(n) = put(out, &abi::FuseIoctlOut::default()) else { return Outcome::err(Errno::EIO) };
+            let body = &mut out[n..n + out_size];
+            body.fill(0);
+            let k = v.len().min(out_size);
+            body[..k].copy_from_slice(&v[..k]);
+            Outcome::ok(n + out_size)
+        }
+        Err(e) => Outcome::err(e),
+    }
+}
+
 fn xattr_reply(out: &mut [u8], size: u32, r: Result<XattrReply>) -> Outcome {
     match r {
         Ok(XattrReply::Size(n)) => {
@@ -376,6 +435,7 @@ impl<F: FileSystem> Dispatcher<F> {
                     Err(e) => Outcome::err(e),
                 }
             }
+            Operation::Ioctl { arg, data } => ioctl(fs, &ctx, node, arg, data, out).await,
             Operation::Statx { arg } => {
                 let fh = fh_if(arg.getattr_flags & abi::flags::GETATTR_FH != 0, arg.fh);
                 match fs.statx(&ctx, node, fh, arg.sx_flags, arg.sx_mask).await {

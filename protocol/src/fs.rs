@@ -67,6 +67,8 @@ impl Errno {
     pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
     /// Cross-device link.
     pub const EXDEV: Errno = Errno(libc::EXDEV);
+    /// Inappropriate ioctl for device.
+    pub const ENOTTY: Errno = Errno(libc::ENOTTY);
 
     /// The calling thread's current `errno`.
     pub fn last() -> Errno {
@@ -283,6 +285,21 @@ pub struct SetAttr {
     /// The kernel asks the server to clear set-uid/set-gid (FATTR_KILL_SUIDGID,
     /// only with FUSE_HANDLE_KILLPRIV_V2).
     pub kill_suidgid: bool,
+}
+
+/// `struct fsxattr` of `FS_IOC_FSGETXATTR`/`FS_IOC_FSSETXATTR`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsXattr {
+    /// `FS_XFLAG_*` flags.
+    pub xflags: u32,
+    /// Extent size hint.
+    pub extsize: u32,
+    /// Number of extents (read only).
+    pub nextents: u32,
+    /// Project id.
+    pub projid: u32,
+    /// Copy-on-write extent size hint.
+    pub cowextsize: u32,
 }
 
 /// File-system statistics.
@@ -708,6 +725,32 @@ pub trait FileSystem: Send + Sync + 'static {
         mode: u32,
     ) -> Result<()> {
         Err(Errno::ENOSYS)
+    }
+
+    /// Inode flags (`FS_IOC_GETFLAGS`, what `lsattr` shows) of `node`, open as `fh` (a file or,
+    /// with `dir`, a directory handle). The kernel has checked nothing yet worth noting: reading
+    /// flags needs no permission beyond the open it made for this call.
+    async fn get_inode_flags(&self, ctx: &Context, node: NodeId, fh: FileHandle, dir: bool) -> Result<u32> {
+        Err(Errno::ENOTTY)
+    }
+
+    /// Sets inode flags (`FS_IOC_SETFLAGS`, `chattr`). The kernel has already checked that the
+    /// caller owns the file (or has CAP_FOWNER) and has CAP_LINUX_IMMUTABLE if the immutable or
+    /// append-only flag changes; checks of flags the backing file system guards with other
+    /// capabilities are the file system's.
+    async fn set_inode_flags(&self, ctx: &Context, node: NodeId, fh: FileHandle, dir: bool, flags: u32) -> Result<()> {
+        Err(Errno::ENOTTY)
+    }
+
+    /// Extended inode attributes (`FS_IOC_FSGETXATTR`: xflags, extent size hint, project id).
+    async fn get_fsxattr(&self, ctx: &Context, node: NodeId, fh: FileHandle, dir: bool) -> Result<FsXattr> {
+        Err(Errno::ENOTTY)
+    }
+
+    /// Sets extended inode attributes (`FS_IOC_FSSETXATTR`); the kernel's checks as for
+    /// [`FileSystem::set_inode_flags`].
+    async fn set_fsxattr(&self, ctx: &Context, node: NodeId, fh: FileHandle, dir: bool, attr: &FsXattr) -> Result<()> {
+        Err(Errno::ENOTTY)
     }
 
     /// Seeks for data or holes (SEEK_DATA/SEEK_HOLE); returns the new offset.

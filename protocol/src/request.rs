@@ -220,6 +220,11 @@ pub enum Operation<'a> {
     Statx {
         arg: FuseStatxIn,
     },
+    /// FUSE_IOCTL: `data` is the caller's input (`arg.in_size` bytes).
+    Ioctl {
+        arg: FuseIoctlIn,
+        data: &'a [u8],
+    },
     /// An opcode this server does not know or does not serve (ioctl, poll, DAX mappings...).
     Unsupported {
         opcode: u32,
@@ -311,6 +316,7 @@ pub fn op_header_size(op: u32) -> usize {
         o::LSEEK => size_of::<FuseLseekIn>(),
         o::COPY_FILE_RANGE | o::COPY_FILE_RANGE_64 => size_of::<FuseCopyFileRangeIn>(),
         o::STATX => size_of::<FuseStatxIn>(),
+        o::IOCTL => size_of::<FuseIoctlIn>(),
         o::INIT => size_of::<FuseInitIn>(),
         o::SYNCFS => size_of::<FuseSyncfsIn>(),
         _ => 0,
@@ -436,6 +442,11 @@ pub fn parse_split<'a>(header: FuseInHeader, op_in: &'a [u8], payload: &'a [u8])
             Operation::Tmpfile { arg }
         }
         op::STATX => Operation::Statx { arg: h.fetch()? },
+        op::IOCTL => {
+            let arg: FuseIoctlIn = h.fetch()?;
+            let data = a.bytes(arg.in_size as usize)?;
+            Operation::Ioctl { arg, data }
+        }
         opcode => Operation::Unsupported { opcode },
     };
     Ok(Request { header, op, supp_groups })

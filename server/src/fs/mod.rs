@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use protocol::{
-    AttrOut, ConnInfo, Context, DirBuffer, DirPlusBuffer, Entry, Errno, FileAttr, FileHandle, FileSystem, NodeId,
-    OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, Timespec, WriteFlags, XattrReply,
+    AttrOut, ConnInfo, Context, DirBuffer, DirPlusBuffer, Entry, Errno, FileAttr, FileHandle, FileSystem, FsXattr,
+    NodeId, OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, Timespec, WriteFlags, XattrReply,
 };
 
 use creds::CredGuard;
@@ -529,6 +529,15 @@ impl PassthroughFs {
         let name = sys::fd_name(fd.as_raw_fd());
         // SAFETY: `name` is NUL-terminated; following the magic link reaches the inode.
         cvt(unsafe { libc::fchmodat(self.proc_fd.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+    }
+
+    /// The open handle a file-attribute ioctl came with; it must belong to `node`.
+    fn fileattr_handle(&self, node: NodeId, fh: FileHandle) -> Result<std::sync::Arc<handles::Handle>> {
+        let h = self.handle_fd(fh)?;
+        if h.node != node.0 {
+            return Err(Errno::EBADF);
+        }
+        Ok(h)
     }
 
     fn handle_fd(&self, fh: FileHandle) -> Result<std::sync::Arc<handles::Handle>> {
@@ -1284,6 +1293,45 @@ impl FileSystem for PassthroughFs {
         if ctx.uid != 0 && self.kill_suidgid(ctx, fd)? {
             self.attr_changed(node.0);
         }
+        Ok(())
+    }
+
+    async fn get_inode_flags(&self, _ctx: &Context, node: NodeId, fh: FileHandle, _dir: bool) -> Result<u32> {
+        let h = self.fileattr_handle(node, fh)?;
+        sys::get_inode_flags(h.fd())
+    }
+
+    async fn set_inode_flags(&self, ctx: &Context, node: NodeId, fh: FileHandle, _dir: bool, flags: u32) -> Result<()> {
+        let h = self.fileattr_handle(node, fh)?;
+        // The kernel checked ownership and CAP_LINUX_IMMUTABLE; ext4 also guards data
+        // journalling with CAP_SYS_RESOURCE, which the server has and the caller may not.
+        if ctx.uid != 0 && (sys::get_inode_flags(h.fd())? ^ flags) & sys::FS_JOURNAL_DATA_FL != 0 {
+            return Err(Errno::EPERM);
+        }
+        sys::set_inode_flags(h.fd(), flags)?;
+        // The change moved the backing ctime; the kernel asks for fresh attributes.
+        self.attr_changed(node.0);
+        Ok(())
+    }
+
+    async fn get_fsxattr(&self, _ctx: &Context, node: NodeId, fh: FileHandle, _dir: bool) -> Result<FsXattr> {
+        let h = self.fileattr_handle(node, fh)?;
+        sys::get_fsxattr(h.fd())
+    }
+
+    async fn set_fsxattr(
+        &self,
+        _ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        _dir: bool,
+        attr: &FsXattr,
+    ) -> Result<()> {
+        // No capability-guarded flag is reachable through the xflags (ext4 maps none to data
+        // journalling); the kernel checked the rest.
+        let h = self.fileattr_handle(node, fh)?;
+        sys::set_fsxattr(h.fd(), attr)?;
+        self.attr_changed(node.0);
         Ok(())
     }
 

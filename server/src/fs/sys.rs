@@ -269,3 +269,66 @@ pub(crate) mod xattr {
         cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
     }
 }
+
+/// `FS_JOURNAL_DATA_FL`: ext4 data journalling (`chattr +j`), guarded by CAP_SYS_RESOURCE.
+pub(crate) const FS_JOURNAL_DATA_FL: u32 = 0x0000_4000;
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+
+/// `struct fsxattr` as the ioctls take it.
+#[repr(C)]
+#[derive(Default)]
+struct RawFsxattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+/// `FS_IOC_GETFLAGS` on an open descriptor.
+pub(crate) fn get_inode_flags(fd: RawFd) -> Result<u32> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int to the pointer (the kernel's `long` in the name
+    // notwithstanding).
+    cvt(unsafe { libc::ioctl(fd, FS_IOC_GETFLAGS, &mut flags) })?;
+    Ok(flags as u32)
+}
+
+/// `FS_IOC_SETFLAGS` on an open descriptor.
+pub(crate) fn set_inode_flags(fd: RawFd, flags: u32) -> Result<()> {
+    let flags = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads one int from the pointer.
+    cvt(unsafe { libc::ioctl(fd, FS_IOC_SETFLAGS, &flags) }).map(drop)
+}
+
+/// `FS_IOC_FSGETXATTR` on an open descriptor.
+pub(crate) fn get_fsxattr(fd: RawFd) -> Result<protocol::FsXattr> {
+    let mut x = RawFsxattr::default();
+    // SAFETY: FS_IOC_FSGETXATTR fills a `struct fsxattr`, which `RawFsxattr` is.
+    cvt(unsafe { libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut x) })?;
+    Ok(protocol::FsXattr {
+        xflags: x.xflags,
+        extsize: x.extsize,
+        nextents: x.nextents,
+        projid: x.projid,
+        cowextsize: x.cowextsize,
+    })
+}
+
+/// `FS_IOC_FSSETXATTR` on an open descriptor.
+pub(crate) fn set_fsxattr(fd: RawFd, a: &protocol::FsXattr) -> Result<()> {
+    let x = RawFsxattr {
+        xflags: a.xflags,
+        extsize: a.extsize,
+        nextents: a.nextents,
+        projid: a.projid,
+        cowextsize: a.cowextsize,
+        pad: [0; 8],
+    };
+    // SAFETY: FS_IOC_FSSETXATTR reads a `struct fsxattr`, which `RawFsxattr` is.
+    cvt(unsafe { libc::ioctl(fd, FS_IOC_FSSETXATTR, &x) }).map(drop)
+}
