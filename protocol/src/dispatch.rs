@@ -145,7 +145,8 @@ async fn ioctl<F: FileSystem + ?Sized>(
     let head = std::mem::size_of::<abi::FuseIoctlOut>();
     let out_size = arg.out_size as usize;
     if out.len() < head + out_size {
-        return Outcome::err(Errno::EIO);
+        // Larger than any reply of the ioctls served here.
+        return Outcome::err(Errno::ENOTTY);
     }
     let u32_at = |b: &[u8], i: usize| b.get(i * 4..i * 4 + 4).map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]));
     let payload: Result<Vec<u8>> = match arg.cmd {

@@ -534,6 +534,21 @@ mod tests {
     }
 
     #[test]
+    fn ioctl_input_length_checked() {
+        let arg = FuseIoctlIn { cmd: 0x4008_6602, in_size: 4, ..Default::default() };
+        let mut args = arg.as_bytes().to_vec();
+        args.extend_from_slice(&7u32.to_ne_bytes());
+        let buf = request(opcode::IOCTL, &args);
+        match parse(&buf).unwrap().op {
+            Operation::Ioctl { arg, data } => assert_eq!((arg.cmd, data), (0x4008_6602, &7u32.to_ne_bytes()[..])),
+            op => panic!("parsed as {op:?}"),
+        }
+        let short = FuseIoctlIn { in_size: 64, ..arg };
+        let buf = request(opcode::IOCTL, short.as_bytes());
+        assert!(parse(&buf).is_err(), "in_size beyond the request");
+    }
+
+    #[test]
     fn batch_forget_count_bounded() {
         let arg = FuseBatchForgetIn { count: u32::MAX, dummy: 0 };
         let buf = request(opcode::BATCH_FORGET, arg.as_bytes());

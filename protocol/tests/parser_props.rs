@@ -421,6 +421,11 @@ fn encode(s: &Spec) -> Vec<u8> {
             op_in = w.as_bytes().to_vec();
         }
         o::SETXATTR => op_in[..4].copy_from_slice(&(data.len() as u32).to_ne_bytes()),
+        o::IOCTL => {
+            let mut i = abi::FuseIoctlIn::read_from_bytes(&op_in).expect("fuse_ioctl_in size");
+            i.in_size = data.len() as u32;
+            op_in = i.as_bytes().to_vec();
+        }
         o::BATCH_FORGET => {
             data.truncate(data.len() / 16 * 16);
             let mut b = abi::FuseBatchForgetIn::read_from_bytes(&op_in).expect("fuse_batch_forget_in size");
@@ -442,7 +447,7 @@ fn encode(s: &Spec) -> Vec<u8> {
         | o::TMPFILE => with_nul(&s.name1),
         o::SYMLINK | o::RENAME | o::RENAME2 => [with_nul(&s.name1), with_nul(&s.name2)].concat(),
         o::SETXATTR => [with_nul(&s.name1), data].concat(),
-        o::WRITE | o::BATCH_FORGET => data,
+        o::WRITE | o::BATCH_FORGET | o::IOCTL => data,
         _ => Vec::new(),
     };
     let mut ext = Vec::new();
