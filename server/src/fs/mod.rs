@@ -179,13 +179,15 @@ fn is_dot(name: &[u8]) -> bool {
     name == b"." || name == b".."
 }
 
-/// The set-id bits that a change (write, truncate, fallocate, ...) by `ctx`, a caller without
-/// CAP_FSETID, clears on a file of mode `mode` and group `gid`, as the kernel decides natively:
-/// set-uid always, set-gid when group execution makes it one or when the caller is not in the
-/// file's group (the kernel's `setattr_should_drop_suidgid`).
+/// The set-id bits that a change (write, truncate, fallocate, chown, ...) by `ctx` clears on a
+/// file of mode `mode` and group `gid`, as the kernel decides natively: set-uid always, set-gid
+/// when group execution makes it one or when the caller is neither in the file's group nor
+/// privileged (the kernel's `setattr_should_drop_sgid`; uid 0 stands for CAP_FSETID). Callers
+/// ask only where the kernel would clear bits at all: a chown clears set-uid even for root,
+/// writes and truncates by root clear nothing.
 fn suidgid_to_kill(ctx: &Context, mode: u32, gid: u32) -> u32 {
     let mut kill = mode & libc::S_ISUID;
-    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller_in_group(ctx, gid)) {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || (ctx.uid != 0 && !caller_in_group(ctx, gid))) {
         kill |= libc::S_ISGID;
     }
     kill
