@@ -33,11 +33,13 @@ const ALIASES: &[(&str, Alias)] = &[
     ("dev", Alias::Negated("nodev")),
     ("exec", Alias::Negated("noexec")),
     ("atime", Alias::Negated("noatime")),
+    ("relatime", Alias::Negated("strictatime")),
+    ("diratime", Alias::Negated("nodiratime")),
 ];
 
 /// Standard mount(8)/fstab words that mean nothing to ringfs and are dropped,
-/// each with the reason. (`rw`, `suid`, `dev`, `exec`, `atime` and their `no` forms
-/// are recorded instead: see [`ALIASES`] and the top-level keys.) Any word
+/// each with the reason. (`rw`, `suid`, `dev`, `exec`, `atime`, `relatime`, `diratime`
+/// and their opposites are recorded instead: see [`ALIASES`] and the top-level keys.) Any word
 /// starting with `x-` is dropped too: those are for user-space tools.
 pub(crate) const IGNORED: &[(&str, &str)] = &[
     ("defaults", "fstab placeholder for the default options"),
@@ -52,11 +54,7 @@ pub(crate) const IGNORED: &[(&str, &str)] = &[
     ("_netdev", "read by systemd to order network mounts"),
     ("comment", "fstab annotation for user-space tools"),
     ("async", "the default; FUSE has no sync mount mode of ours"),
-    ("relatime", "access times are the backing file system's"),
-    ("strictatime", "access times are the backing file system's"),
-    ("lazytime", "access times are the backing file system's"),
-    ("diratime", "access times are the backing file system's"),
-    ("nodiratime", "access times are the backing file system's"),
+    ("lazytime", "a property of the backing file system's super block"),
 ];
 
 /// Splits a `-o` argument: a comma-separated list of `key` or `key=value`.

@@ -90,6 +90,8 @@ pub(crate) const KEYS: &[Key] = &[
     key("ro", Kind::Bool),
     key("nosuid", Kind::Bool),
     key("noatime", Kind::Bool),
+    key("strictatime", Kind::Bool),
+    key("nodiratime", Kind::Bool),
     key("nodev", Kind::Bool),
     key("noexec", Kind::Bool),
     key("fsname", Kind::Text),

@@ -275,7 +275,10 @@ fn option_aliases() {
     assert_eq!(with_opts("transport=dev-fuse").unwrap().transport.mode, TransportMode::DevFuse);
     let c = with_opts("ro,nosuid,nodev,noexec,noatime,allow_other,default_permissions").unwrap();
     assert!(c.ro && c.allow_other && c.default_permissions);
-    assert_eq!(c.mount_flags, MountFlags { nosuid: true, nodev: true, noexec: true, noatime: true });
+    assert_eq!(
+        c.mount_flags,
+        MountFlags { nosuid: true, nodev: true, noexec: true, noatime: true, ..MountFlags::default() }
+    );
     // The positive words clear what the file or an earlier option set.
     let c = build(
         Some(&format!("ro = true\nnosuid = true\nnodev = true\nnoexec = true\nnoatime = true\n{MINIMAL}")),

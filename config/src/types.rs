@@ -107,8 +107,8 @@ impl Config {
 }
 
 /// Generic mount flags recorded from the top-level keys `nosuid`, `nodev`,
-/// `noexec` and `noatime` (or the `-o` words of the same names; `suid`,
-/// `dev`, `exec` and `atime` clear them).
+/// `noexec`, `noatime`, `strictatime` and `nodiratime` (or the `-o` words of the
+/// same names; `suid`, `dev`, `exec`, `atime`, `relatime` and `diratime` clear them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MountFlags {
     /// `nosuid`: ignore set-user-id and set-group-id bits (`MS_NOSUID`).
@@ -118,12 +118,23 @@ pub struct MountFlags {
     pub nodev: bool,
     /// `noexec`: do not allow executing programs (`MS_NOEXEC`). Default `false`.
     pub noexec: bool,
-    /// `noatime`: `MS_NOATIME`, and the server opens backing files and directories with
-    /// `O_NOATIME`, so reads it serves and directory listings leave access times alone.
-    /// Passthrough reads do not: the kernel opens its own backing file per open with the
-    /// reader's flags, so their access times follow the backing file system's mount. Default
-    /// `false`.
+    /// `noatime`: access times are never updated, also for reads the kernel passes through
+    /// to the backing file: the server reaches the backing directory through a private bind
+    /// mount of it with the same access-time mode. Default `false` (the backing file
+    /// system's own mount decides).
     pub noatime: bool,
+    /// `strictatime`: every access updates the access time (as `noatime`, through a private
+    /// mount of the backing directory; `noatime` wins if both are set). Default `false`.
+    pub strictatime: bool,
+    /// `nodiratime`: reading directories leaves their access times alone. Default `false`.
+    pub nodiratime: bool,
+}
+
+impl MountFlags {
+    /// Whether an access-time mode other than the backing mount's was asked for.
+    pub fn atime_override(&self) -> bool {
+        self.noatime || self.strictatime || self.nodiratime
+    }
 }
 
 /// `[cache]`: kernel cache lifetimes and how the cache is kept coherent.
@@ -461,6 +472,8 @@ struct ConfigFile {
     nodev: bool,
     noexec: bool,
     noatime: bool,
+    strictatime: bool,
+    nodiratime: bool,
     fsname: String,
     subtype: String,
     cache: CacheConfig,
@@ -491,6 +504,8 @@ impl From<Config> for ConfigFile {
             nodev: c.mount_flags.nodev,
             noexec: c.mount_flags.noexec,
             noatime: c.mount_flags.noatime,
+            strictatime: c.mount_flags.strictatime,
+            nodiratime: c.mount_flags.nodiratime,
             fsname: c.fsname,
             subtype: c.subtype,
             cache: c.cache,
@@ -514,7 +529,14 @@ impl From<ConfigFile> for Config {
             ro: f.ro,
             fsname: f.fsname,
             subtype: f.subtype,
-            mount_flags: MountFlags { nosuid: f.nosuid, nodev: f.nodev, noexec: f.noexec, noatime: f.noatime },
+            mount_flags: MountFlags {
+                nosuid: f.nosuid,
+                nodev: f.nodev,
+                noexec: f.noexec,
+                noatime: f.noatime,
+                strictatime: f.strictatime,
+                nodiratime: f.nodiratime,
+            },
             cache: f.cache,
             fuse: f.fuse,
             transport: f.transport,

@@ -185,6 +185,8 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         // auto_inval_data catches size/mtime changes: cached data may outlive an open.
         keep_cache: watch.is_some(),
         noatime: cfg.mount_flags.noatime,
+        strictatime: cfg.mount_flags.strictatime,
+        nodiratime: cfg.mount_flags.nodiratime,
         ..FsConfig::default()
     })
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
@@ -209,6 +211,8 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         nodev: cfg.mount_flags.nodev,
         noexec: cfg.mount_flags.noexec,
         noatime: cfg.mount_flags.noatime,
+        strictatime: cfg.mount_flags.strictatime,
+        nodiratime: cfg.mount_flags.nodiratime,
         max_read: cfg.fuse.max_write,
     };
     let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;

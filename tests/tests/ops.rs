@@ -1406,11 +1406,11 @@ fn ownership_and_time_rules_for_other_users() {
     assert_eq!((v.uid(), v.mode() & 0o7777), (0, 0o666));
 }
 
-/// `noatime`: reads the server serves and directory listings leave the backing access times
-/// alone, where the backing mount (relatime) would have updated them.
-#[test]
-fn noatime_leaves_backing_access_times_alone() {
-    let Some(m) = setup("ops::noatime_leaves_backing_access_times_alone", &["noatime", "passthrough=false"]) else {
+/// `noatime`: reads (served by the server or passed through by the kernel) and directory
+/// listings leave the backing access times alone, where the backing mount (relatime) would have
+/// updated them.
+fn noatime_case(name: &str, opts: &[&str]) {
+    let Some(m) = setup(name, opts) else {
         return;
     };
     assert!(tests::mount_at(&m.mountpoint).is_some_and(|i| i.mount_options.split(',').any(|o| o == "noatime")));
@@ -1429,12 +1429,67 @@ fn noatime_leaves_backing_access_times_alone() {
         old(&p);
     }
     assert_eq!(fs::read(m.path("f")).unwrap(), b"read me");
+    let f = File::open(m.path("f")).unwrap();
+    let mut buf = [0u8; 4];
+    f.read_exact_at(&mut buf, 1).unwrap();
+    drop(f);
     assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 1);
     assert_eq!(fs::metadata(m.backing("f")).unwrap().atime(), 1_000_000, "a read through the mount touched atime");
+    assert_eq!(fs::metadata(m.path("f")).unwrap().atime(), 1_000_000, "the mount shows the backing atime");
     assert_eq!(fs::metadata(m.backing("d")).unwrap().atime(), 1_000_000, "a listing through the mount touched atime");
     // The backing mount itself would have: the same read natively updates it.
     fs::read(m.backing("f")).unwrap();
     assert_ne!(fs::metadata(m.backing("f")).unwrap().atime(), 1_000_000, "the backing mount does not update atime");
+}
+
+#[test]
+fn noatime_leaves_backing_access_times_alone() {
+    noatime_case("ops::noatime_leaves_backing_access_times_alone", &["noatime", "passthrough=false"]);
+}
+
+/// The kernel opens the backing file of a passthrough open on the server's (private, noatime)
+/// mount of the backing directory, so its reads leave access times alone too (xfstests
+/// generic/120).
+#[test]
+fn noatime_holds_for_passthrough_reads() {
+    noatime_case("ops::noatime_holds_for_passthrough_reads", &["noatime"]);
+}
+
+/// `strictatime`: a read updates the access time where the backing mount's relatime would not
+/// (the access time is already newer than the modification and change times), for reads the
+/// server serves and reads passed through (xfstests generic/003).
+fn strictatime_case(name: &str, opts: &[&str]) {
+    let Some(m) = setup(name, opts) else {
+        return;
+    };
+    fs::write(m.backing("f"), b"read me").unwrap();
+    // Natively: the first read sets atime (it was not newer than mtime), the second does not.
+    let atime = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        md.atime() as i128 * 1_000_000_000 + md.atime_nsec() as i128
+    };
+    fs::read(m.backing("f")).unwrap();
+    let t0 = atime(&m.backing("f"));
+    std::thread::sleep(Duration::from_millis(20));
+    fs::read(m.backing("f")).unwrap();
+    assert_eq!(atime(&m.backing("f")), t0, "the backing mount is relatime");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"read me");
+    let t1 = atime(&m.backing("f"));
+    assert!(t1 > t0, "a read through a strictatime mount updates atime ({t0} -> {t1})");
+    assert!(tests::wait_until(Duration::from_secs(2), || atime(&m.path("f")) == t1), "the mount shows it");
+}
+
+#[test]
+fn strictatime_updates_access_times_on_every_read_served() {
+    strictatime_case(
+        "ops::strictatime_updates_access_times_on_every_read_served",
+        &["strictatime", "passthrough=false"],
+    );
+}
+
+#[test]
+fn strictatime_updates_access_times_on_every_read_passthrough() {
+    strictatime_case("ops::strictatime_updates_access_times_on_every_read_passthrough", &["strictatime"]);
 }
 
 const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;

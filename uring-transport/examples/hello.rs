@@ -82,6 +82,8 @@ fn main() -> std::io::Result<()> {
         nodev: true,
         noexec: true,
         noatime: false,
+        strictatime: false,
+        nodiratime: false,
         max_read: 128 * 1024,
     };
     let mounted = mount(&opts)?;

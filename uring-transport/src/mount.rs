@@ -31,6 +31,10 @@ pub struct MountOptions {
     pub noexec: bool,
     /// MS_NOATIME.
     pub noatime: bool,
+    /// MS_STRICTATIME.
+    pub strictatime: bool,
+    /// MS_NODIRATIME.
+    pub nodiratime: bool,
     /// Largest read request, in bytes.
     pub max_read: u32,
 }
@@ -128,6 +132,12 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     }
     if opts.noatime {
         flags |= libc::MS_NOATIME;
+    }
+    if opts.strictatime {
+        flags |= libc::MS_STRICTATIME;
+    }
+    if opts.nodiratime {
+        flags |= libc::MS_NODIRATIME;
     }
     let source = CString::new(opts.fsname.as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     let fstype = if opts.subtype.is_empty() { "fuse".to_owned() } else { format!("fuse.{}", opts.subtype) };

@@ -73,10 +73,17 @@ pub struct FsConfig {
     /// backing file system supports ACLs; without it, the kernel checks mode bits only and
     /// ACL entries that grant or deny access are ignored through the mount.
     pub posix_acl: bool,
-    /// Open backing files and directories with O_NOATIME (the mount's `noatime`): reads the
-    /// server serves and directory listings leave access times alone (passthrough reads go
-    /// through a backing file the kernel opens with the reader's flags, so they do not).
+    /// The mount's `noatime`: the backing directory is reached through a private bind mount
+    /// with MOUNT_ATTR_NOATIME, so no access (passthrough reads included: the kernel opens its
+    /// backing files on the server's mount) updates access times; backing files and
+    /// directories are also opened with O_NOATIME (which covers the server's own reads should
+    /// the private mount be refused).
     pub noatime: bool,
+    /// The mount's `strictatime`: the private mount of the backing directory updates access
+    /// times on every access (`noatime` wins).
+    pub strictatime: bool,
+    /// The mount's `nodiratime`, applied the same way.
+    pub nodiratime: bool,
 }
 
 impl Default for FsConfig {
@@ -93,6 +100,8 @@ impl Default for FsConfig {
             keep_cache: false,
             posix_acl: true,
             noatime: false,
+            strictatime: false,
+            nodiratime: false,
         }
     }
 }
@@ -100,6 +109,9 @@ impl Default for FsConfig {
 /// A FUSE file system that passes every operation through to a backing directory.
 pub struct PassthroughFs {
     cfg: FsConfig,
+    /// What paths of backing descriptors (read from /proc/self/fd) start with: the source,
+    /// or "/" when the backing directory is reached through a private mount.
+    path_prefix: PathBuf,
     inodes: std::sync::Arc<InodeTable>,
     handles: HandleTable,
     /// `/proc/self/fd`, for reopening inodes by their O_PATH descriptor.
@@ -159,6 +171,39 @@ fn backing_fs_type(path: &std::path::Path) -> i64 {
     }
     // SAFETY: statfs succeeded.
     unsafe { s.assume_init() }.f_type
+}
+
+/// Opens the backing root: directly, or, when the mount asks for an access-time mode of its own
+/// (`noatime`, `strictatime`, `nodiratime`), as the root of a private, detached bind mount of
+/// the backing directory (and every mount below it) with that mode. The kernel opens the
+/// backing files of passthrough opens on the server's mount, so the mode then holds for the
+/// reads it does itself too. A refused private mount (no CAP_SYS_ADMIN, old kernel) falls back
+/// to the backing mount's own mode, with a warning. Returns the root and whether it is private.
+fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
+    let plain = || sys::openat(libc::AT_FDCWD, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
+    if !(cfg.noatime || cfg.strictatime || cfg.nodiratime) {
+        return Ok((plain()?, false));
+    }
+    // The root must be a directory (and exist) whichever way it is opened.
+    drop(plain()?);
+    let (mut set, mut clear) = (0u64, 0u64);
+    if cfg.noatime || cfg.strictatime {
+        clear |= sys::MOUNT_ATTR__ATIME;
+        set |= if cfg.noatime { sys::MOUNT_ATTR_NOATIME } else { sys::MOUNT_ATTR_STRICTATIME };
+    }
+    if cfg.nodiratime {
+        set |= sys::MOUNT_ATTR_NODIRATIME;
+    }
+    match sys::private_mount(path, set, clear) {
+        Ok(fd) => Ok((fd, true)),
+        Err(e) => {
+            log::warn!(
+                "cannot make a private mount of the backing directory ({}): access times follow its own mount",
+                io::Error::from_raw_os_error(e.0)
+            );
+            Ok((plain()?, false))
+        }
+    }
 }
 
 fn io_err(e: Errno, what: &str) -> io::Error {
@@ -229,8 +274,7 @@ impl PassthroughFs {
         let what = format!("backing directory {}", cfg.source.display());
         let path = CString::new(cfg.source.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, what.clone()))?;
-        let root = sys::openat(libc::AT_FDCWD, &path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
-            .map_err(|e| io_err(e, &what))?;
+        let (root, private_mount) = open_root(&cfg, &path).map_err(|e| io_err(e, &what))?;
         let proc_fd =
             sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
@@ -239,7 +283,10 @@ impl PassthroughFs {
             Err(e) if e == Errno::EOPNOTSUPP || e == Errno(libc::ENOTSUP)
         );
         let inodes = std::sync::Arc::new(InodeTable::new(root, cfg.max_cached_fds).map_err(|e| io_err(e, &what))?);
+        // Paths read back from /proc/self/fd start at the private mount's root, "/".
+        let path_prefix = if private_mount { PathBuf::from("/") } else { cfg.source.clone() };
         Ok(PassthroughFs {
+            path_prefix,
             default_permissions: AtomicBool::new(cfg.default_permissions),
             acl_supported,
             posix_acl: AtomicBool::new(false),
@@ -483,7 +530,7 @@ impl PassthroughFs {
     /// Whether the open file `fd` matches `passthrough_exclude` (by its current path).
     fn excluded(&self, fd: RawFd) -> bool {
         let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else { return false };
-        let Ok(rel) = path.strip_prefix(&self.cfg.source) else { return false };
+        let Ok(rel) = path.strip_prefix(&self.path_prefix) else { return false };
         passthrough::excluded(&self.cfg.passthrough_exclude, rel.as_os_str().as_bytes())
     }
 

@@ -332,3 +332,56 @@ pub(crate) fn set_fsxattr(fd: RawFd, a: &protocol::FsXattr) -> Result<()> {
     // SAFETY: FS_IOC_FSSETXATTR reads a `struct fsxattr`, which `RawFsxattr` is.
     cvt(unsafe { libc::ioctl(fd, FS_IOC_FSSETXATTR, &x) }).map(drop)
 }
+
+/// `MOUNT_ATTR_NOATIME`.
+pub(crate) const MOUNT_ATTR_NOATIME: u64 = 0x10;
+/// `MOUNT_ATTR_STRICTATIME`.
+pub(crate) const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
+/// `MOUNT_ATTR__ATIME`: the access-time mode bits (cleared to change the mode).
+pub(crate) const MOUNT_ATTR__ATIME: u64 = 0x70;
+/// `MOUNT_ATTR_NODIRATIME`.
+pub(crate) const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// `struct mount_attr` (version 0).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A private, detached copy of the mount tree at `path` (`open_tree(OPEN_TREE_CLONE |
+/// AT_RECURSIVE)`) with mount attributes `set` applied and `clear` cleared on every mount in
+/// it; returns the descriptor of its root. The copy lives as long as the descriptor and what
+/// is opened through it.
+pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64) -> Result<OwnedFd> {
+    // SAFETY: open_tree with a NUL-terminated path; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    let fd = cvt_long(fd)? as RawFd;
+    // SAFETY: the descriptor open_tree just returned is ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let attr = MountAttr { attr_set: set, attr_clr: clear, propagation: 0, userns_fd: 0 };
+    // SAFETY: mount_setattr on our descriptor with EMPTY (NUL-terminated) and a mount_attr of
+    // the size passed.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            EMPTY.as_ptr(),
+            (libc::AT_EMPTY_PATH as libc::c_uint) | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(fd)
+}
