@@ -130,13 +130,6 @@ pub struct MountFlags {
     pub nodiratime: bool,
 }
 
-impl MountFlags {
-    /// Whether an access-time mode other than the backing mount's was asked for.
-    pub fn atime_override(&self) -> bool {
-        self.noatime || self.strictatime || self.nodiratime
-    }
-}
-
 /// `[cache]`: kernel cache lifetimes and how the cache is kept coherent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -728,8 +728,8 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Inode flags (`FS_IOC_GETFLAGS`, what `lsattr` shows) of `node`, open as `fh` (a file or,
-    /// with `dir`, a directory handle). The kernel has checked nothing yet worth noting: reading
-    /// flags needs no permission beyond the open it made for this call.
+    /// with `dir`, a directory handle the kernel opened for this call; reading the flags needs
+    /// no other permission).
     async fn get_inode_flags(&self, ctx: &Context, node: NodeId, fh: FileHandle, dir: bool) -> Result<u32> {
         Err(Errno::ENOTTY)
     }

@@ -225,7 +225,7 @@ pub enum Operation<'a> {
         arg: FuseIoctlIn,
         data: &'a [u8],
     },
-    /// An opcode this server does not know or does not serve (ioctl, poll, DAX mappings...).
+    /// An opcode this server does not know or does not serve (poll, DAX mappings...).
     Unsupported {
         opcode: u32,
     },

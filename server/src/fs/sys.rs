@@ -272,10 +272,10 @@ pub(crate) mod xattr {
 
 /// `FS_JOURNAL_DATA_FL`: ext4 data journalling (`chattr +j`), guarded by CAP_SYS_RESOURCE.
 pub(crate) const FS_JOURNAL_DATA_FL: u32 = 0x0000_4000;
-const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
-const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
-const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
-const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+const FS_IOC_GETFLAGS: libc::c_ulong = protocol::abi::fileattr::GETFLAGS as libc::c_ulong;
+const FS_IOC_SETFLAGS: libc::c_ulong = protocol::abi::fileattr::SETFLAGS as libc::c_ulong;
+const FS_IOC_FSGETXATTR: libc::c_ulong = protocol::abi::fileattr::FSGETXATTR as libc::c_ulong;
+const FS_IOC_FSSETXATTR: libc::c_ulong = protocol::abi::fileattr::FSSETXATTR as libc::c_ulong;
 
 /// `struct fsxattr` as the ioctls take it.
 #[repr(C)]
