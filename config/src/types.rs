@@ -184,6 +184,11 @@ pub struct FuseConfig {
     /// `writeback_cache`: let the kernel buffer writes (FUSE_WRITEBACK_CACHE).
     /// Excludes `offload.passthrough`. Default `false`.
     pub writeback_cache: bool,
+    /// `export_handles`: file handles (`name_to_handle_at`/`open_by_handle_at`, NFS export of
+    /// the mount) work; the server keeps up to this many inodes resolvable after the kernel
+    /// has forgotten them (older handles then fail with ESTALE), 0 to 16777216. `0` refuses
+    /// file handles (EOPNOTSUPP). Default `65536`.
+    pub export_handles: u32,
 }
 
 impl Default for FuseConfig {
@@ -194,6 +199,7 @@ impl Default for FuseConfig {
             max_background: 64,
             congestion_threshold: 48,
             writeback_cache: false,
+            export_handles: 65536,
         }
     }
 }

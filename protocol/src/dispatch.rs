@@ -263,7 +263,12 @@ impl<F: FileSystem> Dispatcher<F> {
                 if !name_ok(name) {
                     return Outcome::err(Errno::ENOENT);
                 }
-                entry_reply(out, fs.lookup(&ctx, node, name).await)
+                // The kernel sends "." and ".." only to decode file handles (export support).
+                match name.to_bytes() {
+                    b"." => entry_reply(out, fs.lookup_node(&ctx, node).await),
+                    b".." => entry_reply(out, fs.lookup_parent(&ctx, node).await),
+                    _ => entry_reply(out, fs.lookup(&ctx, node, name).await),
+                }
             }
             Operation::Forget { arg } => {
                 fs.forget(node, arg.nlookup);

@@ -445,6 +445,13 @@ pub struct ConnInfo {
     /// system that sets it must apply `umask` itself unless the parent directory has a default
     /// ACL (which replaces the umask, as on a local file system).
     pub posix_acl: bool,
+    /// FUSE_EXPORT_SUPPORT: the kernel encodes file handles (`name_to_handle_at`, NFS export) as
+    /// (node id, generation) and, for a handle whose inode it no longer caches, asks
+    /// [`FileSystem::lookup_node`]; it reconnects directories with [`FileSystem::lookup_parent`].
+    /// Opt-in: a file system that sets it must keep node ids resolvable after their last
+    /// `forget` (or answer `ESTALE`) and never hand out one (node id, generation) pair for two
+    /// different files. Off: `name_to_handle_at` fails with `EOPNOTSUPP`.
+    pub export_support: bool,
     /// The kernel checks permissions itself (`default_permissions` mount option).
     pub default_permissions: bool,
     /// Maximum write size the kernel will send.
@@ -497,6 +504,22 @@ pub trait FileSystem: Send + Sync + 'static {
     /// Looks up `name` in directory `parent`. Takes one lookup reference on success.
     async fn lookup(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<Entry> {
         Err(Errno::ENOSYS)
+    }
+
+    /// Looks up `node` itself, by id (a lookup of "." in it): the kernel decodes a file handle
+    /// whose inode it no longer caches (only with [`ConnInfo::export_support`]). `node` may be
+    /// any file type and may have been forgotten. The returned entry must carry `node` and the
+    /// generation given out with it before; takes one lookup reference. `ESTALE` if the file is
+    /// gone or no longer known.
+    async fn lookup_node(&self, ctx: &Context, node: NodeId) -> Result<Entry> {
+        Err(Errno::ESTALE)
+    }
+
+    /// Looks up the parent of directory `dir` (a lookup of ".."), to reconnect a directory
+    /// decoded from a file handle (only with [`ConnInfo::export_support`]). Takes one lookup
+    /// reference. Never called for the root.
+    async fn lookup_parent(&self, ctx: &Context, dir: NodeId) -> Result<Entry> {
+        Err(Errno::ENOENT)
     }
 
     /// Drops `nlookup` references of `node`.

@@ -28,7 +28,10 @@ pub struct InitParams {
 /// refused (left out of the reply):
 /// - `POSIX_LOCKS`, `FLOCK_LOCKS`: the kernel keeps locks itself (local to this mount), which
 ///   is correct for users of the mount and avoids lock-owner bookkeeping in the server.
-/// - `EXPORT_SUPPORT`: no lookups of "." / ".." by NFS; `NO_EXPORT_SUPPORT` says so.
+/// - `EXPORT_SUPPORT`: offered to the file system as an opt-in (`ConnInfo::export_support`): it
+///   must then answer lookups of "." (a node by id, after the kernel forgot it) and ".." (a
+///   directory's parent). Without it ringfs says `NO_EXPORT_SUPPORT`: `name_to_handle_at` is
+///   EOPNOTSUPP and the mount cannot be exported over NFS.
 /// - `DONT_MASK`: the kernel applies the caller's umask before sending modes.
 /// - `SPLICE_*`: copies through pipes cost more than they save for this server.
 /// - `POSIX_ACL` with `DONT_MASK`: offered to the file system as an opt-in
@@ -74,6 +77,8 @@ pub struct Negotiated {
     /// The kernel offered FUSE_POSIX_ACL and FUSE_DONT_MASK and permissions are checked by the
     /// kernel (enabled if the file system opts in).
     pub acl_offered: bool,
+    /// The kernel offered FUSE_EXPORT_SUPPORT (enabled if the file system opts in).
+    pub export_offered: bool,
 }
 
 /// Negotiates INIT. Returns `Err(EPROTO)` for a kernel too old to speak with.
@@ -103,6 +108,7 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
     flags -= InitFlags::HANDLE_KILLPRIV_V2;
     // POSIX_ACL switches default_permissions on in the kernel: only offered where it is on.
     let acl_offered = p.default_permissions && offered.contains(acl);
+    let export_offered = offered.contains(InitFlags::EXPORT_SUPPORT);
     let max_write = p.max_write.clamp(4096, 16 << 20) & !4095;
     let max_pages = max_write.div_ceil(4096).clamp(1, u16::MAX as u32) as u16;
     let bits = flags.bits();
@@ -130,11 +136,12 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
         // Opt-in: the file system sets it in `init` if it honours the kill flags.
         handle_killpriv_v2: false,
         posix_acl: false,
+        export_support: false,
         default_permissions: p.default_permissions,
         max_write,
         max_read: max_pages as u32 * 4096,
     };
-    Ok(Negotiated { out, flags, conn, killpriv_offered, acl_offered })
+    Ok(Negotiated { out, flags, conn, killpriv_offered, acl_offered, export_offered })
 }
 
 /// Applies what the file system switched off in [`ConnInfo`] to the reply.
@@ -160,6 +167,12 @@ pub fn apply_conn(n: &mut Negotiated) {
         n.flags |= InitFlags::POSIX_ACL | InitFlags::DONT_MASK;
     } else {
         n.conn.posix_acl = false;
+    }
+    if n.conn.export_support && n.export_offered {
+        n.flags -= InitFlags::NO_EXPORT_SUPPORT;
+        n.flags |= InitFlags::EXPORT_SUPPORT;
+    } else {
+        n.conn.export_support = false;
     }
     let bits = n.flags.bits();
     n.out.flags = bits as u32;
@@ -229,6 +242,28 @@ mod tests {
         n.conn.posix_acl = true;
         apply_conn(&mut n);
         assert!(!n.flags.intersects(acl) && !n.conn.posix_acl);
+    }
+
+    #[test]
+    fn export_support_is_an_opt_in() {
+        let all = InitFlags::all().bits();
+        let arg =
+            FuseInitIn { major: 7, minor: 45, flags: all as u32, flags2: (all >> 32) as u32, ..Default::default() };
+        let mut n = negotiate(&arg, &params()).unwrap();
+        apply_conn(&mut n);
+        assert!(n.flags.contains(InitFlags::NO_EXPORT_SUPPORT) && !n.flags.contains(InitFlags::EXPORT_SUPPORT));
+        let mut n = negotiate(&arg, &params()).unwrap();
+        n.conn.export_support = true;
+        apply_conn(&mut n);
+        assert!(n.flags.contains(InitFlags::EXPORT_SUPPORT) && !n.flags.contains(InitFlags::NO_EXPORT_SUPPORT));
+        assert!(n.conn.export_support);
+        // Not offered by the kernel: stays off.
+        let offered = all & !InitFlags::EXPORT_SUPPORT.bits();
+        let arg = FuseInitIn { flags: offered as u32, flags2: (offered >> 32) as u32, ..arg };
+        let mut n = negotiate(&arg, &params()).unwrap();
+        n.conn.export_support = true;
+        apply_conn(&mut n);
+        assert!(!n.flags.contains(InitFlags::EXPORT_SUPPORT) && !n.conn.export_support);
     }
 
     #[test]

@@ -1613,3 +1613,108 @@ fn inode_flags_chattr_and_lsattr() {
     }
     assert_eq!(get_flags(&m.backing("f")).unwrap() & FS_IMMUTABLE_FL, 0);
 }
+
+/// A file handle from name_to_handle_at(2): `struct file_handle` with room for MAX_HANDLE_SZ.
+#[repr(C, align(8))]
+struct FileHandle([u8; 8 + 128]);
+
+fn name_to_handle(path: &Path, flags: i32) -> Result<FileHandle, i32> {
+    let mut h = FileHandle([0; 136]);
+    h.0[..4].copy_from_slice(&128u32.to_ne_bytes());
+    let mut mount_id: libc::c_int = 0;
+    let c = cstr(path);
+    // SAFETY: valid path, a file_handle with handle_bytes = 128 and 128 bytes of room, and an
+    // out-pointer for the mount id.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            h.0.as_mut_ptr(),
+            &mut mount_id as *mut libc::c_int,
+            flags,
+        )
+    };
+    try_sys(r).map(|_| h)
+}
+
+fn open_by_handle(mount: &File, h: &FileHandle, flags: i32) -> Result<File, i32> {
+    // SAFETY: a handle filled in by name_to_handle_at; the kernel only reads it.
+    let fd = try_sys(unsafe { libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), h.0.as_ptr(), flags) })?;
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Drops the kernel's unused dentries and inodes: the mount gets FORGETs for every inode no
+/// one holds.
+fn forget_everything() {
+    fs::write("/proc/sys/vm/drop_caches", "2").expect("drop_caches");
+}
+
+#[test]
+fn file_handles_outlive_the_kernel_cache() {
+    let m = mount!("ops::file_handles_outlive_the_kernel_cache");
+    fs::create_dir_all(m.path("d/sub")).unwrap();
+    write_file(&m.path("d/sub/f"), b"by handle");
+    write_file(&m.path("gone"), b"");
+    write_file(&m.path("moved"), b"moved behind the mount");
+    let root = File::open(m.path("")).unwrap();
+    let f = name_to_handle(&m.path("d/sub/f"), 0).expect("name_to_handle_at on a file");
+    let sub = name_to_handle(&m.path("d/sub"), 0).expect("name_to_handle_at on a directory");
+    let gone = name_to_handle(&m.path("gone"), 0).unwrap();
+    let moved = name_to_handle(&m.path("moved"), 0).unwrap();
+    let ino = lstat(&m.path("d/sub/f")).ino();
+    let sub_ino = lstat(&m.path("d/sub")).ino();
+    // While the kernel still caches the inode.
+    let mut s = String::new();
+    open_by_handle(&root, &f, libc::O_RDONLY).unwrap().read_to_string(&mut s).unwrap();
+    assert_eq!(s, "by handle");
+    fs::remove_file(m.path("gone")).unwrap();
+    fs::rename(m.backing("moved"), m.backing("d/moved-here")).unwrap();
+    // After the kernel forgot every inode: the server resolves the node ids again.
+    forget_everything();
+    let mut file = open_by_handle(&root, &f, libc::O_RDWR).expect("open_by_handle_at after the kernel forgot the file");
+    assert_eq!(file.metadata().unwrap().ino(), ino);
+    s.clear();
+    file.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "by handle");
+    file.write_all(b", written").unwrap();
+    drop(file);
+    assert_eq!(read_file(&m.backing("d/sub/f")), b"by handle, written");
+    forget_everything();
+    let dir = open_by_handle(&root, &sub, libc::O_RDONLY | libc::O_DIRECTORY).expect("directory by handle");
+    assert_eq!(dir.metadata().unwrap().ino(), sub_ino);
+    let names: Vec<String> = fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["f"]);
+    // The directory came back connected: its path is the one inside the mount.
+    let path = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).unwrap();
+    assert_eq!(path, m.path("d/sub"));
+    s.clear();
+    open_by_handle(&root, &moved, libc::O_RDONLY).expect("renamed behind the mount").read_to_string(&mut s).unwrap();
+    assert_eq!(s, "moved behind the mount");
+    assert_eq!(open_by_handle(&root, &gone, libc::O_RDONLY).err(), Some(libc::ESTALE));
+    drop((root, dir));
+    // Unmounted and mounted again: the next server takes over the node ids.
+    let mut m = m;
+    assert!(m.terminate().success());
+    let m = tests::Mount::start_at(&m.source, &m.mountpoint, &[]);
+    let root = File::open(m.path("")).unwrap();
+    s.clear();
+    open_by_handle(&root, &f, libc::O_RDONLY)
+        .expect("open_by_handle_at after a remount")
+        .read_to_string(&mut s)
+        .unwrap();
+    assert_eq!(s, "by handle, written");
+    let dir = open_by_handle(&root, &sub, libc::O_RDONLY | libc::O_DIRECTORY).expect("directory after a remount");
+    assert_eq!(fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).unwrap(), m.path("d/sub"));
+    assert_eq!(open_by_handle(&root, &gone, libc::O_RDONLY).err(), Some(libc::ESTALE));
+    drop((root, dir));
+    // Handles of the mount are refused where export is switched off.
+    drop(m);
+    let m = mount!("ops::file_handles_outlive_the_kernel_cache", &["export_handles=0"]);
+    write_file(&m.path("f"), b"");
+    assert_eq!(name_to_handle(&m.path("f"), 0).err(), Some(libc::EOPNOTSUPP));
+}

@@ -10,8 +10,9 @@
 //! One mutex guards the table; it is never held across a system call that may touch the
 //! backing disk (handles are computed and descriptors opened/closed outside it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocol::{Errno, NodeId, Result};
@@ -64,6 +65,23 @@ struct Inner {
     fd_budget: usize,
     next_stamp: u64,
     next_id: u64,
+    /// Forgotten inodes kept for file handles (export support), by node id.
+    retired: HashMap<u64, Retired>,
+    /// File handle bytes → retired node id: a retired inode found again keeps its node id.
+    retired_by_handle: HashMap<Arc<[u8]>, u64>,
+    /// (retirement number, node id), oldest first; entries whose node was revived or retired
+    /// again since are skipped when popped.
+    retired_order: VecDeque<(u64, u64)>,
+    /// Most retired inodes kept (0: none, no export support).
+    max_retired: usize,
+    next_retirement: u64,
+}
+
+/// An inode the kernel forgot, remembered so a file handle naming its node id still resolves.
+struct Retired {
+    handle: Arc<[u8]>,
+    /// Which retirement this is (see `Inner::retired_order`).
+    number: u64,
 }
 
 /// Descriptors to close once the table lock is released.
@@ -139,9 +157,77 @@ impl Inner {
             if self.by_handle.get(h) == Some(&id) {
                 self.by_handle.remove(h);
             }
+            self.retire(id, h.clone());
         }
         Some(node)
     }
+
+    /// Remembers forgotten node `id` with file handle `handle` (if export support keeps any).
+    fn retire(&mut self, id: u64, handle: Arc<[u8]>) {
+        if self.max_retired == 0 {
+            return;
+        }
+        let number = self.next_retirement;
+        self.next_retirement += 1;
+        if let Some(old) = self.retired_by_handle.insert(handle.clone(), id) {
+            if old != id {
+                self.retired.remove(&old);
+            }
+        }
+        self.retired.insert(id, Retired { handle, number });
+        self.retired_order.push_back((number, id));
+        while self.retired.len() > self.max_retired {
+            let Some((number, id)) = self.retired_order.pop_front() else {
+                break;
+            };
+            self.forget_retired(id, number);
+        }
+        // Skipped entries (revived or retired again) pile up under churn: compact.
+        if self.retired_order.len() > 2 * self.max_retired + 64 {
+            let retired = &self.retired;
+            self.retired_order.retain(|(n, id)| retired.get(id).is_some_and(|r| r.number == *n));
+        }
+    }
+
+    /// Drops retired node `id` if `number` is still its current retirement.
+    fn forget_retired(&mut self, id: u64, number: u64) {
+        if self.retired.get(&id).is_some_and(|r| r.number == number) {
+            if let Some(r) = self.retired.remove(&id) {
+                if self.retired_by_handle.get(&r.handle) == Some(&id) {
+                    self.retired_by_handle.remove(&r.handle);
+                }
+            }
+        }
+    }
+
+    /// The node id to give a new node with file handle `handle`: the one it had before it was
+    /// forgotten, if remembered, so a file handle issued then still names it.
+    fn take_id(&mut self, handle: Option<&Arc<[u8]>>) -> u64 {
+        if let Some(id) = handle.and_then(|h| self.retired_by_handle.remove(h)) {
+            self.retired.remove(&id);
+            if !self.nodes.contains_key(&id) {
+                return id;
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+}
+
+/// Two random 64-bit words (getrandom; the clock and the pid if it fails).
+fn random_key() -> [u64; 2] {
+    let mut b = [0u8; 16];
+    // SAFETY: writes at most 16 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 16 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return [t.as_nanos() as u64, u64::from(std::process::id()) << 32 ^ t.as_secs()];
+    }
+    [
+        u64::from_ne_bytes(b[..8].try_into().unwrap_or_default()),
+        u64::from_ne_bytes(b[8..].try_into().unwrap_or_default()),
+    ]
 }
 
 /// RLIMIT_NOFILE (soft) less [`FD_RESERVE`].
@@ -163,6 +249,23 @@ pub(crate) struct InodeTable {
     /// O_PATH descriptors).
     mount_fd: OwnedFd,
     root_dev: u64,
+    /// Backing (st_dev, st_ino) of the root.
+    root_key: (u64, u64),
+    /// Keys the node generations (see [`InodeTable::generation`]); random, or carried over
+    /// from the previous server of this mount ([`InodeTable::import`]).
+    gen_key: [AtomicU64; 2],
+}
+
+/// What a later server of the same mount needs so that file handles given out by this one
+/// still resolve: the generation key, the next node id, and (node id, backing file handle)
+/// of the inodes to remember, most recently used first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HandleState {
+    /// Backing (st_dev, st_ino) of the root: the state only fits the same backing directory.
+    pub(crate) root_key: (u64, u64),
+    pub(crate) gen_key: [u64; 2],
+    pub(crate) next_id: u64,
+    pub(crate) nodes: Vec<(u64, Vec<u8>)>,
 }
 
 /// Descriptors kept out of the inode table's budget for the rest of the server.
@@ -190,8 +293,9 @@ impl InodeTable {
         self.lock().by_key.get(&(dev, ino)).copied()
     }
 
-    /// Creates the table with the root directory (node 1) pinned.
-    pub(crate) fn new(root_fd: OwnedFd, max_cached: usize) -> Result<InodeTable> {
+    /// Creates the table with the root directory (node 1) pinned. `max_retired` forgotten
+    /// inodes stay resolvable by node id for file handles ([`revive`](Self::revive)).
+    pub(crate) fn new(root_fd: OwnedFd, max_cached: usize, max_retired: usize) -> Result<InodeTable> {
         let st = sys::fstat(root_fd.as_raw_fd())?;
         let mount_fd = sys::openat(root_fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
@@ -228,11 +332,127 @@ impl InodeTable {
                 fd_budget: fd_budget(),
                 next_stamp: 1,
                 next_id: 2,
+                retired: HashMap::new(),
+                retired_by_handle: HashMap::new(),
+                retired_order: VecDeque::new(),
+                max_retired,
+                next_retirement: 0,
             }),
             hooks: std::sync::OnceLock::new(),
             mount_fd,
             root_dev: st.st_dev,
+            root_key: key,
+            gen_key: random_key().map(AtomicU64::new),
         })
+    }
+
+    /// The state to hand to the next server of this mount: every inode with a file handle,
+    /// known or forgotten, most recently used first, at most `max_retired`.
+    pub(crate) fn export(&self) -> HandleState {
+        let g = self.lock();
+        let mut live: Vec<(u64, u64, &Arc<[u8]>)> = g
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.permanent)
+            .filter_map(|(&id, n)| n.handle.as_ref().map(|h| (n.stamp.unwrap_or(u64::MAX), id, h)))
+            .collect();
+        live.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut retired: Vec<(u64, u64, &Arc<[u8]>)> =
+            g.retired.iter().map(|(&id, r)| (r.number, id, &r.handle)).collect();
+        retired.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let nodes = live.into_iter().chain(retired).take(g.max_retired).map(|(_, id, h)| (id, h.to_vec())).collect();
+        HandleState {
+            root_key: self.root_key,
+            gen_key: [self.gen_key[0].load(Ordering::Relaxed), self.gen_key[1].load(Ordering::Relaxed)],
+            next_id: g.next_id,
+            nodes,
+        }
+    }
+
+    /// Takes over a previous server's [`HandleState`] (before any request is served): its
+    /// inodes become forgotten ones, resolvable under their old node ids. Refused
+    /// (`EINVAL`) for another backing directory.
+    pub(crate) fn import(&self, state: &HandleState) -> Result<()> {
+        if state.root_key != self.root_key {
+            return Err(Errno::EINVAL);
+        }
+        let mut g = self.lock();
+        if g.nodes.len() > 1 || g.max_retired == 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.gen_key[0].store(state.gen_key[0], Ordering::Relaxed);
+        self.gen_key[1].store(state.gen_key[1], Ordering::Relaxed);
+        g.next_id = g.next_id.max(state.next_id);
+        // Oldest first, so the most recently used are retired last and kept longest.
+        for (id, handle) in state.nodes.iter().rev() {
+            if *id <= NodeId::ROOT.0 || *id >= state.next_id {
+                continue;
+            }
+            g.retire(*id, Arc::from(handle.as_slice()));
+        }
+        Ok(())
+    }
+
+    /// True when the backing file system gives file handles (the root has one).
+    pub(crate) fn handles_supported(&self) -> bool {
+        self.lock().nodes.get(&NodeId::ROOT.0).is_some_and(|n| n.handle.is_some())
+    }
+
+    /// Backing (st_dev, st_ino) of the root directory.
+    pub(crate) fn root_key(&self) -> (u64, u64) {
+        self.root_key
+    }
+
+    /// The generation given out with node `id`: 0 for the root (the kernel's own choice),
+    /// otherwise a 32-bit value keyed by a per-process random key, so node ids (which count
+    /// up) do not make file handles guessable. Node ids are never reused for another inode, so
+    /// (id, generation) is unique; the kernel keeps generations as 32 bits.
+    #[allow(deprecated)] // SipHasher: std's only keyed hash with caller-chosen keys.
+    pub(crate) fn generation(&self, id: u64) -> u64 {
+        use std::hash::Hasher;
+        if id == NodeId::ROOT.0 {
+            return 0;
+        }
+        let mut h = std::hash::SipHasher::new_with_keys(
+            self.gen_key[0].load(Ordering::Relaxed),
+            self.gen_key[1].load(Ordering::Relaxed),
+        );
+        h.write_u64(id);
+        h.finish() & 0xffff_ffff
+    }
+
+    /// Takes one more lookup reference on live node `id` and returns its descriptor; `None`
+    /// if the node is not in the table (forgotten).
+    pub(crate) fn add_ref(&self, id: u64) -> Result<Option<InodeFd>> {
+        let fd = match self.get(id) {
+            Ok((fd, _)) => fd,
+            Err(e) if e == Errno::ESTALE => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut g = self.lock();
+        match g.nodes.get_mut(&id) {
+            Some(node) => {
+                node.lookups += 1;
+                Ok(Some(fd))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Reopens forgotten node `id` from its file handle, if it is still remembered: an O_PATH
+    /// descriptor to register again with [`insert_or_ref`](Self::insert_or_ref) (which gives
+    /// it its old node id back). `ESTALE` when forgotten for good or the file is gone. Must be
+    /// called with root credentials.
+    pub(crate) fn revive(&self, id: u64) -> Result<OwnedFd> {
+        let handle = self.lock().retired.get(&id).map(|r| r.handle.clone()).ok_or(Errno::ESTALE)?;
+        sys::open_by_handle(self.mount_fd.as_raw_fd(), &handle, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .map_err(|e| if e == Errno::ENOENT { Errno::ESTALE } else { e })
+    }
+
+    /// Number of forgotten inodes remembered for file handles.
+    #[cfg(test)]
+    pub(crate) fn retired_len(&self) -> usize {
+        self.lock().retired.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -347,8 +567,7 @@ impl InodeTable {
                     }
                 }
                 if let Some(h) = &handle {
-                    let id = g.next_id;
-                    g.next_id += 1;
+                    let id = g.take_id(h.as_ref());
                     g.nodes.insert(
                         id,
                         Inode {

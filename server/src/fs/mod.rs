@@ -17,6 +17,7 @@
 //!   retried once.
 
 mod creds;
+pub mod handle_state;
 mod handles;
 mod inode;
 mod inotify;
@@ -84,6 +85,13 @@ pub struct FsConfig {
     pub strictatime: bool,
     /// The mount's `nodiratime`, applied the same way.
     pub nodiratime: bool,
+    /// File handles (`name_to_handle_at`, NFS export): how many inodes stay resolvable by
+    /// node id after the kernel forgot them (0: no export support, handles are EOPNOTSUPP).
+    /// Needs file handles on the backing file system.
+    pub export_handles: usize,
+    /// Where the node ids of this mount are kept between servers (see [`handle_state`]), so
+    /// file handles survive an unmount and mount; `None`: handles end with the server.
+    pub handle_state: Option<PathBuf>,
 }
 
 impl Default for FsConfig {
@@ -99,6 +107,8 @@ impl Default for FsConfig {
             passthrough_exclude: Vec::new(),
             keep_cache: false,
             posix_acl: true,
+            export_handles: 65536,
+            handle_state: None,
             noatime: false,
             strictatime: false,
             nodiratime: false,
@@ -133,6 +143,8 @@ pub struct PassthroughFs {
     noflush: bool,
     /// FAN_MODIFY ignore marks for files open for writing through passthrough (with the watch).
     write_ignores: std::sync::OnceLock<watch::WriteIgnores>,
+    /// FUSE_EXPORT_SUPPORT was negotiated: file handles were given out.
+    exported: AtomicBool,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -220,6 +232,29 @@ fn check_name(name: &CStr) -> Result<()> {
     Ok(())
 }
 
+/// True when directory `dir` lies below the directory with backing key `root` (walking up
+/// "..": bounded, so a deep or changing tree answers false rather than loop).
+fn beneath(dir: &OwnedFd, root: (u64, u64)) -> Result<bool> {
+    let mut cur = sys::openat(dir.as_raw_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+    let mut key = {
+        let st = sys::fstat(dir.as_raw_fd())?;
+        (st.st_dev, st.st_ino)
+    };
+    for _ in 0..4096 {
+        let st = sys::fstat(cur.as_raw_fd())?;
+        let up = (st.st_dev, st.st_ino);
+        if up == root {
+            return Ok(true);
+        }
+        if up == key {
+            return Ok(false); // the top of the file-system tree
+        }
+        key = up;
+        cur = sys::openat(cur.as_raw_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+    }
+    Ok(false)
+}
+
 fn is_dot(name: &[u8]) -> bool {
     name == b"." || name == b".."
 }
@@ -282,7 +317,19 @@ impl PassthroughFs {
             sys::xattr::get(&sys::proc_path(root.as_raw_fd()), c"system.posix_acl_access", &mut []),
             Err(e) if e == Errno::EOPNOTSUPP || e == Errno(libc::ENOTSUP)
         );
-        let inodes = std::sync::Arc::new(InodeTable::new(root, cfg.max_cached_fds).map_err(|e| io_err(e, &what))?);
+        let inodes = std::sync::Arc::new(
+            InodeTable::new(root, cfg.max_cached_fds, cfg.export_handles).map_err(|e| io_err(e, &what))?,
+        );
+        if let Some(path) = cfg.handle_state.as_deref().filter(|_| cfg.export_handles > 0) {
+            match handle_state::take(path) {
+                Ok(Some(state)) => match inodes.import(&state) {
+                    Ok(()) => log::info!("file handles of the previous server: {} inodes", state.nodes.len()),
+                    Err(_) => log::warn!("{}: for another backing directory; ignored", path.display()),
+                },
+                Ok(None) => {}
+                Err(e) => log::warn!("{}: {e}; file handles of the previous server are stale", path.display()),
+            }
+        }
         // Paths read back from /proc/self/fd start at the private mount's root, "/".
         let path_prefix = if private_mount { PathBuf::from("/") } else { cfg.source.clone() };
         Ok(PassthroughFs {
@@ -299,6 +346,7 @@ impl PassthroughFs {
             passthrough: Default::default(),
             noflush,
             write_ignores: std::sync::OnceLock::new(),
+            exported: AtomicBool::new(false),
         })
     }
 
@@ -329,7 +377,7 @@ impl PassthroughFs {
     fn entry(&self, id: u64, st: &libc::stat) -> Entry {
         Entry {
             nodeid: NodeId(id),
-            generation: 0,
+            generation: self.inodes.generation(id),
             attr: FileAttr::from_stat(st),
             entry_timeout: self.cfg.entry_timeout,
             attr_timeout: self.cfg.attr_timeout,
@@ -787,7 +835,78 @@ impl FileSystem for PassthroughFs {
         // creation modes come unmasked so a parent's default ACL can replace the umask.
         conn.posix_acl = conn.default_permissions && self.cfg.posix_acl && self.acl_supported;
         self.posix_acl.store(conn.posix_acl, Ordering::Relaxed);
+        // Node ids stay resolvable through the backing file handles the table keeps.
+        conn.export_support = self.cfg.export_handles > 0 && self.inodes.handles_supported();
+        self.exported.store(conn.export_support, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn destroy(&self) {
+        // Once (DESTROY and the end of the session both call it).
+        if !self.exported.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(path) = &self.cfg.handle_state {
+            let state = self.inodes.export();
+            match handle_state::save(path, &state) {
+                Ok(()) => log::debug!("{}: {} inodes for the next server", path.display(), state.nodes.len()),
+                Err(e) => log::warn!("{}: {e}; file handles will be stale after a remount", path.display()),
+            }
+        }
+    }
+
+    async fn lookup_node(&self, _ctx: &Context, node: NodeId) -> Result<Entry> {
+        if node == NodeId::ROOT {
+            let (fd, _) = self.inodes.get(node.0)?;
+            return Ok(self.entry(node.0, &sys::fstat(fd.as_raw_fd())?));
+        }
+        // Still known (the kernel's FORGET may be in flight on another queue), or forgotten
+        // and reopened from its file handle under the same node id; a FORGET that lands
+        // between the two steps is met by the second round.
+        for _ in 0..2 {
+            if let Some(fd) = self.inodes.add_ref(node.0)? {
+                return Ok(self.entry(node.0, &sys::fstat(fd.as_raw_fd())?));
+            }
+            let fd = match self.inodes.revive(node.0) {
+                Ok(fd) => fd,
+                Err(e) if e == Errno::ESTALE => continue,
+                Err(e) => return Err(e),
+            };
+            let st = sys::fstat(fd.as_raw_fd())?;
+            let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
+            if id != node.0 {
+                // Another node has this inode now: the handle names a file the kernel knows
+                // under a different id.
+                self.inodes.forget(id, 1);
+                return Err(Errno::ESTALE);
+            }
+            return Ok(self.entry(id, &st));
+        }
+        Err(Errno::ESTALE)
+    }
+
+    async fn lookup_parent(&self, _ctx: &Context, dir: NodeId) -> Result<Entry> {
+        let (fd, kind) = self.inodes.get(dir.0)?;
+        if kind != libc::S_IFDIR {
+            return Err(Errno::ENOTDIR);
+        }
+        let root = self.inodes.root_key();
+        let st = sys::fstat(fd.as_raw_fd())?;
+        if (st.st_dev, st.st_ino) == root {
+            return Ok(self.entry(NodeId::ROOT.0, &st));
+        }
+        let parent = sys::openat(fd.as_raw_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+        let pst = sys::fstat(parent.as_raw_fd())?;
+        if (pst.st_dev, pst.st_ino) == root {
+            return Ok(self.entry(NodeId::ROOT.0, &pst));
+        }
+        // A directory moved out of the backing tree behind the mount's back must not lead
+        // there: the parent must have the root among its ancestors.
+        if !beneath(&parent, root)? {
+            return Err(Errno::ENOENT);
+        }
+        let (id, _) = self.inodes.insert_or_ref(parent, &pst, true)?;
+        Ok(self.entry(id, &pst))
     }
 
     async fn lookup(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<Entry> {

@@ -147,9 +147,12 @@ fn lookup_forget_counts() {
     // The root is never forgotten.
     fs.forget(NodeId::ROOT, 100);
     assert_eq!(fs.inode_count(), 1);
-    // Node ids are not reused.
+    // A forgotten inode found again keeps its node id (file handles name it); a new inode
+    // never gets an id another inode had.
     let a3 = lookup(&fs, NodeId::ROOT, "a").unwrap();
-    assert!(a3.nodeid.0 > b.nodeid.0);
+    assert_eq!((a3.nodeid, a3.generation), (a1.nodeid, a1.generation));
+    std::fs::write(dir.path().join("c"), b"z").unwrap();
+    assert!(node(&fs, NodeId::ROOT, "c").0 > b.nodeid.0);
 
     // Negative entries and bad names.
     let neg = lookup(&fs, NodeId::ROOT, "missing").unwrap();
@@ -586,6 +589,135 @@ fn open_unlinked_and_tmpfile_stay_pinned() {
     let o0 = node(&fs, NodeId::ROOT, "o0");
     let l = block_on(fs.link(&ROOT, o0, NodeId::ROOT, &c("o0-link"))).unwrap();
     assert_eq!((l.nodeid, l.attr.nlink), (o0, 2));
+}
+
+#[test]
+fn forgotten_nodes_resolve_by_id_for_file_handles() {
+    let (dir, fs) = setup();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("d/e")).unwrap();
+    std::fs::write(p.join("f"), b"data").unwrap();
+    std::fs::write(p.join("g"), b"").unwrap();
+    let f = lookup(&fs, NodeId::ROOT, "f").unwrap();
+    let g = lookup(&fs, NodeId::ROOT, "g").unwrap();
+    let d = lookup(&fs, NodeId::ROOT, "d").unwrap();
+    let e = lookup(&fs, d.nodeid, "e").unwrap();
+    assert!(f.generation <= u32::MAX as u64 && f.generation != g.generation);
+    assert_eq!(block_on(fs.lookup_node(&ROOT, NodeId::ROOT)).unwrap().generation, 0);
+    // Known: one more reference.
+    let again = block_on(fs.lookup_node(&ROOT, f.nodeid)).unwrap();
+    assert_eq!((again.nodeid, again.generation, again.attr.size), (f.nodeid, f.generation, 4));
+    assert_eq!(fs.inodes.lookups(f.nodeid.0), 2);
+    fs.forget(f.nodeid, 2);
+    for n in [&g, &e, &d] {
+        fs.forget(n.nodeid, 1);
+    }
+    assert_eq!((fs.inode_count(), fs.inodes.retired_len()), (1, 4));
+    // Forgotten: reopened from the backing file handle under the same id and generation.
+    let back = block_on(fs.lookup_node(&ROOT, f.nodeid)).unwrap();
+    assert_eq!((back.nodeid, back.generation, back.attr.size), (f.nodeid, f.generation, 4));
+    assert_eq!(fs.inodes.lookups(f.nodeid.0), 1);
+    assert_eq!(node(&fs, NodeId::ROOT, "f"), f.nodeid);
+    // Gone from the backing directory: stale.
+    std::fs::remove_file(p.join("g")).unwrap();
+    assert_eq!(block_on(fs.lookup_node(&ROOT, g.nodeid)).unwrap_err(), Errno::ESTALE);
+    assert_eq!(block_on(fs.lookup_node(&ROOT, NodeId(1 << 40))).unwrap_err(), Errno::ESTALE);
+    // Directories reconnect through their parents, up to the root.
+    let e2 = block_on(fs.lookup_node(&ROOT, e.nodeid)).unwrap();
+    assert_eq!(e2.nodeid, e.nodeid);
+    let up = block_on(fs.lookup_parent(&ROOT, e.nodeid)).unwrap();
+    assert_eq!(up.nodeid, d.nodeid);
+    assert_eq!(block_on(fs.lookup_parent(&ROOT, d.nodeid)).unwrap().nodeid, NodeId::ROOT);
+    assert_eq!(block_on(fs.lookup_parent(&ROOT, f.nodeid)).unwrap_err(), Errno::ENOTDIR);
+    // A directory moved out of the backing tree behind the mount's back: its parent is not
+    // handed out.
+    let outside = tempfile::Builder::new().prefix("ringfs-fs-outside").tempdir_in("/tmp").unwrap();
+    std::fs::rename(p.join("d"), outside.path().join("d")).unwrap();
+    assert_eq!(block_on(fs.lookup_parent(&ROOT, e.nodeid)).unwrap_err(), Errno::ENOENT);
+
+    // Bounded: the oldest forgotten inodes go first; with 0, nothing is kept.
+    let (dir, fs) = setup_with(|c| c.export_handles = 2);
+    let ids: Vec<NodeId> = (0..3)
+        .map(|i| {
+            std::fs::write(dir.path().join(format!("x{i}")), b"").unwrap();
+            node(&fs, NodeId::ROOT, &format!("x{i}"))
+        })
+        .collect();
+    for id in &ids {
+        fs.forget(*id, 1);
+    }
+    assert_eq!(fs.inodes.retired_len(), 2);
+    assert_eq!(block_on(fs.lookup_node(&ROOT, ids[0])).unwrap_err(), Errno::ESTALE);
+    assert_eq!(block_on(fs.lookup_node(&ROOT, ids[2])).unwrap().nodeid, ids[2]);
+    let (dir, fs) = setup_with(|c| c.export_handles = 0);
+    std::fs::write(dir.path().join("y"), b"").unwrap();
+    let y = node(&fs, NodeId::ROOT, "y");
+    fs.forget(y, 1);
+    assert_eq!(fs.inodes.retired_len(), 0);
+    assert!(node(&fs, NodeId::ROOT, "y").0 > y.0);
+    let mut conn = conn_info();
+    fs.init(&mut conn).unwrap();
+    assert!(!conn.export_support);
+}
+
+fn conn_info() -> ConnInfo {
+    ConnInfo {
+        proto_minor: 45,
+        passthrough: false,
+        readdirplus: true,
+        writeback_cache: false,
+        handle_killpriv_v2: false,
+        posix_acl: false,
+        export_support: true,
+        default_permissions: true,
+        max_write: 1 << 20,
+        max_read: 1 << 20,
+    }
+}
+
+#[test]
+fn node_ids_carry_over_to_the_next_server() {
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("handles/x.state");
+    let (dir, fs) = setup_with(|c| c.handle_state = Some(path.clone()));
+    let p = dir.path().to_path_buf();
+    let cfg = fs.cfg.clone();
+    std::fs::create_dir(p.join("d")).unwrap();
+    std::fs::write(p.join("d/f"), b"kept").unwrap();
+    std::fs::write(p.join("old"), b"").unwrap();
+    let mut conn = conn_info();
+    fs.init(&mut conn).unwrap();
+    assert!(conn.export_support);
+    let d = lookup(&fs, NodeId::ROOT, "d").unwrap();
+    let f = lookup(&fs, d.nodeid, "f").unwrap();
+    let old = lookup(&fs, NodeId::ROOT, "old").unwrap();
+    fs.forget(old.nodeid, 1);
+    fs.destroy();
+    fs.destroy();
+    drop(fs);
+    assert!(path.exists());
+    // The next server resolves the same ids with the same generations, and never gives them to
+    // new inodes.
+    let fs = PassthroughFs::new(cfg.clone()).unwrap();
+    assert!(!path.exists(), "the state is taken once");
+    for e in [&d, &f, &old] {
+        let again = block_on(fs.lookup_node(&ROOT, e.nodeid)).unwrap();
+        assert_eq!((again.nodeid, again.generation, again.attr.ino), (e.nodeid, e.generation, e.attr.ino));
+    }
+    assert_eq!(node(&fs, d.nodeid, "f"), f.nodeid);
+    std::fs::write(p.join("new"), b"").unwrap();
+    assert!(node(&fs, NodeId::ROOT, "new").0 > old.nodeid.0);
+    // Without the file (a crash), or for another directory: stale, nothing else.
+    drop(fs);
+    let fs = PassthroughFs::new(cfg.clone()).unwrap();
+    assert_eq!(block_on(fs.lookup_node(&ROOT, f.nodeid)).unwrap_err(), Errno::ESTALE);
+    let other = tempfile::Builder::new().prefix("ringfs-fs-test").tempdir_in("/tmp").unwrap();
+    let mut conn = conn_info();
+    fs.init(&mut conn).unwrap();
+    fs.destroy();
+    let fs = PassthroughFs::new(FsConfig { source: other.path().to_path_buf(), ..cfg }).unwrap();
+    assert!(!path.exists());
+    assert_eq!(block_on(fs.lookup_node(&ROOT, d.nodeid)).unwrap_err(), Errno::ESTALE);
 }
 
 #[test]
