@@ -1,14 +1,17 @@
 //! The passthrough (stacking) file system: serves a backing directory through FUSE.
 //!
 //! # Design
-//! - **Inodes** ([`inode`]): backing (st_dev, st_ino) → node id (counter from 2, never reused,
-//!   so `generation` is always 0), with lookup counts and a `name_to_handle_at` file handle.
+//! - **Inodes** ([`inode`]): backing (st_dev, st_ino) → node id (counter from 2, never reused
+//!   for another inode; `generation` is a keyed hash of the id), with lookup counts and a
+//!   `name_to_handle_at` file handle. Forgotten inodes stay resolvable by node id for file
+//!   handles (`lookup_node`, `lookup_parent`; [`handle_state`] carries them to the next server).
 //!   O_PATH descriptors live in a bounded LRU (`max_cached_fds`) and are reopened with
 //!   `open_by_handle_at` on a miss; inodes without a usable handle (O_TMPFILE, no handle
 //!   support, other file systems under the root) and inodes with open handles stay pinned.
 //! - **Names** are resolved one component at a time relative to the parent's descriptor with
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS, O_NOFOLLOW)`;
-//!   `.`, `..`, empty names and names with `/` are refused. Backing symlinks are never followed.
+//!   `.`, `..`, empty names and names with `/` are refused (the export lookups of "." and ".."
+//!   come as `lookup_node`/`lookup_parent`). Backing symlinks are never followed.
 //! - **Reopening** an inode (open, opendir, truncate, chmod fallback, xattrs, link) goes through
 //!   `/proc/self/fd/N`, which reaches exactly the inode the O_PATH descriptor refers to.
 //! - **Credentials** ([`creds`]): creations run under the caller's fsuid/fsgid (per thread);
