@@ -123,6 +123,12 @@ impl Config {
                 ),
             ));
         }
+        if !fuse.export_state_dir.is_empty() && !fuse.export_state_dir.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "fuse.export_state_dir",
+                format!("must be an absolute path or \"\", got {:?}", fuse.export_state_dir),
+            ));
+        }
         if self.offload.passthrough && fuse.writeback_cache {
             return Err(ConfigError::invalid(
                 "offload.passthrough",

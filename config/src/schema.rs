@@ -106,6 +106,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("fuse.congestion_threshold", int(0, 65535)),
     key("fuse.writeback_cache", Kind::Bool),
     key("fuse.export_handles", int(0, 16_777_216)),
+    key("fuse.export_state_dir", Kind::Text),
     key("transport.mode", Kind::Keyword(TransportMode::NAMES)),
     key("transport.workers", int(0, 1024)),
     key("transport.queue_depth", int(1, 1024)),

@@ -529,6 +529,9 @@ fn relations_between_keys() {
          or 0 for 3/4 of max_background"
     );
     with_opts("max_background=16,congestion_threshold=16").unwrap();
+    let err = with_opts("export_state_dir=state").unwrap_err();
+    assert!(err.to_string().contains("fuse.export_state_dir: must be an absolute path"), "{err}");
+    assert!(with_opts("export_state_dir=").unwrap().fuse.export_state_dir.is_empty());
     with_opts("max_background=16,congestion_threshold=0").unwrap();
 }
 

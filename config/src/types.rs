@@ -189,6 +189,11 @@ pub struct FuseConfig {
     /// has forgotten them (older handles then fail with ESTALE), 0 to 16777216. `0` refuses
     /// file handles (EOPNOTSUPP). Default `65536`.
     pub export_handles: u32,
+    /// `export_state_dir`: where a mount's node ids wait for its next server, so file handles
+    /// survive an unmount and mount (one root-only file per source and mount point; files
+    /// not used for a week are deleted). `""`: handles end with the server. Default
+    /// `"/var/lib/ringfs/handles"`.
+    pub export_state_dir: String,
 }
 
 impl Default for FuseConfig {
@@ -200,6 +205,7 @@ impl Default for FuseConfig {
             congestion_threshold: 48,
             writeback_cache: false,
             export_handles: 65536,
+            export_state_dir: "/var/lib/ringfs/handles".into(),
         }
     }
 }

@@ -19,9 +19,6 @@ use crate::fs::{FsConfig, PassthroughFs};
 /// aborting the connection.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Where a mount's node ids wait for its next server (file handles across remounts).
-const HANDLE_STATE_DIR: &str = "/var/lib/ringfs/handles";
-
 /// A start-up or serving failure, as one line for the user.
 pub type RunError = String;
 
@@ -191,7 +188,8 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         strictatime: cfg.mount_flags.strictatime,
         nodiratime: cfg.mount_flags.nodiratime,
         export_handles: cfg.fuse.export_handles as usize,
-        handle_state: Some(crate::fs::handle_state::path_for(Path::new(HANDLE_STATE_DIR), &source, &mountpoint)),
+        handle_state: (!cfg.fuse.export_state_dir.is_empty())
+            .then(|| crate::fs::handle_state::path_for(Path::new(&cfg.fuse.export_state_dir), &source, &mountpoint)),
         ..FsConfig::default()
     })
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;

@@ -373,7 +373,12 @@ impl Mount {
     }
 
     fn spawn(work: tempfile::TempDir, source: PathBuf, mountpoint: PathBuf, opts: &[&str]) -> Mount {
-        let args = mount_args(&source, &mountpoint, opts);
+        let mut args = mount_args(&source, &mountpoint, opts);
+        // File-handle state of this mount stays in its work directory (removed with it) rather
+        // than piling up in /var/lib/ringfs for mounts that never come back.
+        if !opts.iter().any(|o| o.contains("export_state_dir")) {
+            args.extend(["-o".into(), format!("export_state_dir={}", work.path().join("handles").display()).into()]);
+        }
         match Self::try_spawn(work, source, mountpoint, &args) {
             Ok(m) => m,
             Err((status, stderr)) => panic!("ringfs mount exited before mounting ({status}); its output:\n{stderr}"),

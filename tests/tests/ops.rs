@@ -1653,7 +1653,9 @@ fn forget_everything() {
 
 #[test]
 fn file_handles_outlive_the_kernel_cache() {
-    let m = mount!("ops::file_handles_outlive_the_kernel_cache");
+    let state = tempfile::tempdir().unwrap();
+    let state_opt = format!("export_state_dir={}", state.path().display());
+    let m = mount!("ops::file_handles_outlive_the_kernel_cache", &[state_opt.as_str()]);
     fs::create_dir_all(m.path("d/sub")).unwrap();
     write_file(&m.path("d/sub/f"), b"by handle");
     write_file(&m.path("gone"), b"");
@@ -1700,7 +1702,9 @@ fn file_handles_outlive_the_kernel_cache() {
     // Unmounted and mounted again: the next server takes over the node ids.
     let mut m = m;
     assert!(m.terminate().success());
-    let m = tests::Mount::start_at(&m.source, &m.mountpoint, &[]);
+    assert_eq!(fs::read_dir(state.path()).unwrap().count(), 1, "one state file for the mount");
+    let m = tests::Mount::start_at(&m.source, &m.mountpoint, &[state_opt.as_str()]);
+    assert_eq!(fs::read_dir(state.path()).unwrap().count(), 0, "the next server took the state");
     let root = File::open(m.path("")).unwrap();
     s.clear();
     open_by_handle(&root, &f, libc::O_RDONLY)
