@@ -190,8 +190,9 @@ pub struct FuseConfig {
     /// file handles (EOPNOTSUPP). Default `65536`.
     pub export_handles: u32,
     /// `export_state_dir`: where a mount's node ids wait for its next server, so file handles
-    /// survive an unmount and mount (one root-only file per source and mount point; files
-    /// not used for a week are deleted). `""`: handles end with the server. Default
+    /// survive an unmount and mount (one root-only file per source and mount point; `*.state`
+    /// files there not used for a week are deleted, so it should be a directory of its own).
+    /// `""`: handles end with the server. Default
     /// `"/var/lib/ringfs/handles"`.
     pub export_state_dir: String,
 }
