@@ -134,6 +134,12 @@ impl Server {
         dirs.push(mnt);
         let mut cmd = Command::new(ringfs_bin());
         cmd.arg("mount").arg(source).arg(&mountpoint);
+        if !opts.contains("export_state_dir") {
+            // The mount's file-handle state goes with its temporary directories.
+            let state = tempfile::tempdir_in("/tmp").expect("tempdir");
+            cmd.arg("-o").arg(format!("export_state_dir={}", state.path().display()));
+            dirs.push(state);
+        }
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts);
         }
