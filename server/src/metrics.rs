@@ -228,6 +228,13 @@ pub fn render(s: &Sources) -> String {
 
     header(&mut out, "ringfs_inodes", "gauge", "Inodes the kernel holds references to.");
     let _ = writeln!(out, "ringfs_inodes {}", s.fs.inode_count());
+    header(
+        &mut out,
+        "ringfs_inodes_retired",
+        "gauge",
+        "Inodes the kernel forgot, kept resolvable for file handles (at most fuse.export_handles).",
+    );
+    let _ = writeln!(out, "ringfs_inodes_retired {}", s.fs.retired_inode_count());
     header(&mut out, "ringfs_open_handles", "gauge", "Open files and directories.");
     let _ = writeln!(out, "ringfs_open_handles {}", s.fs.open_handle_count());
     header(&mut out, "ringfs_passthrough_opens_total", "counter", "Opens of regular files served by passthrough.");

@@ -72,6 +72,7 @@ const KNOWN_FAMILIES: &[&str] = &[
     "ringfs_queue_submits_total",
     "ringfs_queue_busy_poll_hits_total",
     "ringfs_inodes",
+    "ringfs_inodes_retired",
     "ringfs_open_handles",
     "ringfs_passthrough_opens_total",
     "ringfs_passthrough_fallbacks_total",

@@ -1014,6 +1014,14 @@ fn inode_table_shrinks_on_forget_and_fds_stay_bounded() {
     );
     assert!(samples.fds_peak > 0.0 && samples.fds_peak < FD_BOUND, "{test}: server fds peaked at {}", samples.fds_peak);
     assert!(shrank, "{test}: ringfs_inodes still {inodes_now} 20 s after drop_caches (expected <= {floor})");
+    // The forgotten inodes stay reachable for file handles, up to fuse.export_handles.
+    let retired = scrape(&addr).map(|t| metric(&t, "ringfs_inodes_retired")).unwrap_or(0.0);
+    let expected = (inodes_after_walk - inodes_now).min(65536.0) * 0.9;
+    assert!(
+        retired >= expected && retired <= 65536.0,
+        "{test}: ringfs_inodes_retired {retired}, expected {expected} to 65536 after {} inodes were forgotten",
+        inodes_after_walk - inodes_now
+    );
     assert_clean_log(&m, test);
     drop(m);
 }

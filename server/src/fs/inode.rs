@@ -450,7 +450,6 @@ impl InodeTable {
     }
 
     /// Number of forgotten inodes remembered for file handles.
-    #[cfg(test)]
     pub(crate) fn retired_len(&self) -> usize {
         self.lock().retired.len()
     }

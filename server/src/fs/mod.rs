@@ -372,6 +372,11 @@ impl PassthroughFs {
         self.inodes.len()
     }
 
+    /// Number of forgotten inodes kept resolvable by node id for file handles.
+    pub fn retired_inode_count(&self) -> usize {
+        self.inodes.retired_len()
+    }
+
     /// Number of open file and directory handles.
     pub fn open_handle_count(&self) -> usize {
         self.handles.len()
