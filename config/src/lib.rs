@@ -129,6 +129,17 @@ impl Config {
                 format!("must be an absolute path or \"\", got {:?}", fuse.export_state_dir),
             ));
         }
+        if self.allow_other && !self.default_permissions {
+            return Err(ConfigError::invalid(
+                "default_permissions",
+                "cannot be false together with allow_other = true: the kernel's FUSE module then \
+                 checks no permissions itself, and some accesses never reach the server to be \
+                 checked: path walks through cached entries (a 0700 directory's files become \
+                 reachable by other users) and opens of device nodes and FIFOs; keep \
+                 default_permissions = true (the kernel checks mode bits and POSIX ACLs), or \
+                 drop allow_other (only the mounting user can then reach the mount)",
+            ));
+        }
         if self.offload.passthrough && fuse.writeback_cache {
             return Err(ConfigError::invalid(
                 "offload.passthrough",

@@ -264,6 +264,17 @@ fn option_values_by_type() {
     assert!(with_opts("allow_other=yes").unwrap().allow_other);
     assert!(!with_opts("default_permissions=0").unwrap().default_permissions);
     assert!(!with_opts("default_permissions=false").unwrap().default_permissions);
+}
+
+#[test]
+fn server_side_permissions_are_refused_for_other_users() {
+    // The kernel would skip checks the server cannot make (cached path walks, device nodes,
+    // FIFOs): other users would get past permissions. Only the mounting user may use the mode.
+    let e = with_opts("allow_other,default_permissions=false").unwrap_err().to_string();
+    assert!(e.contains("default_permissions") && e.contains("allow_other"), "{e}");
+    assert!(e.contains("FIFOs"), "the error says why: {e}");
+    assert!(!with_opts("default_permissions=false").unwrap().default_permissions);
+    assert!(with_opts("allow_other,default_permissions").unwrap().allow_other);
     // Durations: integer or float seconds.
     assert_eq!(with_opts("negative_timeout=0").unwrap().cache.negative_timeout, Duration::ZERO);
     assert_eq!(with_opts("attr_timeout=30").unwrap().cache.attr_timeout, Duration::from_secs(30));

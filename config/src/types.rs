@@ -34,6 +34,9 @@ pub struct Config {
     pub allow_other: bool,
     /// `default_permissions`: let the kernel check permissions from the mode
     /// bits and POSIX ACLs it caches, instead of the server. Default `true`.
+    /// `false` is refused together with `allow_other`: the kernel would then
+    /// skip checks the server cannot make (cached path walks, device nodes,
+    /// FIFOs).
     pub default_permissions: bool,
     /// `ro`: mount read-only. Default `false`.
     pub ro: bool,

@@ -67,6 +67,8 @@ impl Errno {
     pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
     /// Cross-device link.
     pub const EXDEV: Errno = Errno(libc::EXDEV);
+    /// Too many levels of symbolic links (also: a path that would lead back into the mount).
+    pub const ELOOP: Errno = Errno(libc::ELOOP);
     /// Inappropriate ioctl for device.
     pub const ENOTTY: Errno = Errno(libc::ENOTTY);
 

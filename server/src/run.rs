@@ -124,13 +124,38 @@ fn raise_fd_limit() {
     }
 }
 
+/// Refuses a mount whose backing directory and mount point overlap (both canonical paths). A
+/// mount point inside the backing directory would make the server serve its own mount: any
+/// request that reaches that name would have the server wait on itself, an unkillable hang.
+/// A backing directory inside the mount point would be hidden by the mount it backs.
+fn check_not_nested(source: &Path, mountpoint: &Path) -> Result<(), RunError> {
+    if source == mountpoint {
+        return Err(format!("backing directory and mount point are the same directory: {}", source.display()));
+    }
+    if mountpoint.starts_with(source) {
+        return Err(format!(
+            "mount point {} is inside the backing directory {}: the server would serve its own mount \
+             and hang waiting on itself; choose a mount point outside the backing directory",
+            mountpoint.display(),
+            source.display()
+        ));
+    }
+    if source.starts_with(mountpoint) {
+        return Err(format!(
+            "backing directory {} is inside the mount point {}: the mount would hide it; \
+             choose a mount point that does not contain the backing directory",
+            source.display(),
+            mountpoint.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Mounts `cfg` and serves it until unmounted or signalled.
 pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let source = canonical_dir("backing directory", &cfg.source)?;
     let mountpoint = canonical_dir("mount point", &cfg.mountpoint)?;
-    if source == mountpoint {
-        return Err(format!("backing directory and mount point are the same directory: {}", source.display()));
-    }
+    check_not_nested(&source, &mountpoint)?;
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("ringfs must run as root (it mounts with mount(2) and serves other users' files)".into());
@@ -220,6 +245,8 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     };
     let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;
     let dev = mounted.dev();
+    // Before the first request: from now on a backing name leading into this mount is refused.
+    fs.set_mount_dev(dev);
     if let Err(e) = watchdog.mounted(dev) {
         log::warn!("watchdog not told about the mount: {e}");
     }

@@ -1397,9 +1397,29 @@ fn other_users_cannot_read_what_permissions_deny() {
     if !tests::require_root_fuse_setpriv(test) {
         return;
     }
-    // With default_permissions the kernel checks; without it the server does, with the
-    // caller's credentials.
-    for dp in [true, false] {
+    // With default_permissions the kernel checks. Without it, other users are refused at
+    // start-up (the kernel would skip checks the server cannot make), and without allow_other
+    // other users cannot reach the mount at all.
+    {
+        let work = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let (src, mnt) = (work.path().join("src"), work.path().join("mnt"));
+        fs::create_dir(&src).expect("mkdir");
+        fs::create_dir(&mnt).expect("mkdir");
+        match Mount::try_start_at(&src, &mnt, &["allow_other", "default_permissions=false"]) {
+            Ok(m) => panic!("{test}: allow_other with default_permissions=false was served; log:\n{}", m.log()),
+            Err((status, out)) => {
+                assert!(!status.success());
+                assert!(out.contains("cannot be false together with allow_other"), "{test}: {out}");
+            }
+        }
+        let m = Mount::start(&["default_permissions=false"]);
+        fs::write(m.backing("public"), b"everyone").expect("write");
+        fs::set_permissions(m.backing("public"), fs::Permissions::from_mode(0o644)).expect("chmod");
+        let out = run_as(NOBODY_UID, NOBODY_GID, &format!("cat '{}'", m.path("public").display()));
+        assert!(!out.status.success() && out.stdout.is_empty(), "{test}: nobody reached a mount without allow_other");
+    }
+    {
+        let dp = true;
         let what = format!("{test} (default_permissions={dp})");
         let m = Mount::start(&["allow_other", &format!("default_permissions={dp}")]);
         fs::write(m.backing("private"), b"root only").expect("write");

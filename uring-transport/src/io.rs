@@ -446,8 +446,50 @@ pub async fn openat2_as(
     openat2_once(dirfd, path, flags, mode, resolve, Some(personality)).await
 }
 
+/// How often an openat2 that failed with `EAGAIN` is tried again. `RESOLVE_BENEATH` (and the
+/// other scoped resolutions) answers `EAGAIN` when a rename or a mount anywhere on the system
+/// raced with the walk; a bounded retry keeps a concurrent renamer from spinning a queue thread.
+pub const OPENAT2_RETRIES: u32 = 16;
+
+/// The raw openat2(2) system call.
+fn openat2_raw(dirfd: RawFd, path: &std::ffi::CStr, how: &types::OpenHow) -> isize {
+    // SAFETY: `path` is NUL-terminated and `how` is a valid `open_how` of the size passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            how as *const types::OpenHow,
+            size_of::<types::OpenHow>(),
+        ) as isize
+    }
+}
+
+/// openat2(2) with `RESOLVE_*` flags as a plain, blocking system call on any thread, with the
+/// same retry rule as [`openat2`] (`EAGAIN` up to [`OPENAT2_RETRIES`] times, `EINTR` always).
+pub fn openat2_blocking(
+    dirfd: RawFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let how = types::OpenHow::new().flags(flags as u32 as u64).mode(mode as u64).resolve(resolve);
+    let mut tries = 0;
+    loop {
+        match sys(openat2_raw(dirfd, path, &how)) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < OPENAT2_RETRIES => tries += 1,
+            // SAFETY: a descriptor the kernel just opened for us.
+            Ok(fd) => return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) }),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// openat2(2) with `RESOLVE_*` flags; returns the new descriptor. `EAGAIN` (a concurrent
-/// rename or mount raced with `RESOLVE_BENEATH`) is retried a few times.
+/// rename or mount raced with `RESOLVE_BENEATH`) is retried up to [`OPENAT2_RETRIES`] times.
 pub async fn openat2(
     dirfd: RawFd,
     path: &std::ffi::CStr,
@@ -458,7 +500,7 @@ pub async fn openat2(
     let mut tries = 0;
     loop {
         match openat2_once(dirfd, path, flags, mode, resolve, None).await {
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 16 => tries += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < OPENAT2_RETRIES => tries += 1,
             r => return r,
         }
     }
@@ -474,25 +516,16 @@ async fn openat2_once(
     personality: Option<u16>,
 ) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    let how = types::OpenHow::new().flags(flags as u64).mode(mode as u64).resolve(resolve);
-    // SAFETY: valid path pointer and open_how of the size passed.
-    let plain = || unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd,
-            path.as_ptr(),
-            &how as *const types::OpenHow,
-            size_of::<types::OpenHow>(),
-        )
-    };
+    let how = types::OpenHow::new().flags(flags as u32 as u64).mode(mode as u64).resolve(resolve);
+    let plain = || openat2_raw(dirfd, path, &how);
     let way = match (personality, on_ring()) {
         (Some(_), true) => Way::Ring,
         (Some(_), false) => Way::Plain,
         (None, _) => metadata_way(),
     };
     let fd = match way {
-        Way::Plain => sys(plain() as isize)?,
-        Way::Inline => sys(run_inline(plain) as isize)?,
+        Way::Plain => sys(plain())?,
+        Way::Inline => sys(run_inline(plain))?,
         Way::Ring => {
             let sqe = opcode::OpenAt2::new(types::Fd(dirfd), path.as_ptr(), &how as *const types::OpenHow)
                 .build()

@@ -183,12 +183,15 @@ fn child_node(inodes: &InodeTable, parent: u64, name: &[u8]) -> Option<u64> {
     let (dir, _) = inodes.get(parent).ok()?;
     let name = CString::new(name).ok()?;
     let name: &CStr = &name;
-    // SAFETY: stat is plain data; valid fd, NUL-terminated name and output buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // AT_STATX_DONT_SYNC: when `name` is a mount point of a FUSE mount (this server's own, bind
+    // mounted into the backing tree), the answer comes from its cache, never from a request.
+    let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC;
+    // SAFETY: valid fd, NUL-terminated name and output buffer.
+    let rc = unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, libc::STATX_INO, &mut stx) };
     if rc != 0 {
         return None;
     }
-    inodes.node_by_key(st.st_dev, st.st_ino)
+    inodes.node_by_key(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor), stx.stx_ino)
 }

@@ -35,7 +35,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use protocol::{
@@ -148,6 +148,9 @@ pub struct PassthroughFs {
     write_ignores: std::sync::OnceLock<watch::WriteIgnores>,
     /// FUSE_EXPORT_SUPPORT was negotiated: file handles were given out.
     exported: AtomicBool,
+    /// The device number (`st_dev`) of the FUSE mount this file system serves, once mounted
+    /// (0 before): a backing path that leads into it is refused (see [`Self::crossing`]).
+    mount_dev: AtomicU64,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -350,7 +353,71 @@ impl PassthroughFs {
             noflush,
             write_ignores: std::sync::OnceLock::new(),
             exported: AtomicBool::new(false),
+            mount_dev: AtomicU64::new(0),
         })
+    }
+
+    /// Tells the file system the device number of the mount it serves (`st_dev` of the mount
+    /// point once mounted), before it serves any request. From then on, a backing name that is
+    /// a mount point of this very mount (a bind mount of the mount into the backing tree, the
+    /// mount point below the backing directory reached by mount propagation) answers `ELOOP`
+    /// instead of sending the server a request it would wait on itself.
+    pub fn set_mount_dev(&self, dev: u64) {
+        self.mount_dev.store(dev, Ordering::Relaxed);
+    }
+
+    /// Resolves `name`, a mount point in directory `dir` (a resolution with `RESOLVE_NO_XDEV`
+    /// answered `EXDEV`), to an O_PATH descriptor of what is mounted there, unless that is this
+    /// server's own mount: then `ELOOP`. Serving a request by a system call on its own mount
+    /// would make a queue thread wait for itself (in io_uring mode the kernel routes the
+    /// request to the queue of the caller's CPU, the blocked thread's own), an unkillable hang.
+    /// Opening an O_PATH descriptor and reading its device number without attributes sends no
+    /// FUSE request, so the check itself cannot hang.
+    fn crossing(&self, dir: RawFd, name: &CStr) -> Result<OwnedFd> {
+        let fd = sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_CROSSING)?;
+        let own = self.mount_dev.load(Ordering::Relaxed);
+        if own != 0 && sys::dev_nosync(fd.as_raw_fd())? == own {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if WARNED.swap(true, Ordering::Relaxed) {
+                return Err(Errno::ELOOP);
+            }
+            log::warn!(
+                "refused backing name {:?}: it leads into this mount itself (a bind mount of the mount into its \
+                 backing directory?); such names answer ELOOP (logged once)",
+                name.to_string_lossy()
+            );
+            return Err(Errno::ELOOP);
+        }
+        Ok(fd)
+    }
+
+    /// O_PATH descriptor of `name` in backing directory `dir`: no symlink followed, no escape,
+    /// and a mount point crossed only when it does not lead into this mount.
+    fn resolve(&self, dir: RawFd, name: &CStr) -> Result<OwnedFd> {
+        match sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT) {
+            Err(e) if e == Errno::EXDEV => self.crossing(dir, name),
+            r => r,
+        }
+    }
+
+    /// Opens (and perhaps creates) `name` in backing directory `dir` with `oflags`, which
+    /// include `O_CREAT`. When `name` is a mount point, nothing is created: what is mounted
+    /// there is opened (refused if it is this mount, `EEXIST` with `O_EXCL`, `EISDIR` for a
+    /// directory), through the checked descriptor, never by a second walk.
+    fn create_at(&self, dir: RawFd, name: &CStr, oflags: i32, mode: u32) -> Result<OwnedFd> {
+        match sys::openat2(dir, name, oflags, mode, sys::RESOLVE_STRICT) {
+            Err(e) if e == Errno::EXDEV => {
+                let fd = self.crossing(dir, name)?;
+                if oflags & libc::O_EXCL != 0 {
+                    return Err(Errno::EEXIST);
+                }
+                if sys::fstat(fd.as_raw_fd())?.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    return Err(Errno::EISDIR);
+                }
+                self.reopen(fd.as_raw_fd(), oflags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW))
+            }
+            r => r,
+        }
     }
 
     /// The mode to create a node with in directory `dir`: with FUSE_POSIX_ACL the kernel sends
@@ -428,9 +495,7 @@ impl PassthroughFs {
     /// lookup reference. The resolution itself runs under `ctx` when permissions are ours to
     /// check.
     fn lookup_at(&self, ctx: &Context, dir: RawFd, name: &CStr) -> Result<(u64, libc::stat)> {
-        let fd = self.as_caller(ctx, false, || {
-            sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT)
-        })?;
+        let fd = self.as_caller(ctx, false, || self.resolve(dir, name))?;
         let st = sys::fstat(fd.as_raw_fd())?;
         let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
         Ok((id, st))
@@ -456,14 +521,18 @@ impl PassthroughFs {
 
     /// [`lookup_at`](Self::lookup_at) through the queue's io_uring (server credentials).
     async fn lookup_at_ring(&self, dir: RawFd, name: &CStr) -> Result<(u64, libc::stat)> {
-        let fd = uring_transport::io::openat2(
+        let fd = match uring_transport::io::openat2(
             dir,
             name,
             libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             0,
             sys::RESOLVE_STRICT,
         )
-        .await?;
+        .await
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => self.crossing(dir, name)?,
+            r => r?,
+        };
         let st = sys::fstat_async(fd.as_raw_fd()).await?;
         let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
         Ok((id, st))
@@ -487,7 +556,7 @@ impl PassthroughFs {
 
     /// After a successful creation of `name` in `dir`: look it up (as the server).
     fn created(&self, dir: RawFd, name: &CStr) -> Result<Entry> {
-        let fd = sys::openat2(dir, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0, sys::RESOLVE_STRICT)?;
+        let fd = self.resolve(dir, name)?;
         let st = sys::fstat(fd.as_raw_fd())?;
         let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
         Ok(self.entry(id, &st))
@@ -1198,15 +1267,14 @@ impl FileSystem for PassthroughFs {
             let (dir, mode) = (pfd.as_raw_fd(), mode & 0o7777);
             match uring_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
                 Ok(file) => return self.created_open(ctx, file, flags as i32, true),
+                // A mount point: checked by the synchronous path below.
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
             }
         }
-        let create = |oflags| {
-            self.as_caller(ctx, true, || {
-                sys::openat2(pfd.as_raw_fd(), name, oflags, mode & 0o7777, sys::RESOLVE_STRICT)
-            })
-        };
+        let create =
+            |oflags| self.as_caller(ctx, true, || self.create_at(pfd.as_raw_fd(), name, oflags, mode & 0o7777));
         let file = match create(oflags) {
             // O_CREAT without O_EXCL opened someone else's file: O_NOATIME needs ownership.
             Err(e) if e == Errno::EPERM && oflags & libc::O_NOATIME != 0 => create(oflags & !libc::O_NOATIME)?,

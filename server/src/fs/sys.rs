@@ -40,36 +40,28 @@ fn owned(fd: libc::c_int) -> Result<OwnedFd> {
 /// The empty path, for `*at` calls with `AT_EMPTY_PATH`.
 pub(crate) const EMPTY: &CStr = c"";
 
-/// `struct open_how` of openat2(2) (libc's is `non_exhaustive`).
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
+/// Resolution flags used for every user-supplied name: stay beneath the directory, never
+/// follow symlinks (a trailing symlink is returned as an O_PATH fd when O_PATH|O_NOFOLLOW), and
+/// never cross into another mount. A name that is a mount point answers `EXDEV`; the file system
+/// then resolves it again with [`RESOLVE_CROSSING`] and checks where it landed (it may be this
+/// server's own mount, bind-mounted into the backing tree: see `PassthroughFs::crossing`).
+pub(crate) const RESOLVE_STRICT: u64 =
+    libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_XDEV;
+
+/// [`RESOLVE_STRICT`] without `RESOLVE_NO_XDEV`: for a name already known to be a mount point.
+pub(crate) const RESOLVE_CROSSING: u64 = RESOLVE_STRICT & !libc::RESOLVE_NO_XDEV;
+
+/// openat2(2), blocking, with the transport's retry rule for `EAGAIN`.
+pub(crate) fn openat2(dir: RawFd, name: &CStr, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd> {
+    Ok(uring_transport::io::openat2_blocking(dir, name, flags, mode, resolve)?)
 }
 
-/// Resolution flags used for every user-supplied name: stay beneath the directory and never
-/// follow symlinks (a trailing symlink is returned as an O_PATH fd when O_PATH|O_NOFOLLOW).
-pub(crate) const RESOLVE_STRICT: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS;
-
-/// openat2(2).
-pub(crate) fn openat2(dir: RawFd, name: &CStr, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd> {
-    let how = OpenHow { flags: flags as u32 as u64, mode: mode as u64, resolve };
-    loop {
-        // SAFETY: `name` is NUL-terminated, `how` is a valid `open_how` of the size passed.
-        let r = unsafe {
-            libc::syscall(libc::SYS_openat2, dir, name.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
-        };
-        if r < 0 {
-            let e = Errno::last();
-            // EAGAIN: a concurrent rename raced with RESOLVE_BENEATH; just retry.
-            if e.0 == libc::EAGAIN || e.0 == libc::EINTR {
-                continue;
-            }
-            return Err(e);
-        }
-        return owned(r as libc::c_int);
-    }
+/// The device number (`st_dev`) of what `fd` refers to, without asking its file system for
+/// attributes (`AT_STATX_DONT_SYNC` and an empty mask: a FUSE mount answers from the superblock,
+/// so this never sends a request, not even to this server's own mount).
+pub(crate) fn dev_nosync(fd: RawFd) -> Result<u64> {
+    let x = statx(fd, libc::AT_STATX_DONT_SYNC, 0)?;
+    Ok(libc::makedev(x.stx_dev_major, x.stx_dev_minor))
 }
 
 /// openat(2).
