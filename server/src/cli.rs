@@ -7,6 +7,7 @@
 //! ringfs mount SOURCE MOUNTPOINT [-o OPTS]... [-f|-b]
 //! ringfs check-config FILE [-o OPTS]...
 //! ringfs SOURCE MOUNTPOINT [-o OPTS]... [-f|-b]
+//! ringfs man | ringfs completions SHELL
 //! ```
 //!
 //! The last is the mount-helper form: `mount -t fuse.ringfs` and fstab lines
@@ -50,6 +51,12 @@ pub enum Command {
     CheckConfig {
         /// The validated configuration.
         config: config::Config,
+    },
+    /// Print a document generated from this command line ([`man_page`], [`completions`]) and
+    /// exit 0.
+    Print {
+        /// The text to print.
+        text: String,
     },
 }
 
@@ -120,7 +127,8 @@ when unique, `entry_timeout=5`; a bare key means true. mount(8) words such as
     override_usage = "ringfs mount --config FILE [SOURCE [MOUNTPOINT]] [-o OPTS]... [-f|-b]\n       \
                       ringfs mount SOURCE MOUNTPOINT [-o OPTS]... [-f|-b]\n       \
                       ringfs check-config FILE [-o OPTS]...\n       \
-                      ringfs SOURCE MOUNTPOINT [-o OPTS]... [-f|-b]",
+                      ringfs SOURCE MOUNTPOINT [-o OPTS]... [-f|-b]\n       \
+                      ringfs man | ringfs completions SHELL",
     after_help = AFTER_HELP,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
@@ -172,6 +180,14 @@ enum Sub {
         #[command(flatten)]
         options: OptionArgs,
     },
+    /// Print the manual page (roff, section 8) generated from this command line.
+    Man,
+    /// Print a shell completion script for SHELL.
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -220,11 +236,36 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
             let config = load(Some(&file), None, None, &options)?;
             Ok(Command::CheckConfig { config })
         }
+        Some(Sub::Man) => Ok(Command::Print { text: man_page() }),
+        Some(Sub::Completions { shell }) => Ok(Command::Print { text: completions(shell) }),
         None => {
             let config = load(None, cli.source, cli.mountpoint, &cli.run.options)?;
             Ok(Command::Mount { config, background: !cli.run.foreground, enable_uring: cli.run.enable_uring })
         }
     }
+}
+
+/// The manual page, ringfs(8), in roff: the command line's help, its subcommands, and the
+/// configuration keys' reference (see `config/ringfs.example.toml`).
+pub fn man_page() -> String {
+    use clap::CommandFactory;
+    let cmd = Cli::command().about(
+        "Mount a directory through FUSE, served over io_uring or /dev/fuse, with kernel \
+         passthrough for data and the kernel's caches for metadata.",
+    );
+    let man = clap_mangen::Man::new(cmd).section("8");
+    let mut out = Vec::new();
+    man.render(&mut out).expect("rendering into memory cannot fail");
+    String::from_utf8(out).expect("roff output is UTF-8")
+}
+
+/// A completion script for `shell`, generated from the command line.
+pub fn completions(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "ringfs", &mut out);
+    String::from_utf8(out).expect("completion scripts are UTF-8")
 }
 
 /// Whether the `-o` lists ask for a remount (the word `remount`).
@@ -275,6 +316,18 @@ mod tests {
     use config::TransportMode;
 
     use super::*;
+
+    #[test]
+    fn man_page_and_completions_come_from_the_command_line() {
+        let Ok(Command::Print { text }) = parse(&["man"]) else { panic!("ringfs man") };
+        assert!(text.starts_with(".ie") || text.contains(".TH ringfs 8"), "{text}");
+        assert!(text.contains("check\\-config") || text.contains("check-config"), "subcommands are listed");
+        for shell in ["bash", "zsh", "fish"] {
+            let Ok(Command::Print { text }) = parse(&["completions", shell]) else { panic!("completions {shell}") };
+            assert!(text.contains("check-config"), "{shell}: {text}");
+        }
+        assert_eq!(err(&["completions", "tcsh"]).code, CliError::USAGE);
+    }
 
     #[test]
     fn remount_form() {

@@ -3,3 +3,4 @@ pub mod cli;
 pub mod fs;
 pub mod metrics;
 pub mod run;
+pub mod service;

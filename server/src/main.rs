@@ -5,8 +5,16 @@ use std::process::ExitCode;
 use server::cli::{self, Command};
 
 fn init_logging(level: &str) {
+    use std::io::Write;
     let env = env_logger::Env::default().default_filter_or(level);
-    env_logger::Builder::from_env(env).format_target(false).init();
+    let mut b = env_logger::Builder::from_env(env);
+    if server::service::stderr_is_journal() {
+        // journald stamps the time and reads the priority from a `<N>` prefix.
+        b.format(|f, r| writeln!(f, "<{}>{}", server::service::journal_priority(r.level()), r.args()));
+    } else {
+        b.format_target(false);
+    }
+    b.init();
 }
 
 fn stderr_is_terminal_or_socket() -> bool {
@@ -40,6 +48,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Print { text } => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { config } => {
             print!("{}", config::to_toml_string(&config));
             ExitCode::SUCCESS
@@ -61,7 +73,9 @@ fn main() -> ExitCode {
             match server::run::run_mount(config, background) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("ringfs: {e}");
+                    // An error priority for the journal, which would take the line as info.
+                    let prio = if server::service::stderr_is_journal() { "<3>" } else { "" };
+                    eprintln!("{prio}ringfs: {e}");
                     ExitCode::FAILURE
                 }
             }

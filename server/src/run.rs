@@ -328,6 +328,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         };
         crate::metrics::start(addr, sources);
     }
+    let transport = if session.stats().uring { "io_uring" } else { "/dev/fuse" };
+    let passthrough = if session.conn().passthrough { ", passthrough" } else { "" };
+    crate::service::ready(&format!(
+        "serving {} on {} ({transport}{passthrough})",
+        source.display(),
+        mountpoint.display()
+    ));
     if let Some(mut p) = ready_pipe.take() {
         // Whoever started us (mount(8), a script's `$(...)`) may wait for end-of-file on our
         // standard descriptors, which would otherwise come only at unmount.
@@ -345,6 +352,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             .map_err(|e| format!("starting the signal thread: {e}"))?;
     }
     let result = session.run();
+    crate::service::stopping(&format!("{} unmounted", mountpoint.display()));
     finished.store(true, Ordering::SeqCst);
     // The mount is gone (unmounted by us, by the user, or aborted): tell the watchdog to stand down.
     watchdog.done();
@@ -359,6 +367,7 @@ fn signal_thread(set: libc::sigset_t, mountpoint: &Path, dev: u64, finished: &At
         return;
     }
     log::info!("signal {sig}: unmounting {}", mountpoint.display());
+    crate::service::stopping(&format!("signal {sig}: unmounting {}", mountpoint.display()));
     match mount::unmount(mountpoint) {
         Ok(false) => return,
         Ok(true) => log::info!("{} is busy: detached; waiting for its last users", mountpoint.display()),
