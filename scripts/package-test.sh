@@ -89,8 +89,23 @@ echo "served by the package" > "$root/srv/data/hello"
 check "mount -t fuse.ringfs through mount.fuse3" in_root mount -t fuse.ringfs /srv/data /mnt/data -o metrics_addr=
 check "the mount serves a file" in_root sh -c 'test "$(cat /mnt/data/hello)" = "served by the package"'
 check "a write lands in the backing directory" in_root sh -c 'echo new > /mnt/data/new && test "$(cat /srv/data/new)" = new'
+# The server mount.fuse3 started: the ringfs process whose root is the chroot.
+server_pids() {
+    for p in $(pgrep -x ringfs); do
+        [ "$(readlink "/proc/$p/root" 2>/dev/null)" = "$root" ] && echo "$p"
+    done
+    return 0
+}
+check "the server runs inside the chroot" test -n "$(server_pids)"
 check "umount" in_root umount /mnt/data
-check "the server exits after umount" sh -c 'for i in $(seq 100); do pgrep -f "ringfs /srv/data /mnt/data" >/dev/null || exit 0; sleep 0.1; done; exit 1'
+server_gone() {
+    for _ in $(seq 100); do
+        [ -z "$(server_pids)" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+check "the server exits after umount" server_gone
 
 echo "package-test: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
