@@ -10,7 +10,7 @@
 //!   closed;
 //! - a response the client stops reading for [`WRITE_STALL_TIMEOUT`] closes the connection;
 //! - at most [`MAX_CONNECTIONS`] connections at once; further ones wait in the listen backlog
-//!   until one closes (which the bounds above guarantee).
+//!   until one closes (the timeouts above close any connection that is not actively scraping).
 //!
 //! Rendering ([`super::render`]) is synchronous and runs on the runtime thread: scrapes
 //! serialize only behind other renders (milliseconds), never behind a waiting client.
