@@ -8,11 +8,10 @@
 //! stores every sample until the next scrape: recording stays O(1) in memory at any rate.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use protocol::abi::opcode;
 use protocol::stats::{DispatchStats, LATENCY_BOUNDS_NS};
@@ -21,6 +20,8 @@ use uring_transport::SessionStats;
 
 use crate::fs::passthrough::{Fallback, PassthroughStats};
 use crate::fs::PassthroughFs;
+
+pub mod http;
 
 /// Everything the endpoint reads.
 pub struct Sources {
@@ -387,68 +388,8 @@ fn kernel_stats(out: &mut String, s: &Sources) {
     let _ = writeln!(out, "ringfs_passthrough_write_bytes_total {}", snap.passthrough_write_bytes);
 }
 
-fn serve_one(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Drain the headers (bounded).
-    let mut line = String::new();
-    for _ in 0..100 {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method != "GET" {
-        ("405 Method Not Allowed", "text/plain", "only GET\n".to_string())
-    } else if path == "/metrics" || path.starts_with("/metrics?") {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(sources))
-    } else if path == "/" {
-        ("200 OK", "text/html", "<a href=\"/metrics\">/metrics</a>\n".to_string())
-    } else {
-        ("404 Not Found", "text/plain", "not found\n".to_string())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    Ok(())
-}
-
-/// Binds the endpoint and serves it from a thread. A failed bind is logged, not fatal: the
-/// mount matters more than its metrics.
+/// Binds the endpoint and serves it from a thread (see [`http`]). A failed bind is logged, not
+/// fatal: the mount matters more than its metrics.
 pub fn start(addr: SocketAddr, sources: Sources) -> Option<SocketAddr> {
-    let listener = match TcpListener::bind(addr) {
-        Ok(l) => l,
-        Err(e) => {
-            log::warn!("metrics endpoint disabled: cannot listen on {addr}: {e} (set metrics.addr)");
-            return None;
-        }
-    };
-    let local = listener.local_addr().ok()?;
-    let sources = Arc::new(sources);
-    let spawned = std::thread::Builder::new().name("ringfs-metrics".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(s) => {
-                    if let Err(e) = serve_one(s, &sources) {
-                        log::debug!("metrics request: {e}");
-                    }
-                }
-                Err(e) => log::debug!("metrics accept: {e}"),
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        log::warn!("metrics endpoint disabled: {e}");
-        return None;
-    }
-    log::info!("metrics: listening on http://{local}/metrics");
-    Some(local)
+    http::start(addr, sources)
 }

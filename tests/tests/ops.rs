@@ -170,6 +170,68 @@ fn chmod_chown_truncate() {
     assert!(data[10..].iter().all(|&b| b == 0), "grown part reads as zeros");
 }
 
+/// (ctime sec, nsec) of `p`, without following a symlink.
+fn ctime_of(p: &Path) -> (i64, i64) {
+    let md = lstat(p);
+    (md.ctime(), md.ctime_nsec())
+}
+
+/// Waits until the kernel's coarse clock (what file timestamps come from) is past `t`, so that
+/// a change made now gets a later timestamp.
+fn wait_clock_past(t: (i64, i64)) {
+    let past = tests::wait_until(Duration::from_secs(2), || {
+        let mut now = ts(0, 0);
+        // SAFETY: valid out pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
+        (now.tv_sec, now.tv_nsec) > t
+    });
+    assert!(past, "the clock did not pass {t:?}");
+}
+
+#[test]
+fn chown_to_same_owner_updates_ctime_like_ext4() {
+    let m = mount!("ops::chown_to_same_owner_updates_ctime_like_ext4");
+    // chown(f, -1, -1), fchown(fd, -1, -1) and the same on a directory, natively in the backing
+    // (ext4) directory and through the mount: ext4 updates ctime, so must the mount.
+    write_file(&m.backing("native"), b"n");
+    write_file(&m.backing("f"), b"f");
+    fs::create_dir(m.backing("native-dir")).unwrap();
+    fs::create_dir(m.backing("d")).unwrap();
+    let chown_keep = |p: &Path| {
+        let c = cstr(p);
+        // SAFETY: valid path; -1 keeps owner and group.
+        sys(unsafe { libc::chown(c.as_ptr(), u32::MAX, u32::MAX) }, "chown(-1, -1)");
+    };
+    let fchown_keep = |p: &Path| {
+        let f = File::open(p).unwrap();
+        // SAFETY: open descriptor; -1 keeps owner and group.
+        sys(unsafe { libc::fchown(f.as_raw_fd(), u32::MAX, u32::MAX) }, "fchown(-1, -1)");
+    };
+    for (what, op) in [("chown", &chown_keep as &dyn Fn(&Path)), ("fchown", &fchown_keep)] {
+        for (native, through) in [(m.backing("native"), m.path("f")), (m.backing("native-dir"), m.path("d"))] {
+            let before = ctime_of(&native);
+            wait_clock_past(before);
+            op(&native);
+            let native_changed = ctime_of(&native) > before;
+
+            let before = ctime_of(&through);
+            assert_eq!(before, ctime_of(&m.backing(through.file_name().unwrap())));
+            wait_clock_past(before);
+            op(&through);
+            let after = ctime_of(&through);
+            let backing = ctime_of(&m.backing(through.file_name().unwrap()));
+            assert_eq!(
+                after > before,
+                native_changed,
+                "{what}(-1, -1) on {}: ctime {before:?} -> {after:?} through the mount; ext4 {} it",
+                through.display(),
+                if native_changed { "updates" } else { "keeps" }
+            );
+            assert_eq!(after, backing, "{what}: the mount shows the backing file's ctime");
+        }
+    }
+}
+
 #[test]
 fn utimensat_explicit_now_omit() {
     let m = mount!("ops::utimensat_explicit_now_omit");

@@ -749,7 +749,16 @@ impl PassthroughFs {
             if let Some(m) = mode {
                 self.chmod(&fd, hfd, kind, m)?;
             }
-            if attr.uid.is_some() || attr.gid.is_some() {
+            // A SETATTR that changes nothing else is `chown(f, -1, -1)` (the kernel sends no
+            // attribute, or with the writeback cache only FATTR_CTIME): local file systems update
+            // ctime for it, and the same call on the backing file does (and clears set-uid as
+            // they do).
+            let touch_ctime = mode.is_none()
+                && attr.size.is_none()
+                && attr.atime.is_none()
+                && attr.mtime.is_none()
+                && !attr.kill_suidgid;
+            if attr.uid.is_some() || attr.gid.is_some() || touch_ctime {
                 let uid = attr.uid.unwrap_or(u32::MAX);
                 let gid = attr.gid.unwrap_or(u32::MAX);
                 // SAFETY: EMPTY is NUL-terminated; -1 (u32::MAX) means "unchanged".
