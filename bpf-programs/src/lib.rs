@@ -373,6 +373,7 @@ impl Accounting {
                 ("sys_enter", "sys_enter"),
                 ("sys_exit", "sys_exit"),
                 ("page_fault_user", "page_fault_user"),
+                ("uring_submit", "io_uring_submit_req"),
                 ("uring_complete", "io_uring_complete"),
             ]);
         }

@@ -103,6 +103,9 @@ struct call {
 	__u64 fault_err;
 	__u32 fault_live;
 	__u32 fault_fell;
+	/* The io_uring request this task submitted last: requests sent while io_uring_enter
+	 * issues it inline are charged to it. */
+	__u64 uring_req;
 };
 
 /* The stash, in the calling thread's local storage: a get is a few loads (no hashing, no lock),
@@ -552,6 +555,26 @@ int BPF_PROG(page_fault_user, unsigned long address, struct pt_regs *regs, unsig
 
 /* ---- io_uring ---- */
 
+SEC("tp_btf/io_uring_submit_req")
+int BPF_PROG(uring_submit, struct io_kiocb *req)
+{
+	/* The server's own rings (backing I/O, FUSE commands) never touch the mount. */
+	if ((bpf_get_current_pid_tgid() >> 32) == server_tgid)
+		return 0;
+	struct call *c = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
+					      BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (c)
+		c->uring_req = (__u64)req;
+	return 0;
+}
+
+static __always_inline void mark_uring(__u64 req)
+{
+	__u32 one = 1;
+	if (req)
+		bpf_map_update_elem(&uring_fell, &req, &one, BPF_ANY);
+}
+
 SEC("tp_btf/io_uring_complete")
 int BPF_PROG(uring_complete, struct io_ring_ctx *ring, void *vreq, struct io_uring_cqe *cqe)
 {
@@ -610,11 +633,8 @@ static __always_inline __u32 cause(__u32 op)
 		 * completion counts as a call with a fallback. */
 		struct io_worker *w = task->worker_private;
 		struct io_wq_work *work = BPF_CORE_READ(w, cur_work);
-		if (work) {
-			__u64 key = (__u64)work - __builtin_offsetof(struct io_kiocb, work);
-			__u32 one = 1;
-			bpf_map_update_elem(&uring_fell, &key, &one, BPF_ANY);
-		}
+		if (work)
+			mark_uring((__u64)work - __builtin_offsetof(struct io_kiocb, work));
 		return RINGFS_IO_URING;
 	}
 	if (!demand_tracing)
@@ -638,8 +658,12 @@ static __always_inline __u32 cause(__u32 op)
 		}
 		return RINGFS_MMAP;
 	}
-	if (orig == NR_io_uring_enter)
-		return RINGFS_IO_URING; /* issued inline by io_uring_enter */
+	if (orig == NR_io_uring_enter) {
+		/* Issued inline by io_uring_enter (a non-blocking attempt starts readahead). */
+		if (c)
+			mark_uring(c->uring_req);
+		return RINGFS_IO_URING;
+	}
 	return RINGFS_UNCLASSIFIED;
 }
 
