@@ -1,6 +1,9 @@
-//! eBPF accounting on real mounts: hit rates, fallbacks equal to the server's own counts,
-//! passthrough bytes, isolation between mounts, and a `/metrics` that promtool accepts.
+//! eBPF accounting on real mounts: attribution of every request to the call that caused it
+//! (the scripted scenario of `attribution/mod.rs`, every phase checked), hit rates, fallbacks
+//! equal to the server's own counts, passthrough bytes, isolation between mounts, and a
+//! `/metrics` that promtool accepts.
 
+mod attribution;
 mod support;
 
 use std::io::Read;
@@ -25,13 +28,17 @@ fn ebpf_required(test: &str) -> bool {
     false
 }
 
-fn hit_ratio(text: &str, op: &str) -> f64 {
-    metric(text, &format!("ringfs_kernel_hit_ratio{{op=\"{op}\"}}"))
+/// Calls of `class` and those that caused a request.
+fn class_counts(text: &str, class: &str) -> (f64, f64) {
+    (
+        metric(text, &format!("ringfs_kernel_demand_calls_total{{class=\"{class}\"}}")),
+        metric(text, &format!("ringfs_kernel_calls_with_fallback_total{{class=\"{class}\"}}")),
+    )
 }
 
 #[test]
-fn getattr_hit_rate_with_and_without_caching() {
-    if !ebpf_required("getattr_hit_rate_with_and_without_caching") {
+fn stat_hit_rate_with_and_without_caching() {
+    if !ebpf_required("stat_hit_rate_with_and_without_caching") {
         return;
     }
     for (opts, check) in [
@@ -45,9 +52,59 @@ fn getattr_hit_rate_with_and_without_caching() {
             std::fs::metadata(&p).expect("stat");
         }
         let text = m.scrape();
-        let r = hit_ratio(&text, "getattr");
-        assert!(check(r), "{opts}: getattr hit ratio {r}\n{text}");
+        let (calls, fell) = class_counts(&text, "stat");
+        assert!(calls >= 1000.0, "{opts}: {calls} stat calls counted for 1000\n{text}");
+        let r = 1.0 - fell / calls;
+        assert!(check(r), "{opts}: stat hit rate {r}\n{text}");
     }
+}
+
+/// The scripted scenario (see `attribution/mod.rs` for each phase and its tolerance), on a
+/// real mount with demand tracing, passthrough for `*.pt` files and the server for `*.srv`.
+#[test]
+fn attribution_scenario_matches_ground_truth() {
+    if !ebpf_required("attribution_scenario_matches_ground_truth") {
+        return;
+    }
+    let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+    attribution::prepare_source(src.path());
+    let source = src.path().to_path_buf();
+    let mut m = Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
+    let mnt = m.mountpoint.clone();
+    let phases = attribution::run(&mnt, || attribution::Counters::parse(&m.scrape()));
+    let mut failures = Vec::new();
+    for p in &phases {
+        eprintln!("phase {}:\n{}", p.name, p.delta.describe());
+        for problem in &p.problems {
+            failures.push(format!("{}: {problem}\n{}", p.name, p.delta.describe()));
+        }
+    }
+    // Every hit rate the counters give is within [0, 1].
+    let totals = &phases.last().expect("totals").delta;
+    for (class, calls) in &totals.demand {
+        if *calls > 0.0 {
+            let r = 1.0 - totals.fell_back(class) as f64 / calls;
+            if !(0.0..=1.0).contains(&r) {
+                failures.push(format!("{class}: hit rate {r} outside [0, 1]"));
+            }
+        }
+    }
+    // Every request is charged to exactly one class.
+    let text = m.scrape();
+    let ops: Vec<String> = support::samples(&text, "ringfs_kernel_fallbacks_total").into_iter().map(|(l, _)| l).collect();
+    for labels in ops {
+        let total = metric(&text, &format!("ringfs_kernel_fallbacks_total{{{labels}}}"));
+        let op = labels.trim_start_matches("op=");
+        let by_class: f64 = support::samples(&text, "ringfs_kernel_fallback_requests_total")
+            .iter()
+            .filter(|(l, _)| l.ends_with(&format!("op={op}")))
+            .map(|(_, v)| v)
+            .sum();
+        if by_class != total {
+            failures.push(format!("{labels}: {total} requests, {by_class} charged to classes"));
+        }
+    }
+    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -111,8 +168,8 @@ fn another_mount_does_not_leak_into_the_counters() {
     }
     let ta = a.scrape();
     let tb = b.scrape();
-    assert!(metric(&tb, "ringfs_kernel_demand_total{op=\"getattr\"}") >= 200.0, "{tb}");
-    assert!(metric(&ta, "ringfs_kernel_demand_total{op=\"getattr\"}") < 5.0, "mount A counted B's stats:\n{ta}");
+    assert!(metric(&tb, "ringfs_kernel_demand_calls_total{class=\"stat\"}") >= 200.0, "{tb}");
+    assert!(metric(&ta, "ringfs_kernel_demand_calls_total{class=\"stat\"}") < 5.0, "mount A counted B's stats:\n{ta}");
     assert_eq!(metric(&ta, "ringfs_kernel_read_bytes_total"), 0.0, "mount A counted B's reads:\n{ta}");
     assert_eq!(metric(&ta, "ringfs_kernel_fallbacks_total{op=\"open\"}"), 0.0, "{ta}");
 }
