@@ -373,6 +373,8 @@ impl Accounting {
                 ("sys_enter", "sys_enter"),
                 ("sys_exit", "sys_exit"),
                 ("page_fault_user", "page_fault_user"),
+                ("filemap_map_pages", "mm_filemap_map_pages"),
+                ("filemap_fault", "mm_filemap_fault"),
                 ("uring_submit", "io_uring_submit_req"),
                 ("uring_complete", "io_uring_complete"),
             ]);

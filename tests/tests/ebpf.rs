@@ -28,6 +28,14 @@ fn ebpf_required(test: &str) -> bool {
     false
 }
 
+/// Waits until the server has attached its programs: it loads them after the mount appears
+/// and starts `/metrics` right after, so calls made before the metrics address is logged may
+/// be missed.
+fn attached(m: &mut Server) {
+    m.metrics_addr();
+    assert!(m.log().contains("eBPF accounting attached"), "eBPF accounting not attached:\n{}", m.log());
+}
+
 /// Calls of `class` and those that caused a request.
 fn class_counts(text: &str, class: &str) -> (f64, f64) {
     (
@@ -46,6 +54,7 @@ fn stat_hit_rate_with_and_without_caching() {
         ("entry_timeout=0,attr_timeout=0,negative_timeout=0,coherence=ttl", |r: f64| r <= 0.05),
     ] {
         let mut m = Server::ringfs(&format!("{opts},ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0"));
+        attached(&mut m);
         std::fs::write(m.source.join("f"), b"x").expect("write");
         let p = m.mountpoint.join("f");
         for _ in 0..1000 {
@@ -70,6 +79,7 @@ fn attribution_scenario_matches_ground_truth() {
     attribution::prepare_source(src.path());
     let source = src.path().to_path_buf();
     let mut m = Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
+    attached(&mut m);
     let mnt = m.mountpoint.clone();
     let phases = attribution::run(&mnt, || attribution::Counters::parse(&m.scrape()));
     let mut failures = Vec::new();
@@ -113,6 +123,7 @@ fn kernel_fallbacks_equal_server_requests() {
         return;
     }
     let mut m = Server::ringfs("passthrough=false,ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
+    attached(&mut m);
     for i in 0..20 {
         let p = m.mountpoint.join(format!("f{i}"));
         std::fs::write(&p, vec![b'a'; 5000]).expect("write");
@@ -143,6 +154,7 @@ fn passthrough_bytes_are_counted_in_the_kernel() {
         return;
     }
     let mut m = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
+    attached(&mut m);
     let n = 3 * 1024 * 1024 + 123;
     std::fs::write(m.source.join("big"), vec![7u8; n]).expect("write backing");
     let mut buf = Vec::new();
@@ -161,6 +173,8 @@ fn another_mount_does_not_leak_into_the_counters() {
     }
     let mut a = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
     let mut b = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
+    attached(&mut a);
+    attached(&mut b);
     std::fs::write(b.source.join("f"), vec![1u8; 100_000]).expect("write");
     for _ in 0..200 {
         std::fs::metadata(b.mountpoint.join("f")).expect("stat b");

@@ -97,12 +97,21 @@ struct call {
 	__u32 class;
 	__u32 fell_back;  /* the stashed call caused a request */
 	__u32 io;
+	/* The call's path could not be read at entry (its page not yet faulted in): it is
+	 * stashed anyway; a request it sends proves it is on the mount, else sys_exit checks
+	 * the path again (the kernel has read it by then). */
+	__u32 unverified;
+	__u32 pad;
+	long nr;
+	unsigned long args[4];
 	/* The last user page fault on a mapping of the mount: requests sent while the task is
 	 * still in it (same user ip and error code in its pt_regs) are charged to mmap. */
 	__u64 fault_ip;
 	__u64 fault_err;
 	__u32 fault_live;
 	__u32 fault_fell;
+	__u32 fault_counted;
+	__u32 pad2;
 	/* The io_uring request this task submitted last: requests sent while io_uring_enter
 	 * issues it inline are charged to it. */
 	__u64 uring_req;
@@ -304,7 +313,8 @@ static __always_inline int cwd_on_mount(void)
 }
 
 /* Attributes a path argument: absolute paths by prefix, relative ones (and the empty path of
- * AT_EMPTY_PATH, and a NULL path as utimensat takes it) by dirfd or cwd. */
+ * AT_EMPTY_PATH, and a NULL path as utimensat takes it) by dirfd or cwd. 1: on the mount,
+ * 0: not, -1: unreadable (a user page not faulted in yet; tracepoints cannot fault). */
 static __noinline int path_on_mount(long dirfd, const char *upath)
 {
 	__u32 zero = 0;
@@ -312,7 +322,9 @@ static __noinline int path_on_mount(long dirfd, const char *upath)
 	if (!pb)
 		return 0;
 	long n = upath ? bpf_probe_read_user_str(pb->path, sizeof(pb->path), upath) : 1;
-	if (n <= 0)
+	if (n < 0)
+		return -1;
+	if (n == 0)
 		return 0;
 	if (!upath || pb->path[0] != '/') {
 		if ((int)dirfd == AT_FDCWD)
@@ -349,7 +361,18 @@ static __always_inline int open_class(__u64 flags)
 /* The class of a call if it concerns the mount, else -1; *io gets the data sides. Decided at
  * entry so the common case (any other file system) costs a switch and at most one fd-table
  * walk or path prefix check, and no map update. */
-static __always_inline int classify(long nr, unsigned long *a, __u32 *io)
+static __always_inline int maybe(int r, __u32 *unverified)
+{
+	if (r < 0) {
+		*unverified = 1;
+		return 1;
+	}
+	return r;
+}
+
+#define path_on_mount(d, p) maybe(path_on_mount((d), (p)), unverified)
+
+static __noinline int classify(long nr, unsigned long *a, __u32 *io, __u32 *unverified)
 {
 	const char *p0 = (const char *)a[0];
 	const char *p1 = (const char *)a[1];
@@ -448,6 +471,8 @@ static __always_inline int classify(long nr, unsigned long *a, __u32 *io)
 	return -1;
 }
 
+#undef path_on_mount
+
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 {
@@ -458,8 +483,8 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	args[1] = regs->si;
 	args[2] = regs->dx;
 	args[3] = regs->r10;
-	__u32 io = 0;
-	int class = classify(id, args, &io);
+	__u32 io = 0, unverified = 0;
+	int class = classify(id, args, &io, &unverified);
 	if (class < 0)
 		return 0;
 	struct call *c = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
@@ -469,6 +494,12 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	c->class = class;
 	c->io = io;
 	c->fell_back = 0;
+	c->unverified = unverified;
+	if (unverified) {
+		c->nr = id;
+		for (int i = 0; i < 4; i++)
+			c->args[i] = args[i];
+	}
 	c->live = 1;
 	return 0;
 }
@@ -494,6 +525,16 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	__u32 class = cp->class, io = cp->io, fell = cp->fell_back;
 	cp->live = 0;
 	cp->fell_back = 0;
+	if (cp->unverified && !fell) {
+		/* The path was unreadable at entry and no request proved the call ours: the
+		 * kernel has copied the path in by now, so look again. */
+		unsigned long args[4];
+		for (int i = 0; i < 4; i++)
+			args[i] = cp->args[i];
+		__u32 io2 = 0, unverified = 0;
+		if (classify(cp->nr, args, &io2, &unverified) < 0 || unverified)
+			return 0;
+	}
 	struct ringfs_class_stats *s = class_slot(class);
 	if (!s)
 		return 0;
@@ -508,27 +549,40 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	return 0;
 }
 
-/* ---- page faults ---- */
+/* ---- page faults ----
+ *
+ * A fault on a mapping of the mount's files reaches filemap_map_pages (fault-around) and/or
+ * filemap_fault with the file's mapping: both tracepoints count the fault once (the task's
+ * pt_regs, user ip and error code, identify it; page_fault_user opens a new one). A
+ * passthrough mapping maps the backing file instead, so those faults are found from the
+ * faulting address's vma (bpf_find_vma), for threads that made a call on the mount (the
+ * open of the mapped file does); the lookup gives up when the mm's lock is contended. */
+
+static __always_inline void count_fault(struct call *c, __u64 ip, __u64 err)
+{
+	c->fault_ip = ip;
+	c->fault_err = err;
+	c->fault_fell = 0;
+	c->fault_counted = 1;
+	c->fault_live = 1;
+	struct ringfs_class_stats *s = class_slot(RINGFS_MMAP);
+	if (s)
+		s->calls++;
+}
 
 struct fault_ctx {
-	int hit;
+	int backing;
 };
 
 static long fault_vma(struct task_struct *task, struct vm_area_struct *vma, void *data)
 {
 	struct fault_ctx *fc = data;
 	struct file *f = vma->vm_file;
-	if (!f)
-		return 0;
-	if (BPF_CORE_READ(f, f_inode, i_sb, s_dev) == target_kdev) {
-		fc->hit = 1;
-		return 0;
-	}
 	/* A passthrough mapping: the vma maps the backing file, whose user path is ours. */
-	if (BPF_CORE_READ(f, f_mode) & FMODE_BACKING) {
+	if (f && (BPF_CORE_READ(f, f_mode) & FMODE_BACKING)) {
 		struct backing_file *bf = container_of(f, struct backing_file, file);
 		if (BPF_CORE_READ(bf, user_path.dentry, d_sb, s_dev) == target_kdev)
-			fc->hit = 1;
+			fc->backing = 1;
 	}
 	return 0;
 }
@@ -537,19 +591,54 @@ SEC("tp_btf/page_fault_user")
 int BPF_PROG(page_fault_user, unsigned long address, struct pt_regs *regs, unsigned long error_code)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct fault_ctx fc = {};
-	if (bpf_find_vma(task, address, fault_vma, &fc, 0) || !fc.hit)
-		return 0;
-	struct call *c = bpf_task_storage_get(&calls, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	/* Only threads that made a call on the mount (opening the file they map creates their
+	 * storage) go further: every other fault on the machine costs one lookup. */
+	struct call *c = bpf_task_storage_get(&calls, task, 0, 0);
 	if (!c)
 		return 0;
+	/* A new fault: the filemap tracepoints count it if it is on the mount. */
 	c->fault_ip = regs->ip;
 	c->fault_err = regs->orig_ax;
+	c->fault_counted = 0;
 	c->fault_fell = 0;
 	c->fault_live = 1;
-	struct ringfs_class_stats *s = class_slot(RINGFS_MMAP);
-	if (s)
-		s->calls++;
+	struct fault_ctx fc = {};
+	if (!task->mm || bpf_find_vma(task, address, fault_vma, &fc, 0) || !fc.backing)
+		return 0;
+	count_fault(c, regs->ip, regs->orig_ax);
+	return 0;
+}
+
+static __always_inline void file_fault(struct address_space *mapping)
+{
+	if (BPF_CORE_READ(mapping, host, i_sb, s_dev) != target_kdev)
+		return;
+	struct task_struct *task = bpf_get_current_task_btf();
+	if (task->flags & PF_KTHREAD)
+		return;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (!regs)
+		return;
+	__u64 ip = BPF_CORE_READ(regs, ip), err = BPF_CORE_READ(regs, orig_ax);
+	struct call *c = bpf_task_storage_get(&calls, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c)
+		return;
+	if (c->fault_live && c->fault_counted && c->fault_ip == ip && c->fault_err == err)
+		return; /* the same fault, seen by the other tracepoint */
+	count_fault(c, ip, err);
+}
+
+SEC("tp_btf/mm_filemap_map_pages")
+int BPF_PROG(filemap_map_pages, struct address_space *mapping, unsigned long start, unsigned long end)
+{
+	file_fault(mapping);
+	return 0;
+}
+
+SEC("tp_btf/mm_filemap_fault")
+int BPF_PROG(filemap_fault, struct address_space *mapping, unsigned long index)
+{
+	file_fault(mapping);
 	return 0;
 }
 
