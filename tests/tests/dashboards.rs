@@ -921,7 +921,8 @@ fn recording_rules_agree_with_the_attribution_scenario() {
     let src = tempfile::tempdir_in("/tmp").expect("tempdir");
     attribution::prepare_source(src.path());
     let source = src.path().to_path_buf();
-    let mut mount = Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
+    let mut mount =
+        Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
     let metrics_addr = mount.metrics_addr();
     if !mount.log().contains("eBPF accounting attached") {
         let why = mount.log();
@@ -973,7 +974,9 @@ fn recording_rules_agree_with_the_attribution_scenario() {
         let expected = 1.0 - truth.fell_back(class) as f64 / calls;
         match prom.value(&rule(class), t) {
             None => failures.push(format!("{class}: no recorded hit rate (expected {expected:.6})")),
-            Some(v) if !(0.0..=1.0).contains(&v) => failures.push(format!("{class}: recorded hit rate {v} outside [0, 1]")),
+            Some(v) if !(0.0..=1.0).contains(&v) => {
+                failures.push(format!("{class}: recorded hit rate {v} outside [0, 1]"))
+            }
             Some(v) if (v - expected).abs() > 1e-6 => {
                 failures.push(format!("{class}: recorded hit rate {v:.6}, scenario {expected:.6}"))
             }

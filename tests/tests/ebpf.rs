@@ -101,7 +101,8 @@ fn attribution_scenario_matches_ground_truth() {
     }
     // Every request is charged to exactly one class.
     let text = m.scrape();
-    let ops: Vec<String> = support::samples(&text, "ringfs_kernel_fallbacks_total").into_iter().map(|(l, _)| l).collect();
+    let ops: Vec<String> =
+        support::samples(&text, "ringfs_kernel_fallbacks_total").into_iter().map(|(l, _)| l).collect();
     for labels in ops {
         let total = metric(&text, &format!("ringfs_kernel_fallbacks_total{{{labels}}}"));
         let op = labels.trim_start_matches("op=");
