@@ -69,44 +69,57 @@ fn stat_hit_rate_with_and_without_caching() {
 }
 
 /// The scripted scenario (see `attribution/mod.rs` for each phase and its tolerance), on a
-/// real mount with demand tracing, passthrough for `*.pt` files and the server for `*.srv`.
+/// real mount with demand tracing, passthrough for `*.pt` files and the server for `*.srv`, on
+/// both transports (the classic channel flushes queued requests from other contexts).
 #[test]
 fn attribution_scenario_matches_ground_truth() {
     if !ebpf_required("attribution_scenario_matches_ground_truth") {
         return;
     }
-    let src = tempfile::tempdir_in("/tmp").expect("tempdir");
-    attribution::prepare_source(src.path());
-    let source = src.path().to_path_buf();
-    let mut m = Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
-    attached(&mut m);
-    let mnt = m.mountpoint.clone();
-    let phases = attribution::run(&mnt, || attribution::Counters::parse(&m.scrape()));
-    let mut failures = Vec::new();
-    for p in &phases {
-        eprintln!("phase {}:\n{}", p.name, p.delta.describe());
-        for problem in &p.problems {
-            failures.push(format!("{}: {problem}\n{}", p.name, p.delta.describe()));
-        }
+    let mut transports = vec!["dev-fuse"];
+    if support::uring_enabled() {
+        transports.push("uring");
+    } else {
+        eprintln!("attribution_scenario_matches_ground_truth: FUSE over io_uring is off, dev-fuse only");
     }
-    // Every hit rate the counters give is within [0, 1].
-    let totals = &phases.last().expect("totals").delta;
-    for (class, calls) in &totals.demand {
-        if *calls > 0.0 {
-            let r = 1.0 - totals.fell_back(class) as f64 / calls;
-            if !(0.0..=1.0).contains(&r) {
-                failures.push(format!("{class}: hit rate {r} outside [0, 1]"));
+    let mut failures = Vec::new();
+    for transport in transports {
+        let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+        attribution::prepare_source(src.path());
+        let source = src.path().to_path_buf();
+        let opts = format!("{},transport={transport},metrics_addr=127.0.0.1:0", attribution::OPTIONS);
+        let mut m = Server::ringfs_on(&source, &opts, vec![src]);
+        attached(&mut m);
+        let mnt = m.mountpoint.clone();
+        let phases = attribution::run(&mnt, || attribution::Counters::parse(&m.scrape()));
+        for p in &phases {
+            eprintln!("{transport}: phase {}:\n{}", p.name, p.delta.describe());
+            for problem in &p.problems {
+                failures.push(format!("{transport}: {}: {problem}\n{}", p.name, p.delta.describe()));
             }
         }
+        // Every hit rate the counters give is within [0, 1].
+        let totals = &phases.last().expect("totals").delta;
+        for (class, calls) in &totals.demand {
+            if *calls > 0.0 {
+                let r = 1.0 - totals.fell_back(class) as f64 / calls;
+                if !(0.0..=1.0).contains(&r) {
+                    failures.push(format!("{transport}: {class}: hit rate {r} outside [0, 1]"));
+                }
+            }
+        }
+        failures.extend(charged_once(&m.scrape()).into_iter().map(|f| format!("{transport}: {f}")));
     }
-    // Every request is charged to exactly one class.
-    let text = m.scrape();
-    let ops: Vec<String> =
-        support::samples(&text, "ringfs_kernel_fallbacks_total").into_iter().map(|(l, _)| l).collect();
-    for labels in ops {
-        let total = metric(&text, &format!("ringfs_kernel_fallbacks_total{{{labels}}}"));
+    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Every request is charged to exactly one class: per operation, the requests by class add up
+/// to `ringfs_kernel_fallbacks_total`. Returns the mismatches.
+fn charged_once(text: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (labels, total) in support::samples(text, "ringfs_kernel_fallbacks_total") {
         let op = labels.trim_start_matches("op=");
-        let by_class: f64 = support::samples(&text, "ringfs_kernel_fallback_requests_total")
+        let by_class: f64 = support::samples(text, "ringfs_kernel_fallback_requests_total")
             .iter()
             .filter(|(l, _)| l.ends_with(&format!("op={op}")))
             .map(|(_, v)| v)
@@ -115,7 +128,38 @@ fn attribution_scenario_matches_ground_truth() {
             failures.push(format!("{labels}: {total} requests, {by_class} charged to classes"));
         }
     }
-    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
+    failures
+}
+
+/// Without demand tracing, requests are still charged: `background` for those no user call is
+/// behind, `untraced` for the rest; no demand families are exported.
+#[test]
+fn without_demand_tracing_requests_are_untraced_or_background() {
+    if !ebpf_required("without_demand_tracing_requests_are_untraced_or_background") {
+        return;
+    }
+    let mut m = Server::ringfs("ebpf.demand_tracing=false,metrics_addr=127.0.0.1:0");
+    attached(&mut m);
+    for i in 0..10 {
+        std::fs::write(m.mountpoint.join(format!("f{i}")), b"x").expect("create");
+    }
+    // The RELEASEs of those files are sent after close() returned: wait for the last one.
+    let releases =
+        |text: &str| metric(text, "ringfs_kernel_fallback_requests_total{class=\"background\",op=\"release\"}");
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(5), || releases(&m.scrape()) >= 10.0),
+        "RELEASE not charged to background:\n{}",
+        m.scrape()
+    );
+    let text = m.scrape();
+    assert_eq!(
+        metric(&text, "ringfs_kernel_fallback_requests_total{class=\"untraced\",op=\"create\"}"),
+        10.0,
+        "{text}"
+    );
+    assert!(!text.contains("ringfs_kernel_demand_calls_total"), "demand exported without demand tracing:\n{text}");
+    let failures = charged_once(&text);
+    assert!(failures.is_empty(), "{}\n{text}", failures.join("\n"));
 }
 
 #[test]
