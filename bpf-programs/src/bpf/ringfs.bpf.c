@@ -650,10 +650,21 @@ int BPF_PROG(uring_submit, struct io_kiocb *req)
 	/* The server's own rings (backing I/O, FUSE commands) never touch the mount. */
 	if ((bpf_get_current_pid_tgid() >> 32) == server_tgid)
 		return 0;
-	struct call *c = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
-					      BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (c)
-		c->uring_req = (__u64)req;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct call *c = bpf_task_storage_get(&calls, task, 0, 0);
+	if (!c) {
+		/* A thread that never made a call on the mount: only a request on one of the
+		 * mount's files (by fd; the file is not assigned yet) is worth a stash. Requests on
+		 * registered files of such threads are not marked. */
+		if (req->flags & REQ_F_FIXED_FILE)
+			return 0;
+		if (!file_on_mount(req->cqe.fd))
+			return 0;
+		c = bpf_task_storage_get(&calls, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (!c)
+			return 0;
+	}
+	c->uring_req = (__u64)req;
 	return 0;
 }
 
