@@ -433,3 +433,44 @@ pub fn tracepoint_present() -> bool {
     Path::new("/sys/kernel/tracing/events/fuse/fuse_request_send").exists()
         || Path::new("/sys/kernel/debug/tracing/events/fuse/fuse_request_send").exists()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Class::ALL` follows `enum ringfs_class` of ringfs.h, value by value.
+    #[test]
+    fn classes_match_the_c_enum() {
+        let header = include_str!("bpf/ringfs.h");
+        let body = header.split("enum ringfs_class {").nth(1).and_then(|b| b.split("};").next()).expect("enum");
+        let mut c_classes = Vec::new();
+        for line in body.lines() {
+            let line = line.trim();
+            let Some((name, rest)) = line.strip_prefix("RINGFS_").and_then(|l| l.split_once('=')) else {
+                continue;
+            };
+            let value: usize = rest.split(',').next().unwrap_or("").trim().parse().expect("enum value");
+            c_classes.push((name.trim().to_ascii_lowercase(), value));
+        }
+        let (last, count) = c_classes.pop().expect("RINGFS_CLASSES");
+        assert_eq!((last.as_str(), count), ("classes", NCLASSES));
+        assert_eq!(c_classes.len(), NCLASSES);
+        for (i, (class, (name, value))) in Class::ALL.iter().zip(&c_classes).enumerate() {
+            assert_eq!(*value, i, "{name}");
+            assert_eq!(class.as_str(), name.as_str(), "class {i}");
+        }
+    }
+
+    #[test]
+    fn only_caused_classes_have_demand() {
+        let without: Vec<&str> = Class::ALL.iter().filter(|c| !c.has_demand()).map(|c| c.as_str()).collect();
+        assert_eq!(without, ["background", "untraced", "unclassified"]);
+    }
+
+    #[test]
+    fn raw_layouts_match_the_c_structs() {
+        // struct ringfs_class_stats: calls, calls_with_fallback, bytes[2][3], requests[64].
+        assert_eq!(size_of::<RawClass>(), 8 * (2 + 6 + OPCODES));
+        assert_eq!(size_of::<RawOp>(), 8 * (3 + NBUCKETS));
+    }
+}
