@@ -312,6 +312,32 @@ static __always_inline int cwd_on_mount(void)
 	return dev == target_kdev;
 }
 
+/* "/proc/self/fd/N" or "/dev/fd/N" (glibc reaches a file by its fd that way, e.g. fchmodat
+ * with AT_SYMLINK_NOFOLLOW on an O_PATH fd, as tar does for every directory): N, else -1. */
+static __always_inline long proc_fd(const char *p)
+{
+	int at;
+	if (p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c' && p[5] == '/' && p[6] == 's' &&
+	    p[7] == 'e' && p[8] == 'l' && p[9] == 'f' && p[10] == '/' && p[11] == 'f' && p[12] == 'd' &&
+	    p[13] == '/')
+		at = 14;
+	else if (p[1] == 'd' && p[2] == 'e' && p[3] == 'v' && p[4] == '/' && p[5] == 'f' && p[6] == 'd' &&
+		 p[7] == '/')
+		at = 8;
+	else
+		return -1;
+	long fd = 0;
+	int digits = 0;
+	for (int i = 0; i < 8; i++) {
+		char ch = p[(at + i) & (RINGFS_PATH_MAX - 1)];
+		if (ch < '0' || ch > '9')
+			break;
+		fd = fd * 10 + (ch - '0');
+		digits++;
+	}
+	return digits ? fd : -1;
+}
+
 /* Attributes a path argument: absolute paths by prefix, relative ones (and the empty path of
  * AT_EMPTY_PATH, and a NULL path as utimensat takes it) by dirfd or cwd. 1: on the mount,
  * 0: not, -1: unreadable (a user page not faulted in yet; tracepoints cannot fault). */
@@ -331,6 +357,9 @@ static __noinline int path_on_mount(long dirfd, const char *upath)
 			return cwd_on_mount();
 		return file_on_mount(dirfd) != NULL;
 	}
+	long fd = proc_fd(pb->path);
+	if (fd >= 0)
+		return file_on_mount(fd) != NULL;
 	__u32 len = mountpoint_len;
 	if (len == 0 || len >= RINGFS_PATH_MAX || (long)len >= n)
 		return 0;

@@ -350,6 +350,26 @@ pub fn run(mnt: &Path, mut scrape: impl FnMut() -> Counters) -> Vec<Phase> {
         &mut phases,
     );
     phase(
+        "chmod through /proc/self/fd of an O_PATH fd (glibc's fchmodat(AT_SYMLINK_NOFOLLOW), tar)",
+        &mut || {
+            let f = open(&mnt.join("exists"), libc::O_PATH);
+            let via = cpath(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())));
+            for _ in 0..K {
+                // SAFETY: valid C string.
+                let r = unsafe { libc::chmod(via.as_ptr(), 0o644) };
+                assert_eq!(r, 0, "chmod via /proc/self/fd: {}", std::io::Error::last_os_error());
+            }
+            drop(f);
+            vec![
+                Expect::calls("setattr", K),
+                Expect::fell_back("setattr", K, K),
+                Expect::req("setattr", "setattr", K, K),
+                Expect::reqs("unclassified", 0, 0),
+            ]
+        },
+        &mut phases,
+    );
+    phase(
         "read(2) of 1 MiB, passthrough",
         &mut || {
             let (calls, bytes) = read_all(&mnt.join("data.pt"));
