@@ -319,8 +319,9 @@ pub struct EbpfConfig {
     /// `enable`: attach the eBPF accounting (fallbacks per operation, kernel-side latency)
     /// when the kernel allows it; the mount runs without it otherwise. Default `true`.
     pub enable: bool,
-    /// `demand_tracing`: also trace system calls on the mount (demand, hit ratios,
-    /// passthrough bytes). Costs every system call on the machine ~0.1-0.3 µs and a 4 KiB
+    /// `demand_tracing`: also trace the calls on the mount (system calls, page faults, io_uring
+    /// reads/writes: demand and hit rates per class, bytes, and the call that caused each
+    /// request; without it such requests are charged to `untraced`). Costs every system call on the machine ~0.1-0.3 µs and a 4 KiB
     /// page-cache read through the mount ~0.5 µs, so it is opt-in. Ignored when `enable` is
     /// false. Default `false`.
     pub demand_tracing: bool,

@@ -282,7 +282,7 @@ pub fn render(s: &Sources) -> String {
 
 /// The kernel-side families (eBPF): what reached the server versus what the kernel answered.
 fn kernel_stats(out: &mut String, s: &Sources) {
-    use bpf_programs::DemandClass;
+    use bpf_programs::Class;
     let snap = s.ebpf.as_ref().and_then(|m| m.lock().ok().and_then(|a| a.snapshot().ok()));
     header(out, "ringfs_ebpf_enabled", "gauge", "1 when the eBPF accounting programs are attached.");
     let _ = writeln!(out, "ringfs_ebpf_enabled {}", snap.is_some() as u8);
@@ -335,57 +335,113 @@ fn kernel_stats(out: &mut String, s: &Sources) {
         );
         let _ = writeln!(out, "ringfs_kernel_request_duration_seconds_count{{op=\"{name}\"}} {cum}");
     }
+    let (read, write) = (bpf_programs::Direction::Read, bpf_programs::Direction::Write);
+    let (mount, pt) = (bpf_programs::DataPath::Mount, bpf_programs::DataPath::Passthrough);
+    header(
+        out,
+        "ringfs_kernel_fallback_requests_total",
+        "counter",
+        "Requests the kernel sent to the server, by the class of the call that caused them and operation \
+         (class background: no user call behind them).",
+    );
+    for c in Class::ALL {
+        let counts = snap.class(c);
+        for &op in &ops {
+            let v = counts.requests[op as usize];
+            if v > 0 {
+                let _ = writeln!(
+                    out,
+                    "ringfs_kernel_fallback_requests_total{{class=\"{}\",op=\"{}\"}} {v}",
+                    c.as_str(),
+                    opcode::name(op)
+                );
+            }
+        }
+    }
     if !snap.demand_tracing {
         return;
     }
+    let demand: Vec<Class> = Class::ALL.into_iter().filter(|c| c.has_demand()).collect();
     header(
         out,
-        "ringfs_kernel_demand_total",
+        "ringfs_kernel_demand_calls_total",
         "counter",
-        "System calls that landed on the mount, by the operation the kernel could answer itself.",
+        "Calls that reached the mount, failed or not, by class (system calls, user page faults, io_uring \
+         reads/writes).",
     );
-    for c in DemandClass::ALL {
-        let _ = writeln!(out, "ringfs_kernel_demand_total{{op=\"{}\"}} {}", c.as_str(), snap.class_demand(c));
+    for &c in &demand {
+        let _ = writeln!(out, "ringfs_kernel_demand_calls_total{{class=\"{}\"}} {}", c.as_str(), snap.class(c).calls);
     }
     header(
         out,
-        "ringfs_kernel_hit_ratio",
-        "gauge",
-        "1 - fallbacks/demand per operation since start (recompute from the raw counters for windows).",
+        "ringfs_kernel_calls_with_fallback_total",
+        "counter",
+        "Calls that caused at least one request to the server, by class. \
+         Hit rate = 1 - rate(this) / rate(ringfs_kernel_demand_calls_total).",
     );
-    for c in DemandClass::ALL {
-        if let Some(r) = snap.hit_ratio(c) {
-            let _ = writeln!(out, "ringfs_kernel_hit_ratio{{op=\"{}\"}} {r:.6}", c.as_str());
+    for &c in &demand {
+        let _ = writeln!(
+            out,
+            "ringfs_kernel_calls_with_fallback_total{{class=\"{}\"}} {}",
+            c.as_str(),
+            snap.class(c).calls_with_fallback
+        );
+    }
+    header(
+        out,
+        "ringfs_kernel_io_bytes_total",
+        "counter",
+        "Data bytes by class, direction and path: mount (returned by the calls), passthrough (of those, on \
+         passthrough files), server (data of READ replies and WRITE requests the server handled).",
+    );
+    // Classes that move data always; the others only once they have some (server bytes of
+    // background readahead or write-back, for instance).
+    for c in Class::ALL {
+        let counts = snap.class(c);
+        let always = matches!(c, Class::Read | Class::Write | Class::Mmap | Class::Splice | Class::IoUring);
+        for d in bpf_programs::Direction::ALL {
+            for p in bpf_programs::DataPath::ALL {
+                let v = counts.bytes(d, p);
+                if v > 0 || always {
+                    let _ = writeln!(
+                        out,
+                        "ringfs_kernel_io_bytes_total{{class=\"{}\",direction=\"{}\",path=\"{}\"}} {v}",
+                        c.as_str(),
+                        d.as_str(),
+                        p.as_str()
+                    );
+                }
+            }
         }
     }
     header(
         out,
         "ringfs_kernel_read_bytes_total",
         "counter",
-        "Bytes returned by read-family system calls on the mount.",
+        "Bytes read from the mount's files, all classes (sum of ringfs_kernel_io_bytes_total{direction=\"read\",path=\"mount\"}).",
     );
-    let _ = writeln!(out, "ringfs_kernel_read_bytes_total {}", snap.read_bytes);
+    let _ = writeln!(out, "ringfs_kernel_read_bytes_total {}", snap.total_bytes(read, mount));
     header(
         out,
         "ringfs_kernel_write_bytes_total",
         "counter",
-        "Bytes returned by write-family system calls on the mount.",
+        "Bytes written to the mount's files, all classes (sum of ringfs_kernel_io_bytes_total{direction=\"write\",path=\"mount\"}).",
     );
-    let _ = writeln!(out, "ringfs_kernel_write_bytes_total {}", snap.write_bytes);
+    let _ = writeln!(out, "ringfs_kernel_write_bytes_total {}", snap.total_bytes(write, mount));
     header(
         out,
         "ringfs_passthrough_read_bytes_total",
         "counter",
-        "Bytes read from files the kernel passes through to their backing file.",
+        "Bytes read from files the kernel passes through to their backing file, all classes.",
     );
-    let _ = writeln!(out, "ringfs_passthrough_read_bytes_total {}", snap.passthrough_read_bytes);
+    let _ = writeln!(out, "ringfs_passthrough_read_bytes_total {}", snap.total_bytes(read, pt));
     header(
         out,
         "ringfs_passthrough_write_bytes_total",
         "counter",
-        "Bytes written to files the kernel passes through to their backing file.",
+        "Bytes written to files the kernel passes through to their backing file, all classes.",
     );
-    let _ = writeln!(out, "ringfs_passthrough_write_bytes_total {}", snap.passthrough_write_bytes);
+    let _ = writeln!(out, "ringfs_passthrough_write_bytes_total {}", snap.total_bytes(write, pt));
 }
 
 /// Binds the endpoint and serves it from a thread (see [`http`]). A failed bind is logged, not

@@ -20,9 +20,14 @@
 //! - queries on the io_uring queue families (`ringfs_queue_*`) when the mount runs the `dev_fuse`
 //!   transport: those families exist only with io_uring queues.
 //!
+//! - the attribution scenario (`attribution/mod.rs`) runs on a live mount scraped by a real
+//!   Prometheus with the recording rules loaded: each class's recorded hit rate must equal the
+//!   one the scenario's checked counters give.
+//!
 //! Everything started (ringfs, prometheus, fio, the metadata loop) is stopped by a guard on every
 //! path, and every wait is bounded.
 
+mod attribution;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -85,8 +90,10 @@ const KNOWN_FAMILIES: &[&str] = &[
     "ringfs_kernel_fallbacks_total",
     "ringfs_kernel_fallback_errors_total",
     "ringfs_kernel_request_duration_seconds",
-    "ringfs_kernel_demand_total",
-    "ringfs_kernel_hit_ratio",
+    "ringfs_kernel_fallback_requests_total",
+    "ringfs_kernel_demand_calls_total",
+    "ringfs_kernel_calls_with_fallback_total",
+    "ringfs_kernel_io_bytes_total",
     "ringfs_kernel_read_bytes_total",
     "ringfs_kernel_write_bytes_total",
     "ringfs_passthrough_read_bytes_total",
@@ -96,6 +103,9 @@ const KNOWN_FAMILIES: &[&str] = &[
     "process_open_fds",
     "process_max_fds",
 ];
+
+/// The rule files Prometheus loads: recording rules first (the alerts use them).
+const RULE_FILES: &[&str] = &["ringfs-rules.yml", "ringfs-alerts.yml"];
 
 /// The histogram families (exported as `_bucket`, `_sum`, `_count`).
 const HISTOGRAMS: &[&str] = &["ringfs_request_duration_seconds", "ringfs_kernel_request_duration_seconds"];
@@ -313,9 +323,11 @@ fn dashboard_json_matches_the_schema_and_conventions() {
             }
         }
     }
-    for f in families(&read(&rules_dir().join("ringfs-alerts.yml"))) {
-        if !KNOWN_FAMILIES.contains(&f.as_str()) {
-            problems.push(format!("ringfs-alerts.yml: unknown metric family {f}"));
+    for file in RULE_FILES {
+        for f in families(&read(&rules_dir().join(file))) {
+            if !KNOWN_FAMILIES.contains(&f.as_str()) {
+                problems.push(format!("{file}: unknown metric family {f}"));
+            }
         }
     }
     // The operator documentation explains every panel (by its title) and every alert.
@@ -392,7 +404,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     let promtool = &tools[0];
     let dir = rules_dir();
     for args in [
-        &["check", "rules", "ringfs-alerts.yml"][..],
+        &["check", "rules", "ringfs-rules.yml", "ringfs-alerts.yml"][..],
         &["test", "rules", "ringfs-alerts.test.yml"][..],
         &["check", "config", "prometheus.yml"][..],
     ] {
@@ -486,13 +498,18 @@ impl Prometheus {
     /// Starts `bin` scraping `target` (labelled with `mount`) every second, with the alert rules.
     fn start(bin: &Path, target: &str, mount: &Path) -> Prometheus {
         let dir = tempfile::tempdir().expect("tempdir");
-        let rules = rules_dir().join("ringfs-alerts.yml").canonicalize().expect("rules path");
+        let rules: String = RULE_FILES
+            .iter()
+            .map(|f| {
+                let path = rules_dir().join(f).canonicalize().expect("rules path");
+                format!("\n  - {}", serde_json::to_string(&path.display().to_string()).expect("json"))
+            })
+            .collect();
         let config = format!(
             "global:\n  scrape_interval: {SCRAPE_INTERVAL_S}s\n  scrape_timeout: {SCRAPE_INTERVAL_S}s\n  \
-             evaluation_interval: {SCRAPE_INTERVAL_S}s\nrule_files:\n  - {rules}\nscrape_configs:\n  \
+             evaluation_interval: {SCRAPE_INTERVAL_S}s\nrule_files:{rules}\nscrape_configs:\n  \
              - job_name: {JOB}\n    static_configs:\n      - targets: [{target}]\n        labels:\n          \
              mount: {mount}\n",
-            rules = serde_json::to_string(&rules.display().to_string()).expect("json"),
             target = serde_json::to_string(target).expect("json"),
             mount = serde_json::to_string(&mount.display().to_string()).expect("json"),
         );
@@ -822,7 +839,9 @@ fn every_panel_query_returns_data_from_prometheus_scraping_a_live_mount() {
             for (_, _, expr) in all_targets(&dashboard) {
                 named.extend(families(&expr));
             }
-            named.extend(families(&read(&rules_dir().join("ringfs-alerts.yml"))));
+            for file in RULE_FILES {
+                named.extend(families(&read(&rules_dir().join(file))));
+            }
             for f in named {
                 let found = present.contains(&f) || present.contains(&format!("{f}_count"));
                 if !found && may_be_empty(&BTreeSet::from([f.clone()])).is_none() {
@@ -832,8 +851,14 @@ fn every_panel_query_returns_data_from_prometheus_scraping_a_live_mount() {
         }
     }
 
-    // The alert rules load and evaluate without errors against the live series.
-    let rule_count = read(&rules_dir().join("ringfs-alerts.yml")).matches("- alert: ").count();
+    // The alert and recording rules load and evaluate without errors against the live series.
+    let rule_count: usize = RULE_FILES
+        .iter()
+        .map(|f| {
+            let text = read(&rules_dir().join(f));
+            text.matches("- alert: ").count() + text.matches("- record: ").count()
+        })
+        .sum();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let rules = prom.api("/api/v1/rules");
@@ -859,7 +884,7 @@ fn every_panel_query_returns_data_from_prometheus_scraping_a_live_mount() {
             break;
         }
         if list.len() == rule_count && evaluated == rule_count {
-            report.push(format!("  {rule_count} alert rules loaded and evaluated"));
+            report.push(format!("  {rule_count} alert and recording rules loaded and evaluated"));
             break;
         }
         if Instant::now() > deadline {
@@ -876,4 +901,92 @@ fn every_panel_query_returns_data_from_prometheus_scraping_a_live_mount() {
     drop(fio);
     eprintln!("{test}: {} queries at t={t:.3}:\n{}", report.len(), report.join("\n"));
     assert!(failures.is_empty(), "{} failures:\n{}\nserver log:\n{}", failures.len(), failures.join("\n"), mount.log());
+}
+
+/// The attribution scenario under a real Prometheus: for every class the scenario made calls
+/// of, `class:ringfs_kernel_hit_rate:ratio_rate5m` (ringfs-rules.yml, the expression behind the
+/// dashboard's hit-rate panel) equals 1 - calls with a fallback / calls of the scenario's
+/// counters, which `attribution::run` checked phase by phase against the known effect of each
+/// call. Exact up to rounding: the whole scenario fits in the 5-minute window and every series
+/// starts at 0, so rate() extrapolates numerator and denominator alike.
+#[test]
+fn recording_rules_agree_with_the_attribution_scenario() {
+    let test = "recording_rules_agree_with_the_attribution_scenario";
+    if !require(test, false, &[]) {
+        return;
+    }
+    let Some(tools) = require_tools(test, &["prometheus"]) else {
+        return;
+    };
+    let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+    attribution::prepare_source(src.path());
+    let source = src.path().to_path_buf();
+    let mut mount =
+        Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
+    let metrics_addr = mount.metrics_addr();
+    if !mount.log().contains("eBPF accounting attached") {
+        let why = mount.log();
+        if in_ci() {
+            panic!("{test}: eBPF accounting is not available under CI:\n{why}");
+        }
+        eprintln!("SKIP {test}: eBPF accounting unavailable:\n{why}");
+        return;
+    }
+    let prom = Prometheus::start(&tools[0], &metrics_addr, &mount.mountpoint);
+    // Prometheus has the counters at 0 before the scenario starts.
+    let scraped = |prom: &Prometheus, n: f64| {
+        support::wait_until(Duration::from_secs(30), || {
+            prom.value(&format!("count_over_time(up{{job=\"{JOB}\"}}[5m])"), now()).is_some_and(|v| v >= n)
+        })
+    };
+    assert!(scraped(&prom, 2.0), "Prometheus did not scrape {metrics_addr}");
+    let before = attribution::Counters::parse(&mount.scrape());
+    let mnt = mount.mountpoint.clone();
+    let phases = attribution::run(&mnt, || attribution::Counters::parse(&mount.scrape()));
+    let problems: Vec<String> =
+        phases.iter().flat_map(|p| p.problems.iter().map(move |e| format!("{}: {e}", p.name))).collect();
+    assert!(problems.is_empty(), "the scenario does not match its ground truth:\n{}", problems.join("\n"));
+    let truth = attribution::Counters::parse(&mount.scrape()).minus(&before);
+
+    // Wait for a scrape with the final counters, then for a rule evaluation after it.
+    let last_class = "write";
+    let final_calls = truth.calls(last_class) + before.calls(last_class);
+    let sample = format!("ringfs_kernel_demand_calls_total{{job=\"{JOB}\", class=\"{last_class}\"}}");
+    assert!(
+        support::wait_until(Duration::from_secs(30), || prom.value(&sample, now()) == Some(final_calls as f64)),
+        "Prometheus never scraped the final counters ({final_calls} {last_class} calls)"
+    );
+    let scraped_at = prom.value(&format!("timestamp({sample})"), now()).expect("timestamp of the last scrape");
+    let rule = |class: &str| format!("class:ringfs_kernel_hit_rate:ratio_rate5m{{job=\"{JOB}\", class=\"{class}\"}}");
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            prom.value(&format!("timestamp({})", rule(last_class)), now()).is_some_and(|ts| ts > scraped_at + 0.5)
+        }),
+        "the recording rules were not evaluated after the last scrape"
+    );
+    let t = now();
+    let mut failures = Vec::new();
+    let mut report = Vec::new();
+    for (class, calls) in &truth.demand {
+        if *calls <= 0.0 {
+            continue;
+        }
+        let expected = 1.0 - truth.fell_back(class) as f64 / calls;
+        match prom.value(&rule(class), t) {
+            None => failures.push(format!("{class}: no recorded hit rate (expected {expected:.6})")),
+            Some(v) if !(0.0..=1.0).contains(&v) => {
+                failures.push(format!("{class}: recorded hit rate {v} outside [0, 1]"))
+            }
+            Some(v) if (v - expected).abs() > 1e-6 => {
+                failures.push(format!("{class}: recorded hit rate {v:.6}, scenario {expected:.6}"))
+            }
+            Some(v) => report.push(format!(
+                "  {class}: {} calls, {} with a fallback, hit rate {v:.6}",
+                *calls as u64,
+                truth.fell_back(class)
+            )),
+        }
+    }
+    eprintln!("{test}: recorded hit rates at t={t:.3}:\n{}", report.join("\n"));
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
