@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
-use support::{metric, require, Server};
+use support::{metric, require, wait_until, Server};
 
 fn requests(text: &str, op: &str) -> f64 {
     metric(text, &format!("ringfs_requests_total{{op=\"{op}\"}}"))
@@ -397,4 +397,68 @@ fn writes_through_passthrough_stay_coherent() {
     let took =
         wait_visible(Duration::from_secs(2), || std::fs::metadata(&path).map(|s| s.len()).ok() == Some(want + 4));
     assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "size after a backing write: {took:?}");
+}
+
+/// The mount's own writes through passthrough are not "external" changes: 100 x (open, 4 KiB
+/// pwrite, close) of files the kernel knows send no invalidation (they land on the server's
+/// private mount, whose FAN_MODIFY events the watch ignores), and a later stat of each costs at
+/// most the one GETATTR the kernel asks for itself after a write (a passthrough write
+/// invalidates the kernel's cached size and times). A write made directly on the backing file
+/// while the mount holds it open for writing still shows through at once.
+#[test]
+fn own_passthrough_writes_send_no_invalidations() {
+    if !require("own_passthrough_writes_send_no_invalidations", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let n = 100;
+    for i in 0..n {
+        std::fs::write(m.source.join(format!("f{i}")), b"x").expect("create backing");
+    }
+    std::fs::write(m.source.join("sentinel"), b"s").expect("create sentinel");
+    for i in 0..n {
+        std::fs::metadata(m.mountpoint.join(format!("f{i}"))).expect("stat");
+    }
+    std::fs::metadata(m.mountpoint.join("sentinel")).expect("stat sentinel");
+    let before = m.scrape();
+    for i in 0..n {
+        let f = std::fs::OpenOptions::new().write(true).open(m.mountpoint.join(format!("f{i}"))).expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[b'y'; 4096], 0).expect("pwrite");
+    }
+    for i in 0..n {
+        assert_eq!(std::fs::metadata(m.mountpoint.join(format!("f{i}"))).expect("stat").len(), 4096);
+    }
+    // Releases are asynchronous: wait until every one was served. Then an external change of a
+    // known file: the watch handles events in order, so once its invalidation is counted, any
+    // event of the writes above has been handled too.
+    let released = wait_until(Duration::from_secs(5), || {
+        requests(&m.scrape(), "release") - requests(&before, "release") >= n as f64
+    });
+    assert!(released, "releases not served");
+    let inval0 = metric(&before, "ringfs_invalidations_total");
+    std::fs::set_permissions(m.source.join("sentinel"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let seen = wait_until(Duration::from_secs(5), || metric(&m.scrape(), "ringfs_invalidations_total") > inval0);
+    assert!(seen, "the sentinel's external chmod was not invalidated");
+    let after = m.scrape();
+    assert_eq!(requests(&after, "open") - requests(&before, "open"), n as f64, "{after}");
+    assert_eq!(requests(&after, "write") - requests(&before, "write"), 0.0, "writes reached the server");
+    let inval = metric(&after, "ringfs_invalidations_total") - inval0 - 1.0;
+    assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
+    let getattrs = requests(&after, "getattr") - requests(&before, "getattr");
+    assert!(getattrs <= n as f64, "{getattrs} GETATTRs for {n} stats after writes");
+
+    // Coherence: another process writes the backing file while the mount holds it open.
+    let path = m.mountpoint.join("f0");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open rw");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b'z'; 100], 0).expect("pwrite");
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 4096);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.source.join("f0"))
+        .expect("open backing")
+        .write_all(b"more")
+        .expect("append");
+    let took = wait_visible(Duration::from_secs(2), || std::fs::metadata(&path).map(|s| s.len()).ok() == Some(4100));
+    assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "external append while open: {took:?}");
+    drop(f);
 }

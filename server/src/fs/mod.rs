@@ -148,6 +148,9 @@ pub struct PassthroughFs {
     write_ignores: std::sync::OnceLock<watch::WriteIgnores>,
     /// FUSE_EXPORT_SUPPORT was negotiated: file handles were given out.
     exported: AtomicBool,
+    /// The root of the server's private mount of the backing directory (None when it is
+    /// reached directly): the watch ignores FAN_MODIFY on this mount.
+    private_root: Option<OwnedFd>,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -188,17 +191,17 @@ fn backing_fs_type(path: &std::path::Path) -> i64 {
     unsafe { s.assume_init() }.f_type
 }
 
-/// Opens the backing root: directly, or, when the mount asks for an access-time mode of its own
-/// (`noatime`, `strictatime`, `nodiratime`), as the root of a private, detached bind mount of
-/// the backing directory (and every mount below it) with that mode. The kernel opens the
-/// backing files of passthrough opens on the server's mount, so the mode then holds for the
-/// reads it does itself too. A refused private mount (no CAP_SYS_ADMIN, old kernel) falls back
-/// to the backing mount's own mode, with a warning. Returns the root and whether it is private.
+/// Opens the backing root as the root of a private, detached bind mount of the backing
+/// directory (and every mount below it), with the mount's own access-time mode when it asks for
+/// one (`noatime`, `strictatime`, `nodiratime`). The kernel opens the backing files of
+/// passthrough opens on the server's mount, so that mode holds for the reads it does itself
+/// too; and every write made through the mount (the server's own and the kernel's passthrough
+/// writes) lands on this one mount, which the coherence watch ignores for FAN_MODIFY (see
+/// `watch::Watch::ignore_own_mount`). A refused private mount (no CAP_SYS_ADMIN, old kernel)
+/// falls back to the backing directory itself (with a warning when an access-time mode was
+/// asked for). Returns the root and whether it is private.
 fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
     let plain = || sys::openat(libc::AT_FDCWD, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
-    if !(cfg.noatime || cfg.strictatime || cfg.nodiratime) {
-        return Ok((plain()?, false));
-    }
     // The root must be a directory (and exist) whichever way it is opened.
     drop(plain()?);
     let (mut set, mut clear) = (0u64, 0u64);
@@ -212,10 +215,14 @@ fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
     match sys::private_mount(path, set, clear) {
         Ok(fd) => Ok((fd, true)),
         Err(e) => {
-            log::warn!(
-                "cannot make a private mount of the backing directory ({}): access times follow its own mount",
-                io::Error::from_raw_os_error(e.0)
-            );
+            let why = io::Error::from_raw_os_error(e.0);
+            if cfg.noatime || cfg.strictatime || cfg.nodiratime {
+                log::warn!(
+                    "cannot make a private mount of the backing directory ({why}): access times follow its own mount"
+                );
+            } else {
+                log::info!("cannot make a private mount of the backing directory ({why}): using it directly");
+            }
             Ok((plain()?, false))
         }
     }
@@ -313,6 +320,7 @@ impl PassthroughFs {
         let path = CString::new(cfg.source.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, what.clone()))?;
         let (root, private_mount) = open_root(&cfg, &path).map_err(|e| io_err(e, &what))?;
+        let private_root = if private_mount { root.try_clone().ok() } else { None };
         let proc_fd =
             sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
@@ -350,6 +358,7 @@ impl PassthroughFs {
             noflush,
             write_ignores: std::sync::OnceLock::new(),
             exported: AtomicBool::new(false),
+            private_root,
         })
     }
 
@@ -592,8 +601,13 @@ impl PassthroughFs {
 
     /// Starts pushing changes made directly on the backing directory to the kernel's caches.
     /// Needs the kernel channel (attached at INIT).
-    pub fn start_watch(&self, watch: watch::Watch) -> io::Result<()> {
+    pub fn start_watch(&self, mut watch: watch::Watch) -> io::Result<()> {
         let kernel = self.passthrough.kernel().ok_or_else(|| io::Error::other("no kernel channel attached"))?;
+        if let Some(root) = &self.private_root {
+            if let Err(e) = watch.ignore_own_mount(root.as_raw_fd()) {
+                log::info!("FAN_MODIFY not ignored on the server's private mount ({e}): per-file ignore marks instead");
+            }
+        }
         if let Some(w) = watch.write_ignores() {
             let _ = self.write_ignores.set(w);
         }

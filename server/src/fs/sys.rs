@@ -355,8 +355,8 @@ struct MountAttr {
 
 /// A private, detached copy of the mount tree at `path` (`open_tree(OPEN_TREE_CLONE |
 /// AT_RECURSIVE)`) with mount attributes `set` applied and `clear` cleared on every mount in
-/// it; returns the descriptor of its root. The copy lives as long as the descriptor and what
-/// is opened through it.
+/// it (nothing to apply when both are 0); returns the descriptor of its root. The copy lives as
+/// long as the descriptor and what is opened through it.
 pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64) -> Result<OwnedFd> {
     // SAFETY: open_tree with a NUL-terminated path; returns a new descriptor or -1.
     let fd = unsafe {
@@ -370,6 +370,9 @@ pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64) -> Result<OwnedFd
     let fd = cvt_long(fd)? as RawFd;
     // SAFETY: the descriptor open_tree just returned is ours.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if set == 0 && clear == 0 {
+        return Ok(fd);
+    }
     let attr = MountAttr { attr_set: set, attr_clr: clear, propagation: 0, userns_fd: 0 };
     // SAFETY: mount_setattr on our descriptor with EMPTY (NUL-terminated) and a mount_attr of
     // the size passed.
