@@ -586,8 +586,11 @@ fn run_requests(plan: &Plan, args: &[String]) -> Result<ExitCode> {
     fs::create_dir_all(plan.out.join("strace"))?;
     let mut results: Vec<(String, String, Vec<requests::Sample>)> = Vec::new();
     let mut errors = Vec::new();
-    let mut progress =
-        Progress { done: 0, total: plan.workloads.len() * plan.repeat as usize * targets.len(), started: Instant::now() };
+    let mut progress = Progress {
+        done: 0,
+        total: plan.workloads.len() * plan.repeat as usize * targets.len(),
+        started: Instant::now(),
+    };
     for w in &plan.workloads {
         for rep in 1..=plan.repeat {
             for t in &targets {

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::proc;
 
 /// Every workload, in report order.
-pub(crate) const WORKLOADS: &[&str] = &["untar", "find-stat", "ls-l", "git-status", "cargo-build", "rm-rf", "meta-py"];
+pub(crate) const WORKLOADS: &[&str] = &["untar", "find-stat", "find-flat", "ls", "ls-l", "git-status", "cargo-build", "rm-rf", "meta-py"];
 
 /// One result row of a workload: name, unit, and whether higher is better.
 pub(crate) struct Row {
@@ -90,7 +90,7 @@ pub(crate) fn prepare(selected: &[String], src: &Path, params: &WlParams) -> Res
     if selected.iter().any(|w| w == "cargo-build") {
         make_crate(&wl.join("crate"))?;
     }
-    if selected.iter().any(|w| w == "ls-l") {
+    if selected.iter().any(|w| ["ls", "ls-l", "find-flat"].contains(&w.as_str())) {
         make_flat_dir(&wl.join("lsdir"), params.meta_files)?;
     }
     Ok(prepared)
@@ -370,13 +370,18 @@ pub(crate) fn measure(
             c.arg(wl.join("tree")).arg("-ls");
             secs(c, "find -ls")
         }
-        "ls-l" => {
-            let mut warm = quiet(Command::new("ls"));
-            warm.arg("-l").arg(native.join("lsdir"));
-            proc::run(&mut warm, TIMEOUT, false)?.check("ls -l (warm-up)")?;
-            let mut c = quiet(Command::new("ls"));
-            c.arg("-l").arg(wl.join("lsdir"));
-            secs(c, "ls -l")
+        "ls" | "ls-l" | "find-flat" => {
+            let (prog, args): (&str, &[&str]) = match name {
+                "ls" => ("ls", &[]),
+                "ls-l" => ("ls", &["-l"]),
+                _ => ("find", &["-ls"]),
+            };
+            let mut warm = quiet(Command::new(prog));
+            warm.arg(native.join("lsdir")).args(args);
+            proc::run(&mut warm, TIMEOUT, false)?.check("warm-up")?;
+            let mut c = quiet(Command::new(prog));
+            c.arg(wl.join("lsdir")).args(args);
+            secs(c, name)
         }
         "rm-rf" => {
             let mut c = Command::new("rm");

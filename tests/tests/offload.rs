@@ -462,3 +462,47 @@ fn own_passthrough_writes_send_no_invalidations() {
     assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "external append while open: {took:?}");
     drop(f);
 }
+
+/// `find`-like walks (the whole listing read first, then an lstat per name) cost one request
+/// per listing chunk: every chunk is a READDIRPLUS (`cache.readdirplus = "always"`, the
+/// default), which leaves every name in the kernel's entry cache, so no name is looked up.
+/// With `"auto"` the kernel lists all but the first chunk with plain READDIR and looks the
+/// other names up one by one.
+#[test]
+fn find_after_readdirplus_sends_no_lookups() {
+    if !require("find_after_readdirplus_sends_no_lookups", false, &[]) {
+        return;
+    }
+    let n = 3000;
+    // "always": a handful at most (an entry at a chunk boundary), never one per name.
+    for (mode, max_lookups) in [("always", 8.0), ("auto", f64::INFINITY)] {
+        let mut m = Server::ringfs(&format!("metrics_addr=127.0.0.1:0,readdirplus={mode}"));
+        std::fs::create_dir(m.source.join("d")).expect("mkdir");
+        for i in 0..n {
+            std::fs::File::create(m.source.join(format!("d/f{i:05}"))).expect("create backing");
+        }
+        std::fs::metadata(m.mountpoint.join("d")).expect("stat d");
+        let before = m.scrape();
+        let names: Vec<_> = std::fs::read_dir(m.mountpoint.join("d"))
+            .expect("opendir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(names.len(), n);
+        for p in &names {
+            std::fs::symlink_metadata(p).expect("lstat");
+        }
+        let after = m.scrape();
+        let delta = |op: &str| requests(&after, op) - requests(&before, op);
+        let lookups = delta("lookup");
+        if mode == "always" {
+            assert!(lookups <= max_lookups, "{mode}: {lookups} LOOKUPs after READDIRPLUS:\n{after}");
+            assert_eq!(delta("readdir"), 0.0, "{mode}: plain READDIRs");
+            assert!(delta("readdirplus") >= 2.0, "{mode}: {after}");
+            // At most the directory's own (its atime moved with the listing), never one per name.
+            assert!(delta("getattr") <= 1.0, "{mode}: GETATTRs after READDIRPLUS:\n{after}");
+        } else {
+            // The contrast that makes "always" the default: most names looked up one by one.
+            assert!(lookups >= (n / 2) as f64, "{mode}: only {lookups} LOOKUPs");
+        }
+    }
+}
