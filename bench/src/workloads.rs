@@ -17,7 +17,8 @@ use serde_json::Value;
 use crate::proc;
 
 /// Every workload, in report order.
-pub(crate) const WORKLOADS: &[&str] = &["untar", "find-stat", "find-flat", "ls", "ls-l", "git-status", "cargo-build", "rm-rf", "meta-py"];
+pub(crate) const WORKLOADS: &[&str] =
+    &["untar", "find-stat", "find-flat", "ls", "ls-l", "git-status", "cargo-build", "rm-rf", "meta-py"];
 
 /// One result row of a workload: name, unit, and whether higher is better.
 pub(crate) struct Row {

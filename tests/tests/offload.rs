@@ -483,10 +483,8 @@ fn find_after_readdirplus_sends_no_lookups() {
         }
         std::fs::metadata(m.mountpoint.join("d")).expect("stat d");
         let before = m.scrape();
-        let names: Vec<_> = std::fs::read_dir(m.mountpoint.join("d"))
-            .expect("opendir")
-            .map(|e| e.expect("entry").path())
-            .collect();
+        let names: Vec<_> =
+            std::fs::read_dir(m.mountpoint.join("d")).expect("opendir").map(|e| e.expect("entry").path()).collect();
         assert_eq!(names.len(), n);
         for p in &names {
             std::fs::symlink_metadata(p).expect("lstat");
@@ -505,4 +503,71 @@ fn find_after_readdirplus_sends_no_lookups() {
             assert!(lookups >= (n / 2) as f64, "{mode}: only {lookups} LOOKUPs");
         }
     }
+}
+
+/// Whether another process can take a write lock on all of `path` now (F_SETLK in a child).
+fn other_process_can_lock(path: &std::path::Path) -> bool {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open for the child");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: the child only calls fcntl and _exit (async-signal-safe) on a descriptor it
+    // inherited; the parent waits for it.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let mut fl: libc::flock = std::mem::zeroed();
+            fl.l_type = libc::F_WRLCK as i16;
+            fl.l_whence = libc::SEEK_SET as i16;
+            let rc = libc::fcntl(fd, libc::F_SETLK, &fl);
+            libc::_exit(if rc == 0 { 0 } else { 1 });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+}
+
+/// On a local backing file system close(2) sends no FLUSH (FOPEN_NOFLUSH: the server's flush
+/// would only close a duplicate descriptor, which does nothing on a local file system), and
+/// POSIX locks, which the kernel keeps itself, are still dropped at close: another process can
+/// lock the file as soon as the holder closes a descriptor of it.
+#[test]
+fn close_sends_no_flush_and_locks_still_release() {
+    if !require("close_sends_no_flush_and_locks_still_release", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let path = m.mountpoint.join("f");
+    std::fs::write(&path, b"data").expect("create");
+    let before = m.scrape();
+    for i in 0..50 {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+        if i % 2 == 0 {
+            f.write_all(b"x").expect("write");
+        } else {
+            let mut s = String::new();
+            f.read_to_string(&mut s).expect("read");
+        }
+    }
+    let served =
+        wait_until(Duration::from_secs(5), || requests(&m.scrape(), "release") - requests(&before, "release") >= 50.0);
+    assert!(served, "releases not served");
+    let after = m.scrape();
+    assert_eq!(requests(&after, "open") - requests(&before, "open"), 50.0, "{after}");
+    assert_eq!(requests(&after, "flush") - requests(&before, "flush"), 0.0, "close() sent FLUSH:\n{after}");
+
+    // POSIX locks across processes, released by close without a FLUSH.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: fcntl on our open descriptor with a valid flock.
+    assert_eq!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_SETLK, &fl) }, 0, "lock");
+    assert!(!other_process_can_lock(&path), "another process took a lock held through the mount");
+    // Closing *any* descriptor of the file drops the process's POSIX locks on it.
+    drop(std::fs::File::open(&path).expect("second open"));
+    assert!(other_process_can_lock(&path), "the lock survived a close");
+    drop(f);
+    let after = m.scrape();
+    assert_eq!(requests(&after, "flush") - requests(&before, "flush"), 0.0, "close() sent FLUSH:\n{after}");
 }
