@@ -107,13 +107,14 @@ impl Watch {
     }
 
     /// Ignores FAN_MODIFY on the mount whose root is `root`: the server's private, detached
-    /// mount of the backing directory, on which every write made through the FUSE mount lands
-    /// (the server's own writes, and the kernel's passthrough writes, which go to backing files
-    /// it opens on the server's mount). Writes by anyone else go through another mount and
-    /// still report. This replaces the per-file ignore marks ([`WriteIgnores`]): no mark per
-    /// open, no blind window for other writers while a file is open through the mount, and no
-    /// invalidation at close for the mount's own writes (which the kernel already accounted
-    /// for: a passthrough write updates its size and invalidates its cached times itself).
+    /// mount on which passthrough backing files are registered, so every passthrough write made
+    /// through the FUSE mount lands there (the kernel opens backing files on the registered
+    /// file's mount). Writes by anyone else go through another mount and still report; the
+    /// server's own writes are skipped by pid. This replaces the per-file ignore marks
+    /// ([`WriteIgnores`]): no mark per open, no blind window for other writers while a file is
+    /// open through the mount, and no invalidation at close for the mount's own writes (which
+    /// the kernel already accounted for: a passthrough write updates its size and invalidates
+    /// its cached times itself).
     pub(crate) fn ignore_own_mount(&mut self, root: RawFd) -> io::Result<()> {
         if self.inotify.is_some() {
             return Err(io::Error::other("inotify has no mount marks"));
