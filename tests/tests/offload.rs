@@ -419,7 +419,9 @@ fn own_passthrough_writes_send_no_invalidations() {
     for i in 0..n {
         std::fs::metadata(m.mountpoint.join(format!("f{i}"))).expect("stat");
     }
-    std::fs::metadata(m.mountpoint.join("sentinel")).expect("stat sentinel");
+    // Held open, so that the kernel keeps the sentinel's inode (and the watch its node) even if
+    // something on the machine drops caches meanwhile.
+    let _sentinel = std::fs::File::open(m.mountpoint.join("sentinel")).expect("open sentinel");
     let before = m.scrape();
     for i in 0..n {
         let f = std::fs::OpenOptions::new().write(true).open(m.mountpoint.join(format!("f{i}"))).expect("open");
@@ -477,19 +479,32 @@ fn find_after_readdirplus_sends_no_lookups() {
     // "always": a handful at most (an entry at a chunk boundary), never one per name.
     for (mode, max_lookups) in [("always", 8.0), ("auto", f64::INFINITY)] {
         let mut m = Server::ringfs(&format!("metrics_addr=127.0.0.1:0,readdirplus={mode}"));
-        std::fs::create_dir(m.source.join("d")).expect("mkdir");
-        for i in 0..n {
-            std::fs::File::create(m.source.join(format!("d/f{i:05}"))).expect("create backing");
-        }
-        std::fs::metadata(m.mountpoint.join("d")).expect("stat d");
-        let before = m.scrape();
-        let names: Vec<_> =
-            std::fs::read_dir(m.mountpoint.join("d")).expect("opendir").map(|e| e.expect("entry").path()).collect();
-        assert_eq!(names.len(), n);
-        for p in &names {
-            std::fs::symlink_metadata(p).expect("lstat");
-        }
-        let after = m.scrape();
+        // A cache drop elsewhere on the machine (the kernel then forgets names, and looks them
+        // up again) voids a walk: seen as FORGETs, and walked again on a fresh directory.
+        let (before, after) = (0..3)
+            .map(|k| {
+                let d = m.source.join(format!("d{k}"));
+                std::fs::create_dir(&d).expect("mkdir");
+                for i in 0..n {
+                    std::fs::File::create(d.join(format!("f{i:05}"))).expect("create backing");
+                }
+                std::fs::metadata(m.mountpoint.join(format!("d{k}"))).expect("stat d");
+                let before = m.scrape();
+                let names: Vec<_> = std::fs::read_dir(m.mountpoint.join(format!("d{k}")))
+                    .expect("opendir")
+                    .map(|e| e.expect("entry").path())
+                    .collect();
+                assert_eq!(names.len(), n);
+                for p in &names {
+                    std::fs::symlink_metadata(p).expect("lstat");
+                }
+                (before, m.scrape())
+            })
+            .find(|(b, a)| {
+                let forgets = |t: &str| requests(t, "forget") + requests(t, "batch_forget");
+                forgets(a) == forgets(b)
+            })
+            .expect("every walk was disturbed by a cache drop");
         let delta = |op: &str| requests(&after, op) - requests(&before, op);
         let lookups = delta("lookup");
         if mode == "always" {
@@ -570,4 +585,36 @@ fn close_sends_no_flush_and_locks_still_release() {
     drop(f);
     let after = m.scrape();
     assert_eq!(requests(&after, "flush") - requests(&before, "flush"), 0.0, "close() sent FLUSH:\n{after}");
+}
+
+/// Passthrough files are registered through a private clone of the backing mount (for the
+/// watch's FAN_MODIFY ignore mark), but lookups stay on the backing mount: a file system mounted
+/// below the backing directory after the server started is visible through the mount, and its
+/// files open (and pass through) normally.
+#[test]
+fn mounts_made_below_the_backing_directory_later_stay_visible() {
+    if !require("mounts_made_below_the_backing_directory_later_stay_visible", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let sub = m.source.join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let ok =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "ringfs-test"]).arg(&sub).status().expect("mount");
+    assert!(ok.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(sub.clone());
+    std::fs::write(sub.join("x"), b"on tmpfs").expect("write on the submount");
+    assert_eq!(std::fs::read(m.mountpoint.join("sub/x")).expect("read through the mount"), b"on tmpfs");
+    let mut f = std::fs::OpenOptions::new().append(true).open(m.mountpoint.join("sub/x")).expect("open");
+    f.write_all(b"!").expect("write through the mount");
+    drop(f);
+    assert_eq!(std::fs::read(sub.join("x")).expect("read backing"), b"on tmpfs!");
+    let text = m.scrape();
+    assert_eq!(requests(&text, "write"), 0.0, "writes went through passthrough: {text}");
 }
