@@ -7,6 +7,7 @@ mod mount;
 mod proc;
 mod profiles;
 mod report;
+mod requests;
 mod workloads;
 
 use std::fs;
@@ -116,6 +117,11 @@ struct Cli {
     /// List the profiles and workloads and exit.
     #[arg(long)]
     list: bool,
+    /// Count FUSE requests instead of timing: for each workload (all unless --workloads) and
+    /// each mount (ringfs variants and peers), requests by opcode, system calls (strace -c,
+    /// first repetition), requests per system call and server CPU per request.
+    #[arg(long)]
+    requests: bool,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +142,7 @@ fn main() -> ExitCode {
 
 /// What to run, resolved from the command line.
 struct Plan {
+    requests: bool,
     profiles: Vec<&'static Profile>,
     workloads: Vec<String>,
     targets: Vec<Target>,
@@ -157,6 +164,15 @@ fn split_named(s: &str, sep: char, what: &str) -> Result<(String, String)> {
 }
 
 fn plan(mut cli: Cli) -> Result<Plan> {
+    if cli.requests {
+        if !cli.profiles.is_empty() {
+            bail!("--requests runs workloads only (no --profiles)");
+        }
+        if cli.workloads.is_none() {
+            cli.workloads = Some("all".into());
+        }
+        cli.all = false;
+    }
     if cli.smoke {
         cli.runtime = 1;
         cli.repeat = 1;
@@ -293,6 +309,7 @@ fn plan(mut cli: Cli) -> Result<Plan> {
     fs::create_dir_all(&out)?;
     let repo_root = fio_dir.parent().map(Path::to_path_buf).filter(|r| r.join("Cargo.toml").is_file());
     Ok(Plan {
+        requests: cli.requests,
         profiles,
         workloads,
         targets,
@@ -342,6 +359,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let args: Vec<String> = std::env::args().collect();
     let plan = plan(cli)?;
+    if plan.requests {
+        return run_requests(&plan, &args);
+    }
     let started = Instant::now();
 
     let token = format!(
@@ -548,5 +568,140 @@ fn machine_info(src: &Path) -> serde_json::Value {
         "source_fs": mount::fs_type_of(src),
         "fio": fio_version,
         "fuse_enable_uring": read("/sys/module/fuse/parameters/enable_uring"),
+    })
+}
+
+/// `--requests`: FUSE requests per workload and per system call, for every mount target.
+fn run_requests(plan: &Plan, args: &[String]) -> Result<ExitCode> {
+    requests::probe()?;
+    let started = Instant::now();
+    let token = format!("{}-requests\n", std::process::id());
+    fs::write(plan.env.src.join(mount::MARKER), token)?;
+    let targets: Vec<&Target> = plan.targets.iter().filter(|t| !matches!(t.kind, TargetKind::Native)).collect();
+    if targets.is_empty() {
+        bail!("--requests needs a mount: a ringfs variant or a peer");
+    }
+    eprintln!("preparing workloads ...");
+    let prepared = workloads::prepare(&plan.workloads, &plan.env.src, &plan.wl)?;
+    fs::create_dir_all(plan.out.join("strace"))?;
+    let mut results: Vec<(String, String, Vec<requests::Sample>)> = Vec::new();
+    let mut errors = Vec::new();
+    let mut progress = Progress {
+        done: 0,
+        total: plan.workloads.len() * plan.repeat as usize * targets.len(),
+        started: Instant::now(),
+    };
+    for w in &plan.workloads {
+        for rep in 1..=plan.repeat {
+            for t in &targets {
+                let traced = rep == 1;
+                let r = measure_requests(plan, w, t, &prepared, traced);
+                proc::check_interrupted()?;
+                let shown = match r {
+                    Ok(sample) => {
+                        let shown = format!(
+                            "{} requests{}{}",
+                            sample.total(),
+                            sample.syscalls.as_ref().map(|(n, _)| format!(", {n} syscalls")).unwrap_or_default(),
+                            sample
+                                .cpu_ns
+                                .filter(|_| sample.total() > 0)
+                                .map(|c| format!(", {:.1} us CPU/request", c as f64 / 1000.0 / sample.total() as f64))
+                                .unwrap_or_default()
+                        );
+                        match results.iter_mut().find(|(rw, rt, _)| rw == w && rt == &t.name) {
+                            Some((_, _, v)) => v.push(sample),
+                            None => results.push((w.clone(), t.name.clone(), vec![sample])),
+                        }
+                        shown
+                    }
+                    Err(e) => {
+                        errors.push(format!("{w} rep {rep} {}: {e:#}", t.name));
+                        format!("error: {e:#}")
+                    }
+                };
+                progress.step(w, rep, plan.repeat, &t.name, &shown);
+            }
+        }
+    }
+    let mut md = String::new();
+    let mut json_rows = Vec::new();
+    for w in &plan.workloads {
+        md.push_str(&format!("\n#### {w}\n\n| target | syscalls | requests | requests/syscall | server CPU us/request | s | requests by opcode |\n|---|---:|---:|---:|---:|---:|---|\n"));
+        for (_, t, samples) in results.iter().filter(|(rw, _, _)| rw == w) {
+            let s = requests::summarise(samples);
+            let ops: Vec<String> = s.by_op.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+            let per = s.syscalls.filter(|n| *n > 0).map(|n| s.total / n as f64);
+            md.push_str(&format!(
+                "| {t} | {} | {:.0}{} | {} | {} | {} | {} |\n",
+                s.syscalls.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                s.total,
+                if s.lost > 0 { format!(" (lost {})", s.lost) } else { String::new() },
+                per.map(|p| format!("{p:.3}")).unwrap_or_else(|| "-".into()),
+                s.cpu_us_per_req.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+                s.seconds.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
+                ops.join(", ")
+            ));
+            json_rows.push(json!({
+                "workload": w, "target": t, "requests": s.total, "by_opcode": s.by_op,
+                "syscalls": s.syscalls, "requests_per_syscall": per, "cpu_us_per_request": s.cpu_us_per_req,
+                "seconds": s.seconds, "lost_events": s.lost, "repetitions": samples.len(),
+                "syscalls_by_name": samples.iter().find_map(|x| x.syscalls.as_ref().map(|(_, b)| b.clone())),
+            }));
+        }
+    }
+    let doc = json!({
+        "command": args,
+        "machine": machine_info(&plan.env.src),
+        "targets": targets.iter().map(|t| json!({"name": t.name, "kind": t.kind.describe()})).collect::<Vec<_>>(),
+        "repeat": plan.repeat,
+        "method": "requests: fuse:fuse_request_send filtered on the mount's connection (FORGETs not included); \
+                   syscalls: strace -f -c -e trace=%file,%desc on repetition 1; CPU: server threads' schedstat \
+                   over the timed command, repetitions 2.. (1 if only one)",
+        "results": json_rows,
+        "errors": errors,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    fs::write(plan.out.join("requests.json"), serde_json::to_string_pretty(&doc)?)?;
+    fs::write(plan.out.join("requests.md"), &md)?;
+    println!("{md}");
+    for e in &errors {
+        println!("error: {e}");
+    }
+    println!("results in {} ({:.0} s)", plan.out.display(), started.elapsed().as_secs_f64());
+    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn measure_requests(plan: &Plan, w: &str, t: &Target, prepared: &Prepared, traced: bool) -> Result<requests::Sample> {
+    workloads::setup(w, &plan.env.src, &plan.wl)?;
+    let active = t.activate(&plan.env)?;
+    let conn = requests::connection_of(&active.root)?;
+    let pid = active.server_pid();
+    let strace_out = traced.then(|| plan.out.join("strace").join(format!("{w}.{}.txt", t.name)));
+    workloads::count_syscalls_into(strace_out.clone());
+    let counter = requests::Counter::start(conn)?;
+    let cpu0 = pid.map(requests::cpu_ns);
+    let values = workloads::measure(w, &plan.env.src, &active.root, prepared, &plan.wl);
+    let cpu1 = pid.map(requests::cpu_ns);
+    workloads::count_syscalls_into(None);
+    let (counts, lost) = counter.finish()?;
+    let values = values?;
+    let seconds = if w == "meta-py" {
+        values.iter().map(|(_, rate)| f64::from(plan.wl.meta_files.max(1)) / rate.max(1e-9)).sum()
+    } else {
+        values.first().map_or(0.0, |(_, v)| *v)
+    };
+    let syscalls = match strace_out {
+        Some(p) => Some(requests::parse_strace_summary(
+            &fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => None,
+    };
+    Ok(requests::Sample {
+        requests: counts,
+        lost,
+        cpu_ns: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
+        syscalls,
+        seconds,
     })
 }

@@ -71,6 +71,14 @@ pub(crate) struct Active {
     _guard: Option<MountGuard>,
 }
 
+impl Active {
+    /// The process id of the FUSE server the harness started for this target (None for native
+    /// and for mounts it did not start).
+    pub fn server_pid(&self) -> Option<u32> {
+        self._guard.as_ref().and_then(|g| g.child.as_ref()).map(Child::id)
+    }
+}
+
 impl Target {
     /// Mounts the target if the harness owns it, and returns where to run.
     pub fn activate(&self, env: &MountEnv) -> Result<Active> {

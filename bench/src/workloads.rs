@@ -17,7 +17,8 @@ use serde_json::Value;
 use crate::proc;
 
 /// Every workload, in report order.
-pub(crate) const WORKLOADS: &[&str] = &["untar", "find-stat", "git-status", "cargo-build", "meta-py"];
+pub(crate) const WORKLOADS: &[&str] =
+    &["untar", "find-stat", "find-flat", "ls", "ls-l", "git-status", "cargo-build", "rm-rf", "meta-py"];
 
 /// One result row of a workload: name, unit, and whether higher is better.
 pub(crate) struct Row {
@@ -73,7 +74,7 @@ fn wl(src: &Path) -> PathBuf {
 
 /// Builds the tarball (cached) and, natively in `src`, the trees the workloads read.
 pub(crate) fn prepare(selected: &[String], src: &Path, params: &WlParams) -> Result<Prepared> {
-    let needs_tree = selected.iter().any(|w| ["untar", "find-stat", "git-status"].contains(&w.as_str()));
+    let needs_tree = selected.iter().any(|w| ["untar", "find-stat", "git-status", "rm-rf"].contains(&w.as_str()));
     let mut prepared = Prepared { tarball: PathBuf::new(), entries: 0 };
     if needs_tree {
         prepared = make_tarball(params)?;
@@ -90,7 +91,25 @@ pub(crate) fn prepare(selected: &[String], src: &Path, params: &WlParams) -> Res
     if selected.iter().any(|w| w == "cargo-build") {
         make_crate(&wl.join("crate"))?;
     }
+    if selected.iter().any(|w| ["ls", "ls-l", "find-flat"].contains(&w.as_str())) {
+        make_flat_dir(&wl.join("lsdir"), params.meta_files)?;
+    }
     Ok(prepared)
+}
+
+/// `dir` with `n` empty files (kept between runs when the count matches).
+fn make_flat_dir(dir: &Path, n: u32) -> Result<()> {
+    let stamp = dir.with_extension("stamp");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(&format!("{n}\n")) && dir.is_dir() {
+        return Ok(());
+    }
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir)?;
+    for i in 0..n {
+        fs::File::create(dir.join(format!("f{i:06}")))?;
+    }
+    fs::write(stamp, format!("{n}\n"))?;
+    Ok(())
 }
 
 fn extract_once(prepared: &Prepared, dir: &Path, stamp: &str, git: bool) -> Result<()> {
@@ -241,6 +260,16 @@ pub(crate) fn setup(name: &str, src: &Path, params: &WlParams) -> Result<()> {
             let _ = fs::remove_dir_all(wl.join("crate-target"));
         }
         "meta-py" => fresh(&wl.join("meta"))?,
+        "rm-rf" => {
+            let _ = fs::remove_dir_all(wl.join("rmtree"));
+            fs::create_dir_all(wl.join("rmtree"))?;
+            let tarball = params.cache_dir.join(format!(
+                "tree-{}{}.tar",
+                params.tree_files,
+                if params.repo_root.is_some() { "-src" } else { "" }
+            ));
+            proc::run_ok(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(wl.join("rmtree")), "tar -x")?;
+        }
         _ => {}
     }
     // Flush what the removal (and earlier runs) dirtied, so the timed run does not pay for it.
@@ -280,6 +309,34 @@ t5 = time.perf_counter()
 print(json.dumps({"create": t1 - t0, "stat": t2 - t1, "stat-cold": t4 - t3, "unlink": t5 - t4}))
 "#;
 
+/// Where the next timed command's system calls are counted (`strace -c`), if anywhere.
+static STRACE_OUT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Makes the next timed command of [`measure`] run under `strace -f -c -o out`, counting the
+/// file and descriptor system calls (`%file,%desc`) of it and all its children.
+pub(crate) fn count_syscalls_into(out: Option<PathBuf>) {
+    *STRACE_OUT.lock().unwrap_or_else(|e| e.into_inner()) = out;
+}
+
+/// `cmd` itself, or `cmd` under strace when [`count_syscalls_into`] asked for it (once).
+fn traced(cmd: Command) -> Command {
+    let Some(out) = STRACE_OUT.lock().unwrap_or_else(|e| e.into_inner()).take() else { return cmd };
+    let mut c = Command::new("strace");
+    c.args(["-f", "-c", "-e", "trace=%file,%desc", "-o"]).arg(out).arg("--").arg(cmd.get_program());
+    c.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c.stdout(Stdio::null());
+    c
+}
+
 /// Warms (untimed) and then times workload `name` through `root` (the target's view of `src`).
 pub(crate) fn measure(
     name: &str,
@@ -295,7 +352,7 @@ pub(crate) fn measure(
         c
     };
     let secs = |cmd: Command, what: &str| -> Result<Vec<(String, f64)>> {
-        let mut cmd = cmd;
+        let mut cmd = traced(cmd);
         let done = proc::run(&mut cmd, TIMEOUT, false)?.check(what)?;
         Ok(vec![(name.to_owned(), done.elapsed.as_secs_f64())])
     };
@@ -313,6 +370,24 @@ pub(crate) fn measure(
             let mut c = quiet(Command::new("find"));
             c.arg(wl.join("tree")).arg("-ls");
             secs(c, "find -ls")
+        }
+        "ls" | "ls-l" | "find-flat" => {
+            let (prog, args): (&str, &[&str]) = match name {
+                "ls" => ("ls", &[]),
+                "ls-l" => ("ls", &["-l"]),
+                _ => ("find", &["-ls"]),
+            };
+            let mut warm = quiet(Command::new(prog));
+            warm.arg(native.join("lsdir")).args(args);
+            proc::run(&mut warm, TIMEOUT, false)?.check("warm-up")?;
+            let mut c = quiet(Command::new(prog));
+            c.arg(wl.join("lsdir")).args(args);
+            secs(c, name)
+        }
+        "rm-rf" => {
+            let mut c = Command::new("rm");
+            c.arg("-rf").arg(wl.join("rmtree"));
+            secs(c, "rm -rf")
         }
         "git-status" => {
             let git = |dir: PathBuf| {
@@ -337,6 +412,7 @@ pub(crate) fn measure(
             let n = params.meta_files.max(1);
             let mut c = Command::new("python3");
             c.arg("-c").arg(META_PY).arg(wl.join("meta")).arg(n.to_string());
+            let mut c = traced(c);
             let done = proc::run(&mut c, TIMEOUT, true);
             *LAST_DELETE.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
             let done = done?.check("python metadata storm")?;

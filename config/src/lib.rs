@@ -27,7 +27,7 @@ pub use error::ConfigError;
 pub use options::parse_mount_options;
 pub use types::{
     CacheConfig, CoherenceMode, Config, EbpfConfig, FuseConfig, LogConfig, LogLevel, MetricsConfig, MountFlags,
-    OffloadConfig, ParseKeywordError, TransportConfig, TransportMode,
+    OffloadConfig, ParseKeywordError, ReaddirplusMode, TransportConfig, TransportMode,
 };
 
 /// Parses and validates a complete configuration from TOML text.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use toml::{Table, Value};
 
 use crate::error::ConfigError;
-use crate::types::{CoherenceMode, LogLevel, TransportMode};
+use crate::types::{CoherenceMode, LogLevel, ReaddirplusMode, TransportMode};
 
 /// Largest cache timeout: one year of seconds. Longer is certainly a typo,
 /// and the kernel's timeouts are 64-bit seconds anyway.
@@ -100,6 +100,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("cache.attr_timeout", Kind::Seconds),
     key("cache.negative_timeout", Kind::Seconds),
     key("cache.coherence", Kind::Keyword(CoherenceMode::NAMES)),
+    key("cache.readdirplus", Kind::Keyword(ReaddirplusMode::NAMES)),
     key("fuse.max_write", Kind::Int { min: 4096, max: SIXTEEN_MIB, step: 4096 }),
     key("fuse.max_readahead", int(0, SIXTEEN_MIB)),
     key("fuse.max_background", int(1, 65535)),

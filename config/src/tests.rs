@@ -41,6 +41,7 @@ fn defaults() {
     assert_eq!(c.cache.attr_timeout, Duration::from_secs(3600));
     assert_eq!(c.cache.negative_timeout, Duration::from_secs(3600));
     assert_eq!(c.cache.coherence, CoherenceMode::Watch);
+    assert_eq!(c.cache.readdirplus, ReaddirplusMode::Always);
     assert_eq!(c.fuse.max_write, 1_048_576);
     assert_eq!(c.fuse.max_readahead, 1_048_576);
     assert_eq!(c.fuse.max_background, 64);

@@ -153,6 +153,9 @@ pub struct CacheConfig {
     /// `coherence`: how the cache learns of changes made behind its back.
     /// Default `"watch"` (with timeouts only, "ttl", set the timeouts short).
     pub coherence: CoherenceMode,
+    /// `readdirplus`: whether directory listings carry every entry's attributes
+    /// (READDIRPLUS, which fills the kernel's entry cache). Default `"always"`.
+    pub readdirplus: ReaddirplusMode,
 }
 
 impl Default for CacheConfig {
@@ -162,6 +165,7 @@ impl Default for CacheConfig {
             attr_timeout: Duration::from_secs(3600),
             negative_timeout: Duration::from_secs(3600),
             coherence: CoherenceMode::default(),
+            readdirplus: ReaddirplusMode::default(),
         }
     }
 }
@@ -434,6 +438,22 @@ keyword_enum! {
         Watch = "watch",
         /// `"inotify"`: like `"watch"`, always with inotify.
         Inotify = "inotify",
+    }
+}
+
+keyword_enum! {
+    /// `cache.readdirplus`: when directory listings carry attributes (READDIRPLUS).
+    pub enum ReaddirplusMode {
+        /// `"always"`: every chunk of a listing is a READDIRPLUS, so a `find`, `ls -l` or
+        /// `du` costs one request per chunk instead of one LOOKUP per name.
+        #[default]
+        Always = "always",
+        /// `"auto"`: the kernel's FUSE_READDIRPLUS_AUTO: READDIRPLUS for a directory's first
+        /// chunk and after a lookup in it, plain READDIR otherwise (cheaper for a bare `ls` of
+        /// a large directory; `find` then looks most names up one by one).
+        Auto = "auto",
+        /// `"off"`: plain READDIR only.
+        Off = "off",
     }
 }
 

@@ -22,6 +22,9 @@ pub struct InitParams {
     pub over_io_uring: bool,
     /// `default_permissions` is in the mount options (told to the file system).
     pub default_permissions: bool,
+    /// Let the kernel pick READDIRPLUS only for a directory's first chunk and after lookups
+    /// in it (FUSE_READDIRPLUS_AUTO); otherwise every chunk is a READDIRPLUS.
+    pub readdirplus_auto: bool,
 }
 
 /// The capability table: each flag ringfs asks for, with the reason. Flags not listed are
@@ -51,7 +54,6 @@ pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
     (InitFlags::BIG_WRITES, "writes larger than one page"),
     (InitFlags::AUTO_INVAL_DATA, "page cache dropped when mtime/size change"),
     (InitFlags::DO_READDIRPLUS, "directory listing fills the entry cache"),
-    (InitFlags::READDIRPLUS_AUTO, "the kernel picks READDIRPLUS only when it helps"),
     (InitFlags::ASYNC_DIO, "concurrent direct I/O"),
     (InitFlags::PARALLEL_DIROPS, "lookups and readdirs of one directory run in parallel"),
     (InitFlags::ABORT_ERROR, "ECONNABORTED instead of ENOTCONN after an abort"),
@@ -99,6 +101,11 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
     }
     if p.over_io_uring {
         want |= InitFlags::OVER_IO_URING;
+    }
+    if p.readdirplus_auto {
+        // Without it every chunk of a listing is a READDIRPLUS: with it, only a directory's
+        // first chunk and those after a lookup in it, then one LOOKUP per name (`find`).
+        want |= InitFlags::READDIRPLUS_AUTO;
     }
     // Offered to the file system, which must opt in (it takes over clearing set-uid/set-gid).
     want |= InitFlags::HANDLE_KILLPRIV_V2;
@@ -193,6 +200,7 @@ mod tests {
             passthrough: true,
             over_io_uring: false,
             default_permissions: true,
+            readdirplus_auto: false,
         }
     }
 
@@ -213,6 +221,10 @@ mod tests {
         assert_eq!(n.out.max_stack_depth, 1);
         assert_eq!(n.out.max_pages, 256);
         assert_eq!(n.out.max_readahead, 131072);
+        assert!(n.flags.contains(InitFlags::DO_READDIRPLUS) && !n.flags.contains(InitFlags::READDIRPLUS_AUTO));
+        let mut p = params();
+        p.readdirplus_auto = true;
+        assert!(negotiate(&arg, &p).unwrap().flags.contains(InitFlags::READDIRPLUS_AUTO));
         let mut p = params();
         p.writeback_cache = true;
         let n = negotiate(&arg, &p).unwrap();

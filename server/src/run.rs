@@ -261,6 +261,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             passthrough: cfg.offload.passthrough && !cfg.fuse.writeback_cache,
             over_io_uring: false,
             default_permissions: cfg.default_permissions,
+            readdirplus_auto: cfg.cache.readdirplus == config::ReaddirplusMode::Auto,
         },
         transport: match cfg.transport.mode {
             config::TransportMode::Auto => TransportMode::Auto,

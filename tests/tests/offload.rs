@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
-use support::{metric, require, Server};
+use support::{metric, require, wait_until, Server};
 
 fn requests(text: &str, op: &str) -> f64 {
     metric(text, &format!("ringfs_requests_total{{op=\"{op}\"}}"))
@@ -397,4 +397,224 @@ fn writes_through_passthrough_stay_coherent() {
     let took =
         wait_visible(Duration::from_secs(2), || std::fs::metadata(&path).map(|s| s.len()).ok() == Some(want + 4));
     assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "size after a backing write: {took:?}");
+}
+
+/// The mount's own writes through passthrough are not "external" changes: 100 x (open, 4 KiB
+/// pwrite, close) of files the kernel knows send no invalidation (they land on the server's
+/// private mount, whose FAN_MODIFY events the watch ignores), and a later stat of each costs at
+/// most the one GETATTR the kernel asks for itself after a write (a passthrough write
+/// invalidates the kernel's cached size and times). A write made directly on the backing file
+/// while the mount holds it open for writing still shows through at once.
+#[test]
+fn own_passthrough_writes_send_no_invalidations() {
+    if !require("own_passthrough_writes_send_no_invalidations", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let n = 100;
+    for i in 0..n {
+        std::fs::write(m.source.join(format!("f{i}")), b"x").expect("create backing");
+    }
+    std::fs::write(m.source.join("sentinel"), b"s").expect("create sentinel");
+    for i in 0..n {
+        std::fs::metadata(m.mountpoint.join(format!("f{i}"))).expect("stat");
+    }
+    // Held open, so that the kernel keeps the sentinel's inode (and the watch its node) even if
+    // something on the machine drops caches meanwhile.
+    let _sentinel = std::fs::File::open(m.mountpoint.join("sentinel")).expect("open sentinel");
+    let before = m.scrape();
+    for i in 0..n {
+        let f = std::fs::OpenOptions::new().write(true).open(m.mountpoint.join(format!("f{i}"))).expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[b'y'; 4096], 0).expect("pwrite");
+    }
+    for i in 0..n {
+        assert_eq!(std::fs::metadata(m.mountpoint.join(format!("f{i}"))).expect("stat").len(), 4096);
+    }
+    // Releases are asynchronous: wait until every one was served. Then an external change of a
+    // known file: the watch handles events in order, so once its invalidation is counted, any
+    // event of the writes above has been handled too.
+    let released = wait_until(Duration::from_secs(5), || {
+        requests(&m.scrape(), "release") - requests(&before, "release") >= n as f64
+    });
+    assert!(released, "releases not served");
+    let inval0 = metric(&before, "ringfs_invalidations_total");
+    std::fs::set_permissions(m.source.join("sentinel"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let seen = wait_until(Duration::from_secs(5), || metric(&m.scrape(), "ringfs_invalidations_total") > inval0);
+    assert!(seen, "the sentinel's external chmod was not invalidated");
+    let after = m.scrape();
+    assert_eq!(requests(&after, "open") - requests(&before, "open"), n as f64, "{after}");
+    assert_eq!(requests(&after, "write") - requests(&before, "write"), 0.0, "writes reached the server");
+    let inval = metric(&after, "ringfs_invalidations_total") - inval0 - 1.0;
+    assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
+    let getattrs = requests(&after, "getattr") - requests(&before, "getattr");
+    assert!(getattrs <= n as f64, "{getattrs} GETATTRs for {n} stats after writes");
+
+    // Coherence: another process writes the backing file while the mount holds it open.
+    let path = m.mountpoint.join("f0");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open rw");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b'z'; 100], 0).expect("pwrite");
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 4096);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.source.join("f0"))
+        .expect("open backing")
+        .write_all(b"more")
+        .expect("append");
+    let took = wait_visible(Duration::from_secs(2), || std::fs::metadata(&path).map(|s| s.len()).ok() == Some(4100));
+    assert!(took.is_some_and(|t| t <= Duration::from_millis(50)), "external append while open: {took:?}");
+    drop(f);
+}
+
+/// `find`-like walks (the whole listing read first, then an lstat per name) cost one request
+/// per listing chunk: every chunk is a READDIRPLUS (`cache.readdirplus = "always"`, the
+/// default), which leaves every name in the kernel's entry cache, so no name is looked up.
+/// With `"auto"` the kernel lists all but the first chunk with plain READDIR and looks the
+/// other names up one by one.
+#[test]
+fn find_after_readdirplus_sends_no_lookups() {
+    if !require("find_after_readdirplus_sends_no_lookups", false, &[]) {
+        return;
+    }
+    let n = 3000;
+    // "always": a handful at most (an entry at a chunk boundary), never one per name.
+    for (mode, max_lookups) in [("always", 8.0), ("auto", f64::INFINITY)] {
+        let mut m = Server::ringfs(&format!("metrics_addr=127.0.0.1:0,readdirplus={mode}"));
+        // A cache drop elsewhere on the machine (the kernel then forgets names, and looks them
+        // up again) voids a walk: seen as FORGETs, and walked again on a fresh directory.
+        let (before, after) = (0..3)
+            .map(|k| {
+                let d = m.source.join(format!("d{k}"));
+                std::fs::create_dir(&d).expect("mkdir");
+                for i in 0..n {
+                    std::fs::File::create(d.join(format!("f{i:05}"))).expect("create backing");
+                }
+                std::fs::metadata(m.mountpoint.join(format!("d{k}"))).expect("stat d");
+                let before = m.scrape();
+                let names: Vec<_> = std::fs::read_dir(m.mountpoint.join(format!("d{k}")))
+                    .expect("opendir")
+                    .map(|e| e.expect("entry").path())
+                    .collect();
+                assert_eq!(names.len(), n);
+                for p in &names {
+                    std::fs::symlink_metadata(p).expect("lstat");
+                }
+                (before, m.scrape())
+            })
+            .find(|(b, a)| {
+                let forgets = |t: &str| requests(t, "forget") + requests(t, "batch_forget");
+                forgets(a) == forgets(b)
+            })
+            .expect("every walk was disturbed by a cache drop");
+        let delta = |op: &str| requests(&after, op) - requests(&before, op);
+        let lookups = delta("lookup");
+        if mode == "always" {
+            assert!(lookups <= max_lookups, "{mode}: {lookups} LOOKUPs after READDIRPLUS:\n{after}");
+            assert_eq!(delta("readdir"), 0.0, "{mode}: plain READDIRs");
+            assert!(delta("readdirplus") >= 2.0, "{mode}: {after}");
+            // At most the directory's own (its atime moved with the listing), never one per name.
+            assert!(delta("getattr") <= 1.0, "{mode}: GETATTRs after READDIRPLUS:\n{after}");
+        } else {
+            // The contrast that makes "always" the default: most names looked up one by one.
+            assert!(lookups >= (n / 2) as f64, "{mode}: only {lookups} LOOKUPs");
+        }
+    }
+}
+
+/// Whether another process can take a write lock on all of `path` now (F_SETLK in a child).
+fn other_process_can_lock(path: &std::path::Path) -> bool {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open for the child");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: the child only calls fcntl and _exit (async-signal-safe) on a descriptor it
+    // inherited; the parent waits for it.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let mut fl: libc::flock = std::mem::zeroed();
+            fl.l_type = libc::F_WRLCK as i16;
+            fl.l_whence = libc::SEEK_SET as i16;
+            let rc = libc::fcntl(fd, libc::F_SETLK, &fl);
+            libc::_exit(if rc == 0 { 0 } else { 1 });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+}
+
+/// On a local backing file system close(2) sends no FLUSH (FOPEN_NOFLUSH: the server's flush
+/// would only close a duplicate descriptor, which does nothing on a local file system), and
+/// POSIX locks, which the kernel keeps itself, are still dropped at close: another process can
+/// lock the file as soon as the holder closes a descriptor of it.
+#[test]
+fn close_sends_no_flush_and_locks_still_release() {
+    if !require("close_sends_no_flush_and_locks_still_release", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let path = m.mountpoint.join("f");
+    std::fs::write(&path, b"data").expect("create");
+    let before = m.scrape();
+    for i in 0..50 {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+        if i % 2 == 0 {
+            f.write_all(b"x").expect("write");
+        } else {
+            let mut s = String::new();
+            f.read_to_string(&mut s).expect("read");
+        }
+    }
+    let served =
+        wait_until(Duration::from_secs(5), || requests(&m.scrape(), "release") - requests(&before, "release") >= 50.0);
+    assert!(served, "releases not served");
+    let after = m.scrape();
+    assert_eq!(requests(&after, "open") - requests(&before, "open"), 50.0, "{after}");
+    assert_eq!(requests(&after, "flush") - requests(&before, "flush"), 0.0, "close() sent FLUSH:\n{after}");
+
+    // POSIX locks across processes, released by close without a FLUSH.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: fcntl on our open descriptor with a valid flock.
+    assert_eq!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_SETLK, &fl) }, 0, "lock");
+    assert!(!other_process_can_lock(&path), "another process took a lock held through the mount");
+    // Closing *any* descriptor of the file drops the process's POSIX locks on it.
+    drop(std::fs::File::open(&path).expect("second open"));
+    assert!(other_process_can_lock(&path), "the lock survived a close");
+    drop(f);
+    let after = m.scrape();
+    assert_eq!(requests(&after, "flush") - requests(&before, "flush"), 0.0, "close() sent FLUSH:\n{after}");
+}
+
+/// Passthrough files are registered through a private clone of the backing mount (for the
+/// watch's FAN_MODIFY ignore mark), but lookups stay on the backing mount: a file system mounted
+/// below the backing directory after the server started is visible through the mount, and its
+/// files open (and pass through) normally.
+#[test]
+fn mounts_made_below_the_backing_directory_later_stay_visible() {
+    if !require("mounts_made_below_the_backing_directory_later_stay_visible", false, &[]) {
+        return;
+    }
+    let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let sub = m.source.join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let ok =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "ringfs-test"]).arg(&sub).status().expect("mount");
+    assert!(ok.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(sub.clone());
+    std::fs::write(sub.join("x"), b"on tmpfs").expect("write on the submount");
+    assert_eq!(std::fs::read(m.mountpoint.join("sub/x")).expect("read through the mount"), b"on tmpfs");
+    let mut f = std::fs::OpenOptions::new().append(true).open(m.mountpoint.join("sub/x")).expect("open");
+    f.write_all(b"!").expect("write through the mount");
+    drop(f);
+    assert_eq!(std::fs::read(sub.join("x")).expect("read backing"), b"on tmpfs!");
+    let text = m.scrape();
+    assert_eq!(requests(&text, "write"), 0.0, "writes went through passthrough: {text}");
 }

@@ -98,6 +98,7 @@ fn main() -> std::io::Result<()> {
             passthrough: false,
             over_io_uring: false,
             default_permissions: true,
+            readdirplus_auto: false,
         },
         transport: uring_transport::TransportMode::Auto,
         queue_depth: 4,

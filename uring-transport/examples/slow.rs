@@ -103,6 +103,7 @@ fn main() -> std::io::Result<()> {
             passthrough: false,
             over_io_uring: false,
             default_permissions: true,
+            readdirplus_auto: false,
         },
         transport,
         queue_depth: 8,

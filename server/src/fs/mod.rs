@@ -151,6 +151,9 @@ pub struct PassthroughFs {
     /// The device number (`st_dev`) of the FUSE mount this file system serves, once mounted
     /// (0 before): a backing path that leads into it is refused (see [`Self::crossing`]).
     mount_dev: AtomicU64,
+    /// The root (opened O_RDONLY) and device of the mount on which passthrough backing files
+    /// are registered, which the watch ignores for FAN_MODIFY (see [`writes_mount`]).
+    writes_mount: Option<(OwnedFd, u64)>,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -212,7 +215,7 @@ fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
     if cfg.nodiratime {
         set |= sys::MOUNT_ATTR_NODIRATIME;
     }
-    match sys::private_mount(path, set, clear) {
+    match sys::private_mount(path, set, clear, true) {
         Ok(fd) => Ok((fd, true)),
         Err(e) => {
             log::warn!(
@@ -220,6 +223,35 @@ fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
                 io::Error::from_raw_os_error(e.0)
             );
             Ok((plain()?, false))
+        }
+    }
+}
+
+/// The mount the kernel's passthrough backing files are opened on, whose FAN_MODIFY events the
+/// watch ignores (see `watch::Watch::ignore_own_mount`): the private root when there is one;
+/// else a private, detached, non-recursive clone of the backing directory's own mount, used for
+/// nothing but registering backing files (lookups and the server's own opens stay on the backing
+/// mount, so mounts made below the backing directory later stay visible, and none is pinned).
+/// Returns the mount's root, opened O_RDONLY (as `open_by_handle_at` wants it), and its device;
+/// None where no clone can be made (no CAP_SYS_ADMIN, old kernel).
+fn writes_mount(path: &CStr, root: &OwnedFd, private_root: bool) -> Option<(OwnedFd, u64)> {
+    let reopen = |fd: RawFd| sys::openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
+    let fd = if private_root {
+        reopen(root.as_raw_fd())
+    } else {
+        sys::private_mount(path, 0, 0, false).and_then(|m| reopen(m.as_raw_fd()))
+    };
+    match fd {
+        Ok(fd) => {
+            let dev = sys::fstat(fd.as_raw_fd()).ok()?.st_dev;
+            Some((fd, dev))
+        }
+        Err(e) => {
+            log::info!(
+                "no private mount for passthrough writes ({}): per-file FAN_MODIFY ignore marks instead",
+                io::Error::from_raw_os_error(e.0)
+            );
+            None
         }
     }
 }
@@ -316,6 +348,7 @@ impl PassthroughFs {
         let path = CString::new(cfg.source.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, what.clone()))?;
         let (root, private_mount) = open_root(&cfg, &path).map_err(|e| io_err(e, &what))?;
+        let writes_mount = writes_mount(&path, &root, private_mount);
         let proc_fd =
             sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
@@ -354,6 +387,7 @@ impl PassthroughFs {
             write_ignores: std::sync::OnceLock::new(),
             exported: AtomicBool::new(false),
             mount_dev: AtomicU64::new(0),
+            writes_mount,
         })
     }
 
@@ -618,7 +652,7 @@ impl PassthroughFs {
             && ctx.uid != 0
             && sys::fstat(file.as_raw_fd()).map(|st| suidgid_to_kill(ctx, st.st_mode, st.st_gid) != 0).unwrap_or(true);
         let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
-        let id = self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded);
+        let id = self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded, || self.on_writes_mount(file));
         if id > 0 && setid_risk {
             // The inode was already open through passthrough (its first open decides, and the
             // kernel allows no mixing), so this writer's writes will keep the bits: clear them
@@ -628,6 +662,29 @@ impl PassthroughFs {
             }
         }
         id
+    }
+
+    /// `file` opened again on the writes mount ([`writes_mount`]), for registering it as a
+    /// passthrough backing file: the kernel opens the backing files of passthrough opens on the
+    /// registered file's mount, so the mount's own writes then land on the mount the watch
+    /// ignores. None (register `file` itself) for files of other file systems (below the
+    /// backing directory on other mounts) or without file handles, or when the private root is
+    /// the writes mount already.
+    fn on_writes_mount(&self, file: &OwnedFd) -> Option<OwnedFd> {
+        let (mount, dev) = self.writes_mount.as_ref()?;
+        if self.cfg.noatime || self.cfg.strictatime || self.cfg.nodiratime {
+            // The private root is the writes mount: `file` is on it already (or there is none).
+            return None;
+        }
+        let st = sys::fstat(file.as_raw_fd()).ok()?;
+        if st.st_dev != *dev {
+            return None;
+        }
+        let handle = sys::name_to_handle(file.as_raw_fd()).ok()?;
+        let again = sys::open_by_handle(mount.as_raw_fd(), &handle, libc::O_RDONLY | libc::O_CLOEXEC).ok()?;
+        // The same inode (a handle decodes against the mount's file system only).
+        let st2 = sys::fstat(again.as_raw_fd()).ok()?;
+        (st2.st_dev == st.st_dev && st2.st_ino == st.st_ino).then_some(again)
     }
 
     /// Clears on the open file `fd` the set-id bits that a change by `ctx` clears natively
@@ -661,8 +718,13 @@ impl PassthroughFs {
 
     /// Starts pushing changes made directly on the backing directory to the kernel's caches.
     /// Needs the kernel channel (attached at INIT).
-    pub fn start_watch(&self, watch: watch::Watch) -> io::Result<()> {
+    pub fn start_watch(&self, mut watch: watch::Watch) -> io::Result<()> {
         let kernel = self.passthrough.kernel().ok_or_else(|| io::Error::other("no kernel channel attached"))?;
+        if let Some((root, _)) = &self.writes_mount {
+            if let Err(e) = watch.ignore_own_mount(root.as_raw_fd()) {
+                log::info!("FAN_MODIFY not ignored on the server's private mount ({e}): per-file ignore marks instead");
+            }
+        }
         if let Some(w) = watch.write_ignores() {
             let _ = self.write_ignores.set(w);
         }

@@ -8,7 +8,7 @@
 //! through the server ("cached" mode) instead of failing the user's open().
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -108,12 +108,28 @@ impl Passthrough {
     /// Decides how a new open of regular file `node` (backing descriptor `fd`) is served and
     /// records it. Returns the backing id for the reply (0 = served by the server).
     /// `setid_risk`: the open could write to a set-uid/set-gid file that is not the caller's.
-    pub(crate) fn open(&self, node: u64, fd: RawFd, setid_risk: bool, excluded: bool) -> i32 {
-        let r = self.decide(node, fd, setid_risk, excluded);
+    /// `backing`: the file to register with the kernel instead of `fd` when the inode gets its
+    /// backing id (asked only then; None: `fd` itself).
+    pub(crate) fn open(
+        &self,
+        node: u64,
+        fd: RawFd,
+        setid_risk: bool,
+        excluded: bool,
+        backing: impl FnOnce() -> Option<OwnedFd>,
+    ) -> i32 {
+        let r = self.decide(node, fd, setid_risk, excluded, backing);
         self.count(r)
     }
 
-    fn decide(&self, node: u64, fd: RawFd, setid_risk: bool, excluded: bool) -> std::result::Result<i32, Fallback> {
+    fn decide(
+        &self,
+        node: u64,
+        fd: RawFd,
+        setid_risk: bool,
+        excluded: bool,
+        backing: impl FnOnce() -> Option<OwnedFd>,
+    ) -> std::result::Result<i32, Fallback> {
         let Ok(mut map) = self.inodes.lock() else { return Err(Fallback::Disabled) };
         if let Some(st) = map.get_mut(&node) {
             st.opens += 1;
@@ -127,7 +143,7 @@ impl Passthrough {
             Some(_) if !self.enabled.load(Ordering::Relaxed) => (Mode::Cached, Err(Fallback::Disabled)),
             Some(_) if setid_risk => (Mode::Cached, Err(Fallback::SetId)),
             Some(_) if excluded => (Mode::Cached, Err(Fallback::Excluded)),
-            Some(k) => match k.backing_open(fd) {
+            Some(k) => match k.backing_open(backing().as_ref().map_or(fd, |b| b.as_raw_fd())) {
                 Ok(id) => (Mode::Passthrough(id), Ok(id)),
                 Err(e) => {
                     log::debug!("passthrough refused for node {node}: {e}");

@@ -345,23 +345,27 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// A private, detached copy of the mount tree at `path` (`open_tree(OPEN_TREE_CLONE |
-/// AT_RECURSIVE)`) with mount attributes `set` applied and `clear` cleared on every mount in
-/// it; returns the descriptor of its root. The copy lives as long as the descriptor and what
-/// is opened through it.
-pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64) -> Result<OwnedFd> {
+/// A private, detached copy of the mount at `path` (`open_tree(OPEN_TREE_CLONE)`, with every
+/// mount below it when `recursive`: `AT_RECURSIVE`) with mount attributes `set` applied and `clear` cleared on every mount in
+/// it (nothing to apply when both are 0); returns the descriptor of its root. The copy lives as
+/// long as the descriptor and what is opened through it.
+pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64, recursive: bool) -> Result<OwnedFd> {
+    let recursive = if recursive { AT_RECURSIVE } else { 0 };
     // SAFETY: open_tree with a NUL-terminated path; returns a new descriptor or -1.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             path.as_ptr(),
-            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+            OPEN_TREE_CLONE | recursive | libc::O_CLOEXEC as libc::c_uint,
         )
     };
     let fd = cvt_long(fd)? as RawFd;
     // SAFETY: the descriptor open_tree just returned is ours.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if set == 0 && clear == 0 {
+        return Ok(fd);
+    }
     let attr = MountAttr { attr_set: set, attr_clr: clear, propagation: 0, userns_fd: 0 };
     // SAFETY: mount_setattr on our descriptor with EMPTY (NUL-terminated) and a mount_attr of
     // the size passed.

@@ -30,6 +30,7 @@ const FAN_REPORT_DIR_FID: u32 = 0x400;
 const FAN_REPORT_NAME: u32 = 0x800;
 const FAN_REPORT_TARGET_FID: u32 = 0x1000;
 const FAN_MARK_ADD: u32 = 0x1;
+const FAN_MARK_MOUNT: u32 = 0x10;
 const FAN_MARK_FILESYSTEM: u32 = 0x100;
 
 const FAN_MODIFY: u64 = 0x2;
@@ -51,6 +52,8 @@ pub(crate) const COALESCE: Duration = Duration::from_millis(5);
 /// An open fanotify group watching the backing file system.
 pub struct Watch {
     fd: Arc<OwnedFd>,
+    /// FAN_MODIFY is ignored on the server's own (private) mount: see [`Watch::ignore_own_mount`].
+    own_mount_ignored: bool,
     /// Set for the inotify fallback (see [`super::inotify`]); `fd` is then its inotify fd.
     pub(crate) inotify: Option<Arc<super::inotify::Inotify>>,
 }
@@ -85,13 +88,13 @@ impl Watch {
                 io::Error::last_os_error()
             )));
         }
-        Ok(Watch { fd: Arc::new(fd), inotify: None })
+        Ok(Watch { fd: Arc::new(fd), own_mount_ignored: false, inotify: None })
     }
 
     /// The inotify fallback for `source` (see [`super::inotify`]).
     pub fn inotify(source: &Path) -> io::Result<Watch> {
         let (fd, ino) = super::inotify::Inotify::new(source)?;
-        Ok(Watch { fd, inotify: Some(ino) })
+        Ok(Watch { fd, own_mount_ignored: false, inotify: Some(ino) })
     }
 
     /// Which mechanism this watch uses.
@@ -103,10 +106,34 @@ impl Watch {
         }
     }
 
-    /// The per-inode FAN_MODIFY ignore marks for files open for writing through the mount
-    /// (fanotify only).
-    pub(crate) fn write_ignores(&self) -> Option<WriteIgnores> {
+    /// Ignores FAN_MODIFY on the mount whose root is `root`: the server's private, detached
+    /// mount on which passthrough backing files are registered, so every passthrough write made
+    /// through the FUSE mount lands there (the kernel opens backing files on the registered
+    /// file's mount). Writes by anyone else go through another mount and still report; the
+    /// server's own writes are skipped by pid. This replaces the per-file ignore marks
+    /// ([`WriteIgnores`]): no mark per open, no blind window for other writers while a file is
+    /// open through the mount, and no invalidation at close for the mount's own writes (which
+    /// the kernel already accounted for: a passthrough write updates its size and invalidates
+    /// its cached times itself).
+    pub(crate) fn ignore_own_mount(&mut self, root: RawFd) -> io::Result<()> {
         if self.inotify.is_some() {
+            return Err(io::Error::other("inotify has no mount marks"));
+        }
+        let flags = FAN_MARK_ADD | FAN_MARK_MOUNT | FAN_MARK_IGNORED_MASK | FAN_MARK_IGNORED_SURV_MODIFY;
+        // SAFETY: fanotify_mark on our group fd; "." relative to `root` (an O_PATH descriptor,
+        // which fanotify_mark only accepts as a directory fd) names the mount's root.
+        let rc = unsafe { libc::fanotify_mark(self.fd.as_raw_fd(), flags, FAN_MODIFY, root, c".".as_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.own_mount_ignored = true;
+        Ok(())
+    }
+
+    /// The per-inode FAN_MODIFY ignore marks for files open for writing through the mount
+    /// (fanotify only, where the server's own mount cannot be ignored as a whole).
+    pub(crate) fn write_ignores(&self) -> Option<WriteIgnores> {
+        if self.inotify.is_some() || self.own_mount_ignored {
             return None;
         }
         Some(WriteIgnores { fd: self.fd.clone(), writers: Mutex::new((HashMap::new(), HashSet::new())) })
