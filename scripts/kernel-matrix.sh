@@ -14,7 +14,7 @@
 # Usage (as root): scripts/kernel-matrix.sh [6.1] [6.12] [host]      (default: all three)
 # Environment:
 #   RINGFS_KMX_CACHE    downloads and extracted kernels (default /var/cache/ringfs-kernels)
-#   RINGFS_KMX_TIMEOUT  seconds per boot (default 180)
+#   RINGFS_KMX_TIMEOUT  seconds per boot (default 180, 600 with RINGFS_KMX_TESTS)
 #   RINGFS_KMX_ACCEL    QEMU accelerator, tcg (default) or kvm
 #   RINGFS_KMX_TABLE    write the result table (Markdown) to this file too
 #   RINGFS_BIN          the ringfs binary (default: cargo build --release, target/release/ringfs)
@@ -40,7 +40,6 @@ busybox=${RINGFS_KMX_BUSYBOX:-/bin/busybox}
     die "$busybox is not a static busybox (Debian package busybox-static)"
 
 cache=${RINGFS_KMX_CACHE:-/var/cache/ringfs-kernels}
-timeout_s=${RINGFS_KMX_TIMEOUT:-180}
 accel=${RINGFS_KMX_ACCEL:-tcg}
 # TCG emulates every feature of -cpu max; KVM passes the host's CPU through. (On this project's
 # machines KVM cannot boot these kernels: QEMU fails to set MSR 0x10a, or KVM reports an
@@ -71,6 +70,8 @@ if [ -n "${RINGFS_KMX_TESTS:-}" ]; then
     tests=$(IFS=,; echo "$repo/$exe,--test-threads=2,${words[*]:1}")
     tests=${tests%,}
 fi
+# A boot with the smoke suite takes 30-90 s under TCG; the ops tests add about 3 minutes.
+timeout_s=${RINGFS_KMX_TIMEOUT:-$([ -n "$tests" ] && echo 600 || echo 180)}
 
 # What each kernel must show (kernel-smoke.sh arguments). 6.1: FUSE 7.38, no passthrough, no fuse
 # tracepoints (eBPF may be absent, but then with a reason). 6.12: passthrough (7.41), no FUSE
@@ -154,7 +155,8 @@ build_initrd() {
     cp "$busybox" "$stage/bin/busybox"
     : >"$stage/modules/order"
     # Module or built in: modprobe says `builtin NAME` or lists the insmod order with dependencies.
-    for m in fuse 9pnet_virtio 9p virtio_pci; do
+    # virtio_blk, ext4 and crc32c: the ext4 scratch disk the integration tests use as /tmp.
+    for m in fuse 9pnet_virtio 9p virtio_pci virtio_blk crc32c_generic ext4; do
         while read -r line; do
             case "$line" in
                 builtin*) echo "${line#builtin }" >>"$stage/modules/builtin" ;;
@@ -198,6 +200,15 @@ boot() {
     vmlinuz=$(find "$dir/boot" -name 'vmlinuz-*' | head -n 1)
     build_initrd "$dir"
     console=$cache/console-$label.log
+    # The integration tests make their backing directories in /tmp: give them an ext4 disk there
+    # (what a Debian machine has), not the tmpfs the smoke suite uses.
+    local disk=()
+    if [ -n "$tests" ]; then
+        truncate -s 0 "$cache/scratch.img"
+        truncate -s 2G "$cache/scratch.img"
+        mkfs.ext4 -q -F "$cache/scratch.img"
+        disk=(-drive "file=$cache/scratch.img,if=virtio,format=raw,cache=unsafe")
+    fi
     for attempt in 1 2; do
         log "$label: booting $(basename "$vmlinuz") under QEMU ($accel, timeout ${timeout_s}s)"
         start=$SECONDS
@@ -209,7 +220,7 @@ boot() {
                 IFS=,
                 echo "$*"
             )${tests:+ kmx_tests=$tests}" \
-            -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+            -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap "${disk[@]}" \
             </dev/null 2>&1 | sed -u 's/\r$//' | tee "$console" | sed -u "s/^/  [$label] /" >&2
         rc=${PIPESTATUS[0]}
         set -e
@@ -221,6 +232,7 @@ boot() {
         fi
         break
     done
+    rm -f "$cache/scratch.img"
     summary=$(grep -E '^SMOKE: [0-9]+ passed, [0-9]+ failed' "$console" | tail -n 1 || true)
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         summary="${summary:-no result} (timed out after ${timeout_s}s)"
