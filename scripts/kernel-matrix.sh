@@ -18,11 +18,13 @@
 #   RINGFS_KMX_ACCEL    QEMU accelerator, tcg (default) or kvm
 #   RINGFS_KMX_TABLE    write the result table (Markdown) to this file too
 #   RINGFS_BIN          the ringfs binary (default: cargo build --release, target/release/ringfs)
-#   RINGFS_KMX_TESTS    "TARGET [FILTER]": also run that integration-test target in each guest
-#                       (e.g. `ops`; several minutes per kernel under TCG, so not in CI)
+#   RINGFS_KMX_TESTS    "TARGET [FILTER]": also run that integration-test target of the tests
+#                       crate in each guest, on an ext4 scratch disk as /tmp (scripts/test.sh
+#                       runs `ops`: about 2 minutes per kernel under TCG)
 #   RINGFS_KMX_CMDLINE  guest kernel parameters (default `quiet`; empty shows the whole boot)
 # Network: only Debian's archive, through apt, and only for a kernel package not cached yet.
-# Prints `KMX: N passed, M failed` (one per kernel) last; exits 0 only when every kernel passed.
+# Prints the table (README.md's "What works on which kernel"), a `KMX:` line per kernel and per
+# integration-test run, then `kernel-matrix: N passed, M failed` (runs); exits 0 only when all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -186,11 +188,11 @@ build_initrd() {
 # --- one guest ---------------------------------------------------------------------------------
 results=()
 table=()
-# row LABEL CONSOLE_LOG_OR_OUTPUT STATUS
+# row LABEL CONSOLE_LOG_OR_OUTPUT STATUS [INTEGRATION_TESTS]
 row() {
-    local label=$1 out=$2 status=$3 get
+    local label=$1 out=$2 status=$3 integration=${4:-} get
     get() { sed -n "s/^SMOKE-INFO: $1=//p" "$out" | tr -d '\r"' | head -n 1; }
-    table+=("| $label | $(get kernel) | $(get fuse) | $(get protocol) | $(get transport) | $(get passthrough) | $(get ebpf) | $status |")
+    table+=("| $label | $(get kernel) | $(get fuse) | $(get protocol) | $(get transport) | $(get passthrough) | $(get ebpf) | $status |${integration:+ $integration |}")
 }
 boot() {
     local label=$1 pattern=$2
@@ -243,14 +245,15 @@ boot() {
     else
         results+=("$label: ${summary#SMOKE: }")
     fi
+    local t="" short=""
     if [ -n "$tests" ]; then
-        local t
         t=$(grep -E '^test result: ' "$console" | tail -n 1 || true)
         results+=("$label integration tests: ${t:-no result}")
         log "$label: integration tests: ${t:-no result}"
+        short=$(echo "${t:-no result}" | sed -E 's/^test result: [A-Za-z]+\. ([0-9]+ passed); ([0-9]+ failed).*/\1, \2/')
     fi
     log "$label: ${summary#SMOKE: } in $((SECONDS - start)) s"
-    row "Debian $label" "$console" "${summary#SMOKE: }"
+    row "Debian $label" "$console" "${summary#SMOKE: }" "$short"
 }
 
 host() {
@@ -266,7 +269,7 @@ host() {
     [ -n "$summary" ] || summary="SMOKE: 0 passed, 1 failed"
     results+=("host: ${summary#SMOKE: }")
     log "host: ${summary#SMOKE: } in $((SECONDS - start)) s"
-    row "host" "$out" "${summary#SMOKE: }"
+    row "host" "$out" "${summary#SMOKE: }" "$([ -n "$tests" ] && echo "(scripts/test.sh runs them)")"
 }
 
 for k in "${kernels[@]}"; do
@@ -279,8 +282,13 @@ for k in "${kernels[@]}"; do
 done
 
 {
-    echo "| kernel | uname -r | FUSE | protocol | transport | passthrough | eBPF accounting | smoke suite |"
-    echo "|---|---|---|---|---|---|---|---|"
+    if [ -n "$tests" ]; then
+        echo "| kernel | uname -r | FUSE | protocol | transport | passthrough | eBPF accounting | smoke suite | ${RINGFS_KMX_TESTS%% *} tests |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+    else
+        echo "| kernel | uname -r | FUSE | protocol | transport | passthrough | eBPF accounting | smoke suite |"
+        echo "|---|---|---|---|---|---|---|---|"
+    fi
     printf '%s\n' "${table[@]}"
 } >"$cache/table.md"
 [ -z "${RINGFS_KMX_TABLE:-}" ] || cp "$cache/table.md" "$RINGFS_KMX_TABLE"
