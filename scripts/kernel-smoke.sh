@@ -67,17 +67,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free loopback port for /metrics (the host may already serve the default one).
-port=""
-for p in $(shuf -i 20000-60000 -n 20); do
-    if ! grep -qi ":$(printf '%04X' "$p") " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then port=$p; break; fi
-done
-[ -n "$port" ] || die "no free loopback port"
+# /metrics on its default address (127.0.0.1:9464) when that port is free, as in the guests;
+# otherwise (a busy host) on a free loopback port.
+port_free() { ! grep -qi ":$(printf '%04X' "$1") " /proc/net/tcp /proc/net/tcp6 2>/dev/null; }
+port=9464 opts=()
+if ! port_free "$port"; then
+    port=""
+    for p in $(shuf -i 20000-60000 -n 20); do
+        if port_free "$p"; then port=$p; break; fi
+    done
+    [ -n "$port" ] || die "no free loopback port"
+    opts=(-o "metrics_addr=127.0.0.1:$port")
+fi
+info metrics_port "$port"
 ip link set lo up 2>/dev/null
 
 # Mount with the defaults (foreground; its log is what a user reads).
 # SMOKE_OPTS: more -o options, for trying the suite by hand (the matrix passes none).
-RUST_LOG=info "$ringfs" mount "$back" "$mnt" -o "metrics_addr=127.0.0.1:$port${SMOKE_OPTS:+,$SMOKE_OPTS}" >"$log" 2>&1 &
+RUST_LOG=info "$ringfs" mount "$back" "$mnt" "${opts[@]}" ${SMOKE_OPTS:+-o "$SMOKE_OPTS"} >"$log" 2>&1 &
 pid=$!
 mounted() { grep -q " $mnt fuse.ringfs " /proc/mounts; }
 if wait_for 60 mounted; then
@@ -122,6 +129,13 @@ check read-behind cmp "$back/behind" "$mnt/behind"
 metrics() { curl -sf --max-time 10 "http://127.0.0.1:$port/metrics"; }
 metric() { metrics | awk -v n="$1" '$1 == n { print $2 }'; }
 if m=$(metrics); then ok metrics; else fail metrics "no answer on 127.0.0.1:$port/metrics"; fi
+# Listening (state 0A) on the metrics port only at 127.0.0.1 (0100007F): loopback by default.
+listeners=$(awk -v p=":$(printf '%04X' "$port")" '$4 == "0A" && toupper($2) ~ p"$" { print $2 }' /proc/net/tcp /proc/net/tcp6)
+if [ "$listeners" = "0100007F:$(printf '%04X' "$port")" ]; then
+    ok metrics-loopback-only
+else
+    fail metrics-loopback-only "listening sockets: ${listeners:-none}"
+fi
 m=${m:-}
 proto=$(sed -n 's/.*FUSE \([0-9]*\.[0-9]*\) negotiated.*/\1/p' "$log" | head -n 1)
 info protocol "${proto:-?}"
