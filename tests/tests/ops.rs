@@ -1746,8 +1746,8 @@ fn file_handles_outlive_the_kernel_cache() {
     write_file(&m.path("f"), b"");
     match name_to_handle(&m.path("f"), 0) {
         Err(e) => assert_eq!(e, libc::EOPNOTSUPP),
-        // Kernels before 6.6 encode handles without FUSE_EXPORT_SUPPORT too (the Debian 6.1
-        // guest of scripts/kernel-matrix.sh): they must then not open once the inode is forgotten.
+        // Older kernels (Debian's 6.1 in scripts/kernel-matrix.sh; not 6.12) encode handles
+        // without FUSE_EXPORT_SUPPORT too: they must then not open once the inode is forgotten.
         Ok(h) => {
             let root = File::open(m.path("")).unwrap();
             forget_everything();
