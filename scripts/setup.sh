@@ -2,7 +2,8 @@
 # Prepares a Debian 12 machine (as root) for building, running and testing ringfs. Idempotent:
 # a second run changes nothing and takes about a second.
 #
-# - Debian packages (apt-get update + install, only when one is missing)
+# - Debian packages (apt-get update + install, only when one is missing), QEMU, a static busybox
+#   and kmod for the kernel matrix (scripts/kernel-matrix.sh)
 # - pjdfstest 0.2.2 (cargo install, only when missing or another version)
 # - the test users: nobody/nogroup (Debian base) and pjdtest (uid/gid 4242 when free)
 # - the fuse module, the fuse control file system at /sys/fs/fuse/connections, tracefs
@@ -17,7 +18,8 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (installs packages, creates users, loads modules)"
 
-packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux stress-ng)
+packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux stress-ng
+    curl qemu-system-x86 busybox-static kmod) # curl and the last three: scripts/kernel-matrix.sh
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the machine (scripts/setup.sh) and runs every check and test: formatting, clippy,
-# unit tests, integration tests on real FUSE mounts (both transports), pjdfstest against native.
+# unit tests, integration tests on real FUSE mounts (both transports), pjdfstest against native,
+# the kernel matrix (Debian 6.1 and 6.12 under QEMU, and this kernel).
 # Needs root (mounts). Under CI=true a missing capability (FUSE, io_uring, BPF) fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,6 @@ RINGFS_EXTRA_OPTS=transport=dev-fuse cargo test --release -p tests --test ops --
 # And with metadata calls through the rings' io-wq workers (creations as io_uring personalities)
 # instead of inline on the queue threads.
 RINGFS_EXTRA_OPTS=inline_metadata=false cargo test --release -p tests --test ops --test security -- --test-threads=2
+# The kernel matrix: the smoke suite and the ops integration tests on Debian's stock 6.1 and 6.12
+# kernels (under QEMU, about 3 minutes each), the smoke suite on this kernel.
+RINGFS_KMX_TESTS=ops scripts/kernel-matrix.sh
