@@ -124,7 +124,7 @@ pub(crate) fn stat_from_statx(x: &libc::statx) -> libc::stat {
 }
 
 /// fstat through the queue's io_uring (a plain syscall off the queues).
-pub(crate) async fn fstat_async(fd: RawFd) -> Result<libc::stat> {
+pub(crate) async fn fstat_async(fd: std::os::fd::BorrowedFd<'_>) -> Result<libc::stat> {
     let x =
         uring_transport::io::statx(fd, EMPTY, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW, libc::STATX_BASIC_STATS)
             .await?;
