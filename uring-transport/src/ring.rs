@@ -1041,3 +1041,63 @@ impl StopSignal {
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bell_count(r: &ReadyList) -> u64 {
+        let mut v = 0u64;
+        let mut pfd = libc::pollfd { fd: r.bell.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
+            // SAFETY: reading 8 bytes into a valid u64 from our eventfd.
+            unsafe { libc::read(r.bell.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        v
+    }
+
+    #[test]
+    fn wakeups_on_the_owner_thread_do_not_ring() {
+        let r = ReadyList::new().unwrap();
+        r.push(3);
+        r.push(4);
+        assert_eq!(bell_count(&r), 0);
+        let mut out = Vec::new();
+        r.take_into(&mut out);
+        assert_eq!(out, vec![3, 4]);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn wakeups_from_other_threads_ring_once_per_sleep() {
+        let r = Arc::new(ReadyList::new().unwrap());
+        let r2 = r.clone();
+        std::thread::spawn(move || {
+            r2.push(1);
+            r2.push(2);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(bell_count(&r), 1, "two wake-ups, one ring");
+        // The queue clears the flag, then takes the list: the next wake-up rings again.
+        r.rung.store(false, Ordering::SeqCst);
+        let mut out = Vec::new();
+        r.take_into(&mut out);
+        assert_eq!(out, vec![1, 2]);
+        let r2 = r.clone();
+        std::thread::spawn(move || r2.push(5)).join().unwrap();
+        assert_eq!(bell_count(&r), 1);
+    }
+
+    #[test]
+    fn completions_decode_by_kind() {
+        assert_eq!(Completion::decode(WAKE_TAG, 8), Completion::Stop);
+        assert_eq!(Completion::decode(INBOX_TAG, 8), Completion::Interrupts);
+        assert_eq!(Completion::decode(BELL_TAG, 8), Completion::Doorbell);
+        assert_eq!(Completion::decode(crate::io::CANCEL_TAG, 0), Completion::Cancelled);
+        assert_eq!(Completion::decode(crate::io::IO_TAG | 7, 42), Completion::Io(7, 42));
+        assert_eq!(Completion::decode(WRITE_BIT | 3, 16), Completion::Written(3, 16));
+        assert_eq!(Completion::decode(5, -libc::ENODEV), Completion::Received(5, -libc::ENODEV));
+    }
+}

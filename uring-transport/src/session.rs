@@ -310,9 +310,11 @@ impl<F: FileSystem> Session<F> {
                 on_failure: on_failure.clone(),
             };
             let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
-                if let Err(e) = run_queue(params) {
-                    log::error!("queue {qid}: {e}");
+                let r = run_queue(params);
+                if let Err(e) = &r {
+                    log::error!("queue {qid} failed: {e}");
                 }
+                r.map_err(|e| io::Error::new(e.kind(), format!("queue {qid}: {e}")))
             })?;
             handles.push(h);
         }
@@ -322,12 +324,17 @@ impl<F: FileSystem> Session<F> {
             stop.store(true, Ordering::Release);
             waker.wake(handles.len());
         }
+        let mut failure = None;
         for h in handles {
-            let _ = h.join();
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => failure = failure.or(Some(io::Error::other("a queue thread panicked"))),
+            }
         }
         self.channel.stop();
         self.dispatcher.fs().destroy();
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 }
 
@@ -405,7 +412,25 @@ fn worker<F: FileSystem>(
             }
             continue;
         }
-        match block_on(d.dispatch(&req, &mut out[16..])) {
+        let served =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(d.dispatch(&req, &mut out[16..]))));
+        let outcome = match served {
+            Ok(o) => o,
+            Err(_) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "the file system panicked serving {} (unique {}); answered EIO",
+                    opcode::name(req.header.opcode),
+                    req.unique()
+                );
+                if no_reply(&req.header) {
+                    Outcome::NoReply
+                } else {
+                    Outcome::Reply { error: -libc::EIO, len: 0 }
+                }
+            }
+        };
+        match outcome {
             Outcome::Reply { error, len } => {
                 if error != 0 {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
