@@ -790,6 +790,8 @@ mod tests {
         fn turn(&mut self, wait: Duration) {
             let ring = self.ring.as_mut().expect("ring");
             for sqe in with(|r| r.take_pending()).unwrap_or_default() {
+                // SAFETY: the SQE's memory is owned by its operation (OpMem), kept until the
+                // completion is reaped by `turn` or `settle`.
                 while unsafe { ring.submission().push(&sqe) }.is_err() {
                     ring.submit().expect("submit");
                 }
@@ -936,8 +938,9 @@ mod tests {
         // Empty the pipes (reads that were cancelled left their data there).
         for (r, _) in &pipes {
             let mut sink = [0u8; 4096];
-            // SAFETY: non-blocking drain of our pipe into a valid buffer.
+            // SAFETY: fcntl on our own pipe descriptor.
             unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            // SAFETY: reading into a valid buffer of the length passed.
             while unsafe { libc::read(r.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) } > 0 {}
         }
         assert!(dropped > N / 2, "only {dropped} of {N} reads were dropped in flight: test is void");

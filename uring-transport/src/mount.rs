@@ -106,8 +106,9 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
         "fd={},rootmode={:o},user_id={},group_id={},max_read={}",
         fd.as_raw_fd(),
         meta.mode() & libc::S_IFMT,
-        // SAFETY: getuid/getgid cannot fail.
+        // SAFETY: getuid cannot fail and touches no memory.
         unsafe { libc::getuid() },
+        // SAFETY: getgid cannot fail and touches no memory.
         unsafe { libc::getgid() },
         opts.max_read
     );
