@@ -235,11 +235,9 @@ impl<F: FileSystem> Dispatcher<F> {
     /// negotiated max read size plus one page.
     pub async fn dispatch(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
         let start = Instant::now();
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let slot = self.stats.inflight_starts.enter();
+        let in_flight = InFlightGuard::enter(&self.stats);
         let outcome = self.serve(req, out).await;
-        self.stats.inflight_starts.exit(slot);
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         let op = req.header.opcode;
         let (error, len) = match outcome {
             Outcome::Reply { error, len } => (error, len),
@@ -463,5 +461,26 @@ impl<F: FileSystem> Dispatcher<F> {
             }
             Operation::Unsupported { .. } => Outcome::err(Errno::ENOSYS),
         }
+    }
+}
+
+/// A request counted in flight until dropped: also when its future is dropped unfinished or
+/// the file system panics, so the in-flight gauges never keep a request that is gone.
+struct InFlightGuard<'a> {
+    stats: &'a DispatchStats,
+    slot: usize,
+}
+
+impl<'a> InFlightGuard<'a> {
+    fn enter(stats: &'a DispatchStats) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard { stats, slot: stats.inflight_starts.enter() }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.stats.inflight_starts.exit(self.slot);
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -189,6 +189,18 @@ pub fn render(s: &Sources) -> String {
         writeln!(out, "ringfs_oldest_request_age_seconds {:.6}", s.dispatch.inflight_starts.oldest_age().as_secs_f64());
     header(&mut out, "ringfs_malformed_requests_total", "counter", "Requests that could not be parsed.");
     let _ = writeln!(out, "ringfs_malformed_requests_total {}", ld(&s.dispatch.malformed) + ld(&s.session.malformed));
+    header(
+        &mut out,
+        "ringfs_faults_total",
+        "counter",
+        "File-system panics (answered EIO) and failed queues (each aborted the connection).",
+    );
+    let _ = writeln!(
+        out,
+        "ringfs_faults_total{{kind=\"fs_panic\"}} {}\nringfs_faults_total{{kind=\"queue_failure\"}} {}",
+        ld(&s.session.panics),
+        ld(&s.session.failed_queues)
+    );
     header(&mut out, "ringfs_server_read_bytes_total", "counter", "Bytes read by the server for READ requests.");
     let _ = writeln!(out, "ringfs_server_read_bytes_total {}", ld(&s.dispatch.op(opcode::READ).bytes_out));
     header(&mut out, "ringfs_server_write_bytes_total", "counter", "Bytes written by the server for WRITE requests.");

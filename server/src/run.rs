@@ -361,6 +361,12 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     result.map_err(|e| e.to_string())
 }
 
+/// Takes SIGINT/SIGTERM/SIGHUP: unmounts, then makes sure the process ends within
+/// [`SHUTDOWN_GRACE`]. The kernel normally hangs up the connection at the unmount (or, for a
+/// mount detached while busy, when its last user leaves); it does not when another mount
+/// namespace holds a copy of the mount (`unshare -m` while mounted), and the server would then
+/// wait in /dev/fuse until that namespace goes away. So whatever the unmount reported, a
+/// connection still up after the grace period is aborted through fusectl.
 fn signal_thread(set: libc::sigset_t, mountpoint: &Path, dev: u64, finished: &AtomicBool) {
     let mut sig = 0;
     // SAFETY: set is a valid signal set blocked in this thread.
@@ -370,21 +376,35 @@ fn signal_thread(set: libc::sigset_t, mountpoint: &Path, dev: u64, finished: &At
     log::info!("signal {sig}: unmounting {}", mountpoint.display());
     crate::service::stopping(&format!("signal {sig}: unmounting {}", mountpoint.display()));
     match mount::unmount(mountpoint) {
-        Ok(false) => return,
+        Ok(false) => {}
         Ok(true) => log::info!("{} is busy: detached; waiting for its last users", mountpoint.display()),
         Err(e) => log::warn!("unmounting {}: {e}", mountpoint.display()),
     }
-    let start = Instant::now();
-    while start.elapsed() < SHUTDOWN_GRACE {
-        if finished.load(Ordering::SeqCst) {
-            return;
+    let wait = |limit: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if finished.load(Ordering::SeqCst) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        false
+    };
+    if wait(SHUTDOWN_GRACE) {
+        return;
     }
-    log::warn!("mount still in use after {:?}: aborting the connection", SHUTDOWN_GRACE);
-    let abort = format!("/sys/fs/fuse/connections/{}/abort", dev as u32);
-    if std::fs::write(&abort, b"1").is_err() {
+    log::warn!(
+        "the connection is still up {:?} after the unmount (still in use, or held by another mount namespace): aborting it",
+        SHUTDOWN_GRACE
+    );
+    if let Err(e) = mount::abort_connection(dev) {
+        log::error!("{e}; exiting");
         std::process::exit(0);
+    }
+    // The queues see the connection gone at once; exit anyway if they do not.
+    if !wait(Duration::from_secs(2)) {
+        log::error!("the server did not stop after the abort; exiting");
+        std::process::exit(1);
     }
 }
 

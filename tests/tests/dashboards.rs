@@ -70,6 +70,7 @@ const KNOWN_FAMILIES: &[&str] = &[
     "ringfs_requests_in_flight",
     "ringfs_oldest_request_age_seconds",
     "ringfs_malformed_requests_total",
+    "ringfs_faults_total",
     "ringfs_server_read_bytes_total",
     "ringfs_server_write_bytes_total",
     "ringfs_devfuse_requests_total",

@@ -314,3 +314,57 @@ fn mount_tag_with_source_option_and_plain_fuse_type() {
     assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
     assert!(wait_until(Duration::from_secs(5), || mount_at(mnt.path()).is_none()));
 }
+
+/// A process in a copy of our mount namespace (it holds a copy of every mount); killed on drop.
+struct NamespaceHolder(std::process::Child);
+
+impl Drop for NamespaceHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sigterm_with_a_second_mount_namespace_exits_within_the_grace_period() {
+    let test = "lifecycle::sigterm_with_a_second_mount_namespace_exits_within_the_grace_period";
+    if !require_root_fuse(test) {
+        return;
+    }
+    let mut m = Mount::start(&[]);
+    fs::write(m.path("f"), b"x").unwrap();
+    let holder = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "600"])
+        .spawn()
+        .map(NamespaceHolder);
+    let holder = match holder {
+        Ok(h) => h,
+        Err(e) if !tests::in_ci() => {
+            eprintln!("SKIP {test}: cannot run unshare: {e}");
+            return;
+        }
+        Err(e) => panic!("{test}: cannot run unshare under CI: {e}"),
+    };
+    let pid = holder.0.id();
+    let ours = fs::read_link("/proc/self/ns/mnt").unwrap();
+    let mp = m.mountpoint.to_string_lossy().into_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|ns| ns != ours)
+                && fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|t| t.contains(&mp))
+        }),
+        "the second namespace never held the mount"
+    );
+    let start = Instant::now();
+    m.signal(libc::SIGTERM);
+    let status = m.wait_exit(Duration::from_secs(14)).unwrap_or_else(|| {
+        panic!("ringfs still runs 14 s after SIGTERM with the mount held elsewhere; log:\n{}", m.log())
+    });
+    let took = start.elapsed();
+    assert!(status.success(), "exit status {status}; log:\n{}", m.log());
+    assert!(took < Duration::from_secs(13), "exit took {took:?} (grace 10 s)");
+    assert!(!m.is_mounted(), "still mounted in our namespace");
+    let log = m.log();
+    assert!(log.contains("another mount namespace"), "the abort was not logged:\n{log}");
+    drop(holder);
+}

@@ -371,3 +371,155 @@ fn handled_signal_does_not_fail_a_request_dev_fuse() {
     }
     handled_signal_case("dev-fuse");
 }
+
+/// Runs `f` on a thread and waits at most `limit` for it (a hung request fails the test instead
+/// of hanging it).
+fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+fn cross_thread_case(transport: &str) {
+    let server = Server::offthread(transport);
+    let mnt = server.mountpoint.clone();
+    // One caller at a time: nothing but the other thread's wake-up can wake the serving queue.
+    let m = mnt.clone();
+    let slowest = within(Duration::from_secs(60), "sequential reads", move || {
+        let mut slowest = Duration::ZERO;
+        for i in 0..200 {
+            let name = if i % 2 == 0 { "later" } else { "now" };
+            let start = Instant::now();
+            assert_eq!(std::fs::read(m.join(name)).expect("read"), b"0123456789abcdef");
+            slowest = slowest.max(start.elapsed());
+        }
+        slowest
+    });
+    assert!(slowest < Duration::from_secs(1), "{transport}: a read answered from another thread took {slowest:?}");
+    // Under load: callers on every CPU, answers from two other threads.
+    let m = mnt.clone();
+    let slowest = within(Duration::from_secs(120), "concurrent reads", move || {
+        let workers: Vec<_> = (0..6)
+            .map(|w| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let mut slowest = Duration::ZERO;
+                    for i in 0..150 {
+                        let name = if (i + w) % 3 == 0 { "later" } else { "now" };
+                        let start = Instant::now();
+                        assert_eq!(std::fs::read(m.join(name)).expect("read"), b"0123456789abcdef");
+                        slowest = slowest.max(start.elapsed());
+                    }
+                    slowest
+                })
+            })
+            .collect();
+        workers.into_iter().map(|h| h.join().expect("reader")).max().unwrap_or_default()
+    });
+    assert!(slowest < Duration::from_secs(2), "{transport}: a read under load took {slowest:?}");
+}
+
+#[test]
+fn wakeups_from_other_threads_wake_the_queue_uring() {
+    if !require("wakeups_from_other_threads_wake_the_queue_uring", true, &["offthread"]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    cross_thread_case("uring");
+}
+
+#[test]
+fn wakeups_from_other_threads_wake_the_queue_dev_fuse() {
+    if !require("wakeups_from_other_threads_wake_the_queue_dev_fuse", false, &["offthread"]) {
+        return;
+    }
+    cross_thread_case("dev-fuse");
+}
+
+fn panic_case(transport: &str) {
+    let mut server = Server::offthread(transport);
+    let mnt = server.mountpoint.clone();
+    let m = mnt.clone();
+    within(Duration::from_secs(30), "reads around panics", move || {
+        for _ in 0..20 {
+            let err = std::fs::read(m.join("panic")).expect_err("a panicking read must fail");
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+            assert_eq!(std::fs::read(m.join("now")).expect("read after a panic"), b"0123456789abcdef");
+        }
+    });
+    assert!(server.server_alive(), "{transport}: the server died of a file-system panic");
+    let log = server.log();
+    assert!(log.contains("panicked serving read"), "{transport}: panic not logged:\n{log}");
+}
+
+#[test]
+fn a_panicking_file_system_answers_eio_and_serves_on_uring() {
+    if !require("a_panicking_file_system_answers_eio_and_serves_on_uring", true, &["offthread"]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    panic_case("uring");
+}
+
+#[test]
+fn a_panicking_file_system_answers_eio_and_serves_on_dev_fuse() {
+    if !require("a_panicking_file_system_answers_eio_and_serves_on_dev_fuse", false, &["offthread"]) {
+        return;
+    }
+    panic_case("dev-fuse");
+}
+
+fn failed_queue_case(transport: &str) {
+    let mut server = Server::offthread(transport);
+    let mnt = server.mountpoint.clone();
+    let waiting = server.fusectl().join("waiting");
+    let count = || std::fs::read_to_string(&waiting).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0);
+    // A request kept in flight (answered after 60 s), and its caller.
+    let m = mnt.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::fs::read(m.join("sleepy"));
+        let _ = tx.send((r.map_err(|e| e.raw_os_error()), Instant::now()));
+    });
+    assert!(
+        support::wait_until(Duration::from_secs(10), || count() >= 1),
+        "{transport}: the sleepy read never reached the server"
+    );
+    // A queue fails: the connection is aborted, every caller gets an error.
+    let killed = Instant::now();
+    let err = std::fs::metadata(mnt.join("die")).expect_err("die");
+    // An aborted connection answers ECONNABORTED (ENOTCONN on older kernels).
+    let aborted = |e: Option<i32>| matches!(e, Some(libc::ECONNABORTED) | Some(libc::ENOTCONN));
+    assert!(err.raw_os_error() == Some(libc::ENOENT) || aborted(err.raw_os_error()), "{err}");
+    let (r, at) = rx.recv_timeout(Duration::from_secs(5)).expect("the in-flight caller still hangs after 5 s");
+    assert!(r.as_ref().is_err_and(|e| aborted(*e)), "{transport}: the in-flight read did not fail as aborted: {r:?}");
+    let took = at.saturating_duration_since(killed);
+    assert!(took < Duration::from_secs(1), "{transport}: the in-flight caller waited {took:?} for its error");
+    let start = Instant::now();
+    let err = std::fs::read(mnt.join("now")).expect_err("the aborted mount still answers");
+    assert!(start.elapsed() < Duration::from_secs(1), "a new caller waited {:?}", start.elapsed());
+    assert!(aborted(err.raw_os_error()), "{err}");
+    let status = server.wait_exit(Duration::from_secs(5)).expect("the server did not exit after the abort");
+    assert!(!status.success(), "{transport}: a failed queue must end the server with an error");
+    let log = server.log();
+    assert!(log.contains("aborting the connection"), "{transport}: abort not logged:\n{log}");
+}
+
+#[test]
+fn a_failed_queue_aborts_the_connection_uring() {
+    if !require("a_failed_queue_aborts_the_connection_uring", true, &["offthread"]) {
+        return;
+    }
+    let _shared = URING_SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    failed_queue_case("uring");
+}
+
+#[test]
+fn a_failed_queue_aborts_the_connection_dev_fuse() {
+    if !require("a_failed_queue_aborts_the_connection_dev_fuse", false, &["offthread"]) {
+        return;
+    }
+    failed_queue_case("dev-fuse");
+}

@@ -4,6 +4,8 @@
 //! **Architecture Invariant:** no other crate opens `/dev/fuse`, calls mount(2) for FUSE, or
 //! talks to io_uring. The file system behind the dispatcher never sees a byte of the protocol.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod executor;
 pub mod io;
 pub mod mount;

@@ -106,8 +106,9 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
         "fd={},rootmode={:o},user_id={},group_id={},max_read={}",
         fd.as_raw_fd(),
         meta.mode() & libc::S_IFMT,
-        // SAFETY: getuid/getgid cannot fail.
+        // SAFETY: getuid cannot fail and touches no memory.
         unsafe { libc::getuid() },
+        // SAFETY: getgid cannot fail and touches no memory.
         unsafe { libc::getgid() },
         opts.max_read
     );
@@ -305,6 +306,34 @@ fn unescape(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Where the fuse control file system lists connections.
+pub const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// The fuse control directory of the connection whose mount has device number `dev` (st_dev):
+/// the kernel names it after its own encoding of the device number (major << 20 | minor).
+pub fn fusectl_dir(dev: u64) -> PathBuf {
+    let kdev = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+    Path::new(FUSECTL).join(kdev.to_string())
+}
+
+/// Aborts the FUSE connection of the mount with device number `dev` (fusectl `abort`): every
+/// waiting and future request fails with ENOTCONN, and the server's channels report the
+/// connection gone. Mounts the fuse control file system first if it is not mounted.
+pub fn abort_connection(dev: u64) -> io::Result<()> {
+    let dir = fusectl_dir(dev);
+    if !dir.exists() && std::fs::read_dir(FUSECTL).is_ok_and(|mut d| d.next().is_none()) {
+        let (src, target, fstype) = (c"fusectl", CString::new(FUSECTL)?, c"fusectl");
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("mounting fusectl on {FUSECTL}: {e}")));
+        }
+    }
+    std::fs::write(dir.join("abort"), b"1")
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {}/abort: {e}", dir.display())))
 }
 
 /// Parses mountinfo text.

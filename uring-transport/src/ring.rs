@@ -15,7 +15,9 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::future::Future;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -128,14 +130,62 @@ const HDR_ENT: usize = u::IN_OUT_HEADER_SZ + u::OP_IN_OUT_SZ;
 
 /// user_data tag for the queue's wake-up eventfd read.
 const WAKE_TAG: u64 = u64::MAX;
-/// user_data tag for cancellations (their own completions are ignored).
-const CANCEL_TAG: u64 = u64::MAX - 1;
 /// Bit set in user_data of a Dev slot's WRITE (the reply); without it, its READ.
 const WRITE_BIT: u64 = 1 << 62;
 
-/// Entries whose task was woken, to be polled by the queue loop.
-#[derive(Default)]
-struct ReadyList(Mutex<Vec<usize>>);
+/// Tasks whose waker was called, to be polled by the owning queue, and the doorbell that wakes
+/// that queue when the waker runs on another thread.
+///
+/// A waker called on the queue's own thread (a completion reaped by the loop) only records the
+/// task: the loop polls everything recorded before it sleeps. A waker called elsewhere (a
+/// channel filled by another thread, a timer thread, a network future) also rings the doorbell,
+/// an eventfd the queue always has a READ armed on, so a queue asleep in `io_uring_enter` wakes
+/// up. `rung` makes that one write per sleep, not one per wake-up: the queue clears it before it
+/// takes the list, so a waker that finds it set knows the queue will still see its entry.
+struct ReadyList {
+    list: Mutex<Vec<usize>>,
+    bell: OwnedFd,
+    rung: AtomicBool,
+    owner: std::thread::ThreadId,
+}
+
+impl ReadyList {
+    fn new() -> io::Result<ReadyList> {
+        // SAFETY: eventfd returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ReadyList {
+            list: Mutex::new(Vec::new()),
+            // SAFETY: fresh fd we own.
+            bell: unsafe { crate::mount::owned(fd) },
+            rung: AtomicBool::new(false),
+            owner: std::thread::current().id(),
+        })
+    }
+
+    fn push(&self, idx: usize) {
+        if let Ok(mut v) = self.list.lock() {
+            v.push(idx);
+        }
+        if std::thread::current().id() != self.owner && !self.rung.swap(true, Ordering::SeqCst) {
+            let one = 1u64;
+            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.bell.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.lock().map(|v| v.is_empty()).unwrap_or(true)
+    }
+
+    fn take_into(&self, out: &mut Vec<usize>) {
+        if let Ok(mut v) = self.list.lock() {
+            out.append(&mut v);
+        }
+    }
+}
 
 struct EntryWaker {
     idx: usize,
@@ -148,9 +198,7 @@ impl Wake for EntryWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if let Ok(mut v) = self.ready.0.lock() {
-            v.push(self.idx);
-        }
+        self.ready.push(self.idx);
     }
 }
 
@@ -284,260 +332,509 @@ pub(crate) struct QueueParams<F> {
     pub interrupts: Arc<Vec<InterruptInbox>>,
     /// Per-opcode counters of requests read from /dev/fuse (classic channel only).
     pub dev_counts: Arc<super::session::SessionStats>,
+    /// Called when the queue cannot go on (ring failure): aborts the connection.
+    pub on_failure: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// Pushes to the submission queue, submitting first when it is full.
-fn push(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, e: &squeue::Entry128) -> io::Result<()> {
+/// A queue's ring.
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+/// user_data tag for the interrupt inbox's eventfd read.
+const INBOX_TAG: u64 = u64::MAX - 2;
+/// user_data tag for the doorbell's eventfd read (a task woken on another thread).
+const BELL_TAG: u64 = u64::MAX - 3;
+
+/// What a completion on a queue's ring is about: one kind per source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Completion {
+    /// The session's stop eventfd was written.
+    Stop,
+    /// INTERRUPTs were routed to this queue's inbox.
+    Interrupts,
+    /// A task was woken on another thread.
+    Doorbell,
+    /// A cancellation finished (its target completes on its own).
+    Cancelled,
+    /// A backing operation of the reactor completed: (operation slot, result).
+    Io(usize, i32),
+    /// A classic-channel reply was written: (slot, result).
+    Written(usize, i32),
+    /// A slot's receive operation completed, a request or a channel error: (slot, result).
+    Received(usize, i32),
+}
+
+impl Completion {
+    fn decode(tag: u64, res: i32) -> Completion {
+        match tag {
+            WAKE_TAG => Completion::Stop,
+            INBOX_TAG => Completion::Interrupts,
+            BELL_TAG => Completion::Doorbell,
+            crate::io::CANCEL_TAG => Completion::Cancelled,
+            t if t & crate::io::IO_TAG != 0 => Completion::Io((t & !crate::io::IO_TAG) as usize, res),
+            t if t & WRITE_BIT != 0 => Completion::Written((t & !WRITE_BIT) as usize, res),
+            t => Completion::Received(t as usize, res),
+        }
+    }
+}
+
+/// Pushes to the submission queue, submitting first when it is full; counts what the kernel
+/// owes a completion for.
+fn push(ring: &mut Ring, outstanding: &mut usize, e: &squeue::Entry128) -> io::Result<()> {
     loop {
-        // SAFETY: every buffer an SQE points at is owned by the queue (slots) or by a request
-        // future that the queue keeps alive until the operation completes.
+        // SAFETY: every buffer an SQE points at is owned by the queue (slots, eventfd buffers:
+        // kept until every completion is reaped or leaked, see `Queue::drop`) or by an operation
+        // of the reactor (kept until its completion, see `io::OpMem`).
         if unsafe { ring.submission().push(e) }.is_ok() {
+            *outstanding += 1;
             return Ok(());
         }
         ring.submit()?;
     }
 }
 
-/// The channel-specific half of a slot's life: (re)arming its receive operation.
-fn arm(
-    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
-    ch: &QueueChannel,
-    qid: usize,
-    i: usize,
-    s: &mut Slot,
-) -> io::Result<()> {
-    match (&mut s.bufs, ch) {
-        (SlotBufs::Ring { iov, .. }, QueueChannel::Ring { .. }) => {
-            push(ring, &uring_cmd(u::CMD_REGISTER, qid as u16, 0, Some(iov.as_ptr())).user_data(i as u64))
-        }
-        (SlotBufs::Dev { input, .. }, QueueChannel::Dev { fd, .. }) => {
-            let len = input.len() as u32;
-            let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), input.as_mut_ptr(), len).offset(u64::MAX).build();
-            push(ring, &sqe.user_data(i as u64).into())
-        }
-        _ => Ok(()),
-    }
+/// Tolerated results of `io_uring_enter`: try again next round.
+fn transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::ETIME))
 }
 
-/// Runs one queue (FUSE over io_uring, or the classic channel read through io_uring) until the
-/// connection goes away.
-pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
-    pin_to_cpu(p.qid);
-    let sq = ((p.depth + 4) * 2).next_power_of_two() as u32;
-    let mut ring = new_ring(sq)?;
-    crate::io::install(ring.as_raw_fd());
-    if let QueueChannel::Ring { fuse_fd } = &p.channel {
-        ring.submitter().register_files(&[*fuse_fd])?;
-    }
-    let ready = Arc::new(ReadyList::default());
-    let mut slots: Vec<Slot> = (0..p.depth)
-        .map(|idx| Slot {
-            bufs: match &p.channel {
-                QueueChannel::Ring { .. } => SlotBufs::Ring {
-                    header: AlignedBox::new(u::REQ_HEADER_SZ, 64),
-                    payload: AlignedBox::new(p.payload_size, 4096),
-                    scratch: AlignedBox::new(SCRATCH_SIZE, 4096),
-                    iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2],
-                    via_scratch: false,
-                },
-                QueueChannel::Dev { bufsize, .. } => SlotBufs::Dev {
-                    input: AlignedBox::new(*bufsize, 4096),
-                    output: AlignedBox::new(16 + p.payload_size + 4096, 4096),
-                    reply_len: 0,
-                },
-            },
-            live: true,
-            task: None,
-            unique: 0,
-            opcode: 0,
-            pid: 0,
-            interrupted: false,
-            waker: Waker::from(Arc::new(EntryWaker { idx, ready: ready.clone() })),
-        })
-        .collect();
-    for (i, s) in slots.iter_mut().enumerate() {
-        if let SlotBufs::Ring { header, payload, iov, .. } = &mut s.bufs {
-            iov[0] = libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() };
-            iov[1] = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+/// One queue's state. The loop ([`Queue::serve`]) is: submit what is pending, wait for a
+/// completion, act on each completion by its [`Completion`] kind, poll the woken tasks, repeat.
+/// Dropping a queue cancels what is in flight, waits (bounded) for the kernel to finish with the
+/// queue's memory, closes the ring, and only then frees the buffers (or leaks them, when the
+/// kernel did not let go in time).
+struct Queue<'p, F> {
+    p: &'p QueueParams<F>,
+    ring: ManuallyDrop<Ring>,
+    /// SQEs pushed whose completion has not been reaped.
+    outstanding: usize,
+    slots: Vec<Slot>,
+    ready: Arc<ReadyList>,
+    wake_buf: Box<[u8; 8]>,
+    inbox_buf: Box<[u8; 8]>,
+    bell_buf: Box<[u8; 8]>,
+    /// Interrupts whose request this queue has not seen (yet, or ever), with their arrival.
+    early_interrupts: Vec<(u64, std::time::Instant)>,
+    dispatcher: Rc<Dispatcher<F>>,
+    /// Slots whose channel still works.
+    live: usize,
+}
+
+impl<'p, F: FileSystem> Queue<'p, F> {
+    fn new(p: &'p QueueParams<F>) -> io::Result<Queue<'p, F>> {
+        let sq = ((p.depth + 4) * 2).next_power_of_two() as u32;
+        let ring = new_ring(sq)?;
+        if let QueueChannel::Ring { fuse_fd } = &p.channel {
+            ring.submitter().register_files(&[*fuse_fd])?;
         }
-        arm(&mut ring, &p.channel, p.qid, i, s)?;
-    }
-    let my_inbox = &p.interrupts[p.qid];
-    let inbox_fd = my_inbox.wake_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let mut wake_buf = [0u8; 8];
-    let mut inbox_buf = [0u8; 8];
-    push(
-        &mut ring,
-        &opcode::Read::new(types::Fd(p.wake_fd), wake_buf.as_mut_ptr(), 8).build().user_data(WAKE_TAG).into(),
-    )?;
-    let inbox_tag = WAKE_TAG - 2;
-    if inbox_fd >= 0 {
-        let sqe = opcode::Read::new(types::Fd(inbox_fd), inbox_buf.as_mut_ptr(), 8).build().user_data(inbox_tag);
-        push(&mut ring, &sqe.into())?;
-    }
-    // Interrupts whose request this queue has not seen (yet, or ever), with their arrival.
-    let mut early_interrupts: Vec<(u64, std::time::Instant)> = Vec::new();
-    let dispatcher = Rc::new(p.dispatcher.clone());
-    let mut live = p.depth;
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(sq as usize * 2);
-    let mut woken: Vec<usize> = Vec::with_capacity(p.depth);
-    let poll = p.busy_poll;
-    // When any queue last finished a request, in nanoseconds since `p.activity.0`: the caller of
-    // a storm moves between CPUs, so every queue keeps polling while any of them is busy.
-    let since_request = |a: &Activity| {
-        let now = a.0.elapsed().as_nanos() as u64;
-        std::time::Duration::from_nanos(now.saturating_sub(a.1.load(Ordering::Relaxed)))
-    };
-    while live > 0 {
-        // Everything the tasks queued since the last round goes out with this submit.
-        let pending = crate::io::with(|r| std::mem::take(&mut r.pending)).unwrap_or_default();
-        for sqe in &pending {
-            push(&mut ring, sqe)?;
+        let ready = Arc::new(ReadyList::new()?);
+        let slots = (0..p.depth)
+            .map(|idx| Slot {
+                bufs: match &p.channel {
+                    QueueChannel::Ring { .. } => SlotBufs::Ring {
+                        header: AlignedBox::new(u::REQ_HEADER_SZ, 64),
+                        payload: AlignedBox::new(p.payload_size, 4096),
+                        scratch: AlignedBox::new(SCRATCH_SIZE, 4096),
+                        iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2],
+                        via_scratch: false,
+                    },
+                    QueueChannel::Dev { bufsize, .. } => SlotBufs::Dev {
+                        input: AlignedBox::new(*bufsize, 4096),
+                        output: AlignedBox::new(16 + p.payload_size + 4096, 4096),
+                        reply_len: 0,
+                    },
+                },
+                live: true,
+                task: None,
+                unique: 0,
+                opcode: 0,
+                pid: 0,
+                interrupted: false,
+                waker: Waker::from(Arc::new(EntryWaker { idx, ready: ready.clone() })),
+            })
+            .collect();
+        crate::io::install(ring.as_raw_fd());
+        let mut q = Queue {
+            p,
+            ring: ManuallyDrop::new(ring),
+            outstanding: 0,
+            slots,
+            ready,
+            wake_buf: Box::new([0; 8]),
+            inbox_buf: Box::new([0; 8]),
+            bell_buf: Box::new([0; 8]),
+            early_interrupts: Vec::new(),
+            dispatcher: Rc::new(p.dispatcher.clone()),
+            live: p.depth,
+        };
+        for i in 0..p.depth {
+            if let SlotBufs::Ring { header, payload, iov, .. } = &mut q.slots[i].bufs {
+                iov[0] = libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() };
+                iov[1] = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+            }
+            q.arm(i)?;
         }
-        let have_ready = ready.0.lock().map(|v| !v.is_empty()).unwrap_or(false);
-        let want = if have_ready { 0 } else { 1 };
-        if want == 1 && !poll.is_zero() && since_request(&p.activity) < poll {
-            // The replies go out now; a transient failure leaves them for submit_and_wait below.
-            match ring.submit() {
+        q.arm_eventfd(Completion::Stop)?;
+        q.arm_eventfd(Completion::Interrupts)?;
+        q.arm_eventfd(Completion::Doorbell)?;
+        Ok(q)
+    }
+
+    /// (Re)arms slot `i`'s receive operation: REGISTER of the ring entry, or a READ of the
+    /// queue's /dev/fuse clone.
+    fn arm(&mut self, i: usize) -> io::Result<()> {
+        let sqe: squeue::Entry128 = match (&mut self.slots[i].bufs, &self.p.channel) {
+            (SlotBufs::Ring { iov, .. }, QueueChannel::Ring { .. }) => {
+                uring_cmd(u::CMD_REGISTER, self.p.qid as u16, 0, Some(iov.as_ptr())).user_data(i as u64)
+            }
+            (SlotBufs::Dev { input, .. }, QueueChannel::Dev { fd, .. }) => {
+                let len = input.len() as u32;
+                let read = opcode::Read::new(types::Fd(fd.as_raw_fd()), input.as_mut_ptr(), len).offset(u64::MAX);
+                read.build().user_data(i as u64).into()
+            }
+            _ => return Ok(()),
+        };
+        self.push(&sqe)
+    }
+
+    /// Arms the 8-byte READ of one of the queue's eventfds (stop, interrupt inbox, doorbell).
+    fn arm_eventfd(&mut self, kind: Completion) -> io::Result<()> {
+        let (fd, buf, tag) = match kind {
+            Completion::Stop => (self.p.wake_fd, &mut self.wake_buf, WAKE_TAG),
+            Completion::Interrupts => {
+                let fd = self.p.interrupts[self.p.qid].wake_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+                (fd, &mut self.inbox_buf, INBOX_TAG)
+            }
+            Completion::Doorbell => (self.ready.bell.as_raw_fd(), &mut self.bell_buf, BELL_TAG),
+            _ => return Ok(()),
+        };
+        if fd < 0 {
+            return Ok(());
+        }
+        let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build().user_data(tag);
+        self.push(&sqe.into())
+    }
+
+    /// Serves requests until the channel is gone (`Ok`) or the ring fails (`Err`).
+    fn serve(&mut self) -> io::Result<()> {
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(self.ring.params().cq_entries() as usize);
+        let mut woken: Vec<usize> = Vec::with_capacity(self.p.depth);
+        while self.live > 0 {
+            // Everything the tasks queued since the last round goes out with this submit.
+            for sqe in crate::io::with(|r| r.take_pending()).unwrap_or_default() {
+                self.push(&sqe)?;
+            }
+            let want = if self.ready.is_empty() { 1 } else { 0 };
+            if want == 1 {
+                self.busy_poll()?;
+            }
+            match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+                Err(e) if transient(&e) => {}
                 Err(e) => return Err(e),
             }
-            loop {
-                if ring.submission().taskrun()
-                    || !ring.completion().is_empty()
-                    || ready.0.lock().map(|v| !v.is_empty()).unwrap_or(false)
-                {
-                    p.stats.polled.fetch_add(1, Ordering::Relaxed);
-                    break;
+            self.p.stats.submits.fetch_add(1, Ordering::Relaxed);
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.outstanding -= cqes.len().min(self.outstanding);
+            self.p.stats.completions.fetch_add(cqes.len() as u64, Ordering::Relaxed);
+            for &(tag, res) in &cqes {
+                match Completion::decode(tag, res) {
+                    Completion::Stop => {
+                        // Normally the kernel ends a queue (ENOTCONN/ENODEV completions at
+                        // unmount); a wake-up with the stop flag set is a forced stop (abort).
+                        if self.p.stop.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        self.arm_eventfd(Completion::Stop)?;
+                    }
+                    Completion::Interrupts => self.on_interrupts()?,
+                    Completion::Doorbell => {
+                        // Cleared before the list is taken below (see `ReadyList`).
+                        self.ready.rung.store(false, Ordering::SeqCst);
+                        self.arm_eventfd(Completion::Doorbell)?;
+                    }
+                    Completion::Cancelled => {}
+                    Completion::Io(op, res) => {
+                        crate::io::with(|r| r.complete(op, res));
+                    }
+                    Completion::Written(i, res) => self.on_written(i, res)?,
+                    Completion::Received(i, res) => {
+                        if self.on_received(i, res)? {
+                            woken.push(i);
+                        }
+                    }
                 }
-                if since_request(&p.activity) >= poll {
-                    break;
-                }
-                // SAFETY: no arguments; gives the CPU to a runnable task (the caller) if any.
-                unsafe { libc::sched_yield() };
+            }
+            self.ready.take_into(&mut woken);
+            for i in woken.drain(..) {
+                self.poll_task(i)?;
+            }
+            if crate::io::take_injected_failure() {
+                return Err(io::Error::other("failure injected by the file system (test hook)"));
             }
         }
-        match ring.submit_and_wait(want) {
+        Ok(())
+    }
+
+    /// Busy polling: after a request, watch the rings in user space for a while before
+    /// sleeping (see [`SessionConfig`](crate::SessionConfig)).
+    fn busy_poll(&mut self) -> io::Result<()> {
+        let poll = self.p.busy_poll;
+        // When any queue last finished a request, in nanoseconds since `p.activity.0`: the caller
+        // of a storm moves between CPUs, so every queue keeps polling while any of them is busy.
+        let since_request = |a: &Activity| {
+            let now = a.0.elapsed().as_nanos() as u64;
+            std::time::Duration::from_nanos(now.saturating_sub(a.1.load(Ordering::Relaxed)))
+        };
+        if poll.is_zero() || since_request(&self.p.activity) >= poll {
+            return Ok(());
+        }
+        // The replies go out now; a transient failure leaves them for submit_and_wait.
+        match self.ring.submit() {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Err(e),
         }
-        p.stats.submits.fetch_add(1, Ordering::Relaxed);
-        cqes.clear();
-        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
-        p.stats.completions.fetch_add(cqes.len() as u64, Ordering::Relaxed);
-        for &(tag, res) in &cqes {
-            if tag == WAKE_TAG {
-                // Normally the kernel ends a queue (ENOTCONN/ENODEV completions at unmount); a
-                // wake-up with the stop flag set is a forced stop (abort).
-                if p.stop.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                let sqe = opcode::Read::new(types::Fd(p.wake_fd), wake_buf.as_mut_ptr(), 8).build().user_data(WAKE_TAG);
-                push(&mut ring, &sqe.into())?;
-                continue;
+        loop {
+            if self.ring.submission().taskrun() || !self.ring.completion().is_empty() || !self.ready.is_empty() {
+                self.p.stats.polled.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
             }
-            if tag == inbox_tag {
-                for unique in my_inbox.take() {
-                    match slots.iter().position(|s| s.task.is_some() && s.unique == unique) {
-                        Some(i) if honours_interrupt(&slots[i]) => interrupt_slot(&mut ring, &mut slots[i], i)?,
-                        Some(_) => {}
-                        None => early_interrupts.push((unique, std::time::Instant::now())),
-                    }
-                }
-                early_interrupts.retain(|(_, t)| t.elapsed() < std::time::Duration::from_secs(2));
-                let sqe =
-                    opcode::Read::new(types::Fd(inbox_fd), inbox_buf.as_mut_ptr(), 8).build().user_data(inbox_tag);
-                push(&mut ring, &sqe.into())?;
-                continue;
+            if since_request(&self.p.activity) >= poll {
+                return Ok(());
             }
-            if tag == CANCEL_TAG {
-                continue;
-            }
-            if tag & crate::io::IO_TAG != 0 {
-                crate::io::with(|r| r.complete((tag & !crate::io::IO_TAG) as usize, res));
-                continue;
-            }
-            let i = (tag & !WRITE_BIT) as usize;
-            let Some(s) = slots.get_mut(i) else { continue };
-            if tag & WRITE_BIT != 0 {
-                // A classic reply went out (or the request was gone: ENOENT): read the next one.
-                if res < 0 && res != -libc::ENOENT && res != -libc::ENODEV {
-                    log::warn!("queue {}: writing a reply: {}", p.qid, io::Error::from_raw_os_error(-res));
-                }
-                if res == -libc::ENODEV {
-                    s.live = false;
-                    live -= 1;
-                } else {
-                    arm(&mut ring, &p.channel, p.qid, i, s)?;
-                }
-                continue;
-            }
-            if res < 0 {
-                match -res {
-                    libc::EAGAIN | libc::EINTR | libc::ENOENT => arm(&mut ring, &p.channel, p.qid, i, s)?,
-                    err => {
-                        if err != libc::ENOTCONN && err != libc::ENODEV && err != libc::ECANCELED {
-                            log::warn!("queue {} slot {i}: {}", p.qid, io::Error::from_raw_os_error(err));
-                        }
-                        if s.live {
-                            s.live = false;
-                            live -= 1;
-                        }
-                    }
-                }
-                continue;
-            }
-            match start_task(s, res as usize, &dispatcher, &p) {
-                Started::Task => {
-                    if let Some(k) = early_interrupts.iter().position(|(u, _)| *u == s.unique) {
-                        early_interrupts.swap_remove(k);
-                        s.interrupted = honours_interrupt(s);
-                    }
-                    woken.push(i);
-                }
-                // Classic channel: FORGET and the like need no reply; INTERRUPT was routed.
-                Started::Nothing => arm(&mut ring, &p.channel, p.qid, i, s)?,
+            // SAFETY: no arguments; gives the CPU to a runnable task (the caller) if any.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
+    /// INTERRUPTs arrived in the inbox: cancel the requests this queue serves.
+    fn on_interrupts(&mut self) -> io::Result<()> {
+        for unique in self.p.interrupts[self.p.qid].take() {
+            match self.slots.iter().position(|s| s.task.is_some() && s.unique == unique) {
+                Some(i) if honours_interrupt(&self.slots[i]) => self.interrupt_slot(i)?,
+                Some(_) => {}
+                None => self.early_interrupts.push((unique, std::time::Instant::now())),
             }
         }
-        if let Ok(mut v) = ready.0.lock() {
-            woken.append(&mut v);
+        self.early_interrupts.retain(|(_, t)| t.elapsed() < std::time::Duration::from_secs(2));
+        self.arm_eventfd(Completion::Interrupts)
+    }
+
+    /// Cancels the backing operations of the request in slot `i` (the kernel asked to interrupt
+    /// it). Operations complete with ECANCELED, which the request then answers as EINTR; a
+    /// request with nothing in flight finishes normally.
+    fn interrupt_slot(&mut self, i: usize) -> io::Result<()> {
+        self.slots[i].interrupted = true;
+        for op in crate::io::with(|r| r.ops_of(i)).unwrap_or_default() {
+            let sqe = opcode::AsyncCancel::new(crate::io::IO_TAG | op as u64).build().user_data(crate::io::CANCEL_TAG);
+            self.push(&sqe.into())?;
         }
-        for i in woken.drain(..) {
-            let s = &mut slots[i];
-            let Some(task) = s.task.as_mut() else { continue };
-            crate::io::with(|r| r.current = Some(i));
-            let mut cx = Context::from_waker(&s.waker);
-            let polled = task.as_mut().poll(&mut cx);
-            crate::io::with(|r| r.current = None);
-            if let Poll::Ready((error, len)) = polled {
-                s.task = None;
-                p.stats.requests.fetch_add(1, Ordering::Relaxed);
-                if !poll.is_zero() {
-                    // The caller is about to be woken: its next request may follow at once.
-                    p.activity.1.store(p.activity.0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                }
-                let error = if s.interrupted && error == -libc::ECANCELED { -libc::EINTR } else { error };
-                s.interrupted = false;
-                match finish_slot(s, error, len) {
-                    Finish::Commit(unique) => {
-                        let sqe = uring_cmd(u::CMD_COMMIT_AND_FETCH, p.qid as u16, unique, None).user_data(i as u64);
-                        push(&mut ring, &sqe)?;
-                    }
-                    Finish::Write(ptr, n) => {
-                        let QueueChannel::Dev { fd, .. } = &p.channel else { continue };
-                        let sqe = opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, n as u32).offset(u64::MAX).build();
-                        push(&mut ring, &sqe.user_data(i as u64 | WRITE_BIT).into())?;
-                    }
-                    Finish::Rearm => arm(&mut ring, &p.channel, p.qid, i, s)?,
-                }
+        Ok(())
+    }
+
+    /// A classic reply went out (or the request was gone: ENOENT): read the next one.
+    fn on_written(&mut self, i: usize, res: i32) -> io::Result<()> {
+        if res < 0 && res != -libc::ENOENT && res != -libc::ENODEV {
+            log::warn!("queue {}: writing a reply: {}", self.p.qid, io::Error::from_raw_os_error(-res));
+        }
+        if res == -libc::ENODEV {
+            self.kill_slot(i);
+            Ok(())
+        } else {
+            self.arm(i)
+        }
+    }
+
+    fn kill_slot(&mut self, i: usize) {
+        if let Some(s) = self.slots.get_mut(i) {
+            if s.live {
+                s.live = false;
+                self.live -= 1;
             }
         }
     }
-    Ok(())
+
+    /// A slot's receive operation completed; true when a task was started for it.
+    fn on_received(&mut self, i: usize, res: i32) -> io::Result<bool> {
+        if i >= self.slots.len() {
+            return Ok(false);
+        }
+        if res < 0 {
+            match -res {
+                libc::EAGAIN | libc::EINTR | libc::ENOENT => self.arm(i)?,
+                err => {
+                    if err != libc::ENOTCONN && err != libc::ENODEV && err != libc::ECANCELED {
+                        log::warn!("queue {} slot {i}: {}", self.p.qid, io::Error::from_raw_os_error(err));
+                    }
+                    self.kill_slot(i);
+                }
+            }
+            return Ok(false);
+        }
+        let s = &mut self.slots[i];
+        match start_task(s, res as usize, &self.dispatcher, self.p) {
+            Started::Task => {
+                if let Some(k) = self.early_interrupts.iter().position(|(u, _)| *u == s.unique) {
+                    self.early_interrupts.swap_remove(k);
+                    s.interrupted = honours_interrupt(s);
+                }
+                Ok(true)
+            }
+            // Classic channel: FORGET and the like need no reply; INTERRUPT was routed.
+            Started::Nothing => self.arm(i).map(|_| false),
+        }
+    }
+
+    /// Polls slot `i`'s task; when it finishes, sends its reply. A panic in the file system
+    /// becomes EIO for that request (counted and logged); the queue goes on.
+    fn poll_task(&mut self, i: usize) -> io::Result<()> {
+        let s = &mut self.slots[i];
+        let Some(task) = s.task.as_mut() else { return Ok(()) };
+        crate::io::with(|r| r.current = Some(i));
+        let mut cx = Context::from_waker(&s.waker);
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        crate::io::with(|r| r.current = None);
+        let (error, len) = match polled {
+            Ok(Poll::Pending) => return Ok(()),
+            Ok(Poll::Ready(r)) => r,
+            Err(panic) => {
+                self.p.dev_counts.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "queue {}: the file system panicked serving {} (unique {}): {}; answered EIO",
+                    self.p.qid,
+                    protocol::abi::opcode::name(s.opcode),
+                    s.unique,
+                    panic_message(&*panic)
+                );
+                (-libc::EIO, 0)
+            }
+        };
+        // A panicked task is dropped here too: its in-flight operations go to the reactor, which
+        // cancels them and keeps their memory until they complete.
+        let task = s.task.take();
+        if std::panic::catch_unwind(AssertUnwindSafe(move || drop(task))).is_err() {
+            log::error!("queue {}: dropping a request's future panicked", self.p.qid);
+        }
+        self.p.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if !self.p.busy_poll.is_zero() {
+            // The caller is about to be woken: its next request may follow at once.
+            self.p.activity.1.store(self.p.activity.0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        let error = if s.interrupted && error == -libc::ECANCELED { -libc::EINTR } else { error };
+        s.interrupted = false;
+        let sqe: squeue::Entry128 = match finish_slot(s, error, len) {
+            Finish::Commit(unique) => {
+                uring_cmd(u::CMD_COMMIT_AND_FETCH, self.p.qid as u16, unique, None).user_data(i as u64)
+            }
+            Finish::Write(ptr, n) => {
+                let QueueChannel::Dev { fd, .. } = &self.p.channel else { return Ok(()) };
+                let sqe = opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, n as u32).offset(u64::MAX).build();
+                sqe.user_data(i as u64 | WRITE_BIT).into()
+            }
+            Finish::Rearm => return self.arm(i),
+        };
+        self.push(&sqe)
+    }
 }
 
+impl<F> Queue<'_, F> {
+    fn push(&mut self, e: &squeue::Entry128) -> io::Result<()> {
+        push(&mut self.ring, &mut self.outstanding, e)
+    }
+
+    /// Cancels everything in flight and waits up to `limit` for the kernel to complete it;
+    /// true when nothing is outstanding any more.
+    fn drain(&mut self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut pending = crate::io::with(|r| r.take_pending()).unwrap_or_default();
+        let cancel_all = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build();
+        pending.push(cancel_all.user_data(crate::io::CANCEL_TAG).into());
+        for sqe in &pending {
+            if self.push(sqe).is_err() {
+                return false;
+            }
+        }
+        while self.outstanding > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let ts = types::Timespec::from((deadline - now).min(std::time::Duration::from_millis(50)));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if transient(&e) => {}
+                Err(_) => return false,
+            }
+            let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            self.outstanding -= done.len().min(self.outstanding);
+            for (tag, res) in done {
+                if let Completion::Io(op, res) = Completion::decode(tag, res) {
+                    crate::io::with(|r| r.complete(op, res));
+                }
+            }
+        }
+        true
+    }
+}
+
+impl<F> Drop for Queue<'_, F> {
+    fn drop(&mut self) {
+        // Tasks first: the operations they have in flight move to the reactor.
+        for s in &mut self.slots {
+            let task = s.task.take();
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(task)));
+        }
+        let clean = self.drain(DRAIN_LIMIT);
+        // SAFETY: the ring is dropped exactly once, here, and not used afterwards; it goes
+        // before the buffers it may write into.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+        crate::io::uninstall(clean);
+        if !clean {
+            log::warn!(
+                "queue {}: the kernel still held {} operations after the ring was cancelled; their buffers are leaked",
+                self.p.qid,
+                self.outstanding
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+            for b in [&mut self.wake_buf, &mut self.inbox_buf, &mut self.bell_buf] {
+                std::mem::forget(std::mem::replace(b, Box::new([0; 8])));
+            }
+        }
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// How long a stopping queue waits for the kernel to give back its buffers.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs one queue (FUSE over io_uring, or the classic channel read through io_uring) until the
+/// connection goes away. An `Err` means the queue could not go on (its ring failed, or its
+/// loop panicked): the caller must abort the connection, or the requests the kernel routes to
+/// this queue would wait forever.
+pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
+    pin_to_cpu(p.qid);
+    let mut q = Queue::new(&p)?;
+    let served = std::panic::catch_unwind(AssertUnwindSafe(|| q.serve()));
+    let result = match served {
+        Ok(r) => r,
+        Err(panic) => Err(io::Error::other(format!("queue loop panicked: {}", panic_message(&*panic)))),
+    };
+    if result.is_err() {
+        // The kernel completes this queue's ring entries only when the connection ends.
+        (p.on_failure)();
+    }
+    drop(q);
+    result
+}
 /// Whether an INTERRUPT for the request in `s` is acted on. A signal that the caller handles
 /// and returns from (stress-ng's SIGALRM, a shell's SIGCHLD) must not turn a mkdir or a read
 /// into EINTR, which local file systems never return for them; so, as in the kernel's own file
@@ -566,19 +863,6 @@ fn caller_gives_up(pid: u32) -> bool {
         let Some(v) = l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")) else { return false };
         u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & kill_bit != 0)
     })
-}
-
-/// Cancels the backing operations of the request in slot `i` (the kernel asked to interrupt
-/// it). Operations complete with ECANCELED, which the request then answers as EINTR; a request
-/// with nothing in flight finishes normally.
-fn interrupt_slot(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, s: &mut Slot, i: usize) -> io::Result<()> {
-    s.interrupted = true;
-    let ops = crate::io::with(|r| r.ops_of(i)).unwrap_or_default();
-    for op in ops {
-        let sqe = opcode::AsyncCancel::new(crate::io::IO_TAG | op as u64).build().user_data(CANCEL_TAG);
-        push(ring, &sqe.into())?;
-    }
-    Ok(())
 }
 
 enum Started {
@@ -755,5 +1039,65 @@ impl StopSignal {
         let one = n as u64;
         // SAFETY: writing 8 bytes from a valid u64.
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bell_count(r: &ReadyList) -> u64 {
+        let mut v = 0u64;
+        let mut pfd = libc::pollfd { fd: r.bell.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
+            // SAFETY: reading 8 bytes into a valid u64 from our eventfd.
+            unsafe { libc::read(r.bell.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        v
+    }
+
+    #[test]
+    fn wakeups_on_the_owner_thread_do_not_ring() {
+        let r = ReadyList::new().unwrap();
+        r.push(3);
+        r.push(4);
+        assert_eq!(bell_count(&r), 0);
+        let mut out = Vec::new();
+        r.take_into(&mut out);
+        assert_eq!(out, vec![3, 4]);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn wakeups_from_other_threads_ring_once_per_sleep() {
+        let r = Arc::new(ReadyList::new().unwrap());
+        let r2 = r.clone();
+        std::thread::spawn(move || {
+            r2.push(1);
+            r2.push(2);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(bell_count(&r), 1, "two wake-ups, one ring");
+        // The queue clears the flag, then takes the list: the next wake-up rings again.
+        r.rung.store(false, Ordering::SeqCst);
+        let mut out = Vec::new();
+        r.take_into(&mut out);
+        assert_eq!(out, vec![1, 2]);
+        let r2 = r.clone();
+        std::thread::spawn(move || r2.push(5)).join().unwrap();
+        assert_eq!(bell_count(&r), 1);
+    }
+
+    #[test]
+    fn completions_decode_by_kind() {
+        assert_eq!(Completion::decode(WAKE_TAG, 8), Completion::Stop);
+        assert_eq!(Completion::decode(INBOX_TAG, 8), Completion::Interrupts);
+        assert_eq!(Completion::decode(BELL_TAG, 8), Completion::Doorbell);
+        assert_eq!(Completion::decode(crate::io::CANCEL_TAG, 0), Completion::Cancelled);
+        assert_eq!(Completion::decode(crate::io::IO_TAG | 7, 42), Completion::Io(7, 42));
+        assert_eq!(Completion::decode(WRITE_BIT | 3, 16), Completion::Written(3, 16));
+        assert_eq!(Completion::decode(5, -libc::ENODEV), Completion::Received(5, -libc::ENODEV));
     }
 }

@@ -61,6 +61,10 @@ pub struct SessionStats {
     pub queues: Vec<Arc<QueueStats>>,
     /// Whether requests travel through io_uring.
     pub uring: bool,
+    /// Requests whose file-system method panicked (each was answered EIO).
+    pub panics: AtomicU64,
+    /// Queues that could not go on (ring failure); each aborted the connection.
+    pub failed_queues: AtomicU64,
 }
 
 impl SessionStats {
@@ -71,6 +75,8 @@ impl SessionStats {
             malformed: AtomicU64::new(0),
             queues: (0..queues).map(|_| Arc::new(QueueStats::default())).collect(),
             uring,
+            panics: AtomicU64::new(0),
+            failed_queues: AtomicU64::new(0),
         }
     }
 
@@ -271,6 +277,15 @@ impl<F: FileSystem> Session<F> {
         let interrupts: Arc<Vec<InterruptInbox>> =
             Arc::new((0..nqueues).map(|_| InterruptInbox::new()).collect::<io::Result<_>>()?);
         let mut handles = Vec::new();
+        let dev = self.mounted.dev();
+        let failed = self.stats.clone();
+        let on_failure: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            failed.failed_queues.fetch_add(1, Ordering::Relaxed);
+            log::error!("a queue cannot go on: aborting the connection (callers get ENOTCONN)");
+            if let Err(e) = crate::mount::abort_connection(dev) {
+                log::error!("aborting the connection: {e}");
+            }
+        });
         for (qid, qstats) in self.stats.queues.iter().enumerate() {
             let channel = if self.stats.uring {
                 QueueChannel::Ring { fuse_fd: self.mounted.fd.as_raw_fd() }
@@ -292,11 +307,14 @@ impl<F: FileSystem> Session<F> {
                 wake_fd: waker.fd.as_raw_fd(),
                 interrupts: interrupts.clone(),
                 dev_counts: self.stats.clone(),
+                on_failure: on_failure.clone(),
             };
             let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
-                if let Err(e) = run_queue(params) {
-                    log::error!("queue {qid}: {e}");
+                let r = run_queue(params);
+                if let Err(e) = &r {
+                    log::error!("queue {qid} failed: {e}");
                 }
+                r.map_err(|e| io::Error::new(e.kind(), format!("queue {qid}: {e}")))
             })?;
             handles.push(h);
         }
@@ -306,12 +324,17 @@ impl<F: FileSystem> Session<F> {
             stop.store(true, Ordering::Release);
             waker.wake(handles.len());
         }
+        let mut failure = None;
         for h in handles {
-            let _ = h.join();
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => failure = failure.or(Some(io::Error::other("a queue thread panicked"))),
+            }
         }
         self.channel.stop();
         self.dispatcher.fs().destroy();
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 }
 
@@ -389,7 +412,25 @@ fn worker<F: FileSystem>(
             }
             continue;
         }
-        match block_on(d.dispatch(&req, &mut out[16..])) {
+        let served =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(d.dispatch(&req, &mut out[16..]))));
+        let outcome = match served {
+            Ok(o) => o,
+            Err(_) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "the file system panicked serving {} (unique {}); answered EIO",
+                    opcode::name(req.header.opcode),
+                    req.unique()
+                );
+                if no_reply(&req.header) {
+                    Outcome::NoReply
+                } else {
+                    Outcome::Reply { error: -libc::EIO, len: 0 }
+                }
+            }
+        };
+        match outcome {
             Outcome::Reply { error, len } => {
                 if error != 0 {
                     stats.errors.fetch_add(1, Ordering::Relaxed);

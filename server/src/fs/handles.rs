@@ -113,6 +113,22 @@ impl Handle {
         }
     }
 
+    /// [`fd`](Self::fd), borrowed for as long as the handle lives.
+    pub(crate) fn borrowed_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.kind {
+            HandleKind::File(fd) => std::os::fd::AsFd::as_fd(fd),
+            HandleKind::Dir(fd, _) => std::os::fd::AsFd::as_fd(fd),
+        }
+    }
+
+    /// [`file_fd`](Self::file_fd), borrowed for as long as the handle lives.
+    pub(crate) fn file_borrowed(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        match &self.kind {
+            HandleKind::File(fd) => Ok(std::os::fd::AsFd::as_fd(fd)),
+            HandleKind::Dir(..) => Err(Errno::EISDIR),
+        }
+    }
+
     /// The descriptor of an open regular file; EBADF for directories.
     pub(crate) fn file_fd(&self) -> Result<RawFd> {
         match &self.kind {

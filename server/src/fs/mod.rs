@@ -32,7 +32,7 @@ pub mod watch;
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -567,7 +567,7 @@ impl PassthroughFs {
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => self.crossing(dir, name)?,
             r => r?,
         };
-        let st = sys::fstat_async(fd.as_raw_fd()).await?;
+        let st = sys::fstat_async(fd.as_fd()).await?;
         let (id, _) = self.inodes.insert_or_ref(fd, &st, true)?;
         Ok((id, st))
     }
@@ -1086,10 +1086,10 @@ impl FileSystem for PassthroughFs {
 
     async fn getattr(&self, _ctx: &Context, node: NodeId, fh: Option<FileHandle>) -> Result<AttrOut> {
         let st = match fh.map(|fh| self.handle_fd(fh)) {
-            Some(Ok(h)) => sys::fstat_async(h.fd()).await?,
+            Some(Ok(h)) => sys::fstat_async(h.borrowed_fd()).await?,
             _ => {
                 let (fd, _) = self.inodes.get(node.0)?;
-                sys::fstat_async(fd.as_raw_fd()).await?
+                sys::fstat_async(fd.as_fd()).await?
             }
         };
         Ok(self.attr_out(&st))
@@ -1154,7 +1154,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         if let Some(p) = self.ring_creator(ctx) {
-            match uring_transport::io::symlinkat_as(target, pfd.as_raw_fd(), name, p).await {
+            match uring_transport::io::symlinkat_as(target, pfd.as_fd(), name, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
@@ -1192,7 +1192,7 @@ impl FileSystem for PassthroughFs {
         let (pfd, _) = self.inodes.get(parent.0)?;
         let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
         if let Some(p) = self.ring_creator(ctx) {
-            match uring_transport::io::mkdirat_as(pfd.as_raw_fd(), name, mode & 0o7777, p).await {
+            match uring_transport::io::mkdirat_as(pfd.as_fd(), name, mode & 0o7777, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
@@ -1209,7 +1209,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         if self.kernel_checks() {
-            return Ok(uring_transport::io::unlinkat(pfd.as_raw_fd(), name, 0).await?);
+            return Ok(uring_transport::io::unlinkat(pfd.as_fd(), name, 0).await?);
         }
         self.as_caller(ctx, false, || {
             // SAFETY: `name` is NUL-terminated.
@@ -1221,7 +1221,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         if self.kernel_checks() {
-            return Ok(uring_transport::io::unlinkat(pfd.as_raw_fd(), name, libc::AT_REMOVEDIR).await?);
+            return Ok(uring_transport::io::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR).await?);
         }
         self.as_caller(ctx, false, || {
             // SAFETY: `name` is NUL-terminated.
@@ -1243,7 +1243,7 @@ impl FileSystem for PassthroughFs {
         let (ofd, _) = self.inodes.get(parent.0)?;
         let (nfd, _) = self.inodes.get(new_parent.0)?;
         if self.kernel_checks() {
-            return Ok(uring_transport::io::renameat2(ofd.as_raw_fd(), name, nfd.as_raw_fd(), new_name, flags).await?);
+            return Ok(uring_transport::io::renameat2(ofd.as_fd(), name, nfd.as_fd(), new_name, flags).await?);
         }
         self.as_caller(ctx, false, || sys::renameat2(ofd.as_raw_fd(), name, nfd.as_raw_fd(), new_name, flags))
     }
@@ -1261,7 +1261,7 @@ impl FileSystem for PassthroughFs {
         };
         if let Some(p) = creator {
             let flags = libc::AT_SYMLINK_FOLLOW;
-            match uring_transport::io::linkat_as(libc::AT_FDCWD, &src, pfd.as_raw_fd(), new_name, flags, p).await {
+            match uring_transport::io::linkat_as(None, &src, pfd.as_fd(), new_name, flags, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), new_name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
@@ -1382,10 +1382,9 @@ impl FileSystem for PassthroughFs {
 
     async fn read(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let h = self.handle_fd(fh)?;
-        let fd = h.file_fd()?;
-        // On an io_uring queue thread this is an SQE on the queue's ring; `h` keeps the fd open
-        // until it completes.
-        Ok(uring_transport::io::pread(fd, buf, offset).await?)
+        // On an io_uring queue thread this is an SQE on the queue's ring, which keeps a
+        // duplicate of the descriptor until it completes.
+        Ok(uring_transport::io::pread(h.file_borrowed()?, buf, offset).await?)
     }
 
     async fn write(
@@ -1403,7 +1402,7 @@ impl FileSystem for PassthroughFs {
             self.attr_changed(node.0);
         }
         // On an O_APPEND descriptor a positioned write appends, as the open asked for.
-        Ok(uring_transport::io::pwrite(fd, data, offset).await?)
+        Ok(uring_transport::io::pwrite(h.file_borrowed()?, data, offset).await?)
     }
 
     async fn flush(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _lock_owner: u64) -> Result<()> {
@@ -1436,7 +1435,7 @@ impl FileSystem for PassthroughFs {
 
     async fn fsync(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
         let h = self.handle_fd(fh)?;
-        Ok(uring_transport::io::fsync(h.fd(), datasync).await?)
+        Ok(uring_transport::io::fsync(h.borrowed_fd(), datasync).await?)
     }
 
     async fn opendir(&self, ctx: &Context, node: NodeId, _flags: u32) -> Result<Opened> {
@@ -1602,7 +1601,7 @@ impl FileSystem for PassthroughFs {
     ) -> Result<()> {
         let h = self.handle_fd(fh)?;
         let fd = h.file_fd()?;
-        uring_transport::io::fallocate(fd, mode as i32, offset, length).await?;
+        uring_transport::io::fallocate(h.file_borrowed()?, mode as i32, offset, length).await?;
         // fallocate by an unprivileged caller clears set-id bits natively; FALLOCATE carries no
         // kill flag and runs as the server, so clear them here.
         if ctx.uid != 0 && self.kill_suidgid(ctx, fd)? {

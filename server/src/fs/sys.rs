@@ -116,7 +116,7 @@ pub(crate) fn stat_from_statx(x: &libc::statx) -> libc::stat {
 }
 
 /// fstat through the queue's io_uring (a plain syscall off the queues).
-pub(crate) async fn fstat_async(fd: RawFd) -> Result<libc::stat> {
+pub(crate) async fn fstat_async(fd: std::os::fd::BorrowedFd<'_>) -> Result<libc::stat> {
     let x =
         uring_transport::io::statx(fd, EMPTY, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW, libc::STATX_BASIC_STATS)
             .await?;
@@ -157,7 +157,32 @@ pub(crate) fn open_by_handle(mount_fd: RawFd, handle: &[u8], flags: i32) -> Resu
     // SAFETY: `buf` is at least `handle.len()` bytes long (checked above) and does not overlap.
     unsafe { std::ptr::copy_nonoverlapping(handle.as_ptr(), buf.as_mut_ptr() as *mut u8, handle.len()) };
     // SAFETY: `buf` holds a complete, aligned `struct file_handle`.
-    owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr() as *mut libc::file_handle, flags) })
+    retry_enomem(|| {
+        owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr() as *mut libc::file_handle, flags) })
+    })
+}
+
+/// Runs `f` again while it fails with `ENOMEM`, a few times over about 13 ms.
+///
+/// open_by_handle_at answers `ENOMEM`, not `ESTALE`, for the handle of a deleted file whose
+/// inode number a file being created at that moment reuses: the kernel's inode cache lookup
+/// meets the new inode while it is still being set up (`I_CREATING`), `iget_locked` returns
+/// NULL, and ext4 turns that into `ENOMEM`. Measured here: 1 in 20000 stale handles with two
+/// threads creating files in the same directory (more on a loaded machine). Once the creation
+/// finishes, the same call answers `ESTALE` (the generation differs), which is what the kernel
+/// must hear for a stale handle. A real allocation failure persists and is returned.
+pub(crate) fn retry_enomem<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut pause = std::time::Duration::from_micros(50);
+    for _ in 0..8 {
+        match f() {
+            Err(e) if e == Errno::ENOMEM => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            r => return r,
+        }
+    }
+    f()
 }
 
 /// The decimal name of `fd` inside `/proc/self/fd`.

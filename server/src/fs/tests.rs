@@ -840,3 +840,62 @@ fn futures_are_send() {
     is_send(&fs.readdirplus(&ROOT, NodeId::ROOT, FileHandle(1), 0, &mut out));
     is_send(&fs.fsyncdir(&ROOT, NodeId::ROOT, FileHandle(1), false));
 }
+
+#[test]
+fn enomem_from_open_by_handle_is_retried_until_it_says_estale() {
+    let mut calls = 0;
+    let r: Result<()> = sys::retry_enomem(|| {
+        calls += 1;
+        Err(if calls <= 3 { Errno::ENOMEM } else { Errno::ESTALE })
+    });
+    assert_eq!((r, calls), (Err(Errno::ESTALE), 4));
+    // A real allocation failure is returned after a bounded number of tries.
+    let mut calls = 0;
+    let start = std::time::Instant::now();
+    let r: Result<()> = sys::retry_enomem(|| {
+        calls += 1;
+        Err(Errno::ENOMEM)
+    });
+    assert_eq!((r, calls), (Err(Errno::ENOMEM), 9));
+    assert!(start.elapsed() < std::time::Duration::from_millis(500));
+}
+
+/// The root cause of a flake (ENOMEM where ESTALE was expected): a stale handle whose inode
+/// number a concurrent creation reuses made open_by_handle_at answer ENOMEM. With creators
+/// running, every stale handle must still read as ESTALE.
+#[test]
+fn stale_handles_stay_estale_while_inode_numbers_are_reused() {
+    let dir = tempfile::Builder::new().prefix("ringfs-fs-reuse").tempdir_in("/tmp").unwrap();
+    let root = std::fs::File::open(dir.path()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let creators: Vec<_> = (0..2)
+        .map(|t| {
+            let (d, stop) = (dir.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let p = d.join(format!("c{t}-{}", n % 32));
+                    let _ = std::fs::File::create(&p);
+                    let _ = std::fs::remove_file(&p);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for _ in 0..3000 {
+        let p = dir.path().join("g");
+        let f = std::fs::File::create(&p).unwrap();
+        let handle = sys::name_to_handle(std::os::fd::AsRawFd::as_raw_fd(&f)).unwrap();
+        drop(f);
+        std::fs::remove_file(&p).unwrap();
+        let r = sys::open_by_handle(std::os::fd::AsRawFd::as_raw_fd(&root), &handle, libc::O_PATH | libc::O_CLOEXEC);
+        *outcomes.entry(format!("{:?}", r.map(drop))).or_default() += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in creators {
+        c.join().unwrap();
+    }
+    assert_eq!(outcomes.len(), 1, "stale handles answered {outcomes:?}");
+    assert!(outcomes.contains_key(&format!("{:?}", Err::<(), _>(Errno::ESTALE))), "{outcomes:?}");
+}

@@ -156,6 +156,42 @@ impl Server {
         spawn(cmd, mountpoint.clone(), mountpoint, "fuse.slow", vec![mnt])
     }
 
+    /// Starts the `offthread` example file system (answers from other threads; see its docs).
+    pub fn offthread(transport: &str) -> Server {
+        let mnt = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let mountpoint = mnt.path().to_path_buf();
+        let mut cmd = Command::new(example_bin("offthread"));
+        cmd.arg(&mountpoint).arg(transport).env("RUST_LOG", "info");
+        spawn(cmd, mountpoint.clone(), mountpoint, "fuse.offthread", vec![mnt])
+    }
+
+    /// Waits up to `timeout` for the server process to exit; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the server process still runs.
+    pub fn server_alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The fuse control directory of this mount's connection.
+    pub fn fusectl(&self) -> PathBuf {
+        let dev = self.dev();
+        let kdev = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+        PathBuf::from(format!("/sys/fs/fuse/connections/{kdev}"))
+    }
+
     fn drain(&mut self) {
         while let Ok(l) = self.stderr.try_recv() {
             self.log.push(l);
