@@ -663,8 +663,17 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         if res < 0 {
             match -res {
                 libc::EAGAIN | libc::EINTR | libc::ENOENT => self.arm(i)?,
+                // The connection is gone (unmounted, or aborted: by fusectl, by another queue
+                // that failed): no request can be answered any more, so the queue ends now
+                // rather than when its in-flight tasks finish (a file system may take minutes).
+                // Dropping the queue drops those tasks, whose backing I/O is then cancelled.
+                libc::ENOTCONN | libc::ENODEV | libc::ECONNABORTED => {
+                    for k in 0..self.slots.len() {
+                        self.kill_slot(k);
+                    }
+                }
                 err => {
-                    if err != libc::ENOTCONN && err != libc::ENODEV && err != libc::ECANCELED {
+                    if err != libc::ECANCELED {
                         log::warn!("queue {} slot {i}: {}", self.p.qid, io::Error::from_raw_os_error(err));
                     }
                     self.kill_slot(i);
