@@ -4,7 +4,6 @@
 //! channel's life belong to the transport, which handles them before calling [`Dispatcher`].
 
 use std::ffi::CStr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -235,11 +234,8 @@ impl<F: FileSystem> Dispatcher<F> {
     /// negotiated max read size plus one page.
     pub async fn dispatch(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
         let start = Instant::now();
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let slot = self.stats.inflight_starts.enter();
+        let started = self.stats.begin();
         let outcome = self.serve(req, out).await;
-        self.stats.inflight_starts.exit(slot);
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         let op = req.header.opcode;
         let (error, len) = match outcome {
             Outcome::Reply { error, len } => (error, len),
@@ -251,6 +247,7 @@ impl<F: FileSystem> Dispatcher<F> {
         };
         let bytes_out = if op == abi::opcode::READ { len } else { 0 };
         self.stats.record(op, error, start.elapsed(), bytes_in, bytes_out);
+        self.stats.end(started);
         outcome
     }
 
