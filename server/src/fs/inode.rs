@@ -306,6 +306,9 @@ pub(crate) struct HandleState {
     pub(crate) nodes: Vec<(u64, Vec<u8>)>,
 }
 
+/// Export order of a live node: (recently used, node id), larger first.
+type Recency = (bool, u64);
+
 /// Descriptors kept out of the inode table's budget for the rest of the server.
 const FD_RESERVE: usize = 512;
 
@@ -390,7 +393,7 @@ impl InodeTable {
     /// known or forgotten, most recently used first, at most `max_retired`.
     pub(crate) fn export(&self) -> HandleState {
         let g = self.read();
-        let mut live: Vec<((bool, u64), u64, &Arc<[u8]>)> = g
+        let mut live: Vec<(Recency, u64, &Arc<[u8]>)> = g
             .nodes
             .iter()
             .filter(|(_, n)| !n.permanent)
