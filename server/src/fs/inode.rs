@@ -106,7 +106,26 @@ struct Retired {
 }
 
 /// Descriptors to close once the table lock is released.
-type Garbage = Vec<InodeFd>;
+/// The first one is kept inline: the request path (an open replacing the node's O_PATH
+/// descriptor, its release dropping the open one) then allocates nothing.
+#[derive(Default)]
+struct Garbage {
+    first: Option<InodeFd>,
+    more: Vec<InodeFd>,
+}
+
+impl Garbage {
+    fn new() -> Garbage {
+        Garbage::default()
+    }
+
+    fn push(&mut self, fd: InodeFd) {
+        match self.first {
+            None => self.first = Some(fd),
+            Some(_) => self.more.push(fd),
+        }
+    }
+}
 
 impl Inner {
     /// Puts the node's descriptor under the cache's management if it is cached and evictable.
@@ -582,7 +601,6 @@ impl InodeTable {
     pub(crate) fn insert_or_ref(&self, fd: OwnedFd, st: &libc::stat, reopenable: bool) -> Result<(u64, InodeFd)> {
         let key = (st.st_dev, st.st_ino);
         let kind = st.st_mode & libc::S_IFMT;
-        let fd = Arc::new(fd);
         // Outer None: not computed yet; inner None: no usable handle (pin the fd).
         let mut handle: Option<Option<Arc<[u8]>>> = None;
         {
@@ -596,6 +614,7 @@ impl InodeTable {
                 }
             }
         }
+        let fd = Arc::new(fd);
         loop {
             let mut garbage = Garbage::new();
             {
