@@ -87,9 +87,9 @@ struct Inner {
     fd_budget: usize,
     next_id: u64,
     /// Forgotten inodes kept for file handles (export support), by node id.
-    retired: HashMap<u64, Retired>,
+    retired: HashMap<u64, Retired, IdHash>,
     /// File handle bytes → retired node id: a retired inode found again keeps its node id.
-    retired_by_handle: HashMap<Arc<[u8]>, u64>,
+    retired_by_handle: HashMap<Arc<[u8]>, u64, IdHash>,
     /// (retirement number, node id), oldest first; entries whose node was revived or retired
     /// again since are skipped when popped.
     retired_order: VecDeque<(u64, u64)>,
@@ -394,8 +394,8 @@ impl InodeTable {
                 max_cached: max_cached.max(1),
                 fd_budget: fd_budget(),
                 next_id: 2,
-                retired: HashMap::new(),
-                retired_by_handle: HashMap::new(),
+                retired: HashMap::default(),
+                retired_by_handle: HashMap::default(),
                 retired_order: VecDeque::new(),
                 max_retired,
                 next_retirement: 0,
