@@ -3,12 +3,14 @@
 # /proc/<pid>/stat, and the sum of its threads' run time from /proc/<pid>/task/*/schedstat)
 # divided by the requests the server counted (/metrics), for one storm:
 #   lookup  N cold stats of distinct files (one LOOKUP each; backing cache warm)
-#   create  N open(O_CREAT)+close of new files (CREATE + RELEASE each)
+#   create  N open(O_CREAT)+close of new files (LOOKUP, CREATE, GETATTR of the parent, RELEASE)
 #   storm8  8 processes, each in its own directory: create, stat, unlink N/8 files
 # Optionally records a perf profile of the server during the storm (PERF=1).
 #
 # usage: scripts/cpu-per-request.sh BIN WORKLOAD [N] [-o opts]
-#   env: PERF=1 (perf record -g into $OUT/perf-WORKLOAD.data), OUT=dir (default /tmp)
+#   env: PERF=1 (perf record -g into $OUT/perf-WORKLOAD.data), OUT=dir (default /tmp),
+#        TMPFS=1: the backing directory is a fresh tmpfs (takes the backing file system's own
+#        cost, e.g. ext4's inode allocator on a churned disk, out of the server's numbers)
 set -eu
 BIN=$(realpath "$1"); WL=$2; N=${3:-20000}; OPTS=${4:-}
 OUT=${OUT:-/tmp}
@@ -16,9 +18,11 @@ PORT=$((20000 + $$ % 20000))
 DIR=$(mktemp -d /tmp/cpureq.XXXXXX)
 SRC=$DIR/src MNT=$DIR/mnt
 mkdir -p "$SRC" "$MNT"
+[ "${TMPFS:-0}" = 1 ] && mount -t tmpfs -o size=1g tmpfs "$SRC"
 cleanup() {
     umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
     [ -n "${SPID:-}" ] && wait "$SPID" 2>/dev/null || true
+    [ "${TMPFS:-0}" = 1 ] && umount "$SRC"
     rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM
@@ -82,7 +86,10 @@ sleep 0.3
 r1=$(reqs); t1=$(ticks); n1=$(runns)
 hz=$(getconf CLK_TCK)
 lk=$(opreqs lookup); cr=$(opreqs create)
+m=$(curl -s "http://127.0.0.1:$PORT/metrics")
+inl=$(echo "$m" | awk '/^ringfs_inline_metadata_calls_total / {print $2}')
+slow=$(echo "$m" | awk '/^ringfs_inline_metadata_slow_total / {print $2}')
 awk -v wl="$WL" -v n="$N" -v r=$((r1 - r0)) -v t=$((t1 - t0)) -v ns=$((n1 - n0)) -v hz="$hz" -v w=$((w1 - w0)) \
-    -v lk="${lk:-0}" -v cr="${cr:-0}" -v opts="$OPTS" 'BEGIN {
-    printf "%s n=%d opts=[%s] requests=%d (LOOKUP %d, CREATE %d) wall=%.3fs  cpu(stat)=%.1fus/req  cpu(schedstat)=%.1fus/req  wall/req=%.1fus\n",
-        wl, n, opts, r, lk, cr, w / 1e9, t * 1e6 / hz / r, ns / 1e3 / r, w / 1e3 / r }'
+    -v lk="${lk:-0}" -v cr="${cr:-0}" -v opts="$OPTS" -v inl="${inl:-0}" -v slow="${slow:-0}" 'BEGIN {
+    printf "%s n=%d opts=[%s] requests=%d (LOOKUP %d, CREATE %d) wall=%.3fs  cpu(stat)=%.1fus/req  cpu(schedstat)=%.1fus/req  wall/req=%.1fus  inline=%d slow=%d\n",
+        wl, n, opts, r, lk, cr, w / 1e9, t * 1e6 / hz / r, ns / 1e3 / r, w / 1e3 / r, inl, slow }'
