@@ -57,9 +57,10 @@ done
 reqs() { curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^ringfs_requests_total\{/ {s += $2} END {print s + 0}'; }
 opreqs() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v op="$1" 'index($0, "ringfs_requests_total{op=\"" op "\"}") == 1 {print $2}'; }
 ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
+uticks() { awk '{print $14}' "/proc/$SPID/stat"; }
 runns() { cat /proc/"$SPID"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
 
-r0=$(reqs); t0=$(ticks); n0=$(runns)
+r0=$(reqs); t0=$(ticks); u0=$(uticks); n0=$(runns)
 [ "${PERF:-0}" = 1 ] && { perf record -q -F 2999 -g -p "$SPID" -o "$OUT/perf-$WL.data" 2>/dev/null & PPID_=$!; sleep 0.3; }
 w0=$(date +%s%N)
 case $WL in
@@ -83,13 +84,13 @@ w1=$(date +%s%N)
 [ "${PERF:-0}" = 1 ] && { kill -INT "$PPID_"; wait "$PPID_" 2>/dev/null || true; }
 # Let the busy-poll window close before reading the CPU counters.
 sleep 0.3
-r1=$(reqs); t1=$(ticks); n1=$(runns)
+r1=$(reqs); t1=$(ticks); u1=$(uticks); n1=$(runns)
 hz=$(getconf CLK_TCK)
 lk=$(opreqs lookup); cr=$(opreqs create)
 m=$(curl -s "http://127.0.0.1:$PORT/metrics")
 inl=$(echo "$m" | awk '/^ringfs_inline_metadata_calls_total / {print $2}')
 slow=$(echo "$m" | awk '/^ringfs_inline_metadata_slow_total / {print $2}')
-awk -v wl="$WL" -v n="$N" -v r=$((r1 - r0)) -v t=$((t1 - t0)) -v ns=$((n1 - n0)) -v hz="$hz" -v w=$((w1 - w0)) \
+awk -v wl="$WL" -v n="$N" -v r=$((r1 - r0)) -v t=$((t1 - t0)) -v ns=$((n1 - n0)) -v u=$((u1 - u0)) -v hz="$hz" -v w=$((w1 - w0)) \
     -v lk="${lk:-0}" -v cr="${cr:-0}" -v opts="$OPTS" -v inl="${inl:-0}" -v slow="${slow:-0}" 'BEGIN {
-    printf "%s n=%d opts=[%s] requests=%d (LOOKUP %d, CREATE %d) wall=%.3fs  cpu(stat)=%.1fus/req  cpu(schedstat)=%.1fus/req  wall/req=%.1fus  inline=%d slow=%d\n",
-        wl, n, opts, r, lk, cr, w / 1e9, t * 1e6 / hz / r, ns / 1e3 / r, w / 1e3 / r, inl, slow }'
+    printf "%s n=%d opts=[%s] requests=%d (LOOKUP %d, CREATE %d) wall=%.3fs  cpu(stat)=%.1fus/req (user %.1f)  cpu(schedstat)=%.1fus/req  wall/req=%.1fus  inline=%d slow=%d\n",
+        wl, n, opts, r, lk, cr, w / 1e9, t * 1e6 / hz / r, u * 1e6 / hz / r, ns / 1e3 / r, w / 1e3 / r, inl, slow }'
