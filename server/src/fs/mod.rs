@@ -5,7 +5,7 @@
 //!   for another inode; `generation` is a keyed hash of the id), with lookup counts and a
 //!   `name_to_handle_at` file handle. Forgotten inodes stay resolvable by node id for file
 //!   handles (`lookup_node`, `lookup_parent`; [`handle_state`] carries them to the next server).
-//!   O_PATH descriptors live in a bounded LRU (`max_cached_fds`) and are reopened with
+//!   O_PATH descriptors live in a bounded cache (`max_cached_fds`, CLOCK eviction) and are reopened with
 //!   `open_by_handle_at` on a miss; inodes without a usable handle (O_TMPFILE, no handle
 //!   support, other file systems under the root) and inodes with open handles stay pinned.
 //! - **Names** are resolved one component at a time relative to the parent's descriptor with
