@@ -993,3 +993,42 @@ fn stack_paths() {
     assert_eq!(&*sys::proc_path(42), c"/proc/self/fd/42");
     assert_eq!(&*sys::proc_path(i32::MAX), c"/proc/self/fd/2147483647");
 }
+
+/// FORGET (the /dev/fuse reader) races with LOOKUPs of the same inode (the queues): lookup
+/// counts are atomics under the table's shared lock, so none is lost, the node keeps its id
+/// while referenced, and it goes at its last FORGET.
+#[test]
+fn concurrent_lookup_and_forget_keep_counts() {
+    let (dir, fs) = setup();
+    std::fs::write(dir.path().join("a"), b"x").unwrap();
+    let fs = std::sync::Arc::new(fs);
+    let k = 20_000u64;
+    let id = node(&fs, NodeId::ROOT, "a");
+    for _ in 1..k {
+        assert_eq!(node(&fs, NodeId::ROOT, "a"), id);
+    }
+    let before = fs.inode_count();
+    let looker = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            for _ in 0..k {
+                assert_eq!(node(&fs, NodeId::ROOT, "a"), id);
+            }
+        })
+    };
+    let forgetter = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            for _ in 0..k {
+                fs.forget(id, 1);
+            }
+        })
+    };
+    looker.join().unwrap();
+    forgetter.join().unwrap();
+    assert_eq!(fs.inodes.lookups(id.0), k);
+    assert_eq!(fs.inode_count(), before);
+    fs.forget(id, k);
+    assert_eq!(fs.inodes.lookups(id.0), 0);
+    assert_eq!(fs.inode_count(), before - 1);
+}
