@@ -56,7 +56,10 @@ pub(crate) struct FastHasher(u64);
 
 impl std::hash::Hasher for FastHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The product's low bits depend only on the key's low bits, and maps index buckets by
+        // the low bits: bring the well-mixed high bits down (keys of one shard share their
+        // low bits).
+        self.0.rotate_left(26)
     }
     fn write(&mut self, bytes: &[u8]) {
         let mut chunks = bytes.chunks_exact(8);

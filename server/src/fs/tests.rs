@@ -1032,3 +1032,14 @@ fn concurrent_lookup_and_forget_keep_counts() {
     assert_eq!(fs.inodes.lookups(id.0), 0);
     assert_eq!(fs.inode_count(), before - 1);
 }
+
+/// Keys of one shard (same residue modulo the shard count) still spread over a map's buckets.
+#[test]
+fn fast_hasher_spreads_shard_keys() {
+    use std::hash::BuildHasher;
+    let h = IdHash::default();
+    let buckets: HashSet<u64> = (0..1024u64).map(|k| h.hash_one(5 + 64 * k) & 2047).collect();
+    assert!(buckets.len() > 600, "{} distinct buckets of 2048", buckets.len());
+    let keys: HashSet<u64> = (0..1024u64).map(|k| h.hash_one((2049u64, k)) & 2047).collect();
+    assert!(keys.len() > 600, "{} distinct buckets of 2048", keys.len());
+}
