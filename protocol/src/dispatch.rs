@@ -4,7 +4,6 @@
 //! channel's life belong to the transport, which handles them before calling [`Dispatcher`].
 
 use std::ffi::CStr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +11,7 @@ use crate::abi::{self, FuseGetxattrOut, FuseLseekOut, FuseWriteOut};
 use crate::fs::*;
 use crate::reply::{self, put};
 use crate::request::{Operation, Request};
-use crate::stats::DispatchStats;
+use crate::stats::{DispatchStats, Started};
 
 /// What the transport must send back for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,9 +234,10 @@ impl<F: FileSystem> Dispatcher<F> {
     /// negotiated max read size plus one page.
     pub async fn dispatch(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
         let start = Instant::now();
+        // Ends the in-flight record however the request ends: a reply, a panic in the file
+        // system (caught by the queue), or the task dropped at a forced stop.
         let in_flight = InFlightGuard::enter(&self.stats);
         let outcome = self.serve(req, out).await;
-        drop(in_flight);
         let op = req.header.opcode;
         let (error, len) = match outcome {
             Outcome::Reply { error, len } => (error, len),
@@ -249,6 +249,7 @@ impl<F: FileSystem> Dispatcher<F> {
         };
         let bytes_out = if op == abi::opcode::READ { len } else { 0 };
         self.stats.record(op, error, start.elapsed(), bytes_in, bytes_out);
+        drop(in_flight);
         outcome
     }
 
@@ -468,19 +469,20 @@ impl<F: FileSystem> Dispatcher<F> {
 /// the file system panics, so the in-flight gauges never keep a request that is gone.
 struct InFlightGuard<'a> {
     stats: &'a DispatchStats,
-    slot: usize,
+    started: Option<Started>,
 }
 
 impl<'a> InFlightGuard<'a> {
     fn enter(stats: &'a DispatchStats) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard { stats, slot: stats.inflight_starts.enter() }
+        InFlightGuard { stats, started: Some(stats.begin()) }
     }
 }
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        self.stats.inflight_starts.exit(self.slot);
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // On the thread that began it: a request's future is polled, and dropped, by its queue.
+        if let Some(s) = self.started.take() {
+            self.stats.end(s);
+        }
     }
 }

@@ -147,8 +147,7 @@ pub fn render(s: &Sources) -> String {
         );
     }
     header(&mut out, "ringfs_errors_total", "counter", "Error replies by errno.");
-    for (e, c) in s.dispatch.errnos.iter().enumerate() {
-        let v = ld(c);
+    for (e, v) in s.dispatch.errnos().into_iter().enumerate() {
         if v > 0 {
             let _ = writeln!(out, "ringfs_errors_total{{errno=\"{}\"}} {v}", errno_name(e));
         }
@@ -178,7 +177,7 @@ pub fn render(s: &Sources) -> String {
         let _ = writeln!(out, "ringfs_request_duration_seconds_count{{op=\"{name}\"}} {cum}");
     }
     header(&mut out, "ringfs_requests_in_flight", "gauge", "Requests being served right now.");
-    let _ = writeln!(out, "ringfs_requests_in_flight {}", ld(&s.dispatch.in_flight));
+    let _ = writeln!(out, "ringfs_requests_in_flight {}", s.dispatch.in_flight());
     header(
         &mut out,
         "ringfs_oldest_request_age_seconds",

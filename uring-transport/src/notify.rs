@@ -18,9 +18,39 @@ use protocol::{Errno, KernelChannel, NodeId};
 use zerocopy::IntoBytes;
 
 enum Notification {
-    InvalEntry { parent: u64, name: Vec<u8> },
+    InvalEntry { parent: u64, name: Name },
     InvalInode { node: u64, offset: i64, len: i64 },
-    Delete { parent: u64, child: u64, name: Vec<u8> },
+    Delete { parent: u64, child: u64, name: Name },
+}
+
+/// Longest name carried inline (NAME_MAX).
+const INLINE_NAME: usize = 255;
+
+/// A name on its way to the notifier: inline up to [`INLINE_NAME`] bytes, so an invalidation
+/// allocates nothing; longer ones (not seen on Linux file systems) on the heap.
+#[allow(clippy::large_enum_variant)] // inline on purpose: boxing is the allocation avoided
+enum Name {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Heap(Box<[u8]>),
+}
+
+impl Name {
+    fn new(b: &[u8]) -> Name {
+        if b.len() <= INLINE_NAME {
+            let mut bytes = [0u8; INLINE_NAME];
+            bytes[..b.len()].copy_from_slice(b);
+            Name::Inline { len: b.len() as u8, bytes }
+        } else {
+            Name::Heap(b.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Name::Inline { len, bytes } => &bytes[..*len as usize],
+            Name::Heap(b) => b,
+        }
+    }
 }
 
 /// Counters of the kernel channel.
@@ -79,13 +109,18 @@ impl Channel {
 fn write_notification(fd: RawFd, code: i32, parts: &[&[u8]]) -> io::Result<()> {
     let len: usize = size_of::<FuseOutHeader>() + parts.iter().map(|p| p.len()).sum::<usize>();
     let h = FuseOutHeader { len: len as u32, error: code, unique: 0 };
-    let mut iov = Vec::with_capacity(parts.len() + 1);
-    iov.push(libc::iovec { iov_base: h.as_bytes().as_ptr() as *mut _, iov_len: size_of::<FuseOutHeader>() });
-    for p in parts {
-        iov.push(libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() });
+    // On the stack: every notification has at most three parts.
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
+    if parts.len() >= iov.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    // SAFETY: every iovec points at a live buffer of its length.
-    let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) };
+    iov[0] = libc::iovec { iov_base: h.as_bytes().as_ptr() as *mut _, iov_len: size_of::<FuseOutHeader>() };
+    for (v, p) in iov[1..].iter_mut().zip(parts) {
+        *v = libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() };
+    }
+    let count = parts.len() + 1;
+    // SAFETY: the first `count` iovecs point at live buffers of their lengths.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), count as i32) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -97,6 +132,7 @@ fn notifier(fd: &OwnedFd, rx: Receiver<Notification>, stats: &NotifyStats) {
     for n in rx {
         let r = match &n {
             Notification::InvalEntry { parent, name } => {
+                let name = name.as_bytes();
                 let arg = FuseNotifyInvalEntryOut { parent: *parent, namelen: name.len() as u32, flags: 0 };
                 write_notification(fd.as_raw_fd(), notify::INVAL_ENTRY, &[arg.as_bytes(), name, b"\0"])
             }
@@ -105,6 +141,7 @@ fn notifier(fd: &OwnedFd, rx: Receiver<Notification>, stats: &NotifyStats) {
                 write_notification(fd.as_raw_fd(), notify::INVAL_INODE, &[arg.as_bytes()])
             }
             Notification::Delete { parent, child, name } => {
+                let name = name.as_bytes();
                 let arg =
                     FuseNotifyDeleteOut { parent: *parent, child: *child, namelen: name.len() as u32, padding: 0 };
                 write_notification(fd.as_raw_fd(), notify::DELETE, &[arg.as_bytes(), name, b"\0"])
@@ -151,7 +188,7 @@ impl KernelChannel for Channel {
     }
 
     fn inval_entry(&self, parent: NodeId, name: &[u8]) {
-        self.send(Notification::InvalEntry { parent: parent.0, name: name.to_vec() });
+        self.send(Notification::InvalEntry { parent: parent.0, name: Name::new(name) });
     }
 
     fn inval_inode(&self, node: NodeId, offset: i64, len: i64) {
@@ -159,6 +196,21 @@ impl KernelChannel for Channel {
     }
 
     fn delete(&self, parent: NodeId, child: NodeId, name: &[u8]) {
-        self.send(Notification::Delete { parent: parent.0, child: child.0, name: name.to_vec() });
+        self.send(Notification::Delete { parent: parent.0, child: child.0, name: Name::new(name) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_inline_and_on_the_heap() {
+        for len in [0, 1, 200, INLINE_NAME, INLINE_NAME + 1, 1000] {
+            let b: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let n = Name::new(&b);
+            assert_eq!(n.as_bytes(), &b[..]);
+            assert_eq!(matches!(n, Name::Inline { .. }), len <= INLINE_NAME);
+        }
     }
 }

@@ -1,6 +1,12 @@
 //! Open file and directory handles (fh → descriptor), and directory streams.
+//!
+//! The table is sharded (64 mutex-guarded maps on cache lines of their own, picked by fh) and
+//! handle numbers come from per-thread blocks, so concurrent opens, reads and releases on
+//! different queues do not meet on one lock or one counter.
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,33 +14,69 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use protocol::{Errno, Result};
 
 use super::sys;
+use super::IdHash;
 
-/// One entry read from the backing directory.
-pub(crate) struct DirEntry {
+/// One entry read from the backing directory, borrowed from the read buffer.
+pub(crate) struct DirEntry<'a> {
     /// Backing inode number.
     pub(crate) ino: u64,
     /// Cookie of the entry after this one (the backing d_off).
     pub(crate) off: u64,
     /// DT_* type.
     pub(crate) kind: u8,
-    /// Name bytes (no NUL).
-    pub(crate) name: Box<[u8]>,
+    /// The name (NUL-terminated in the buffer).
+    pub(crate) name: &'a CStr,
 }
 
 /// The read position of an open directory.
 pub(crate) struct DirStream {
-    /// Entries read from the backing directory but not yet returned.
-    pending: VecDeque<DirEntry>,
+    /// Raw `linux_dirent64` records read from the backing directory but not yet returned
+    /// (from `pending_at` on). Empty unless a reply filled up mid-buffer; its capacity is
+    /// reused.
+    pending: Vec<u8>,
+    pending_at: usize,
     /// Cookie of the next entry to return (where the backing fd logically is).
     pos: u64,
 }
 
-/// Size of the getdents64 buffer.
+/// Size of the getdents64 buffer (one per thread).
 const DIRENT_BUF: usize = 32 * 1024;
 
+thread_local! {
+    /// The thread's getdents64 buffer, allocated once.
+    static DENTS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Walks the records of `buf`, offering each to `f` until it declines one. Returns the bytes
+/// of the records taken, the cookie after the last one taken, and whether `f` declined.
+fn walk(buf: &[u8], f: &mut dyn FnMut(&DirEntry<'_>) -> bool) -> (usize, Option<u64>, bool) {
+    let mut pos = 0usize;
+    let mut last = None;
+    while pos + 19 <= buf.len() {
+        let rec = &buf[pos..];
+        let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+        let off = i64::from_ne_bytes(rec[8..16].try_into().unwrap_or([0; 8])) as u64;
+        let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap_or([0; 2])) as usize;
+        if reclen < 20 || reclen > rec.len() {
+            break;
+        }
+        let Ok(name) = CStr::from_bytes_until_nul(&rec[19..reclen]) else { break };
+        if !f(&DirEntry { ino, off, kind: rec[18], name }) {
+            return (pos, last, true);
+        }
+        last = Some(off);
+        pos += reclen;
+    }
+    (buf.len(), last, false)
+}
+
 impl DirStream {
+    fn new() -> DirStream {
+        DirStream { pending: Vec::new(), pending_at: 0, pos: 0 }
+    }
+
     /// Positions the stream at cookie `offset` (seeking the backing directory if needed).
-    pub(crate) fn seek(&mut self, fd: RawFd, offset: u64) -> Result<()> {
+    fn seek(&mut self, fd: RawFd, offset: u64) -> Result<()> {
         if offset == self.pos {
             return Ok(());
         }
@@ -42,48 +84,58 @@ impl DirStream {
         let r = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_SET) };
         sys::cvt_long(r)?;
         self.pending.clear();
+        self.pending_at = 0;
         self.pos = offset;
         Ok(())
     }
 
-    /// Takes the next entry, reading more from the backing directory when needed; None at
-    /// the end. Follow with [`consumed`](Self::consumed) or [`unread`](Self::unread).
-    pub(crate) fn next(&mut self, fd: RawFd) -> Result<Option<DirEntry>> {
-        if self.pending.is_empty() {
-            let mut buf = vec![0u8; DIRENT_BUF];
-            let n = sys::getdents64(fd, &mut buf)?;
-            parse_dirents(&buf[..n], &mut self.pending);
+    /// Offers the entries from cookie `offset` on to `f`, in order, until it declines one
+    /// (which is kept for the next call) or the directory ends. A read error is returned only
+    /// if no entry was taken.
+    pub(crate) fn read(&mut self, fd: RawFd, offset: u64, f: &mut dyn FnMut(&DirEntry<'_>) -> bool) -> Result<()> {
+        self.seek(fd, offset)?;
+        let mut took = false;
+        loop {
+            if self.pending_at < self.pending.len() {
+                let (n, last, full) = walk(&self.pending[self.pending_at..], f);
+                self.pending_at += n;
+                if let Some(off) = last {
+                    self.pos = off;
+                    took = true;
+                }
+                if full {
+                    return Ok(());
+                }
+            }
+            self.pending.clear();
+            self.pending_at = 0;
+            let done = DENTS.with(|d| -> Result<bool> {
+                let mut buf = d.borrow_mut();
+                if buf.len() < DIRENT_BUF {
+                    buf.resize(DIRENT_BUF, 0);
+                }
+                let n = sys::getdents64(fd, &mut buf)?;
+                if n == 0 {
+                    return Ok(true);
+                }
+                let (m, last, full) = walk(&buf[..n], f);
+                if let Some(off) = last {
+                    self.pos = off;
+                    took = true;
+                }
+                if full {
+                    // Keep what did not fit (the stream's own buffer, reused).
+                    self.pending.extend_from_slice(&buf[m..n]);
+                }
+                Ok(full)
+            });
+            match done {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if !took => return Err(e),
+                Err(_) => return Ok(()),
+            }
         }
-        Ok(self.pending.pop_front())
-    }
-
-    /// The entry taken by [`next`](Self::next) was returned to the kernel.
-    pub(crate) fn consumed(&mut self, e: &DirEntry) {
-        self.pos = e.off;
-    }
-
-    /// The entry taken by [`next`](Self::next) did not fit: keep it for the next call.
-    pub(crate) fn unread(&mut self, e: DirEntry) {
-        self.pending.push_front(e);
-    }
-}
-
-/// Parses `linux_dirent64` records.
-fn parse_dirents(buf: &[u8], out: &mut VecDeque<DirEntry>) {
-    let mut pos = 0usize;
-    while pos + 19 <= buf.len() {
-        let rec = &buf[pos..];
-        let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
-        let off = i64::from_ne_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
-        let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap_or([0; 2])) as usize;
-        if reclen < 19 || reclen > rec.len() {
-            break;
-        }
-        let kind = rec[18];
-        let raw = &rec[19..reclen];
-        let name_len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        out.push_back(DirEntry { ino, off: off as u64, kind, name: raw[..name_len].into() });
-        pos += reclen;
     }
 }
 
@@ -91,7 +143,7 @@ fn parse_dirents(buf: &[u8], out: &mut VecDeque<DirEntry>) {
 pub(crate) enum HandleKind {
     /// An open regular file (shared with the inode table while it is open, so an open file
     /// costs one descriptor, not two).
-    File(std::sync::Arc<OwnedFd>),
+    File(Arc<OwnedFd>),
     /// An open directory and its read position.
     Dir(Arc<OwnedFd>, Mutex<DirStream>),
 }
@@ -146,53 +198,89 @@ impl Handle {
     }
 }
 
+/// Number of shards of the handle table.
+const SHARDS: usize = 64;
+
+/// Handle numbers a thread takes from the shared counter at once.
+const FH_BLOCK: u64 = 1024;
+
+/// One shard, on cache lines of its own.
+#[repr(align(128))]
+struct Shard(Mutex<HashMap<u64, Arc<Handle>, IdHash>>);
+
+thread_local! {
+    /// The calling thread's block of handle numbers: (table, next, end).
+    static FH_RANGE: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
+}
+
+/// Identifies tables (for the per-thread blocks); 0 is never used.
+static TABLES: AtomicU64 = AtomicU64::new(1);
+
 /// All open handles.
 pub(crate) struct HandleTable {
-    map: Mutex<HashMap<u64, Arc<Handle>>>,
+    shards: Box<[Shard]>,
+    /// Start of the next block of handle numbers.
     next: AtomicU64,
+    /// This table's identity.
+    id: u64,
 }
 
 impl HandleTable {
     /// An empty table.
     pub(crate) fn new() -> HandleTable {
-        HandleTable { map: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
+        HandleTable {
+            shards: (0..SHARDS).map(|_| Shard(Mutex::new(HashMap::with_hasher(IdHash::default())))).collect(),
+            next: AtomicU64::new(1),
+            id: TABLES.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Handle>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, fh: u64) -> MutexGuard<'_, HashMap<u64, Arc<Handle>, IdHash>> {
+        self.shards[(fh % SHARDS as u64) as usize].0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh handle number (never 0, never given out twice by this table). A thread takes
+    /// numbers from a block of its own, so opens on different queues share no counter.
+    fn fresh(&self) -> u64 {
+        FH_RANGE.with(|r| {
+            let (table, mut next, mut end) = r.get();
+            if table != self.id || next >= end {
+                next = self.next.fetch_add(FH_BLOCK, Ordering::Relaxed);
+                end = next + FH_BLOCK;
+            }
+            r.set((self.id, next + 1, end));
+            next
+        })
     }
 
     /// Registers an open regular file.
-    pub(crate) fn insert_file(&self, node: u64, fd: std::sync::Arc<OwnedFd>) -> u64 {
+    pub(crate) fn insert_file(&self, node: u64, fd: Arc<OwnedFd>) -> u64 {
         self.insert(Handle { node, kind: HandleKind::File(fd) })
     }
 
     /// Registers an open directory (positioned at its start).
     pub(crate) fn insert_dir(&self, node: u64, fd: Arc<OwnedFd>) -> u64 {
-        self.insert(Handle {
-            node,
-            kind: HandleKind::Dir(fd, Mutex::new(DirStream { pending: VecDeque::new(), pos: 0 })),
-        })
+        self.insert(Handle { node, kind: HandleKind::Dir(fd, Mutex::new(DirStream::new())) })
     }
 
     fn insert(&self, h: Handle) -> u64 {
-        let fh = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(fh, Arc::new(h));
+        let fh = self.fresh();
+        self.shard(fh).insert(fh, Arc::new(h));
         fh
     }
 
     /// The handle `fh`, or EBADF.
     pub(crate) fn get(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+        self.shard(fh).get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     /// Removes `fh`; its descriptor closes when the last in-flight user drops it.
     pub(crate) fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
-        self.lock().remove(&fh)
+        self.shard(fh).remove(&fh)
     }
 
     /// Number of open handles.
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.shards.iter().map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
     }
 }

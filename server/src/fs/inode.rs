@@ -7,17 +7,23 @@
 //! files, other file systems below the backing root) and inodes with open file handles keep
 //! their descriptor pinned while they are referenced.
 //!
-//! One mutex guards the table; it is never held across a system call that may touch the
-//! backing disk (handles are computed and descriptors opened/closed outside it).
+//! One reader-writer lock guards the table; it is never held across a system call that may
+//! touch the backing disk (handles are computed and descriptors opened/closed outside it). The
+//! request path's common cases only read it: finding a node's descriptor (every request that
+//! names a node) and taking one more lookup reference on a known inode (a LOOKUP hit) run
+//! under the shared lock, with the lookup count an atomic in the node and the cache's recency a
+//! "referenced" bit (CLOCK, second chance) instead of a reordered LRU list; FORGET that leaves
+//! the count above zero does too. Creating and dropping nodes, opens and evictions take the
+//! exclusive lock.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use protocol::{Errno, NodeId, Result};
 
-use super::sys;
+use super::{sys, IdHash};
 
 /// A shared O_PATH descriptor; stays open while any operation still uses it, even after the
 /// cache dropped it.
@@ -31,31 +37,47 @@ struct Inode {
     kind: u32,
     /// File handle bytes, if the inode can be reopened by handle.
     handle: Option<Arc<[u8]>>,
-    /// Kernel lookup references.
-    lookups: u64,
+    /// Kernel lookup references (taken under the shared lock, so atomic; dropped to zero only
+    /// under the exclusive one).
+    lookups: AtomicU64,
     /// Open file handles on this inode (pin the descriptor).
     opens: u64,
     /// Cached or pinned O_PATH descriptor.
     fd: Option<InodeFd>,
-    /// LRU stamp while the descriptor is cached and evictable.
-    stamp: Option<u64>,
+    /// The descriptor is cached and evictable (counted in `Inner::cached`).
+    cached: bool,
+    /// The node has an entry in `Inner::clock`.
+    in_clock: bool,
+    /// Used since the clock hand last passed (second chance).
+    referenced: AtomicBool,
     /// Never removed nor evicted (the root).
     permanent: bool,
 }
 
 impl Inode {
+    /// Marks the node used (for the cache's second chance); a store only when needed, so a
+    /// hot node's cache line stays shared between cores.
+    fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn pinned(&self) -> bool {
         self.permanent || self.handle.is_none() || self.opens > 0
     }
 }
 
 struct Inner {
-    nodes: HashMap<u64, Inode>,
-    by_key: HashMap<(u64, u64), u64>,
+    nodes: HashMap<u64, Inode, IdHash>,
+    by_key: HashMap<(u64, u64), u64, IdHash>,
     /// File handle bytes → node id (for change notifications from the backing file system).
-    by_handle: HashMap<Arc<[u8]>, u64>,
-    /// stamp → node id, oldest first.
-    lru: BTreeMap<u64, u64>,
+    by_handle: HashMap<Arc<[u8]>, u64, IdHash>,
+    /// The CLOCK of cached descriptors: node ids in the order the hand visits them. May hold
+    /// ids of nodes gone or no longer cached (skipped, and compacted away).
+    clock: VecDeque<u64>,
+    /// Cached (evictable) descriptors.
+    cached: usize,
     /// Open file and directory handles (each holds one descriptor).
     open_handles: usize,
     /// Most cached (evictable) descriptors.
@@ -63,12 +85,11 @@ struct Inner {
     /// Descriptors the table may hold in all: RLIMIT_NOFILE less a reserve for everything else
     /// the server opens (rings, notification fds, sockets, descriptors in flight).
     fd_budget: usize,
-    next_stamp: u64,
     next_id: u64,
     /// Forgotten inodes kept for file handles (export support), by node id.
-    retired: HashMap<u64, Retired>,
+    retired: HashMap<u64, Retired, IdHash>,
     /// File handle bytes → retired node id: a retired inode found again keeps its node id.
-    retired_by_handle: HashMap<Arc<[u8]>, u64>,
+    retired_by_handle: HashMap<Arc<[u8]>, u64, IdHash>,
     /// (retirement number, node id), oldest first; entries whose node was revived or retired
     /// again since are skipped when popped.
     retired_order: VecDeque<(u64, u64)>,
@@ -85,40 +106,52 @@ struct Retired {
 }
 
 /// Descriptors to close once the table lock is released.
-type Garbage = Vec<InodeFd>;
+/// The first one is kept inline: the request path (an open replacing the node's O_PATH
+/// descriptor, its release dropping the open one) then allocates nothing.
+#[derive(Default)]
+struct Garbage {
+    first: Option<InodeFd>,
+    more: Vec<InodeFd>,
+}
 
-impl Inner {
-    fn touch(&mut self, id: u64) {
-        let stamp = self.next_stamp;
-        if let Some(node) = self.nodes.get_mut(&id) {
-            if let Some(old) = node.stamp.take() {
-                self.lru.remove(&old);
-                node.stamp = Some(stamp);
-                self.lru.insert(stamp, id);
-                self.next_stamp += 1;
-            }
-        }
+impl Garbage {
+    fn new() -> Garbage {
+        Garbage::default()
     }
 
-    /// Puts the node's descriptor under LRU management if it is cached and evictable.
+    fn push(&mut self, fd: InodeFd) {
+        match self.first {
+            None => self.first = Some(fd),
+            Some(_) => self.more.push(fd),
+        }
+    }
+}
+
+impl Inner {
+    /// Puts the node's descriptor under the cache's management if it is cached and evictable.
     fn make_evictable(&mut self, id: u64, garbage: &mut Garbage) {
-        let stamp = self.next_stamp;
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
         };
-        if node.fd.is_some() && !node.pinned() && node.stamp.is_none() {
-            node.stamp = Some(stamp);
-            self.lru.insert(stamp, id);
-            self.next_stamp += 1;
+        if node.fd.is_some() && !node.pinned() && !node.cached {
+            node.cached = true;
+            node.referenced.store(true, Ordering::Relaxed);
+            self.cached += 1;
+            if !node.in_clock {
+                node.in_clock = true;
+                self.clock.push_back(id);
+            }
         }
         self.evict(garbage);
     }
 
-    /// Removes the node from the LRU (its descriptor becomes pinned or goes away).
+    /// Takes the node out of the cache's management (its descriptor becomes pinned or goes
+    /// away); its clock entry, if any, is skipped later.
     fn unlist(&mut self, id: u64) {
         if let Some(node) = self.nodes.get_mut(&id) {
-            if let Some(s) = node.stamp.take() {
-                self.lru.remove(&s);
+            if node.cached {
+                node.cached = false;
+                self.cached -= 1;
             }
         }
     }
@@ -131,19 +164,43 @@ impl Inner {
         self.max_cached.min(room.max(MIN_CACHED.min(self.max_cached)))
     }
 
-    /// Closes the least recently used cached descriptors beyond [`cache_room`](Self::cache_room).
+    /// Closes cached descriptors beyond [`cache_room`](Self::cache_room), the least recently
+    /// used first as CLOCK approximates it: the hand skips (and clears) referenced ones once.
     fn evict(&mut self, garbage: &mut Garbage) {
         let max = self.cache_room();
-        while self.lru.len() > max {
-            let Some((_, id)) = self.lru.pop_first() else {
+        while self.cached > max {
+            let Some(id) = self.clock.pop_front() else {
                 break;
             };
-            if let Some(node) = self.nodes.get_mut(&id) {
-                node.stamp = None;
-                if let Some(fd) = node.fd.take() {
-                    garbage.push(fd);
-                }
+            let Some(node) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            node.in_clock = false;
+            if !node.cached {
+                continue;
             }
+            if node.referenced.swap(false, Ordering::Relaxed) {
+                node.in_clock = true;
+                self.clock.push_back(id);
+                continue;
+            }
+            node.cached = false;
+            self.cached -= 1;
+            if let Some(fd) = node.fd.take() {
+                garbage.push(fd);
+            }
+        }
+        // Entries of nodes gone or no longer cached pile up under churn: compact.
+        if self.clock.len() > 2 * self.cached + 64 {
+            let nodes = &mut self.nodes;
+            self.clock.retain(|id| match nodes.get_mut(id) {
+                Some(n) if n.in_clock && n.cached => true,
+                Some(n) => {
+                    n.in_clock = false;
+                    false
+                }
+                None => false,
+            });
         }
     }
 
@@ -242,7 +299,7 @@ fn fd_budget() -> usize {
 
 /// The table of inodes known to the kernel.
 pub(crate) struct InodeTable {
-    inner: Mutex<Inner>,
+    inner: RwLock<Inner>,
     /// Told about directories entering and leaving the table (the inotify watch).
     hooks: std::sync::OnceLock<Arc<dyn DirHooks>>,
     /// The backing root opened O_RDONLY: the mount fd for open_by_handle_at (which refuses
@@ -268,6 +325,9 @@ pub(crate) struct HandleState {
     pub(crate) nodes: Vec<(u64, Vec<u8>)>,
 }
 
+/// Export order of a live node: (recently used, node id), larger first.
+type Recency = (bool, u64);
+
 /// Descriptors kept out of the inode table's budget for the rest of the server.
 const FD_RESERVE: usize = 512;
 
@@ -290,7 +350,7 @@ impl InodeTable {
 
     /// The node of backing inode (st_dev, st_ino), if the table has it.
     pub(crate) fn node_by_key(&self, dev: u64, ino: u64) -> Option<u64> {
-        self.lock().by_key.get(&(dev, ino)).copied()
+        self.read().by_key.get(&(dev, ino)).copied()
     }
 
     /// Creates the table with the root directory (node 1) pinned. `max_retired` forgotten
@@ -300,40 +360,42 @@ impl InodeTable {
         let mount_fd = sys::openat(root_fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
         let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok().map(Arc::<[u8]>::from);
-        let mut by_handle = HashMap::new();
+        let mut by_handle = HashMap::default();
         if let Some(h) = &handle {
             by_handle.insert(h.clone(), NodeId::ROOT.0);
         }
         let key = (st.st_dev, st.st_ino);
-        let mut nodes = HashMap::new();
+        let mut nodes = HashMap::default();
         nodes.insert(
             NodeId::ROOT.0,
             Inode {
                 key,
                 kind: st.st_mode & libc::S_IFMT,
                 handle,
-                lookups: 1,
+                lookups: AtomicU64::new(1),
                 opens: 0,
                 fd: Some(root_fd.clone()),
-                stamp: None,
+                cached: false,
+                in_clock: false,
+                referenced: AtomicBool::new(false),
                 permanent: true,
             },
         );
-        let mut by_key = HashMap::new();
+        let mut by_key = HashMap::default();
         by_key.insert(key, NodeId::ROOT.0);
         Ok(InodeTable {
-            inner: Mutex::new(Inner {
+            inner: RwLock::new(Inner {
                 nodes,
                 by_key,
                 by_handle,
-                lru: BTreeMap::new(),
+                clock: VecDeque::new(),
+                cached: 0,
                 open_handles: 0,
                 max_cached: max_cached.max(1),
                 fd_budget: fd_budget(),
-                next_stamp: 1,
                 next_id: 2,
-                retired: HashMap::new(),
-                retired_by_handle: HashMap::new(),
+                retired: HashMap::default(),
+                retired_by_handle: HashMap::default(),
                 retired_order: VecDeque::new(),
                 max_retired,
                 next_retirement: 0,
@@ -349,18 +411,28 @@ impl InodeTable {
     /// The state to hand to the next server of this mount: every inode with a file handle,
     /// known or forgotten, most recently used first, at most `max_retired`.
     pub(crate) fn export(&self) -> HandleState {
-        let g = self.lock();
-        let mut live: Vec<(u64, u64, &Arc<[u8]>)> = g
+        let g = self.read();
+        let mut live: Vec<(Recency, u64, &Arc<[u8]>)> = g
             .nodes
             .iter()
             .filter(|(_, n)| !n.permanent)
-            .filter_map(|(&id, n)| n.handle.as_ref().map(|h| (n.stamp.unwrap_or(u64::MAX), id, h)))
+            // Recently used (referenced, or pinned by an open) first, then the newest ids.
+            .filter_map(|(&id, n)| {
+                let recent = !n.cached || n.referenced.load(Ordering::Relaxed);
+                n.handle.as_ref().map(|h| ((recent, id), id, h))
+            })
             .collect();
         live.sort_by_key(|e| std::cmp::Reverse(e.0));
         let mut retired: Vec<(u64, u64, &Arc<[u8]>)> =
             g.retired.iter().map(|(&id, r)| (r.number, id, &r.handle)).collect();
         retired.sort_by_key(|e| std::cmp::Reverse(e.0));
-        let nodes = live.into_iter().chain(retired).take(g.max_retired).map(|(_, id, h)| (id, h.to_vec())).collect();
+        let nodes = live
+            .into_iter()
+            .map(|(_, id, h)| (id, h))
+            .chain(retired.into_iter().map(|(_, id, h)| (id, h)))
+            .take(g.max_retired)
+            .map(|(id, h)| (id, h.to_vec()))
+            .collect();
         HandleState {
             root_key: self.root_key,
             gen_key: [self.gen_key[0].load(Ordering::Relaxed), self.gen_key[1].load(Ordering::Relaxed)],
@@ -376,7 +448,7 @@ impl InodeTable {
         if state.root_key != self.root_key {
             return Err(Errno::EINVAL);
         }
-        let mut g = self.lock();
+        let mut g = self.write();
         if g.nodes.len() > 1 || g.max_retired == 0 {
             return Err(Errno::EINVAL);
         }
@@ -395,7 +467,7 @@ impl InodeTable {
 
     /// True when the backing file system gives file handles (the root has one).
     pub(crate) fn handles_supported(&self) -> bool {
-        self.lock().nodes.get(&NodeId::ROOT.0).is_some_and(|n| n.handle.is_some())
+        self.read().nodes.get(&NodeId::ROOT.0).is_some_and(|n| n.handle.is_some())
     }
 
     /// Backing (st_dev, st_ino) of the root directory.
@@ -429,10 +501,10 @@ impl InodeTable {
             Err(e) if e == Errno::ESTALE => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut g = self.lock();
-        match g.nodes.get_mut(&id) {
+        let g = self.read();
+        match g.nodes.get(&id) {
             Some(node) => {
-                node.lookups += 1;
+                node.lookups.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(fd))
             }
             None => Ok(None),
@@ -444,41 +516,45 @@ impl InodeTable {
     /// it its old node id back). `ESTALE` when forgotten for good or the file is gone. Must be
     /// called with root credentials.
     pub(crate) fn revive(&self, id: u64) -> Result<OwnedFd> {
-        let handle = self.lock().retired.get(&id).map(|r| r.handle.clone()).ok_or(Errno::ESTALE)?;
+        let handle = self.read().retired.get(&id).map(|r| r.handle.clone()).ok_or(Errno::ESTALE)?;
         sys::open_by_handle(self.mount_fd.as_raw_fd(), &handle, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .map_err(|e| if e == Errno::ENOENT { Errno::ESTALE } else { e })
     }
 
     /// Number of forgotten inodes remembered for file handles.
     pub(crate) fn retired_len(&self) -> usize {
-        self.lock().retired.len()
+        self.read().retired.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
         // A panic while holding the lock leaves the table consistent enough to go on.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The node whose backing file handle (complete `struct file_handle` bytes) is `handle`.
     pub(crate) fn node_by_handle(&self, handle: &[u8]) -> Option<u64> {
-        self.lock().by_handle.get(handle).copied()
+        self.read().by_handle.get(handle).copied()
     }
 
     /// Number of inodes in the table (the root included).
     pub(crate) fn len(&self) -> usize {
-        self.lock().nodes.len()
+        self.read().nodes.len()
     }
 
     /// Number of cached (evictable) descriptors.
     #[cfg(test)]
     pub(crate) fn cached_fds(&self) -> usize {
-        self.lock().lru.len()
+        self.read().cached
     }
 
     /// Lookup count of a node (0 if unknown).
     #[cfg(test)]
     pub(crate) fn lookups(&self, id: u64) -> u64 {
-        self.lock().nodes.get(&id).map_or(0, |n| n.lookups)
+        self.read().nodes.get(&id).map_or(0, |n| n.lookups.load(Ordering::Relaxed))
     }
 
     /// The O_PATH descriptor and file type of node `id`, reopening it by handle if the cache
@@ -486,13 +562,12 @@ impl InodeTable {
     /// CAP_DAC_READ_SEARCH).
     pub(crate) fn get(&self, id: u64) -> Result<(InodeFd, u32)> {
         let (handle, kind) = {
-            let mut g = self.lock();
+            let g = self.read();
             let node = g.nodes.get(&id).ok_or(Errno::ESTALE)?;
             let kind = node.kind;
             if let Some(fd) = &node.fd {
-                let fd = fd.clone();
-                g.touch(id);
-                return Ok((fd, kind));
+                node.touch();
+                return Ok((fd.clone(), kind));
             }
             (node.handle.clone().ok_or(Errno::ESTALE)?, kind)
         };
@@ -503,7 +578,7 @@ impl InodeTable {
         )?);
         let mut garbage = Garbage::new();
         let fd = {
-            let mut g = self.lock();
+            let mut g = self.write();
             match g.nodes.get_mut(&id) {
                 Some(node) => match &node.fd {
                     Some(existing) => existing.clone(),
@@ -526,13 +601,24 @@ impl InodeTable {
     pub(crate) fn insert_or_ref(&self, fd: OwnedFd, st: &libc::stat, reopenable: bool) -> Result<(u64, InodeFd)> {
         let key = (st.st_dev, st.st_ino);
         let kind = st.st_mode & libc::S_IFMT;
-        let fd = Arc::new(fd);
         // Outer None: not computed yet; inner None: no usable handle (pin the fd).
         let mut handle: Option<Option<Arc<[u8]>>> = None;
+        {
+            // A known inode whose descriptor is at hand (a LOOKUP hit): the shared lock will do.
+            let g = self.read();
+            if let Some((&id, node)) = g.by_key.get(&key).and_then(|id| g.nodes.get(id).map(|n| (id, n))) {
+                if let Some(existing) = &node.fd {
+                    node.lookups.fetch_add(1, Ordering::Relaxed);
+                    node.touch();
+                    return Ok((id, existing.clone()));
+                }
+            }
+        }
+        let fd = Arc::new(fd);
         loop {
             let mut garbage = Garbage::new();
             {
-                let mut g = self.lock();
+                let mut g = self.write();
                 if let Some(&id) = g.by_key.get(&key) {
                     let Some(node) = g.nodes.get_mut(&id) else {
                         // Cannot happen (by_key only names live nodes); repair and go on.
@@ -542,17 +628,16 @@ impl InodeTable {
                     if let Some(existing) = &node.fd {
                         // The descriptor keeps the backing inode alive, so (dev, ino) cannot
                         // have been reused: this is the same inode.
-                        let existing = existing.clone();
-                        node.lookups += 1;
-                        g.touch(id);
-                        return Ok((id, existing));
+                        node.lookups.fetch_add(1, Ordering::Relaxed);
+                        node.touch();
+                        return Ok((id, existing.clone()));
                     }
                     // Only a handle is left: (dev, ino) may belong to a new inode now.
                     match &handle {
                         None => {}
                         Some(h) => {
                             if h.is_some() && *h == node.handle {
-                                node.lookups += 1;
+                                node.lookups.fetch_add(1, Ordering::Relaxed);
                                 node.fd = Some(fd.clone());
                                 g.make_evictable(id, &mut garbage);
                                 drop(g);
@@ -573,10 +658,12 @@ impl InodeTable {
                             key,
                             kind,
                             handle: h.clone(),
-                            lookups: 1,
+                            lookups: AtomicU64::new(1),
                             opens: 0,
                             fd: Some(fd.clone()),
-                            stamp: None,
+                            cached: false,
+                            in_clock: false,
+                            referenced: AtomicBool::new(false),
                             permanent: false,
                         },
                     );
@@ -609,13 +696,29 @@ impl InodeTable {
         if id == NodeId::ROOT.0 {
             return;
         }
+        {
+            // References left afterwards: the shared lock will do (FORGET arrives on the
+            // /dev/fuse reader while queues take references; the count is an atomic).
+            let g = self.read();
+            let Some(node) = g.nodes.get(&id) else {
+                return;
+            };
+            let mut cur = node.lookups.load(Ordering::Relaxed);
+            while cur > n {
+                match node.lookups.compare_exchange_weak(cur, cur - n, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => return,
+                    Err(now) => cur = now,
+                }
+            }
+        }
         let removed = {
-            let mut g = self.lock();
+            let mut g = self.write();
             let Some(node) = g.nodes.get_mut(&id) else {
                 return;
             };
-            node.lookups = node.lookups.saturating_sub(n);
-            if node.lookups > 0 || node.opens > 0 || node.permanent {
+            let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
+            node.lookups.store(left, Ordering::Relaxed);
+            if left > 0 || node.opens > 0 || node.permanent {
                 return;
             }
             g.remove(id)
@@ -635,7 +738,7 @@ impl InodeTable {
     pub(crate) fn pin_open(&self, id: u64, file: &InodeFd) {
         let mut garbage = Garbage::new();
         {
-            let mut g = self.lock();
+            let mut g = self.write();
             g.unlist(id);
             let inner = &mut *g;
             if let Some(node) = inner.nodes.get_mut(&id) {
@@ -658,7 +761,7 @@ impl InodeTable {
     pub(crate) fn unpin(&self, id: u64) {
         let mut garbage = Garbage::new();
         let removed = {
-            let mut g = self.lock();
+            let mut g = self.write();
             let inner = &mut *g;
             let Some(node) = inner.nodes.get_mut(&id) else {
                 return;
@@ -678,7 +781,7 @@ impl InodeTable {
                     garbage.push(fd);
                 }
             }
-            if node.lookups == 0 && !node.permanent {
+            if node.lookups.load(Ordering::Relaxed) == 0 && !node.permanent {
                 g.remove(id)
             } else {
                 g.make_evictable(id, &mut garbage);

@@ -74,8 +74,32 @@ pub struct PassthroughStats {
 pub(crate) struct Passthrough {
     kernel: OnceLock<Arc<dyn KernelChannel>>,
     enabled: std::sync::atomic::AtomicBool,
-    inodes: Mutex<HashMap<u64, State>>,
+    inodes: StateShards,
     pub(crate) stats: Arc<PassthroughStats>,
+}
+
+/// Per-inode states, sharded by node id: the one-backing-id-per-inode rule needs only the
+/// inode's own shard locked, so opens and releases of different files on different queues do
+/// not meet on one lock.
+struct StateShards(Box<[StateShard]>);
+
+/// One shard, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct StateShard(Mutex<HashMap<u64, State, super::IdHash>>);
+
+const STATE_SHARDS: u64 = 64;
+
+impl Default for StateShards {
+    fn default() -> Self {
+        StateShards((0..STATE_SHARDS).map(|_| StateShard::default()).collect())
+    }
+}
+
+impl StateShards {
+    fn of(&self, node: u64) -> &Mutex<HashMap<u64, State, super::IdHash>> {
+        &self.0[(node % STATE_SHARDS) as usize].0
+    }
 }
 
 impl Passthrough {
@@ -130,7 +154,7 @@ impl Passthrough {
         excluded: bool,
         backing: impl FnOnce() -> Option<OwnedFd>,
     ) -> std::result::Result<i32, Fallback> {
-        let Ok(mut map) = self.inodes.lock() else { return Err(Fallback::Disabled) };
+        let Ok(mut map) = self.inodes.of(node).lock() else { return Err(Fallback::Disabled) };
         if let Some(st) = map.get_mut(&node) {
             st.opens += 1;
             return match st.mode {
@@ -157,7 +181,7 @@ impl Passthrough {
 
     /// An open of `node` was released.
     pub(crate) fn release(&self, node: u64) {
-        let Ok(mut map) = self.inodes.lock() else { return };
+        let Ok(mut map) = self.inodes.of(node).lock() else { return };
         let Some(st) = map.get_mut(&node) else { return };
         st.opens = st.opens.saturating_sub(1);
         if st.opens > 0 {

@@ -3,7 +3,7 @@
 //! Every wrapper returns the backing errno on failure (read immediately after the call) and
 //! owned file descriptors as [`OwnedFd`], so nothing leaks on error paths.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -185,15 +185,58 @@ pub(crate) fn retry_enomem<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
     f()
 }
 
+/// A short NUL-terminated string formatted on the stack (descriptor names and
+/// `/proc/self/fd` paths: no allocation per request).
+pub(crate) struct StackCStr {
+    buf: [u8; 32],
+    /// Length including the NUL.
+    len: usize,
+}
+
+impl StackCStr {
+    /// `prefix` followed by the decimal digits of `n` (a descriptor: never negative here;
+    /// a negative one gives the digits of its magnitude after a '-').
+    fn with_number(prefix: &[u8], n: RawFd) -> StackCStr {
+        let mut digits = [0u8; 12];
+        let mut i = digits.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            i -= 1;
+            digits[i] = b'-';
+        }
+        let mut s = StackCStr { buf: [0; 32], len: 0 };
+        let d = &digits[i..];
+        s.buf[..prefix.len()].copy_from_slice(prefix);
+        s.buf[prefix.len()..prefix.len() + d.len()].copy_from_slice(d);
+        s.len = prefix.len() + d.len() + 1;
+        s
+    }
+}
+
+impl std::ops::Deref for StackCStr {
+    type Target = CStr;
+    fn deref(&self) -> &CStr {
+        // The buffer holds no NUL before `len - 1` and one at `len - 1`.
+        CStr::from_bytes_with_nul(&self.buf[..self.len]).unwrap_or(c"")
+    }
+}
+
 /// The decimal name of `fd` inside `/proc/self/fd`.
-pub(crate) fn fd_name(fd: RawFd) -> CString {
-    // A decimal number never contains NUL.
-    CString::new(fd.to_string()).unwrap_or_default()
+pub(crate) fn fd_name(fd: RawFd) -> StackCStr {
+    StackCStr::with_number(b"", fd)
 }
 
 /// `/proc/self/fd/<fd>`: a path that reaches exactly the inode `fd` refers to.
-pub(crate) fn proc_path(fd: RawFd) -> CString {
-    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+pub(crate) fn proc_path(fd: RawFd) -> StackCStr {
+    StackCStr::with_number(b"/proc/self/fd/", fd)
 }
 
 /// renameat2(2).

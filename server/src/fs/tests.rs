@@ -899,3 +899,206 @@ fn stale_handles_stay_estale_while_inode_numbers_are_reused() {
     assert_eq!(outcomes.len(), 1, "stale handles answered {outcomes:?}");
     assert!(outcomes.contains_key(&format!("{:?}", Err::<(), _>(Errno::ESTALE))), "{outcomes:?}");
 }
+
+/// Counts the heap allocations of each thread (this test binary's allocator).
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub(super) struct Counting;
+
+    thread_local! {
+        static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn count() {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+    }
+
+    // SAFETY: forwards to the system allocator; only counts.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count();
+            // SAFETY: same contract as ours.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            count();
+            // SAFETY: same contract as ours.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count();
+            // SAFETY: same contract as ours.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as ours.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    /// Allocations made by this thread so far.
+    pub(super) fn allocations() -> u64 {
+        ALLOCS.with(|c| c.get())
+    }
+}
+
+#[global_allocator]
+static COUNTING: counting::Counting = counting::Counting;
+
+/// Allocations per call of `f` on this thread, over `n` calls after `n` warm-up calls.
+fn allocs_per_call(n: usize, mut f: impl FnMut(usize)) -> f64 {
+    for i in 0..n {
+        f(i);
+    }
+    let before = counting::allocations();
+    for i in n..2 * n {
+        f(i);
+    }
+    (counting::allocations() - before) as f64 / n as f64
+}
+
+/// The request path of the common metadata operations allocates nothing in steady state
+/// (lookup of a known name, forget, getattr, readdir, readdirplus of known names, unlink),
+/// and open/release and create only what the new open or node itself needs. Measured on this
+/// thread with a counting allocator, calling the file system as the dispatcher does.
+#[test]
+fn metadata_ops_do_not_allocate_per_request() {
+    let (dir, fs) = setup();
+    let n = 200;
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    for i in 0..2 * n {
+        std::fs::write(dir.path().join(format!("d/f{i}")), b"x").unwrap();
+    }
+    let names: Vec<CString> = (0..2 * n).map(|i| c(&format!("f{i}"))).collect();
+    let d = node(&fs, NodeId::ROOT, "d");
+    let ids: Vec<NodeId> = names.iter().map(|nm| block_on(fs.lookup(&ROOT, d, nm)).unwrap().nodeid).collect();
+
+    let lookup = allocs_per_call(n, |i| {
+        let e = block_on(fs.lookup(&ROOT, d, &names[i])).unwrap();
+        fs.forget(e.nodeid, 1);
+    });
+    let getattr = allocs_per_call(n, |i| {
+        block_on(fs.getattr(&ROOT, ids[i], None)).unwrap();
+    });
+    let opened = block_on(fs.opendir(&ROOT, d, libc::O_RDONLY as u32)).unwrap();
+    let mut out = vec![0u8; 4096];
+    let readdir = allocs_per_call(n, |i| {
+        let mut buf = DirBuffer::new(&mut out);
+        // From the start (a seek) and from where the last call stopped.
+        let off = if i % 2 == 0 { 0 } else { 3 };
+        block_on(fs.readdir(&ROOT, d, opened.fh, off, &mut buf)).unwrap();
+        assert!(!buf.is_empty());
+    });
+    let mut taken = Vec::with_capacity(4096);
+    let readdirplus = allocs_per_call(n / 4, |_| {
+        let mut buf = DirPlusBuffer::new(&mut out);
+        block_on(fs.readdirplus(&ROOT, d, opened.fh, 0, &mut buf)).unwrap();
+        let len = buf.len();
+        assert!(len > 0);
+        // Give back the references the entries took (the kernel would FORGET them).
+        taken.clear();
+        let mut at = 0;
+        let (e, h) = (size_of::<FuseEntryOut>(), size_of::<FuseDirentplus>());
+        while at + h <= len {
+            let r = &out[at..];
+            let nodeid = u64::from_ne_bytes(r[0..8].try_into().unwrap());
+            if nodeid != 0 {
+                taken.push(nodeid);
+            }
+            at += direntplus_size(u32::from_ne_bytes(r[e + 16..e + 20].try_into().unwrap()) as usize);
+        }
+        for id in &taken {
+            fs.forget(NodeId(*id), 1);
+        }
+    });
+    block_on(fs.releasedir(&ROOT, d, opened.fh)).unwrap();
+    let open_release = allocs_per_call(n, |i| {
+        let o = block_on(fs.open(&ROOT, ids[i], libc::O_RDONLY as u32)).unwrap();
+        block_on(fs.release(&ROOT, ids[i], o.fh, 0)).unwrap();
+    });
+    let new_names: Vec<CString> = (0..2 * n).map(|i| c(&format!("new{i}"))).collect();
+    let create = allocs_per_call(n, |i| {
+        let (e, o) = block_on(fs.create(&ROOT, d, &new_names[i], 0o644, 0, libc::O_WRONLY as u32)).unwrap();
+        block_on(fs.release(&ROOT, e.nodeid, o.fh, 0)).unwrap();
+        fs.forget(e.nodeid, 1);
+    });
+    let unlink = allocs_per_call(n, |i| {
+        block_on(fs.unlink(&ROOT, d, &new_names[i])).unwrap();
+    });
+    let report = format!(
+        "allocations per call: lookup+forget {lookup}, getattr {getattr}, readdir {readdir}, \
+         readdirplus {readdirplus}, open+release {open_release}, create+release+forget {create}, unlink {unlink}"
+    );
+    eprintln!("{report}");
+    assert_eq!(lookup, 0.0, "{report}");
+    assert_eq!(getattr, 0.0, "{report}");
+    assert_eq!(readdir, 0.0, "{report}");
+    assert_eq!(unlink, 0.0, "{report}");
+    // A readdirplus reply is one request for many entries; its lookups hit known nodes.
+    assert_eq!(readdirplus, 0.0, "{report}");
+    // An open needs its handle (and the descriptor's shared owner).
+    assert!(open_release <= 2.0, "{report}");
+    // A new node: its descriptor's owner and its file handle (copied from the buffer
+    // name_to_handle_at filled), map growth now and then; plus the open's two.
+    assert!(create <= 6.0, "{report}");
+}
+
+#[test]
+fn stack_paths() {
+    assert_eq!(&*sys::fd_name(0), c"0");
+    assert_eq!(&*sys::fd_name(1234567), c"1234567");
+    assert_eq!(&*sys::proc_path(42), c"/proc/self/fd/42");
+    assert_eq!(&*sys::proc_path(i32::MAX), c"/proc/self/fd/2147483647");
+}
+
+/// FORGET (the /dev/fuse reader) races with LOOKUPs of the same inode (the queues): lookup
+/// counts are atomics under the table's shared lock, so none is lost, the node keeps its id
+/// while referenced, and it goes at its last FORGET.
+#[test]
+fn concurrent_lookup_and_forget_keep_counts() {
+    let (dir, fs) = setup();
+    std::fs::write(dir.path().join("a"), b"x").unwrap();
+    let fs = std::sync::Arc::new(fs);
+    let k = 20_000u64;
+    let id = node(&fs, NodeId::ROOT, "a");
+    for _ in 1..k {
+        assert_eq!(node(&fs, NodeId::ROOT, "a"), id);
+    }
+    let before = fs.inode_count();
+    let looker = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            for _ in 0..k {
+                assert_eq!(node(&fs, NodeId::ROOT, "a"), id);
+            }
+        })
+    };
+    let forgetter = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            for _ in 0..k {
+                fs.forget(id, 1);
+            }
+        })
+    };
+    looker.join().unwrap();
+    forgetter.join().unwrap();
+    assert_eq!(fs.inodes.lookups(id.0), k);
+    assert_eq!(fs.inode_count(), before);
+    fs.forget(id, k);
+    assert_eq!(fs.inodes.lookups(id.0), 0);
+    assert_eq!(fs.inode_count(), before - 1);
+}
+
+/// Keys of one shard (same residue modulo the shard count) still spread over a map's buckets.
+#[test]
+fn fast_hasher_spreads_shard_keys() {
+    use std::hash::BuildHasher;
+    let h = IdHash::default();
+    let buckets: HashSet<u64> = (0..1024u64).map(|k| h.hash_one(5 + 64 * k) & 2047).collect();
+    assert!(buckets.len() > 600, "{} distinct buckets of 2048", buckets.len());
+    let keys: HashSet<u64> = (0..1024u64).map(|k| h.hash_one((2049u64, k)) & 2047).collect();
+    assert!(keys.len() > 600, "{} distinct buckets of 2048", keys.len());
+}
