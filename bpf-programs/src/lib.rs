@@ -486,8 +486,17 @@ fn merge_split_btf(base: &[u8], split: &[u8]) -> Result<Vec<u8>, String> {
 fn one_line(e: &aya::programs::ProgramError) -> String {
     if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = e {
         let log = verifier_log.to_string();
-        let last = log.lines().rev().find(|l| !l.trim().is_empty() && !l.starts_with("processed ")).unwrap_or("");
-        return format!("rejected by the verifier ({io_error}): {}", last.trim());
+        // The verdict is the last line before the statistics the verifier appends.
+        let stats = ["processed ", "verification time", "stack depth", "max_states_per_insn"];
+        let last =
+            log.lines().rev().find(|l| !l.trim().is_empty() && !stats.iter().any(|s| l.starts_with(s))).unwrap_or("");
+        // The loader's poison for a relocation with no match in the kernel's BTF (0xbad2310).
+        let hint = if last.contains("unknown#195896080") {
+            " (a kernel type or member it reads has no match in this kernel's BTF)"
+        } else {
+            ""
+        };
+        return format!("rejected by the verifier ({io_error}): {}{hint}", last.trim());
     }
     e.to_string().replace('\n', " ")
 }
@@ -753,6 +762,29 @@ mod tests {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "eBPF test cannot run: {why}");
         eprintln!("skipped: {why}");
         false
+    }
+
+    /// On this kernel (which has every tracepoint) every program attaches, demand tracing on.
+    #[test]
+    fn every_program_attaches_on_this_kernel() {
+        if !can_load() {
+            return;
+        }
+        let opts = AccountingOptions {
+            dev: libc::makedev(0, 9999),
+            mountpoint: "/nonexistent".into(),
+            demand_tracing: true,
+            tracepoint_overrides: Vec::new(),
+        };
+        let acc = Accounting::load(&opts).expect("load");
+        let missing: Vec<String> = acc
+            .programs()
+            .iter()
+            .filter_map(|p| Some(format!("{}: {}", p.program.name, p.missing.as_deref()?)))
+            .collect();
+        assert!(missing.is_empty(), "{missing:#?}");
+        assert_eq!(acc.programs().len(), PROGRAMS.len());
+        assert!(acc.snapshot().expect("snapshot").demand_tracing);
     }
 
     /// A program whose tracepoint the kernel lacks (simulated by a name no kernel has) is the

@@ -127,7 +127,9 @@ struct vm_area_struct {
 };
 
 /* io_uring (5.x/6.x layouts differ; CO-RE finds the members by name). */
-struct io_wq_work;
+struct io_wq_work {
+	/* only its place in io_kiocb matters */
+};
 
 struct io_worker {
 	struct io_wq_work *cur_work;
@@ -150,7 +152,7 @@ struct io_kiocb {
 	__u8 opcode;
 	__u64 flags; /* io_req_flags_t: u64 since 6.10, unsigned int before (read as 32 bits) */
 	struct io_cqe cqe;
-	struct io_wq_work *work; /* only its offset is used */
+	struct io_wq_work work; /* only its offset is used */
 };
 
 struct io_ring_ctx;
