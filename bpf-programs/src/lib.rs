@@ -285,6 +285,9 @@ pub struct Snapshot {
     pub classes: Vec<ClassCounts>,
     /// Whether demand tracing is attached.
     pub demand_tracing: bool,
+    /// Whether requests to the server are seen (`fuse_send` attached): without it, fallback
+    /// counters and `calls_with_fallback` stay 0 whatever happens.
+    pub requests_traced: bool,
 }
 
 impl Snapshot {
@@ -636,7 +639,8 @@ impl Accounting {
                 }
             }
         }
-        Ok(Snapshot { fallbacks, classes, demand_tracing: self.demand_tracing })
+        let requests_traced = self.programs.iter().any(|p| p.program.name == "fuse_send" && p.missing.is_none());
+        Ok(Snapshot { fallbacks, classes, demand_tracing: self.demand_tracing, requests_traced })
     }
 }
 
@@ -784,7 +788,8 @@ mod tests {
             .collect();
         assert!(missing.is_empty(), "{missing:#?}");
         assert_eq!(acc.programs().len(), PROGRAMS.len());
-        assert!(acc.snapshot().expect("snapshot").demand_tracing);
+        let snap = acc.snapshot().expect("snapshot");
+        assert!(snap.demand_tracing && snap.requests_traced);
     }
 
     /// A program whose tracepoint the kernel lacks (simulated by a name no kernel has) is the
@@ -818,6 +823,7 @@ mod tests {
             std::fs::metadata(&file).expect("stat");
             let snap = acc.snapshot().expect("snapshot");
             assert!(snap.demand_tracing);
+            assert!(!snap.requests_traced);
             if snap.class(Class::Stat).calls > 0 {
                 break;
             }

@@ -405,20 +405,24 @@ fn kernel_stats(out: &mut String, s: &Sources) {
     for &c in &demand {
         let _ = writeln!(out, "ringfs_kernel_demand_calls_total{{class=\"{}\"}} {}", c.as_str(), snap.class(c).calls);
     }
-    header(
-        out,
-        "ringfs_kernel_calls_with_fallback_total",
-        "counter",
-        "Calls that caused at least one request to the server, by class. \
-         Hit rate = 1 - rate(this) / rate(ringfs_kernel_demand_calls_total).",
-    );
-    for &c in &demand {
-        let _ = writeln!(
+    // Without the request tracepoints (kernels before the fuse tracepoints) no call is ever
+    // seen to fall back: zeros would read as a 100 % hit rate, so the family is left out.
+    if snap.requests_traced {
+        header(
             out,
-            "ringfs_kernel_calls_with_fallback_total{{class=\"{}\"}} {}",
-            c.as_str(),
-            snap.class(c).calls_with_fallback
+            "ringfs_kernel_calls_with_fallback_total",
+            "counter",
+            "Calls that caused at least one request to the server, by class. \
+             Hit rate = 1 - rate(this) / rate(ringfs_kernel_demand_calls_total).",
         );
+        for &c in &demand {
+            let _ = writeln!(
+                out,
+                "ringfs_kernel_calls_with_fallback_total{{class=\"{}\"}} {}",
+                c.as_str(),
+                snap.class(c).calls_with_fallback
+            );
+        }
     }
     header(
         out,
