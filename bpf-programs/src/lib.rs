@@ -752,6 +752,37 @@ mod tests {
         assert_eq!(n, 20);
     }
 
+    /// The programs also compile for arm64 (pt_regs and the generic syscall table): the same
+    /// clang invocation as build.rs with `-D__TARGET_ARCH_arm64`. (Loading them needs an arm64
+    /// kernel, which this test cannot have.)
+    #[test]
+    fn programs_compile_for_arm64() {
+        if !UNAVAILABLE.is_empty() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "eBPF programs not built: {UNAVAILABLE}");
+            eprintln!("skipped: {UNAVAILABLE}");
+            return;
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/bpf");
+        let out = std::env::temp_dir().join(format!("ringfs-arm64-{}.bpf.o", std::process::id()));
+        let mut cmd = std::process::Command::new(std::env::var("CLANG").unwrap_or_else(|_| "clang".into()));
+        cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-Wno-unused-function", "-D__TARGET_ARCH_arm64"])
+            .arg("-I")
+            .arg(&dir);
+        if let Some(asm) = std::fs::read_dir("/usr/include")
+            .expect("/usr/include")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("asm/types.h").exists())
+        {
+            cmd.arg("-idirafter").arg(asm);
+        }
+        let status = cmd.arg("-c").arg(dir.join("ringfs.bpf.c")).arg("-o").arg(&out).status();
+        let status = status.expect("clang (Debian's clang) must be installed to build ringfs's eBPF programs");
+        let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        let _ = std::fs::remove_file(&out);
+        assert!(status.success() && size > 0, "clang failed for arm64: {status}");
+    }
+
     /// Root with BPF and BTF, or a printed reason to skip (a failure with CI=true).
     fn can_load() -> bool {
         let why = if unsafe { libc::geteuid() } != 0 {
