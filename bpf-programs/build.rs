@@ -5,8 +5,8 @@
 //!
 //! The target architecture (`CARGO_CFG_TARGET_ARCH`) picks `__TARGET_ARCH_*` (pt_regs layout)
 //! and the system call table (`src/bpf/ringfs_syscalls.h`); only x86_64 and aarch64 are
-//! supported, any other target stops the build with a message. When clang or libbpf's headers
-//! are missing, an empty object is written instead and `RINGFS_BPF_UNAVAILABLE` tells the loader
+//! supported, any other target stops the build with a message. When clang, libbpf's headers or
+//! the kernel's UAPI headers (linux-libc-dev) are missing, an empty object is written instead and `RINGFS_BPF_UNAVAILABLE` tells the loader
 //! why, so `cargo check`/`build` still work and the server reports "eBPF accounting unavailable"
 //! at run time.
 
@@ -60,6 +60,11 @@ fn asm_include() -> Option<PathBuf> {
 fn build(src: &Path, out: &Path, target_arch: &str) -> Result<(), String> {
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         return Err("libbpf's headers (/usr/include/bpf/bpf_helpers.h) are missing: install Debian's libbpf-dev".into());
+    }
+    if !Path::new("/usr/include/linux/bpf.h").exists() {
+        return Err(
+            "the kernel's UAPI headers (/usr/include/linux/bpf.h) are missing: install Debian's linux-libc-dev".into(),
+        );
     }
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     for p in PROGRAMS {
