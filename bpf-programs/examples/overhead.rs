@@ -83,6 +83,7 @@ fn main() {
         dev: libc::makedev(0, 9999),
         mountpoint: "/nonexistent".into(),
         demand_tracing: demand,
+        tracepoint_overrides: Vec::new(),
     };
     let (base, base_f) = (best_of(5, iters), best_faults(5));
     let (fallback_only, fallback_f) = {

@@ -1,22 +1,28 @@
 //! eBPF offload accounting for one ringfs mount.
 //!
 //! Upstream FUSE has no eBPF hook inside its request path, so ringfs *observes*: C programs
-//! (`src/bpf/ringfs.bpf.c`, built by `build.rs` with clang against the kernel's BTF) attach to
+//! (`src/bpf/ringfs.bpf.c`, built by `build.rs` with clang, CO-RE against the checked-in type
+//! header `src/bpf/ringfs_types.h`, and relocated here against the running kernel's BTF:
+//! vmlinux plus the fuse module's split BTF when FUSE is a module) attach to
 //! the FUSE tracepoints (requests that reached the server: fallbacks, with their kernel-side
 //! round-trip time, charged to the [`Class`] of the call that caused them) and, optionally
 //! ("demand tracing"), to the syscall, user page fault and io_uring completion tracepoints
 //! (demand: calls that landed on the mount, by class, and their bytes). Everything is filtered in the kernel by the mount's device number, so
 //! two mounts never mix. Counters are per-CPU; [`Accounting::snapshot`] sums them.
 //!
-//! Loading needs CAP_BPF/CAP_PERFMON (root), BTF and the tracepoints; any failure is a
-//! [`BpfError`] that says why, and callers run without accounting.
+//! Each program is loaded and attached on its own ([`PROGRAMS`]): a kernel without one of the
+//! tracepoints (Debian's 6.1 has no fuse tracepoints) or whose types make one program fail
+//! verification loses that piece only; [`Accounting::programs`] names every piece and why it is
+//! missing. Loading needs CAP_BPF/CAP_PERFMON (root) and the kernel's BTF; when nothing can be
+//! attached the result is a [`BpfError`] that says why, and callers run without accounting.
 
 use std::fmt;
 use std::path::Path;
 
 use aya::maps::PerCpuArray;
 use aya::programs::BtfTracePoint;
-use aya::{Btf, Ebpf, EbpfLoader, Pod};
+use aya::{Btf, Ebpf, EbpfLoader, Endianness, Pod};
+use aya_obj::btf::BtfKind;
 
 /// Per-opcode slots in the fallback table.
 pub const OPCODES: usize = 64;
@@ -279,6 +285,9 @@ pub struct Snapshot {
     pub classes: Vec<ClassCounts>,
     /// Whether demand tracing is attached.
     pub demand_tracing: bool,
+    /// Whether requests to the server are seen (`fuse_send` attached): without it, fallback
+    /// counters and `calls_with_fallback` stay 0 whatever happens.
+    pub requests_traced: bool,
 }
 
 impl Snapshot {
@@ -318,6 +327,85 @@ fn err(what: &str, e: impl fmt::Display) -> BpfError {
     BpfError(text)
 }
 
+/// One program of the object: what it counts and where it attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program {
+    /// The program's name in the object (the `program` metric label).
+    pub name: &'static str,
+    /// The BTF tracepoint (`tp_btf/<tracepoint>`) it attaches to.
+    pub tracepoint: &'static str,
+    /// Only with demand tracing.
+    pub demand: bool,
+    /// What is lost without it.
+    pub counts: &'static str,
+}
+
+/// Every program, in attach order.
+pub const PROGRAMS: [Program; 9] = [
+    Program {
+        name: "fuse_send",
+        tracepoint: "fuse_request_send",
+        demand: false,
+        counts: "requests that reached the server (fallbacks) and their causes",
+    },
+    Program {
+        name: "fuse_end",
+        tracepoint: "fuse_request_end",
+        demand: false,
+        counts: "request round trips, errors and server read bytes",
+    },
+    Program { name: "sys_enter", tracepoint: "sys_enter", demand: true, counts: "system calls on the mount" },
+    Program { name: "sys_exit", tracepoint: "sys_exit", demand: true, counts: "system calls on the mount" },
+    Program {
+        name: "page_fault_user",
+        tracepoint: "page_fault_user",
+        demand: true,
+        counts: "page faults on passthrough mappings; new faults",
+    },
+    Program {
+        name: "filemap_map_pages",
+        tracepoint: "mm_filemap_map_pages",
+        demand: true,
+        counts: "page faults on mappings of the mount (fault-around)",
+    },
+    Program {
+        name: "filemap_fault",
+        tracepoint: "mm_filemap_fault",
+        demand: true,
+        counts: "page faults on mappings of the mount",
+    },
+    Program {
+        name: "uring_submit",
+        tracepoint: "io_uring_submit_req",
+        demand: true,
+        counts: "io_uring requests issued inline that fell back",
+    },
+    Program {
+        name: "uring_complete",
+        tracepoint: "io_uring_complete",
+        demand: true,
+        counts: "io_uring reads and writes of the mount",
+    },
+];
+
+/// Whether one program is attached, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStatus {
+    /// The program.
+    pub program: Program,
+    /// `None` when attached, else the reason it is not (one line).
+    pub missing: Option<String>,
+}
+
+/// A counter that depends on a kernel type rather than on a program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureStatus {
+    /// Label value (`ringfs_ebpf_feature_available{feature="..."}`).
+    pub feature: &'static str,
+    /// `None` when available, else why not.
+    pub missing: Option<String>,
+}
+
 /// What to account for.
 #[derive(Clone, Debug)]
 pub struct AccountingOptions {
@@ -327,16 +415,120 @@ pub struct AccountingOptions {
     pub mountpoint: std::path::PathBuf,
     /// Attach the syscall tracepoints (costs every process on the machine a little).
     pub demand_tracing: bool,
+    /// Tests only: attach program `.0` to tracepoint `.1` instead of its own (a name the
+    /// kernel lacks simulates a kernel without that tracepoint). Empty in production.
+    pub tracepoint_overrides: Vec<(String, String)>,
 }
 
 /// Loaded and attached programs; dropping it detaches them.
 pub struct Accounting {
     ebpf: Ebpf,
     demand_tracing: bool,
+    programs: Vec<ProgramStatus>,
+    features: Vec<FeatureStatus>,
+}
+
+/// The kernel's BTF for CO-RE relocation: vmlinux, with the fuse module's split BTF appended
+/// when FUSE is a module (`/sys/kernel/btf/fuse`), so `struct fuse_file` and friends resolve.
+/// Split BTF numbers its types after the base's and offsets its strings past the base's string
+/// section, so the two concatenate into one valid BTF blob. Returns the BTF and, when the fuse
+/// module's BTF could not be merged, why.
+pub fn kernel_btf() -> Result<(Btf, Option<String>), BpfError> {
+    let base = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| err("reading /sys/kernel/btf/vmlinux", e))?;
+    let module = "/sys/kernel/btf/fuse";
+    let merged = match std::fs::read(module) {
+        Ok(split) => merge_split_btf(&base, &split).map_err(|e| format!("{module}: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(String::new()),
+        Err(e) => Err(format!("reading {module}: {e}")),
+    };
+    match merged {
+        Ok(blob) => {
+            let btf = Btf::parse(&blob, Endianness::default()).map_err(|e| err("parsing vmlinux + fuse BTF", e))?;
+            Ok((btf, None))
+        }
+        Err(why) => {
+            let btf = Btf::parse(&base, Endianness::default()).map_err(|e| err("parsing vmlinux BTF", e))?;
+            Ok((btf, (!why.is_empty()).then_some(why)))
+        }
+    }
+}
+
+/// `struct btf_header` fields: (hdr_len, type_off, type_len, str_off, str_len).
+fn btf_header(b: &[u8]) -> Result<(usize, usize, usize, usize, usize), String> {
+    let u32_at = |o: usize| -> Result<usize, String> {
+        b.get(o..o + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]) as usize).ok_or("truncated BTF".into())
+    };
+    if b.len() < 24 || u16::from_ne_bytes([b[0], b[1]]) != 0xeb9f {
+        return Err("not BTF (bad magic)".into());
+    }
+    let (hdr, toff, tlen, soff, slen) = (u32_at(4)?, u32_at(8)?, u32_at(12)?, u32_at(16)?, u32_at(20)?);
+    if hdr + toff + tlen > b.len() || hdr + soff + slen > b.len() {
+        return Err("truncated BTF".into());
+    }
+    Ok((hdr, toff, tlen, soff, slen))
+}
+
+/// One BTF blob holding `base`'s types and strings followed by `split`'s.
+fn merge_split_btf(base: &[u8], split: &[u8]) -> Result<Vec<u8>, String> {
+    let (bh, bto, btl, bso, bsl) = btf_header(base)?;
+    let (sh, sto, stl, sso, ssl) = btf_header(split)?;
+    let types = [&base[bh + bto..bh + bto + btl], &split[sh + sto..sh + sto + stl]].concat();
+    let strings = [&base[bh + bso..bh + bso + bsl], &split[sh + sso..sh + sso + ssl]].concat();
+    let mut out = Vec::with_capacity(24 + types.len() + strings.len());
+    out.extend_from_slice(&base[..4]); // magic, version, flags
+    for v in [24, 0, types.len(), types.len(), strings.len()] {
+        out.extend_from_slice(&(v as u32).to_ne_bytes());
+    }
+    out.extend_from_slice(&types);
+    out.extend_from_slice(&strings);
+    Ok(out)
+}
+
+/// A program's load or attach error in one line: the verifier's own verdict (its last line)
+/// instead of its whole log.
+fn one_line(e: &aya::programs::ProgramError) -> String {
+    if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = e {
+        let log = verifier_log.to_string();
+        // The verdict is the last line before the statistics the verifier appends.
+        let stats = ["processed ", "verification time", "stack depth", "max_states_per_insn"];
+        let last =
+            log.lines().rev().find(|l| !l.trim().is_empty() && !stats.iter().any(|s| l.starts_with(s))).unwrap_or("");
+        // The loader's poison for a relocation with no match in the kernel's BTF (0xbad2310).
+        let hint = if last.contains("unknown#195896080") {
+            " (a kernel type or member it reads has no match in this kernel's BTF)"
+        } else {
+            ""
+        };
+        return format!("rejected by the verifier ({io_error}): {}{hint}", last.trim());
+    }
+    e.to_string().replace('\n', " ")
 }
 
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ringfs.bpf.o"));
 const UNAVAILABLE: &str = env!("RINGFS_BPF_UNAVAILABLE");
+
+/// Loads and attaches one program; the error is one line naming the cause.
+fn attach(ebpf: &mut Ebpf, name: &str, tracepoint: &str, btf: &Btf, fuse_module: bool) -> Result<(), String> {
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or("missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let typedef = format!("btf_trace_{tracepoint}");
+    if btf.id_by_type_name_kind(&typedef, BtfKind::Typedef).is_err() {
+        return Err(format!("the kernel has no tracepoint {tracepoint} (no {typedef} in its BTF)"));
+    }
+    if fuse_module && tracepoint.starts_with("fuse_") {
+        // Its BTF id is the module's: a tp_btf program needs the module's BTF object as well,
+        // which aya 0.14 cannot pass.
+        return Err(format!(
+            "{tracepoint} is a tracepoint of the fuse module, and ringfs's loader attaches to vmlinux tracepoints only"
+        ));
+    }
+    p.load(tracepoint, btf).map_err(|e| format!("loading for tp_btf/{tracepoint}: {}", one_line(&e)))?;
+    p.attach().map_err(|e| format!("attaching to tp_btf/{tracepoint}: {}", one_line(&e)))?;
+    Ok(())
+}
 
 impl Accounting {
     /// Loads the programs for the mount described by `opts` and attaches them.
@@ -356,7 +548,22 @@ impl Accounting {
         let mp_len = mp.len() as u32;
         let tgid = std::process::id();
         let demand = opts.demand_tracing as u32;
+        let (btf, module_note) = kernel_btf()?;
+        let fuse_module = Path::new("/sys/kernel/btf/fuse").exists();
+        let mut features = Vec::new();
+        let fuse_file = btf.id_by_type_name_kind("fuse_file", BtfKind::Struct).is_ok();
+        let passthrough = btf.id_by_type_name_kind("fuse_backing", BtfKind::Struct).is_ok();
+        features.push(FeatureStatus {
+            feature: "passthrough_bytes",
+            missing: match (fuse_file, passthrough, &module_note) {
+                (true, true, _) => None,
+                (_, _, Some(why)) => Some(format!("the fuse module's BTF could not be read: {why}")),
+                (false, _, None) => Some("struct fuse_file is in no BTF this kernel exposes".into()),
+                (true, false, None) => Some("this kernel has no FUSE passthrough (before 6.9)".into()),
+            },
+        });
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global("target_kdev", &kdev, true)
             .override_global("server_tgid", &tgid, true)
             .override_global("demand_tracing", &demand, true)
@@ -366,29 +573,37 @@ impl Accounting {
             .allow_unsupported_maps()
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF object", e))?;
-        let btf = Btf::from_sys_fs().map_err(|e| err("reading the kernel's BTF", e))?;
-        let mut progs = vec![("fuse_send", "fuse_request_send"), ("fuse_end", "fuse_request_end")];
-        if opts.demand_tracing {
-            progs.extend([
-                ("sys_enter", "sys_enter"),
-                ("sys_exit", "sys_exit"),
-                ("page_fault_user", "page_fault_user"),
-                ("filemap_map_pages", "mm_filemap_map_pages"),
-                ("filemap_fault", "mm_filemap_fault"),
-                ("uring_submit", "io_uring_submit_req"),
-                ("uring_complete", "io_uring_complete"),
-            ]);
+        let mut programs = Vec::new();
+        for program in PROGRAMS.iter().filter(|p| opts.demand_tracing || !p.demand) {
+            let tracepoint = opts
+                .tracepoint_overrides
+                .iter()
+                .find(|(p, _)| p == program.name)
+                .map_or(program.tracepoint, |(_, t)| t.as_str());
+            let missing = attach(&mut ebpf, program.name, tracepoint, &btf, fuse_module).err();
+            programs.push(ProgramStatus { program: *program, missing });
         }
-        for (prog, event) in progs {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| BpfError(format!("program {prog} missing from the object")))?
-                .try_into()
-                .map_err(|e| err(prog, e))?;
-            p.load(event, &btf).map_err(|e| err(&format!("loading {prog}"), e))?;
-            p.attach().map_err(|e| err(&format!("attaching to tp_btf/{event}"), e))?;
+        if programs.iter().all(|p| p.missing.is_some()) {
+            let why: Vec<String> = programs
+                .iter()
+                .map(|p| format!("{}: {}", p.program.name, p.missing.as_deref().unwrap_or("")))
+                .collect();
+            return Err(BpfError(format!("no eBPF program could be attached ({})", why.join("; "))));
         }
-        Ok(Accounting { ebpf, demand_tracing: opts.demand_tracing })
+        // Demand is counted only when both ends of a system call are seen.
+        let attached = |name: &str| programs.iter().any(|p| p.program.name == name && p.missing.is_none());
+        let demand_tracing = opts.demand_tracing && attached("sys_enter") && attached("sys_exit");
+        Ok(Accounting { ebpf, demand_tracing, programs, features })
+    }
+
+    /// Every program this load tried, attached or with the reason it is not.
+    pub fn programs(&self) -> &[ProgramStatus] {
+        &self.programs
+    }
+
+    /// Counters that depend on kernel types, available or with the reason they are not.
+    pub fn features(&self) -> &[FeatureStatus] {
+        &self.features
     }
 
     /// Sums every counter over all CPUs.
@@ -424,7 +639,8 @@ impl Accounting {
                 }
             }
         }
-        Ok(Snapshot { fallbacks, classes, demand_tracing: self.demand_tracing })
+        let requests_traced = self.programs.iter().any(|p| p.program.name == "fuse_send" && p.missing.is_none());
+        Ok(Snapshot { fallbacks, classes, demand_tracing: self.demand_tracing, requests_traced })
     }
 }
 
@@ -465,6 +681,222 @@ mod tests {
     fn only_caused_classes_have_demand() {
         let without: Vec<&str> = Class::ALL.iter().filter(|c| !c.has_demand()).map(|c| c.as_str()).collect();
         assert_eq!(without, ["background", "untraced", "unclassified"]);
+    }
+
+    /// `(name, number)` of each `#define NR_<name> <number>` in the `arch` branch of
+    /// ringfs_syscalls.h.
+    fn table(arch: &str) -> Vec<(String, i64)> {
+        let header = include_str!("bpf/ringfs_syscalls.h");
+        let start = header.find(&format!("defined(__TARGET_ARCH_{arch})")).expect("arch branch");
+        let body = &header[start..];
+        let body = &body[..body[1..].find("#e").expect("branch end")];
+        body.lines()
+            .filter_map(|l| l.strip_prefix("#define NR_"))
+            .map(|l| {
+                let (name, rest) = l.split_once(' ').expect("value");
+                let v = rest.split("/*").next().unwrap_or("").trim().trim_matches(|c| c == '(' || c == ')');
+                (name.to_string(), v.parse().expect("number"))
+            })
+            .collect()
+    }
+
+    /// `__NR_*` (and `__NR3264_*`) numbers of a UAPI unistd header.
+    fn uapi(path: &str) -> std::collections::HashMap<String, i64> {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e} (Debian's linux-libc-dev)"));
+        let mut map = std::collections::HashMap::new();
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("#define __NR") else { continue };
+            let rest = rest.strip_prefix("3264").unwrap_or(rest);
+            let Some((name, v)) = rest.strip_prefix('_').and_then(|r| r.split_once(char::is_whitespace)) else {
+                continue;
+            };
+            if let Ok(n) = v.trim().parse() {
+                let name = if name == "fstatat" { "newfstatat" } else { name };
+                map.insert(name.to_string(), n);
+            }
+        }
+        map
+    }
+
+    /// Both tables list the same calls, and their numbers are the kernel's (as far as the
+    /// installed UAPI headers know them: calls newer than the headers are checked by hand).
+    #[test]
+    fn syscall_tables_match_the_uapi_headers() {
+        let (x86, arm) = (table("x86"), table("arm64"));
+        let names = |t: &[(String, i64)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&x86), names(&arm));
+        assert!(x86.len() > 80, "{}", x86.len());
+        let x86_uapi = uapi("/usr/include/x86_64-linux-gnu/asm/unistd_64.h");
+        let generic = uapi("/usr/include/asm-generic/unistd.h");
+        let mut checked = 0;
+        for (name, nr) in &x86 {
+            if let Some(k) = x86_uapi.get(name) {
+                assert_eq!(nr, k, "x86_64 {name}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 80, "{checked}");
+        let mut absent: Vec<i64> = Vec::new();
+        for (name, nr) in &arm {
+            match generic.get(name) {
+                Some(k) => assert_eq!(nr, k, "arm64 {name}"),
+                None if *nr < 0 => absent.push(*nr),
+                None => assert!(*nr >= 450, "arm64 {name} = {nr} is not in the generic table"),
+            }
+        }
+        // The legacy path calls arm64 lacks: distinct numbers no system call has.
+        let n = absent.len();
+        absent.sort();
+        absent.dedup();
+        assert_eq!(absent.len(), n);
+        assert_eq!(n, 20);
+    }
+
+    /// The programs also compile for arm64 (pt_regs and the generic syscall table): the same
+    /// clang invocation as build.rs with `-D__TARGET_ARCH_arm64`. (Loading them needs an arm64
+    /// kernel, which this test cannot have.)
+    #[test]
+    fn programs_compile_for_arm64() {
+        if !UNAVAILABLE.is_empty() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "eBPF programs not built: {UNAVAILABLE}");
+            eprintln!("skipped: {UNAVAILABLE}");
+            return;
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/bpf");
+        let out = std::env::temp_dir().join(format!("ringfs-arm64-{}.bpf.o", std::process::id()));
+        let mut cmd = std::process::Command::new(std::env::var("CLANG").unwrap_or_else(|_| "clang".into()));
+        cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-Wno-unused-function", "-D__TARGET_ARCH_arm64"])
+            .arg("-I")
+            .arg(&dir);
+        if let Some(asm) = std::fs::read_dir("/usr/include")
+            .expect("/usr/include")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("asm/types.h").exists())
+        {
+            cmd.arg("-idirafter").arg(asm);
+        }
+        let status = cmd.arg("-c").arg(dir.join("ringfs.bpf.c")).arg("-o").arg(&out).status();
+        let status = status.expect("clang (Debian's clang) must be installed to build ringfs's eBPF programs");
+        let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        let _ = std::fs::remove_file(&out);
+        assert!(status.success() && size > 0, "clang failed for arm64: {status}");
+    }
+
+    /// Root with BPF and BTF, or a printed reason to skip (a failure with CI=true).
+    fn can_load() -> bool {
+        let why = if unsafe { libc::geteuid() } != 0 {
+            "not root"
+        } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            "no /sys/kernel/btf/vmlinux"
+        } else if !UNAVAILABLE.is_empty() {
+            UNAVAILABLE
+        } else {
+            return true;
+        };
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "eBPF test cannot run: {why}");
+        eprintln!("skipped: {why}");
+        false
+    }
+
+    /// On this kernel (which has every tracepoint) every program attaches, demand tracing on.
+    #[test]
+    fn every_program_attaches_on_this_kernel() {
+        if !can_load() {
+            return;
+        }
+        let opts = AccountingOptions {
+            dev: libc::makedev(0, 9999),
+            mountpoint: "/nonexistent".into(),
+            demand_tracing: true,
+            tracepoint_overrides: Vec::new(),
+        };
+        let acc = Accounting::load(&opts).expect("load");
+        let missing: Vec<String> = acc
+            .programs()
+            .iter()
+            .filter_map(|p| Some(format!("{}: {}", p.program.name, p.missing.as_deref()?)))
+            .collect();
+        assert!(missing.is_empty(), "{missing:#?}");
+        assert_eq!(acc.programs().len(), PROGRAMS.len());
+        let snap = acc.snapshot().expect("snapshot");
+        assert!(snap.demand_tracing && snap.requests_traced);
+    }
+
+    /// A program whose tracepoint the kernel lacks (simulated by a name no kernel has) is the
+    /// only piece missing, the reason names the tracepoint, and demand tracing still counts:
+    /// what a kernel without the fuse tracepoints (Debian's 6.1) gets.
+    #[test]
+    fn a_missing_tracepoint_disables_only_its_program() {
+        if !can_load() {
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ringfs-bpf-partial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("f");
+        std::fs::write(&file, b"x").expect("file");
+        let opts = AccountingOptions {
+            dev: std::fs::metadata(&dir).expect("stat").dev(),
+            mountpoint: dir.clone(),
+            demand_tracing: true,
+            tracepoint_overrides: vec![("fuse_send".into(), "ringfs_no_such_tracepoint".into())],
+        };
+        let acc = Accounting::load(&opts).expect("load");
+        let missing: Vec<(&str, &str)> =
+            acc.programs().iter().filter_map(|p| Some((p.program.name, p.missing.as_deref()?))).collect();
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].0, "fuse_send");
+        assert!(missing[0].1.contains("no tracepoint ringfs_no_such_tracepoint"), "reason: {}", missing[0].1);
+        assert_eq!(acc.programs().len(), PROGRAMS.len());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            std::fs::metadata(&file).expect("stat");
+            let snap = acc.snapshot().expect("snapshot");
+            assert!(snap.demand_tracing);
+            assert!(!snap.requests_traced);
+            if snap.class(Class::Stat).calls > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no stat counted in 20 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(acc);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// The merged vmlinux + split BTF keeps the base's types and adds the module's, with the
+    /// module's names (offsets past the base's strings) intact. The split BTF is made here (one
+    /// empty struct), as the kernel lays a module's out, since this kernel may have no module
+    /// with BTF.
+    #[test]
+    fn split_btf_merges_after_the_base() {
+        let Ok(base) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "no /sys/kernel/btf/vmlinux");
+            eprintln!("skipped: no /sys/kernel/btf/vmlinux");
+            return;
+        };
+        let (_, _, _, _, base_strings) = btf_header(&base).expect("header");
+        let strings = b"\0ringfs_module_only\0";
+        let mut types = Vec::new();
+        for v in [base_strings as u32 + 1, 4 << 24, 0] {
+            // name_off (past the base's strings), info (BTF_KIND_STRUCT, no members), size
+            types.extend_from_slice(&v.to_ne_bytes());
+        }
+        let mut split = base[..4].to_vec();
+        for v in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            split.extend_from_slice(&v.to_ne_bytes());
+        }
+        split.extend_from_slice(&types);
+        split.extend_from_slice(strings);
+        let merged = merge_split_btf(&base, &split).expect("merge");
+        let btf = Btf::parse(&merged, Endianness::default()).expect("parse merged");
+        let task = btf.id_by_type_name_kind("task_struct", BtfKind::Struct).expect("base type");
+        let base_btf = Btf::parse(&base, Endianness::default()).expect("parse base");
+        assert_eq!(base_btf.id_by_type_name_kind("task_struct", BtfKind::Struct).expect("base"), task);
+        let module = btf.id_by_type_name_kind("ringfs_module_only", BtfKind::Struct).expect("module type");
+        assert!(module > task);
+        assert!(base_btf.id_by_type_name_kind("ringfs_module_only", BtfKind::Struct).is_err());
     }
 
     #[test]

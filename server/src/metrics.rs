@@ -297,6 +297,39 @@ fn kernel_stats(out: &mut String, s: &Sources) {
     let snap = s.ebpf.as_ref().and_then(|m| m.lock().ok().and_then(|a| a.snapshot().ok()));
     header(out, "ringfs_ebpf_enabled", "gauge", "1 when the eBPF accounting programs are attached.");
     let _ = writeln!(out, "ringfs_ebpf_enabled {}", snap.is_some() as u8);
+    if let Some(a) = s.ebpf.as_ref().and_then(|m| m.lock().ok()) {
+        header(
+            out,
+            "ringfs_ebpf_program_attached",
+            "gauge",
+            "1 when the eBPF program is attached, 0 when this kernel cannot take it (the log says why), by program \
+             and tracepoint.",
+        );
+        for p in a.programs() {
+            let _ = writeln!(
+                out,
+                "ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\"}} {}",
+                p.program.name,
+                p.program.tracepoint,
+                p.missing.is_none() as u8
+            );
+        }
+        header(
+            out,
+            "ringfs_ebpf_feature_available",
+            "gauge",
+            "1 when a counter that needs a kernel type is available (passthrough_bytes: the passthrough share of \
+             io bytes needs struct fuse_file with passthrough), 0 when not (the log says why).",
+        );
+        for f in a.features() {
+            let _ = writeln!(
+                out,
+                "ringfs_ebpf_feature_available{{feature=\"{}\"}} {}",
+                f.feature,
+                f.missing.is_none() as u8
+            );
+        }
+    }
     let Some(snap) = snap else { return };
     let ops: Vec<u32> = (0..opcode::COUNT as u32).filter(|&op| snap.fallback(op) > 0).collect();
     header(
@@ -383,20 +416,24 @@ fn kernel_stats(out: &mut String, s: &Sources) {
     for &c in &demand {
         let _ = writeln!(out, "ringfs_kernel_demand_calls_total{{class=\"{}\"}} {}", c.as_str(), snap.class(c).calls);
     }
-    header(
-        out,
-        "ringfs_kernel_calls_with_fallback_total",
-        "counter",
-        "Calls that caused at least one request to the server, by class. \
-         Hit rate = 1 - rate(this) / rate(ringfs_kernel_demand_calls_total).",
-    );
-    for &c in &demand {
-        let _ = writeln!(
+    // Without the request tracepoints (kernels before the fuse tracepoints) no call is ever
+    // seen to fall back: zeros would read as a 100 % hit rate, so the family is left out.
+    if snap.requests_traced {
+        header(
             out,
-            "ringfs_kernel_calls_with_fallback_total{{class=\"{}\"}} {}",
-            c.as_str(),
-            snap.class(c).calls_with_fallback
+            "ringfs_kernel_calls_with_fallback_total",
+            "counter",
+            "Calls that caused at least one request to the server, by class. \
+             Hit rate = 1 - rate(this) / rate(ringfs_kernel_demand_calls_total).",
         );
+        for &c in &demand {
+            let _ = writeln!(
+                out,
+                "ringfs_kernel_calls_with_fallback_total{{class=\"{}\"}} {}",
+                c.as_str(),
+                snap.class(c).calls_with_fallback
+            );
+        }
     }
     header(
         out,

@@ -298,12 +298,36 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             dev,
             mountpoint: mountpoint.clone(),
             demand_tracing: cfg.ebpf.demand_tracing,
+            tracepoint_overrides: Vec::new(),
         };
         match bpf_programs::Accounting::load(&opts) {
             Ok(a) => {
+                // One line per piece this kernel cannot give, naming it and why.
+                for p in a.programs() {
+                    if let Some(why) = &p.missing {
+                        log::warn!(
+                            "eBPF program {} not attached ({} not counted): {why}",
+                            p.program.name,
+                            p.program.counts
+                        );
+                    }
+                }
+                for f in a.features() {
+                    if let Some(why) = &f.missing {
+                        log::info!("eBPF counter {} unavailable: {why}", f.feature);
+                    }
+                }
+                let attached = a.programs().iter().filter(|p| p.missing.is_none()).count();
                 log::info!(
-                    "eBPF accounting attached (demand tracing {})",
-                    if opts.demand_tracing { "on" } else { "off" }
+                    "eBPF accounting attached ({attached} of {} programs; demand tracing {})",
+                    a.programs().len(),
+                    if a.snapshot().is_ok_and(|s| s.demand_tracing) {
+                        "on"
+                    } else if opts.demand_tracing {
+                        "requested but unavailable"
+                    } else {
+                        "off"
+                    }
                 );
                 Some(std::sync::Mutex::new(a))
             }

@@ -275,6 +275,56 @@ fn promtool_check_metrics(text: &str) -> Result<(), String> {
     ))
 }
 
+/// Every program is attached on this kernel, one `ringfs_ebpf_program_attached` series each,
+/// and no piece is reported missing in the log (a program the verifier rejects, for instance a
+/// CO-RE relocation gone wrong, shows up here by name).
+#[test]
+fn every_program_is_attached_and_reported() {
+    if !ebpf_required("every_program_is_attached_and_reported") {
+        return;
+    }
+    let mut m = Server::ringfs("ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
+    attached(&mut m);
+    let text = m.scrape();
+    let series: Vec<&str> = text.lines().filter(|l| l.starts_with("ringfs_ebpf_program_attached{")).collect();
+    let expected = bpf_programs::PROGRAMS.len();
+    assert_eq!(series.len(), expected, "{text}");
+    for p in bpf_programs::PROGRAMS {
+        let name = format!("ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\"}}", p.name, p.tracepoint);
+        assert_eq!(metric(&text, &name), 1.0, "{name}\n{}", m.log());
+    }
+    assert_eq!(metric(&text, "ringfs_ebpf_feature_available{feature=\"passthrough_bytes\"}"), 1.0, "{text}");
+    assert!(!m.log().contains("not attached"), "{}", m.log());
+    assert!(m.log().contains(&format!("{expected} of {expected} programs; demand tracing on")), "{}", m.log());
+}
+
+/// The object built with the build machine's BTF hidden (scripts/ebpf-btf-free.sh: a private
+/// mount namespace with an empty tmpfs on /sys/kernel/btf) is the object every other test here
+/// loads, byte for byte, and loads and counts on this kernel.
+#[test]
+fn object_built_without_kernel_btf_loads_and_counts() {
+    if !ebpf_required("object_built_without_kernel_btf_loads_and_counts") {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = root.join("target/btf-free");
+    let out = Command::new(root.join("scripts/ebpf-btf-free.sh"))
+        .arg(&target)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("run scripts/ebpf-btf-free.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "identical to the normal build's object",
+        "test tests::a_missing_tracepoint_disables_only_its_program ... ok",
+        "test tests::every_program_attaches_on_this_kernel ... ok",
+        "OK",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
 #[test]
 fn disabled_ebpf_is_reported_not_fatal() {
     if !require("disabled_ebpf_is_reported_not_fatal", false, &[]) {

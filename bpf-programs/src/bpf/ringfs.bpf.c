@@ -18,11 +18,12 @@
  * - tp_btf/io_uring_complete (with demand tracing): io_uring reads and writes of the mount's
  *   files are `io_uring` calls; requests sent by io_uring's worker threads are charged to them.
  */
-#include "vmlinux.h"
+#include "ringfs_types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "ringfs.h"
+#include "ringfs_syscalls.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -144,94 +145,6 @@ static __always_inline struct ringfs_class_stats *class_slot(__u32 class)
 	return bpf_map_lookup_elem(&classes, &class);
 }
 
-/* x86_64 syscall numbers. */
-#define NR_read 0
-#define NR_write 1
-#define NR_open 2
-#define NR_close 3
-#define NR_stat 4
-#define NR_fstat 5
-#define NR_lstat 6
-#define NR_lseek 8
-#define NR_ioctl 16
-#define NR_pread64 17
-#define NR_pwrite64 18
-#define NR_readv 19
-#define NR_writev 20
-#define NR_access 21
-#define NR_sendfile 40
-#define NR_fcntl 72
-#define NR_flock 73
-#define NR_fsync 74
-#define NR_fdatasync 75
-#define NR_truncate 76
-#define NR_ftruncate 77
-#define NR_getdents 78
-#define NR_chdir 80
-#define NR_fchdir 81
-#define NR_rename 82
-#define NR_mkdir 83
-#define NR_rmdir 84
-#define NR_creat 85
-#define NR_link 86
-#define NR_unlink 87
-#define NR_symlink 88
-#define NR_readlink 89
-#define NR_chmod 90
-#define NR_fchmod 91
-#define NR_chown 92
-#define NR_fchown 93
-#define NR_lchown 94
-#define NR_utime 132
-#define NR_mknod 133
-#define NR_statfs 137
-#define NR_fstatfs 138
-#define NR_setxattr 188
-#define NR_lsetxattr 189
-#define NR_fsetxattr 190
-#define NR_getxattr 191
-#define NR_lgetxattr 192
-#define NR_fgetxattr 193
-#define NR_listxattr 194
-#define NR_llistxattr 195
-#define NR_flistxattr 196
-#define NR_removexattr 197
-#define NR_lremovexattr 198
-#define NR_fremovexattr 199
-#define NR_getdents64 217
-#define NR_utimes 235
-#define NR_openat 257
-#define NR_mkdirat 258
-#define NR_mknodat 259
-#define NR_fchownat 260
-#define NR_futimesat 261
-#define NR_newfstatat 262
-#define NR_unlinkat 263
-#define NR_renameat 264
-#define NR_linkat 265
-#define NR_symlinkat 266
-#define NR_readlinkat 267
-#define NR_fchmodat 268
-#define NR_faccessat 269
-#define NR_splice 275
-#define NR_sync_file_range 277
-#define NR_utimensat 280
-#define NR_fallocate 285
-#define NR_preadv 295
-#define NR_pwritev 296
-#define NR_renameat2 316
-#define NR_copy_file_range 326
-#define NR_preadv2 327
-#define NR_pwritev2 328
-#define NR_statx 332
-#define NR_io_uring_enter 426
-#define NR_openat2 437
-#define NR_faccessat2 439
-#define NR_fchmodat2 452
-#define NR_setxattrat 463
-#define NR_getxattrat 464
-#define NR_listxattrat 465
-#define NR_removexattrat 466
 
 #define AT_FDCWD -100
 #define O_CREAT 0100
@@ -298,6 +211,9 @@ static __noinline int fd_on_mount(long fd)
 /* A FUSE file whose I/O the kernel passes through to a backing file. */
 static __always_inline int is_passthrough(struct file *f)
 {
+	/* Kernels before 6.9 (or whose fuse BTF the loader cannot see) have no passthrough. */
+	if (!bpf_core_field_exists(struct fuse_file, passthrough))
+		return 0;
 	struct fuse_file *ff = BPF_CORE_READ(f, private_data);
 	if (!ff)
 		return 0;
@@ -508,10 +424,10 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	if (!interesting(id))
 		return 0;
 	unsigned long args[4];
-	args[0] = regs->di;
-	args[1] = regs->si;
-	args[2] = regs->dx;
-	args[3] = regs->r10;
+	args[0] = PT_REGS_PARM1_SYSCALL(regs);
+	args[1] = PT_REGS_PARM2_SYSCALL(regs);
+	args[2] = PT_REGS_PARM3_SYSCALL(regs);
+	args[3] = PT_REGS_PARM4_SYSCALL(regs);
 	__u32 io = 0, unverified = 0;
 	int class = classify(id, args, &io, &unverified);
 	if (class < 0)
@@ -546,7 +462,7 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
 	/* Only calls that sys_enter may have stashed: skip the map for everything else. */
-	if (!interesting(regs->orig_ax))
+	if (!interesting(RINGFS_REGS_NR(regs)))
 		return 0;
 	struct call *cp = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	if (!cp || !cp->live)
@@ -606,6 +522,8 @@ struct fault_ctx {
 static long fault_vma(struct task_struct *task, struct vm_area_struct *vma, void *data)
 {
 	struct fault_ctx *fc = data;
+	if (!bpf_core_type_exists(struct backing_file))
+		return 0; /* before 6.8: no backing files, no passthrough mappings */
 	struct file *f = vma->vm_file;
 	/* A passthrough mapping: the vma maps the backing file, whose user path is ours. */
 	if (f && (BPF_CORE_READ(f, f_mode) & FMODE_BACKING)) {
@@ -626,15 +544,15 @@ int BPF_PROG(page_fault_user, unsigned long address, struct pt_regs *regs, unsig
 	if (!c)
 		return 0;
 	/* A new fault: the filemap tracepoints count it if it is on the mount. */
-	c->fault_ip = regs->ip;
-	c->fault_err = regs->orig_ax;
+	c->fault_ip = PT_REGS_IP(regs);
+	c->fault_err = RINGFS_REGS_NR(regs);
 	c->fault_counted = 0;
 	c->fault_fell = 0;
 	c->fault_live = 1;
 	struct fault_ctx fc = {};
 	if (!task->mm || bpf_find_vma(task, address, fault_vma, &fc, 0) || !fc.backing)
 		return 0;
-	count_fault(c, regs->ip, regs->orig_ax);
+	count_fault(c, PT_REGS_IP(regs), RINGFS_REGS_NR(regs));
 	return 0;
 }
 
@@ -648,7 +566,7 @@ static __always_inline void file_fault(struct address_space *mapping)
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	if (!regs)
 		return;
-	__u64 ip = BPF_CORE_READ(regs, ip), err = BPF_CORE_READ(regs, orig_ax);
+	__u64 ip = PT_REGS_IP_CORE(regs), err = RINGFS_REGS_NR_CORE(regs);
 	struct call *c = bpf_task_storage_get(&calls, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!c)
 		return;
@@ -685,7 +603,9 @@ int BPF_PROG(uring_submit, struct io_kiocb *req)
 		/* A thread that never made a call on the mount: only a request on one of the
 		 * mount's files (by fd; the file is not assigned yet) is worth a stash. Requests on
 		 * registered files of such threads are not marked. */
-		if (req->flags & REQ_F_FIXED_FILE)
+		__u32 flags = 0; /* io_req_flags_t is 64 bits since 6.10: the low word has bit 0 */
+		bpf_core_read(&flags, sizeof(flags), &req->flags);
+		if (flags & REQ_F_FIXED_FILE)
 			return 0;
 		if (!file_on_mount(req->cqe.fd))
 			return 0;
@@ -736,7 +656,9 @@ int BPF_PROG(uring_complete, struct io_ring_ctx *ring, void *vreq, struct io_uri
 		s->calls_with_fallback++;
 		bpf_map_delete_elem(&uring_fell, &key);
 	}
-	add_bytes(s, dir, BPF_CORE_READ(cqe, res), is_passthrough(f));
+	/* The result from the request itself: the tracepoint's own arguments after req differ
+	 * between kernels (a cqe pointer since 6.3, its fields before). */
+	add_bytes(s, dir, BPF_CORE_READ(req, cqe.res), is_passthrough(f));
 	return 0;
 }
 
@@ -760,10 +682,12 @@ static __always_inline __u32 cause(__u32 op)
 	if (flags & PF_IO_WORKER) {
 		/* An io_uring worker (io-wq or SQPOLL): mark the io_uring request it runs, so its
 		 * completion counts as a call with a fallback. */
-		struct io_worker *w = task->worker_private;
-		struct io_wq_work *work = BPF_CORE_READ(w, cur_work);
-		if (work)
-			mark_uring((__u64)work - __builtin_offsetof(struct io_kiocb, work));
+		if (bpf_core_field_exists(struct task_struct, worker_private)) {
+			struct io_worker *w = task->worker_private;
+			struct io_wq_work *work = BPF_CORE_READ(w, cur_work);
+			if (work)
+				mark_uring((__u64)work - bpf_core_field_offset(struct io_kiocb, work));
+		}
 		return RINGFS_IO_URING;
 	}
 	if (!demand_tracing)
@@ -776,8 +700,8 @@ static __always_inline __u32 cause(__u32 op)
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	if (!regs)
 		return RINGFS_UNCLASSIFIED;
-	__u64 ip = BPF_CORE_READ(regs, ip);
-	__u64 orig = BPF_CORE_READ(regs, orig_ax);
+	__u64 ip = PT_REGS_IP_CORE(regs);
+	__u64 orig = RINGFS_REGS_NR_CORE(regs);
 	if (c && c->fault_live && ip == c->fault_ip && orig == c->fault_err) {
 		if (!c->fault_fell) {
 			c->fault_fell = 1;
