@@ -23,6 +23,23 @@ impl Drop for Server {
     }
 }
 
+/// `ringfs mount WORK/src WORK/mnt -f` with metrics off, its file-handle state in WORK, stderr
+/// to `log`, and one extra environment variable (`RUST_LOG` unset: the default level).
+fn spawn_mount(work: &std::path::Path, log: fs::File, env: (&str, &std::ffi::OsStr)) -> Server {
+    let state = format!("export_state_dir={}", work.join("handles").display());
+    let (src, mnt) = (work.join("src"), work.join("mnt"));
+    let args =
+        [src.as_os_str(), mnt.as_os_str(), "-o".as_ref(), "metrics_addr=".as_ref(), "-o".as_ref(), state.as_ref()];
+    let child = ringfs_command(std::iter::once("mount".as_ref()).chain(args))
+        .env(env.0, env.1)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn ringfs");
+    Server(child)
+}
+
 /// Receives datagrams until one contains `want` or `timeout` passes; returns all received.
 fn recv_until(sock: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String> {
     let start = Instant::now();
@@ -59,22 +76,7 @@ fn readiness_status_and_stopping_reach_the_notify_socket() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let log = fs::File::create(work.path().join("log")).unwrap();
-    let state = format!("export_state_dir={}", work.path().join("handles").display());
-    let child = ringfs_command([
-        "mount".as_ref(),
-        src.as_os_str(),
-        mnt.as_os_str(),
-        "-o".as_ref(),
-        "metrics_addr=".as_ref(),
-        "-o".as_ref(),
-        state.as_ref(),
-    ])
-    .env("NOTIFY_SOCKET", &notify)
-    .stdout(Stdio::null())
-    .stderr(log)
-    .spawn()
-    .expect("spawn ringfs");
-    let mut server = Server(child);
+    let mut server = spawn_mount(work.path(), log, ("NOTIFY_SOCKET", notify.as_os_str()));
     let log = || fs::read_to_string(work.path().join("log")).unwrap_or_default();
 
     let got = recv_until(&sock, "READY=1", Duration::from_secs(10));
@@ -117,23 +119,8 @@ fn log_lines_carry_journal_priorities_when_stderr_is_the_journal() {
     let log_path = work.path().join("journal");
     let log = fs::File::create(&log_path).unwrap();
     let md = fs::metadata(&log_path).unwrap();
-    let state = format!("export_state_dir={}", work.path().join("handles").display());
-    let child = ringfs_command([
-        "mount".as_ref(),
-        src.as_os_str(),
-        mnt.as_os_str(),
-        "-o".as_ref(),
-        "metrics_addr=".as_ref(),
-        "-o".as_ref(),
-        state.as_ref(),
-    ])
-    .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
-    .env_remove("RUST_LOG")
-    .stdout(Stdio::null())
-    .stderr(log)
-    .spawn()
-    .expect("spawn ringfs");
-    let mut server = Server(child);
+    let stream = format!("{}:{}", md.dev(), md.ino());
+    let mut server = spawn_mount(work.path(), log, ("JOURNAL_STREAM", stream.as_ref()));
     assert!(
         wait_until(Duration::from_secs(10), || fs::read_to_string(&log_path).unwrap_or_default().contains(" on ")
             && mounted_fstype(&mnt).is_some()),
