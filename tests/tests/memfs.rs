@@ -1,7 +1,8 @@
 //! The in-memory example file system (`uring-transport/examples/memfs.rs`), built only on the
 //! library's public API and served from a storage thread, mounted on both transports and put
 //! through a real workload: a tree, patterned data, rename, unlink, `ls -l`, `cp -r` + `diff -r`,
-//! concurrent writers from several processes.
+//! concurrent writers from several processes; and its locks: fcntl record locks and flock locks
+//! contended by two processes through the mount, and an ioctl of its own.
 
 mod support;
 
@@ -17,7 +18,11 @@ fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T 
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not finish within {limit:?}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} failed (see the panic above)"),
+    }
 }
 
 /// Deterministic contents for file `seed`: `len` bytes no two files share.
@@ -181,12 +186,202 @@ fn concurrent_writers(mnt: &Path) {
     }
 }
 
+fn flock_struct(kind: i32, start: i64, len: i64) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is valid.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = kind as i16;
+    l.l_whence = libc::SEEK_SET as i16;
+    l.l_start = start;
+    l.l_len = len;
+    l
+}
+
+extern "C" fn on_alarm(_: i32) {}
+
+/// Runs `child` in a forked process and returns its exit code (within `limit`). The child may
+/// only make async-signal-safe calls (fcntl, flock, open, alarm, sigaction).
+fn in_child(limit: Duration, child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child makes only async-signal-safe calls, then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = child();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            assert!(libc::WIFEXITED(status), "child ended by a signal ({status:#x})");
+            return libc::WEXITSTATUS(status);
+        }
+        if start.elapsed() > limit {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("child did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Two processes contend for fcntl and flock locks through the mount: the file system, not the
+/// kernel, keeps them (memfs opts in), so conflicts, F_GETLK's holder, SETLKW's wait and its
+/// interruption all cross the server.
+fn locks(mnt: &Path) {
+    use std::os::fd::AsRawFd;
+    let path = mnt.join("locked");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
+    let fd = f.as_raw_fd();
+    let cpath = std::ffi::CString::new(path.to_str().expect("utf-8 path")).expect("c path");
+    let me = std::process::id() as i32;
+    // The parent write-locks bytes 0..100.
+    let l = flock_struct(libc::F_WRLCK, 0, 100);
+    // SAFETY: valid fd and flock struct.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &l) }, 0, "F_SETLK: {}", std::io::Error::last_os_error());
+
+    // Another process: a conflicting F_SETLK fails with EAGAIN, F_GETLK names the parent, a
+    // lock on other bytes is granted.
+    let code = in_child(Duration::from_secs(20), || {
+        // SAFETY: async-signal-safe calls on a valid path and structs.
+        unsafe {
+            let fd = libc::open(cpath.as_ptr(), libc::O_RDWR);
+            if fd < 0 {
+                return 10;
+            }
+            let want = flock_struct(libc::F_WRLCK, 50, 10);
+            if libc::fcntl(fd, libc::F_SETLK, &want) != -1 || errno() != libc::EAGAIN {
+                return 11;
+            }
+            let mut probe = flock_struct(libc::F_RDLCK, 50, 10);
+            if libc::fcntl(fd, libc::F_GETLK, &mut probe) != 0 {
+                return 12;
+            }
+            if probe.l_type != libc::F_WRLCK as i16 || probe.l_pid != me || probe.l_start != 0 || probe.l_len != 100 {
+                return 13;
+            }
+            let other = flock_struct(libc::F_WRLCK, 200, 100);
+            if libc::fcntl(fd, libc::F_SETLK, &other) != 0 {
+                return 14;
+            }
+            // SETLKW interrupted by a signal: EINTR, not a hang.
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_alarm as *const () as usize;
+            libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+            libc::alarm(1);
+            if libc::fcntl(fd, libc::F_SETLKW, &want) != -1 || errno() != libc::EINTR {
+                return 15;
+            }
+            0
+        }
+    });
+    assert_eq!(code, 0, "lock contention seen from a second process (failed step {code})");
+
+    // The child's exit dropped its lock on 200..300: the parent takes it.
+    let other = flock_struct(libc::F_WRLCK, 200, 100);
+    // SAFETY: valid fd and struct.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &other) }, 0, "a dead process's lock stayed");
+    // SAFETY: as above.
+    let unlock = flock_struct(libc::F_UNLCK, 200, 100);
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &unlock) }, 0);
+
+    // SETLKW waits for the parent's lock and gets it once the parent drops it.
+    let (rd, wr) = {
+        let mut p = [0; 2];
+        // SAFETY: valid array.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        (p[0], p[1])
+    };
+    // SAFETY: fork in a helper thread would be no safer; the child only makes safe calls.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only.
+        unsafe {
+            let cfd = libc::open(cpath.as_ptr(), libc::O_RDWR);
+            libc::write(wr, b"s".as_ptr().cast(), 1);
+            let want = flock_struct(libc::F_WRLCK, 0, 1);
+            let code = if cfd >= 0 && libc::fcntl(cfd, libc::F_SETLKW, &want) == 0 { 0 } else { 1 };
+            libc::_exit(code);
+        }
+    }
+    let mut b = [0u8; 1];
+    // SAFETY: valid pipe fd and buffer.
+    assert_eq!(unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) }, 1, "child started");
+    // Drop the parent's lock (closing the file releases its POSIX locks).
+    drop(f);
+    let start = std::time::Instant::now();
+    let status = loop {
+        let mut status = 0;
+        // SAFETY: our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "SETLKW never got the released lock");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: closing our pipe ends.
+    unsafe {
+        libc::close(rd);
+        libc::close(wr);
+    }
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "SETLKW child failed ({status:#x})");
+
+    // flock(2): an exclusive lock held by one open file keeps another process out.
+    let f = std::fs::File::open(&path).expect("open");
+    // SAFETY: valid fd.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let code = in_child(Duration::from_secs(20), || {
+        // SAFETY: async-signal-safe calls.
+        unsafe {
+            let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY);
+            if fd < 0 {
+                return 20;
+            }
+            if libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) != -1 || errno() != libc::EWOULDBLOCK {
+                return 21;
+            }
+            0
+        }
+    });
+    assert_eq!(code, 0, "flock contention (failed step {code})");
+    drop(f);
+    // Closed: the flock lock goes with the open file's RELEASE, which the kernel sends in the
+    // background after close returns; another open file gets the lock soon after.
+    let g = std::fs::File::open(&path).expect("open");
+    let taken = support::wait_until(Duration::from_secs(10), || {
+        // SAFETY: valid fd.
+        unsafe { libc::flock(g.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    });
+    assert!(taken, "flock lock outlived close");
+    drop(g);
+
+    // The file system's own ioctl (MEMFS_IOC_NODES) reaches it; an unknown one is ENOTTY.
+    let f = std::fs::File::open(&path).expect("open");
+    let mut n: u64 = 0;
+    const MEMFS_IOC_NODES: u32 = (2 << 30) | (8 << 16) | ((b'M' as u32) << 8) | 1;
+    // SAFETY: the command writes 8 bytes into n.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), MEMFS_IOC_NODES as _, &mut n as *mut u64) };
+    assert_eq!(r, 0, "MEMFS_IOC_NODES: {}", std::io::Error::last_os_error());
+    assert!(n >= 2, "node count {n}");
+    // SAFETY: as above, with an unknown command.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), (MEMFS_IOC_NODES + 1) as _, &mut n as *mut u64) };
+    assert_eq!((r, errno()), (-1, libc::ENOTTY));
+}
+
 fn case(transport: &str) {
     let server = Server::memfs(transport);
     let mnt = server.mountpoint.clone();
     within(Duration::from_secs(180), "memfs workload", move || {
         workload(&mnt);
         concurrent_writers(&mnt);
+        locks(&mnt);
     });
     drop(server);
 }

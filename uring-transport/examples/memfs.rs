@@ -28,6 +28,9 @@ use uring_transport::{Session, SessionConfig, TransportMode};
 /// so a positive timeout is safe on one mount.
 const TTL: Duration = Duration::from_secs(1);
 
+/// `_IOR('M', 1, u64)`: an ioctl of this file system's own, answering how many nodes it holds.
+const MEMFS_IOC_NODES: u32 = (2 << 30) | (8 << 16) | ((b'M' as u32) << 8) | 1;
+
 // ---------------------------------------------------------------------------------------------
 // A one-shot reply from the storage thread.
 
@@ -78,9 +81,19 @@ struct Node {
     opens: u64,
 }
 
+/// A lock held on a file: POSIX record locks and flock locks live side by side and never
+/// conflict with each other (as on Linux).
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    owner: LockOwner,
+    lock: Lock,
+}
+
 struct Store {
     nodes: HashMap<u64, Node>,
     next: u64,
+    /// Locks per node.
+    locks: HashMap<u64, Vec<Held>>,
 }
 
 fn now() -> Timespec {
@@ -110,7 +123,7 @@ impl Store {
             lookups: 1,
             opens: 0,
         };
-        Store { nodes: HashMap::from([(1, root)]), next: 2 }
+        Store { nodes: HashMap::from([(1, root)]), next: 2, locks: HashMap::new() }
     }
 
     fn node(&mut self, n: u64) -> Result<&mut Node> {
@@ -143,6 +156,7 @@ impl Store {
                 || matches!(node.kind, Kind::Dir(_)) && node.attr.nlink > 1;
             if n != 1 && !linked && node.lookups == 0 && node.opens == 0 {
                 self.nodes.remove(&n);
+                self.locks.remove(&n);
             }
         }
     }
@@ -355,6 +369,48 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// The first lock of another owner that keeps `owner` from taking `want`.
+    fn conflict(&self, n: u64, owner: LockOwner, want: &Lock) -> Option<Lock> {
+        let held = self.locks.get(&n)?;
+        held.iter()
+            .find(|h| h.owner != owner && h.lock.flock == want.flock && h.lock.conflicts_with(want))
+            .map(|h| h.lock)
+    }
+
+    /// Takes, changes or drops (`LockKind::Unlock`) `owner`'s lock on `want`'s range: its
+    /// overlapping ranges are cut and the new one put in, as POSIX requires. `EAGAIN` on a
+    /// conflict.
+    fn set_lock(&mut self, n: u64, owner: LockOwner, want: Lock) -> Result<()> {
+        self.node(n)?;
+        if want.kind != LockKind::Unlock && self.conflict(n, owner, &want).is_some() {
+            return Err(Errno(libc::EAGAIN));
+        }
+        let list = self.locks.entry(n).or_default();
+        let mut kept = Vec::with_capacity(list.len() + 2);
+        for h in list.drain(..) {
+            if h.owner != owner || h.lock.flock != want.flock || !h.lock.overlaps(&want) {
+                kept.push(h);
+                continue;
+            }
+            // Keep the parts of the old range outside the new one.
+            if h.lock.start < want.start {
+                let mut left = h;
+                left.lock.end = want.start - 1;
+                kept.push(left);
+            }
+            if h.lock.end > want.end {
+                let mut right = h;
+                right.lock.start = want.end + 1;
+                kept.push(right);
+            }
+        }
+        if want.kind != LockKind::Unlock {
+            kept.push(Held { owner, lock: want });
+        }
+        *list = kept;
+        Ok(())
+    }
 }
 
 /// The storage thread: runs jobs in order until every sender is gone.
@@ -403,6 +459,9 @@ fn name(n: &CStr) -> Vec<u8> {
 impl FileSystem for MemFs {
     fn init(&self, conn: &mut ConnInfo) -> Result<()> {
         conn.readdirplus = false;
+        // Locks are served here, not kept by the kernel: see getlk/setlk.
+        conn.posix_locks = true;
+        conn.flock_locks = true;
         Ok(())
     }
 
@@ -531,7 +590,15 @@ impl FileSystem for MemFs {
         self.run(move |s| s.write(node.0, offset, &data)).await
     }
 
-    async fn flush(&self, _: &Context, _: NodeId, _: FileHandle, _: u64) -> Result<()> {
+    async fn flush(&self, _: &Context, node: NodeId, _: FileHandle, lock_owner: u64) -> Result<()> {
+        // A close: POSIX locks are per process, and a process's close of any descriptor of the
+        // file drops them all (the kernel sends no unlock of its own for locks it does not keep).
+        self.run(move |s| {
+            if let Some(list) = s.locks.get_mut(&node.0) {
+                list.retain(|h| h.lock.flock || h.owner != LockOwner(lock_owner));
+            }
+        })
+        .await;
         Ok(())
     }
 
@@ -584,6 +651,46 @@ impl FileSystem for MemFs {
 
     async fn fsyncdir(&self, _: &Context, _: NodeId, _: FileHandle, _: bool) -> Result<()> {
         Ok(())
+    }
+
+    async fn getlk(&self, _: &Context, node: NodeId, _: FileHandle, owner: LockOwner, lock: &Lock) -> Result<Lock> {
+        let want = *lock;
+        Ok(self.run(move |s| s.conflict(node.0, owner, &want).unwrap_or_else(Lock::unlocked)).await)
+    }
+
+    async fn setlk(
+        &self,
+        _: &Context,
+        node: NodeId,
+        _: FileHandle,
+        owner: LockOwner,
+        lock: &Lock,
+        wait: bool,
+    ) -> Result<()> {
+        let want = *lock;
+        loop {
+            match self.run(move |s| s.set_lock(node.0, owner, want)).await {
+                Err(e) if e.0 == libc::EAGAIN && wait => {
+                    // SETLKW: try again a little later. The sleep runs on the queue's ring (the
+                    // thread serves other requests meanwhile); when the caller is interrupted
+                    // (a signal) it fails with ECANCELED, and the caller gets EINTR.
+                    if uring_transport::io::interrupted()
+                        || uring_transport::io::sleep(Duration::from_millis(2)).await.is_err()
+                    {
+                        return Err(Errno::EINTR);
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn ioctl(&self, _: &Context, _: NodeId, req: &Ioctl<'_>) -> Result<Vec<u8>> {
+        match req.cmd {
+            // MEMFS_IOC_NODES: how many nodes the store holds, as a u64.
+            MEMFS_IOC_NODES => Ok(self.run(|s| s.nodes.len() as u64).await.to_ne_bytes().to_vec()),
+            _ => Err(Errno::ENOTTY),
+        }
     }
 
     async fn statfs(&self, _: &Context, _: NodeId) -> Result<StatFs> {

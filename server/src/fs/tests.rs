@@ -669,6 +669,8 @@ fn conn_info() -> ConnInfo {
         handle_killpriv_v2: false,
         posix_acl: false,
         export_support: true,
+        posix_locks: false,
+        flock_locks: false,
         default_permissions: true,
         max_write: 1 << 20,
         max_read: 1 << 20,
