@@ -509,8 +509,10 @@ impl<'a> DirPlusBuffer<'a> {
 }
 
 /// Capabilities of the connection, negotiated at INIT. The file system may switch off what the
-/// transport offered before the reply goes to the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// transport offered before the reply goes to the kernel, and switch on the opt-ins. New fields
+/// may be added (`#[non_exhaustive]`); outside tests only the transport creates it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConnInfo {
     /// Kernel protocol minor version.
     pub proto_minor: u32,

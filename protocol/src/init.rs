@@ -5,6 +5,7 @@ use crate::fs::{ConnInfo, Errno};
 
 /// What the server wants from the connection, from its configuration.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct InitParams {
     /// Largest WRITE the kernel may send, in bytes (multiple of 4096).
     pub max_write: u32,
@@ -22,6 +23,23 @@ pub struct InitParams {
     pub over_io_uring: bool,
     /// `default_permissions` is in the mount options (told to the file system).
     pub default_permissions: bool,
+}
+
+impl Default for InitParams {
+    /// 128 KiB writes and readahead, 16 background requests (congestion at 12), no writeback
+    /// cache, no passthrough, the kernel checks permissions.
+    fn default() -> InitParams {
+        InitParams {
+            max_write: 128 * 1024,
+            max_readahead: 128 * 1024,
+            max_background: 16,
+            congestion_threshold: 12,
+            writeback_cache: false,
+            passthrough: false,
+            over_io_uring: false,
+            default_permissions: true,
+        }
+    }
 }
 
 /// The capability table: each flag ringfs asks for, with the reason. Flags not listed are

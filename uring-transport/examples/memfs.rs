@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use protocol::init::InitParams;
 use protocol::*;
 use uring_transport::mount::{mount, MountOptions};
 use uring_transport::{Session, SessionConfig, TransportMode};
@@ -720,37 +719,12 @@ fn main() -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new().name("memfs-storage".into()).spawn(move || storage(rx))?;
     let fs = MemFs { jobs: Mutex::new(tx) };
-    let opts = MountOptions {
-        mountpoint: std::fs::canonicalize(mountpoint)?,
-        fsname: "memfs".into(),
-        subtype: "memfs".into(),
-        allow_other: true,
-        default_permissions: true,
-        read_only: false,
-        nosuid: true,
-        nodev: true,
-        noexec: false,
-        noatime: false,
-        strictatime: false,
-        nodiratime: false,
-        max_read: 128 * 1024,
-    };
+    let mut opts = MountOptions::new(std::fs::canonicalize(mountpoint)?);
+    opts.fsname = "memfs".into();
+    opts.subtype = "memfs".into();
+    opts.allow_other = true;
     let mounted = mount(&opts)?;
-    let cfg = SessionConfig {
-        workers: 2,
-        init: InitParams {
-            max_write: 128 * 1024,
-            max_readahead: 128 * 1024,
-            max_background: 16,
-            congestion_threshold: 12,
-            writeback_cache: false,
-            passthrough: false,
-            over_io_uring: false,
-            default_permissions: true,
-        },
-        transport,
-        queue_depth: 16,
-        busy_poll: Duration::ZERO,
-    };
+    let mut cfg = SessionConfig::default();
+    cfg.transport = transport;
     Session::init(mounted, Arc::new(fs), &cfg)?.run()
 }
