@@ -227,6 +227,16 @@ fn in_child(limit: Duration, child: impl FnOnce() -> i32) -> i32 {
     }
 }
 
+/// memfs's own ioctl: how many locks it holds on the file.
+fn locks_held(fd: i32) -> u64 {
+    const MEMFS_IOC_LOCKS: u32 = (2 << 30) | (8 << 16) | ((b'M' as u32) << 8) | 2;
+    let mut n: u64 = u64::MAX;
+    // SAFETY: the command writes 8 bytes into n.
+    let r = unsafe { libc::ioctl(fd, MEMFS_IOC_LOCKS as _, &mut n as *mut u64) };
+    assert_eq!(r, 0, "MEMFS_IOC_LOCKS: {}", std::io::Error::last_os_error());
+    n
+}
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -245,6 +255,8 @@ fn locks(mnt: &Path) {
     let l = flock_struct(libc::F_WRLCK, 0, 100);
     // SAFETY: valid fd and flock struct.
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &l) }, 0, "F_SETLK: {}", std::io::Error::last_os_error());
+    // The lock is in the file system's table, not the kernel's.
+    assert_eq!(locks_held(fd), 1, "memfs does not hold the lock");
 
     // Another process: a conflicting F_SETLK fails with EAGAIN, F_GETLK names the parent, a
     // lock on other bytes is granted.
@@ -287,9 +299,11 @@ fn locks(mnt: &Path) {
     let other = flock_struct(libc::F_WRLCK, 200, 100);
     // SAFETY: valid fd and struct.
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &other) }, 0, "a dead process's lock stayed");
+    assert_eq!(locks_held(fd), 2, "0..100 and 200..300");
     // SAFETY: as above.
     let unlock = flock_struct(libc::F_UNLCK, 200, 100);
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &unlock) }, 0);
+    assert_eq!(locks_held(fd), 1, "unlocked range still held");
 
     // SETLKW waits for the parent's lock and gets it once the parent drops it.
     let (rd, wr) = {
@@ -370,8 +384,8 @@ fn locks(mnt: &Path) {
     let r = unsafe { libc::ioctl(f.as_raw_fd(), MEMFS_IOC_NODES as _, &mut n as *mut u64) };
     assert_eq!(r, 0, "MEMFS_IOC_NODES: {}", std::io::Error::last_os_error());
     assert!(n >= 2, "node count {n}");
-    // SAFETY: as above, with an unknown command.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), (MEMFS_IOC_NODES + 1) as _, &mut n as *mut u64) };
+    // SAFETY: as above, with a command memfs does not know (nr 0x11).
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), (MEMFS_IOC_NODES + 0x10) as _, &mut n as *mut u64) };
     assert_eq!((r, errno()), (-1, libc::ENOTTY));
 }
 

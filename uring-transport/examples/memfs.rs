@@ -30,6 +30,9 @@ const TTL: Duration = Duration::from_secs(1);
 /// `_IOR('M', 1, u64)`: an ioctl of this file system's own, answering how many nodes it holds.
 const MEMFS_IOC_NODES: u32 = (2 << 30) | (8 << 16) | ((b'M' as u32) << 8) | 1;
 
+/// `_IOR('M', 2, u64)`: how many locks (POSIX and flock) are held on the file.
+const MEMFS_IOC_LOCKS: u32 = (2 << 30) | (8 << 16) | ((b'M' as u32) << 8) | 2;
+
 // ---------------------------------------------------------------------------------------------
 // A one-shot reply from the storage thread.
 
@@ -684,8 +687,12 @@ impl FileSystem for MemFs {
         }
     }
 
-    async fn ioctl(&self, _: &Context, _: NodeId, req: &Ioctl<'_>) -> Result<Vec<u8>> {
+    async fn ioctl(&self, _: &Context, node: NodeId, req: &Ioctl<'_>) -> Result<Vec<u8>> {
         match req.cmd {
+            MEMFS_IOC_LOCKS => {
+                let n = self.run(move |s| s.locks.get(&node.0).map_or(0, |l| l.len() as u64)).await;
+                Ok(n.to_ne_bytes().to_vec())
+            }
             // MEMFS_IOC_NODES: how many nodes the store holds, as a u64.
             MEMFS_IOC_NODES => Ok(self.run(|s| s.nodes.len() as u64).await.to_ne_bytes().to_vec()),
             _ => Err(Errno::ENOTTY),
