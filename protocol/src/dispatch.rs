@@ -128,8 +128,9 @@ fn create_reply(out: &mut [u8], r: Result<(Entry, Opened)>) -> Outcome {
     }
 }
 
-/// FUSE_IOCTL: only the file-attribute ioctls (`lsattr`/`chattr`, `xfs_io -c lsattr`) are
-/// served; every other command is ENOTTY, as on a file system without ioctls.
+/// FUSE_IOCTL: the file-attribute ioctls (`lsattr`/`chattr`, `xfs_io -c lsattr`) go to their
+/// typed methods; every other command to [`FileSystem::ioctl`] (ENOTTY by default, as on a file
+/// system without ioctls).
 async fn ioctl<F: FileSystem + ?Sized>(
     fs: &F,
     ctx: &Context,
@@ -172,7 +173,10 @@ async fn ioctl<F: FileSystem + ?Sized>(
                 _ => Err(Errno::EINVAL),
             }
         }
-        _ => Err(Errno::ENOTTY),
+        cmd => {
+            let req = Ioctl { fh, cmd, arg: arg.arg, dir, input: data, out_size: arg.out_size };
+            fs.ioctl(ctx, node, &req).await
+        }
     };
     match payload {
         Ok(v) => {
@@ -363,6 +367,13 @@ impl<F: FileSystem> Dispatcher<F> {
                 if arg.release_flags & abi::flags::RELEASE_FLUSH != 0 {
                     let _ = fs.flush(&ctx, node, FileHandle(arg.fh), arg.lock_owner).await;
                 }
+                if arg.release_flags & abi::flags::RELEASE_FLOCK_UNLOCK != 0 {
+                    // The open file's last reference: its flock locks go (FUSE_FLOCK_LOCKS only).
+                    let mut unlock = Lock::new(LockKind::Unlock, 0, u64::MAX, ctx.pid);
+                    unlock.flock = true;
+                    let owner = LockOwner(arg.lock_owner);
+                    let _ = fs.setlk(&ctx, node, FileHandle(arg.fh), owner, &unlock, false).await;
+                }
                 empty_reply(fs.release(&ctx, node, FileHandle(arg.fh), arg.flags).await)
             }
             Operation::Fsync { arg } => {
@@ -457,9 +468,14 @@ impl<F: FileSystem> Dispatcher<F> {
             Operation::Init { .. } => Outcome::err(Errno::EIO),
             // Locks are kept by the kernel (POSIX_LOCKS/FLOCK_LOCKS are not negotiated);
             // bmap/syncfs/ioctl/poll/DAX mappings are not served.
-            Operation::Getlk { .. } | Operation::Setlk { .. } | Operation::Bmap { .. } | Operation::Syncfs => {
-                Outcome::err(Errno::ENOSYS)
+            Operation::Getlk { fh, owner, lock } => match fs.getlk(&ctx, node, FileHandle(*fh), *owner, lock).await {
+                Ok(l) => put(out, &reply::lk_out(&l)).map_or(Outcome::err(Errno::EIO), Outcome::ok),
+                Err(e) => Outcome::err(e),
+            },
+            Operation::Setlk { fh, owner, lock, sleep } => {
+                empty_reply(fs.setlk(&ctx, node, FileHandle(*fh), *owner, lock, *sleep).await)
             }
+            Operation::Bmap { .. } | Operation::Syncfs => Outcome::err(Errno::ENOSYS),
             Operation::Unsupported { .. } => Outcome::err(Errno::ENOSYS),
         }
     }

@@ -345,6 +345,89 @@ pub struct WriteFlags {
     pub open_flags: u32,
 }
 
+/// The kind of a file lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LockKind {
+    /// A shared (read) lock: `F_RDLCK`, `LOCK_SH`.
+    Read,
+    /// An exclusive (write) lock: `F_WRLCK`, `LOCK_EX`.
+    Write,
+    /// No lock: `F_UNLCK`, `LOCK_UN`. In a `getlk` answer, "nothing conflicts".
+    Unlock,
+}
+
+/// A byte-range lock as `fcntl` sees it (or, with `flock`, a whole-file `flock(2)` lock).
+///
+/// Ranges are inclusive: `start..=end`; `end == u64::MAX` means "to the end of the file, however
+/// long it grows" (`l_len == 0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Lock {
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive); `u64::MAX` for "to end of file".
+    pub end: u64,
+    /// Read, write or unlock.
+    pub kind: LockKind,
+    /// The process that holds (in a `getlk` answer) or asks for the lock, as the kernel numbers
+    /// it for the file system (its pid in the server's pid namespace); 0 if unknown.
+    pub pid: u32,
+    /// A BSD `flock(2)` lock rather than a POSIX record lock (only with
+    /// [`ConnInfo::flock_locks`]).
+    pub flock: bool,
+}
+
+impl Lock {
+    /// A POSIX lock of `kind` on `start..=end`, held or asked for by `pid`.
+    pub fn new(kind: LockKind, start: u64, end: u64, pid: u32) -> Lock {
+        Lock { start, end, kind, pid, flock: false }
+    }
+
+    /// The answer to `getlk` when nothing conflicts.
+    pub fn unlocked() -> Lock {
+        Lock::new(LockKind::Unlock, 0, 0, 0)
+    }
+
+    /// Whether the two ranges share a byte.
+    pub fn overlaps(&self, other: &Lock) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    /// Whether `self` (held by another owner) keeps `other` from being taken: overlapping
+    /// ranges and at least one write lock.
+    pub fn conflicts_with(&self, other: &Lock) -> bool {
+        self.kind != LockKind::Unlock
+            && other.kind != LockKind::Unlock
+            && self.overlaps(other)
+            && (self.kind == LockKind::Write || other.kind == LockKind::Write)
+    }
+}
+
+/// Who owns a lock: the kernel's lock-owner id (per process for POSIX locks, per open file for
+/// `flock` and OFD locks). Opaque; compare for equality only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockOwner(pub u64);
+
+/// An ioctl the kernel forwards (`FUSE_IOCTL`, restricted form): the command's `_IOC` size and
+/// direction decide how much data comes in and may go out.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Ioctl<'a> {
+    /// The open file it was issued on.
+    pub fh: FileHandle,
+    /// The ioctl command (`_IOC` encoded).
+    pub cmd: u32,
+    /// The raw argument (for `_IOC_NONE` commands, the value itself).
+    pub arg: u64,
+    /// Issued on a directory.
+    pub dir: bool,
+    /// The data the caller passes in (`_IOC_WRITE` commands: `_IOC_SIZE(cmd)` bytes).
+    pub input: &'a [u8],
+    /// The most bytes the answer may carry back (`_IOC_READ` commands: `_IOC_SIZE(cmd)`);
+    /// longer answers are cut, shorter ones padded with zeros.
+    pub out_size: u32,
+}
+
 /// File type of a directory entry (DT_* values).
 pub type DirentType = u32;
 
@@ -428,8 +511,10 @@ impl<'a> DirPlusBuffer<'a> {
 }
 
 /// Capabilities of the connection, negotiated at INIT. The file system may switch off what the
-/// transport offered before the reply goes to the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// transport offered before the reply goes to the kernel, and switch on the opt-ins. New fields
+/// may be added (`#[non_exhaustive]`); outside tests only the transport creates it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConnInfo {
     /// Kernel protocol minor version.
     pub proto_minor: u32,
@@ -454,6 +539,19 @@ pub struct ConnInfo {
     /// `forget` (or answer `ESTALE`) and never hand out one (node id, generation) pair for two
     /// different files. Off: `name_to_handle_at` fails with `EOPNOTSUPP`.
     pub export_support: bool,
+    /// FUSE_POSIX_LOCKS: `fcntl` record locks (F_GETLK, F_SETLK, F_SETLKW, OFD locks) go to
+    /// [`FileSystem::getlk`] and [`FileSystem::setlk`]. Opt-in: off, the kernel keeps POSIX locks
+    /// itself, local to this mount (correct for every user of one mount, which is what a file
+    /// system without shared state needs). A file system that sets it must also implement
+    /// [`FileSystem::flush`] (not ENOSYS) and drop there every POSIX lock its `lock_owner`
+    /// holds on the node: a close releases a process's locks, and the kernel sends no unlock of
+    /// its own for locks it does not keep.
+    pub posix_locks: bool,
+    /// FUSE_FLOCK_LOCKS: `flock(2)` locks go to [`FileSystem::setlk`] with [`Lock::flock`] set
+    /// (whole-file, owned by the open file); the last close of the open file unlocks them with a
+    /// `setlk` of [`LockKind::Unlock`]. Opt-in, only together with `posix_locks`; off, the
+    /// kernel keeps flock locks itself.
+    pub flock_locks: bool,
     /// The kernel checks permissions itself (`default_permissions` mount option).
     pub default_permissions: bool,
     /// Maximum write size the kernel will send.
@@ -655,7 +753,9 @@ pub trait FileSystem: Send + Sync + 'static {
         Err(Errno::ENOSYS)
     }
 
-    /// Called on every close(2) of a file descriptor of this open file.
+    /// Called on every close(2) of a file descriptor of this open file. `lock_owner` is the
+    /// closing process's lock owner: with [`ConnInfo::posix_locks`], drop its POSIX locks on
+    /// the node here.
     async fn flush(&self, ctx: &Context, node: NodeId, fh: FileHandle, lock_owner: u64) -> Result<()> {
         Err(Errno::ENOSYS)
     }
@@ -798,5 +898,38 @@ pub trait FileSystem: Send + Sync + 'static {
         flags: u64,
     ) -> Result<u64> {
         Err(Errno::ENOSYS)
+    }
+
+    /// `fcntl(F_GETLK)` (and `F_OFD_GETLK`): the first lock held by an owner other than
+    /// `owner` that conflicts with `lock`, or [`Lock::unlocked`] if none. Only called when the
+    /// file system opted in with [`ConnInfo::posix_locks`].
+    async fn getlk(&self, ctx: &Context, node: NodeId, fh: FileHandle, owner: LockOwner, lock: &Lock) -> Result<Lock> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// `fcntl(F_SETLK/F_SETLKW)`, `flock(2)` (with [`Lock::flock`]) and the unlocks the kernel
+    /// sends when a process closes a file or an open file's last reference goes: takes, changes
+    /// or ([`LockKind::Unlock`]) drops `owner`'s lock on the range, splitting its existing
+    /// ranges as POSIX requires. A conflict answers `EAGAIN` when `wait` is false; with `wait`
+    /// (SETLKW), wait for the lock without blocking the queue thread (await something), and
+    /// answer `EINTR` when that wait is interrupted (an awaited `uring_transport::io::sleep`
+    /// then returns `ECANCELED`). Only called after opting in with [`ConnInfo::posix_locks`].
+    async fn setlk(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        owner: LockOwner,
+        lock: &Lock,
+        wait: bool,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// Any other ioctl on an open file (the file-attribute ioctls have their own methods
+    /// above): the bytes to copy back to the caller (at most `req.out_size`). The default,
+    /// `ENOTTY`, is what a file system without the ioctl answers.
+    async fn ioctl(&self, ctx: &Context, node: NodeId, req: &Ioctl<'_>) -> Result<Vec<u8>> {
+        Err(Errno::ENOTTY)
     }
 }

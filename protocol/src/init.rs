@@ -5,6 +5,7 @@ use crate::fs::{ConnInfo, Errno};
 
 /// What the server wants from the connection, from its configuration.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct InitParams {
     /// Largest WRITE the kernel may send, in bytes (multiple of 4096).
     pub max_write: u32,
@@ -27,10 +28,30 @@ pub struct InitParams {
     pub readdirplus_auto: bool,
 }
 
+impl Default for InitParams {
+    /// 128 KiB writes and readahead, 16 background requests (congestion at 12), no writeback
+    /// cache, no passthrough, the kernel checks permissions, READDIRPLUS for every chunk.
+    fn default() -> InitParams {
+        InitParams {
+            max_write: 128 * 1024,
+            max_readahead: 128 * 1024,
+            max_background: 16,
+            congestion_threshold: 12,
+            writeback_cache: false,
+            passthrough: false,
+            over_io_uring: false,
+            default_permissions: true,
+            readdirplus_auto: false,
+        }
+    }
+}
+
 /// The capability table: each flag ringfs asks for, with the reason. Flags not listed are
 /// refused (left out of the reply):
-/// - `POSIX_LOCKS`, `FLOCK_LOCKS`: the kernel keeps locks itself (local to this mount), which
-///   is correct for users of the mount and avoids lock-owner bookkeeping in the server.
+/// - `POSIX_LOCKS`, `FLOCK_LOCKS`: by default the kernel keeps locks itself (local to this
+///   mount), which is correct for users of the mount and avoids lock-owner bookkeeping in the
+///   server. Offered to the file system as opt-ins (`ConnInfo::posix_locks`,
+///   `ConnInfo::flock_locks`): it then serves GETLK/SETLK/SETLKW itself.
 /// - `EXPORT_SUPPORT`: offered to the file system as an opt-in (`ConnInfo::export_support`): it
 ///   must then answer lookups of "." (a node by id, after the kernel forgot it) and ".." (a
 ///   directory's parent). Without it ringfs says `NO_EXPORT_SUPPORT`: `name_to_handle_at` is
@@ -81,6 +102,10 @@ pub struct Negotiated {
     pub acl_offered: bool,
     /// The kernel offered FUSE_EXPORT_SUPPORT (enabled if the file system opts in).
     pub export_offered: bool,
+    /// The kernel offered FUSE_POSIX_LOCKS (enabled if the file system opts in).
+    pub posix_locks_offered: bool,
+    /// The kernel offered FUSE_FLOCK_LOCKS (enabled if the file system opts in to both kinds).
+    pub flock_offered: bool,
 }
 
 /// Negotiates INIT. Returns `Err(EPROTO)` for a kernel too old to speak with.
@@ -116,6 +141,8 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
     // POSIX_ACL switches default_permissions on in the kernel: only offered where it is on.
     let acl_offered = p.default_permissions && offered.contains(acl);
     let export_offered = offered.contains(InitFlags::EXPORT_SUPPORT);
+    let posix_locks_offered = offered.contains(InitFlags::POSIX_LOCKS);
+    let flock_offered = offered.contains(InitFlags::FLOCK_LOCKS);
     let max_write = p.max_write.clamp(4096, 16 << 20) & !4095;
     let max_pages = max_write.div_ceil(4096).clamp(1, u16::MAX as u32) as u16;
     let bits = flags.bits();
@@ -144,11 +171,22 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
         handle_killpriv_v2: false,
         posix_acl: false,
         export_support: false,
+        posix_locks: false,
+        flock_locks: false,
         default_permissions: p.default_permissions,
         max_write,
         max_read: max_pages as u32 * 4096,
     };
-    Ok(Negotiated { out, flags, conn, killpriv_offered, acl_offered, export_offered })
+    Ok(Negotiated {
+        out,
+        flags,
+        conn,
+        killpriv_offered,
+        acl_offered,
+        export_offered,
+        posix_locks_offered,
+        flock_offered,
+    })
 }
 
 /// Applies what the file system switched off in [`ConnInfo`] to the reply.
@@ -180,6 +218,17 @@ pub fn apply_conn(n: &mut Negotiated) {
         n.flags |= InitFlags::EXPORT_SUPPORT;
     } else {
         n.conn.export_support = false;
+    }
+    if n.conn.posix_locks && n.posix_locks_offered {
+        n.flags |= InitFlags::POSIX_LOCKS;
+    } else {
+        n.conn.posix_locks = false;
+    }
+    // flock locks through the server only with POSIX locks there too (one lock table).
+    if n.conn.flock_locks && n.conn.posix_locks && n.flock_offered {
+        n.flags |= InitFlags::FLOCK_LOCKS;
+    } else {
+        n.conn.flock_locks = false;
     }
     let bits = n.flags.bits();
     n.out.flags = bits as u32;
@@ -276,6 +325,37 @@ mod tests {
         n.conn.export_support = true;
         apply_conn(&mut n);
         assert!(!n.flags.contains(InitFlags::EXPORT_SUPPORT) && !n.conn.export_support);
+    }
+
+    #[test]
+    fn locks_are_opt_ins() {
+        let all = InitFlags::all().bits();
+        let arg =
+            FuseInitIn { major: 7, minor: 45, flags: all as u32, flags2: (all >> 32) as u32, ..Default::default() };
+        let locks = InitFlags::POSIX_LOCKS | InitFlags::FLOCK_LOCKS;
+        // Not asked for (the passthrough server): the kernel keeps locks locally.
+        let mut n = negotiate(&arg, &params()).unwrap();
+        apply_conn(&mut n);
+        assert!(!n.flags.intersects(locks) && !n.conn.posix_locks && !n.conn.flock_locks);
+        // flock alone is refused: one lock table in the server or none.
+        let mut n = negotiate(&arg, &params()).unwrap();
+        n.conn.flock_locks = true;
+        apply_conn(&mut n);
+        assert!(!n.flags.intersects(locks) && !n.conn.flock_locks);
+        // Both asked for: both go out.
+        let mut n = negotiate(&arg, &params()).unwrap();
+        n.conn.posix_locks = true;
+        n.conn.flock_locks = true;
+        apply_conn(&mut n);
+        assert!(n.flags.contains(locks) && n.conn.posix_locks && n.conn.flock_locks);
+        assert_ne!(n.out.flags & InitFlags::POSIX_LOCKS.bits() as u32, 0);
+        // Not offered by the kernel: stays off.
+        let offered = all & !locks.bits();
+        let arg = FuseInitIn { flags: offered as u32, flags2: (offered >> 32) as u32, ..arg };
+        let mut n = negotiate(&arg, &params()).unwrap();
+        n.conn.posix_locks = true;
+        apply_conn(&mut n);
+        assert!(!n.flags.intersects(locks) && !n.conn.posix_locks);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use zerocopy::IntoBytes;
 
 use crate::abi::*;
-use crate::fs::{AttrOut, DirentType, Entry, FileAttr, Opened, StatFs, StatxAttr, Timespec};
+use crate::fs::{AttrOut, DirentType, Entry, FileAttr, Lock, LockKind, Opened, StatFs, StatxAttr, Timespec};
 
 /// Splits a timeout into the (seconds, nanoseconds) pair of the ABI.
 pub fn timeout_parts(d: Duration) -> (u64, u32) {
@@ -127,6 +127,16 @@ pub fn statx_out(s: &StatxAttr, timeout: Duration) -> FuseStatxOut {
     }
 }
 
+/// `fuse_lk_out` for a GETLK answer.
+pub fn lk_out(l: &Lock) -> FuseLkOut {
+    let type_ = match l.kind {
+        LockKind::Read => libc::F_RDLCK,
+        LockKind::Write => libc::F_WRLCK,
+        LockKind::Unlock => libc::F_UNLCK,
+    } as u32;
+    FuseLkOut { lk: FuseFileLock { start: l.start, end: l.end, type_, pid: l.pid } }
+}
+
 /// Converts file-system statistics.
 pub fn statfs_out(s: &StatFs) -> FuseStatfsOut {
     FuseStatfsOut {
@@ -203,6 +213,19 @@ pub fn out_header(unique: u64, error: i32, payload_len: usize) -> FuseOutHeader 
 mod tests {
     use super::*;
     use crate::fs::NodeId;
+
+    #[test]
+    fn lock_answer_layout() {
+        let l = Lock::new(LockKind::Write, 4, u64::MAX, 99);
+        let out = lk_out(&l);
+        let b = out.as_bytes();
+        assert_eq!(b.len(), 24);
+        assert_eq!(&b[0..8], &4u64.to_ne_bytes());
+        assert_eq!(&b[8..16], &u64::MAX.to_ne_bytes());
+        assert_eq!(&b[16..20], &(libc::F_WRLCK as u32).to_ne_bytes());
+        assert_eq!(&b[20..24], &99u32.to_ne_bytes());
+        assert_eq!(lk_out(&Lock::unlocked()).lk.type_, libc::F_UNLCK as u32);
+    }
 
     #[test]
     fn dirent_layout() {

@@ -179,11 +179,17 @@ pub enum Operation<'a> {
     Fsyncdir {
         arg: FuseFsyncIn,
     },
+    /// F_GETLK: `lock` is the lock the caller would take.
     Getlk {
-        arg: FuseLkIn,
+        fh: u64,
+        owner: crate::fs::LockOwner,
+        lock: crate::fs::Lock,
     },
+    /// F_SETLK (`sleep` false) or F_SETLKW (`sleep` true), and flock(2) (`lock.flock`).
     Setlk {
-        arg: FuseLkIn,
+        fh: u64,
+        owner: crate::fs::LockOwner,
+        lock: crate::fs::Lock,
         sleep: bool,
     },
     Access {
@@ -418,9 +424,14 @@ pub fn parse_split<'a>(header: FuseInHeader, op_in: &'a [u8], payload: &'a [u8])
         op::READDIR => Operation::Readdir { arg: h.fetch()? },
         op::RELEASEDIR => Operation::Releasedir { arg: h.fetch()? },
         op::FSYNCDIR => Operation::Fsyncdir { arg: h.fetch()? },
-        op::GETLK => Operation::Getlk { arg: h.fetch()? },
-        op::SETLK => Operation::Setlk { arg: h.fetch()?, sleep: false },
-        op::SETLKW => Operation::Setlk { arg: h.fetch()?, sleep: true },
+        op::GETLK => {
+            let (fh, owner, lock) = lock_in(&h.fetch()?)?;
+            Operation::Getlk { fh, owner, lock }
+        }
+        op::SETLK | op::SETLKW => {
+            let (fh, owner, lock) = lock_in(&h.fetch()?)?;
+            Operation::Setlk { fh, owner, lock, sleep: header.opcode == op::SETLKW }
+        }
         op::ACCESS => Operation::Access { arg: h.fetch()? },
         op::CREATE => {
             let arg = h.fetch()?;
@@ -450,6 +461,24 @@ pub fn parse_split<'a>(header: FuseInHeader, op_in: &'a [u8], payload: &'a [u8])
         opcode => Operation::Unsupported { opcode },
     };
     Ok(Request { header, op, supp_groups })
+}
+
+/// Decodes `fuse_lk_in`: the kind must be F_RDLCK, F_WRLCK or F_UNLCK and the range must not
+/// end before it starts (the kernel checks both; a request that breaks them is malformed).
+fn lock_in(arg: &FuseLkIn) -> Result<(u64, crate::fs::LockOwner, crate::fs::Lock), ParseError> {
+    use crate::fs::{Lock, LockKind, LockOwner};
+    let kind = match arg.lk.type_ as i32 {
+        libc::F_RDLCK => LockKind::Read,
+        libc::F_WRLCK => LockKind::Write,
+        libc::F_UNLCK => LockKind::Unlock,
+        _ => return Err(ParseError::BadArguments),
+    };
+    if arg.lk.end < arg.lk.start {
+        return Err(ParseError::BadArguments);
+    }
+    let mut lock = Lock::new(kind, arg.lk.start, arg.lk.end, arg.lk.pid);
+    lock.flock = arg.lk_flags & crate::abi::flags::LK_FLOCK != 0;
+    Ok((arg.fh, LockOwner(arg.owner), lock))
 }
 
 /// Walks the extension area; returns the supplementary group bytes if present.
@@ -546,6 +575,65 @@ mod tests {
         let short = FuseIoctlIn { in_size: 64, ..arg };
         let buf = request(opcode::IOCTL, short.as_bytes());
         assert!(parse(&buf).is_err(), "in_size beyond the request");
+    }
+
+    /// `fuse_lk_in` as the kernel lays it out: fh, owner, {start, end, type, pid}, lk_flags, pad.
+    fn lk_bytes(fh: u64, owner: u64, start: u64, end: u64, type_: u32, pid: u32, lk_flags: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        for x in [fh, owner, start, end] {
+            v.extend_from_slice(&x.to_ne_bytes());
+        }
+        for x in [type_, pid, lk_flags, 0] {
+            v.extend_from_slice(&x.to_ne_bytes());
+        }
+        assert_eq!(v.len(), size_of::<FuseLkIn>());
+        v
+    }
+
+    #[test]
+    fn lock_requests_parse_from_raw_bytes() {
+        use crate::fs::{LockKind, LockOwner};
+        let wr = libc::F_WRLCK as u32;
+        let buf = request(opcode::SETLKW, &lk_bytes(5, 0xabcd, 10, 19, wr, 77, 0));
+        match parse(&buf).unwrap().op {
+            Operation::Setlk { fh, owner, lock, sleep } => {
+                assert_eq!((fh, owner, sleep), (5, LockOwner(0xabcd), true));
+                assert_eq!(
+                    (lock.kind, lock.start, lock.end, lock.pid, lock.flock),
+                    (LockKind::Write, 10, 19, 77, false)
+                );
+            }
+            op => panic!("parsed as {op:?}"),
+        }
+        let buf = request(opcode::SETLK, &lk_bytes(5, 1, 0, u64::MAX, libc::F_RDLCK as u32, 1, 1));
+        match parse(&buf).unwrap().op {
+            Operation::Setlk { lock, sleep, .. } => {
+                assert!(!sleep && lock.flock);
+                assert_eq!((lock.kind, lock.end), (LockKind::Read, u64::MAX));
+            }
+            op => panic!("parsed as {op:?}"),
+        }
+        let buf = request(opcode::GETLK, &lk_bytes(9, 2, 0, 0, libc::F_UNLCK as u32, 0, 0));
+        assert!(
+            matches!(parse(&buf).unwrap().op, Operation::Getlk { fh: 9, lock, .. } if lock.kind == LockKind::Unlock)
+        );
+    }
+
+    #[test]
+    fn malformed_lock_requests_are_errors() {
+        let wr = libc::F_WRLCK as u32;
+        // Unknown lock type.
+        let buf = request(opcode::SETLK, &lk_bytes(1, 1, 0, 10, 7, 1, 0));
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments);
+        // End before start.
+        let buf = request(opcode::GETLK, &lk_bytes(1, 1, 10, 9, wr, 1, 0));
+        assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments);
+        // Truncated fuse_lk_in.
+        let full = lk_bytes(1, 1, 0, 10, wr, 1, 0);
+        for cut in [0, 8, 40, full.len() - 1] {
+            let buf = request(opcode::SETLKW, &full[..cut]);
+            assert_eq!(parse(&buf).unwrap_err(), ParseError::BadArguments, "cut at {cut}");
+        }
     }
 
     #[test]

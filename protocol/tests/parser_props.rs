@@ -426,6 +426,16 @@ fn encode(s: &Spec) -> Vec<u8> {
             i.in_size = data.len() as u32;
             op_in = i.as_bytes().to_vec();
         }
+        o::GETLK | o::SETLK | o::SETLKW => {
+            // A lock type the kernel sends (F_RDLCK/F_WRLCK/F_UNLCK) and a range that does not
+            // end before it starts; the rest stays random.
+            let mut l = abi::FuseLkIn::read_from_bytes(&op_in).expect("fuse_lk_in size");
+            l.lk.type_ %= 3;
+            if l.lk.end < l.lk.start {
+                std::mem::swap(&mut l.lk.start, &mut l.lk.end);
+            }
+            op_in = l.as_bytes().to_vec();
+        }
         o::BATCH_FORGET => {
             data.truncate(data.len() / 16 * 16);
             let mut b = abi::FuseBatchForgetIn::read_from_bytes(&op_in).expect("fuse_batch_forget_in size");

@@ -228,21 +228,19 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     }
 
     let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
-    let opts = MountOptions {
-        mountpoint: mountpoint.clone(),
-        fsname: fsname.replace(',', "_"),
-        subtype: cfg.subtype.clone(),
-        allow_other: cfg.allow_other,
-        default_permissions: cfg.default_permissions,
-        read_only: cfg.ro,
-        nosuid: cfg.mount_flags.nosuid,
-        nodev: cfg.mount_flags.nodev,
-        noexec: cfg.mount_flags.noexec,
-        noatime: cfg.mount_flags.noatime,
-        strictatime: cfg.mount_flags.strictatime,
-        nodiratime: cfg.mount_flags.nodiratime,
-        max_read: cfg.fuse.max_write,
-    };
+    let mut opts = MountOptions::new(mountpoint.clone());
+    opts.fsname = fsname.replace(',', "_");
+    opts.subtype = cfg.subtype.clone();
+    opts.allow_other = cfg.allow_other;
+    opts.default_permissions = cfg.default_permissions;
+    opts.read_only = cfg.ro;
+    opts.nosuid = cfg.mount_flags.nosuid;
+    opts.nodev = cfg.mount_flags.nodev;
+    opts.noexec = cfg.mount_flags.noexec;
+    opts.noatime = cfg.mount_flags.noatime;
+    opts.strictatime = cfg.mount_flags.strictatime;
+    opts.nodiratime = cfg.mount_flags.nodiratime;
+    opts.max_read = cfg.fuse.max_write;
     let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;
     let dev = mounted.dev();
     // Before the first request: from now on a backing name leading into this mount is refused.
@@ -250,27 +248,26 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     if let Err(e) = watchdog.mounted(dev) {
         log::warn!("watchdog not told about the mount: {e}");
     }
-    let session_cfg = SessionConfig {
-        workers: worker_count(cfg.transport.workers),
-        init: InitParams {
-            max_write: cfg.fuse.max_write,
-            max_readahead: cfg.fuse.max_readahead,
-            max_background: cfg.fuse.max_background,
-            congestion_threshold: cfg.fuse.effective_congestion_threshold(),
-            writeback_cache: cfg.fuse.writeback_cache,
-            passthrough: cfg.offload.passthrough && !cfg.fuse.writeback_cache,
-            over_io_uring: false,
-            default_permissions: cfg.default_permissions,
-            readdirplus_auto: cfg.cache.readdirplus == config::ReaddirplusMode::Auto,
-        },
-        transport: match cfg.transport.mode {
-            config::TransportMode::Auto => TransportMode::Auto,
-            config::TransportMode::Uring => TransportMode::Uring,
-            config::TransportMode::DevFuse => TransportMode::DevFuse,
-        },
-        queue_depth: cfg.transport.queue_depth as usize,
-        busy_poll: std::time::Duration::from_micros(cfg.transport.busy_poll_us),
+    let mut init = InitParams::default();
+    init.max_write = cfg.fuse.max_write;
+    init.max_readahead = cfg.fuse.max_readahead;
+    init.max_background = cfg.fuse.max_background;
+    init.congestion_threshold = cfg.fuse.effective_congestion_threshold();
+    init.writeback_cache = cfg.fuse.writeback_cache;
+    init.passthrough = cfg.offload.passthrough && !cfg.fuse.writeback_cache;
+    init.over_io_uring = false;
+    init.default_permissions = cfg.default_permissions;
+    init.readdirplus_auto = cfg.cache.readdirplus == config::ReaddirplusMode::Auto;
+    let mut session_cfg = SessionConfig::default();
+    session_cfg.workers = worker_count(cfg.transport.workers);
+    session_cfg.init = init;
+    session_cfg.transport = match cfg.transport.mode {
+        config::TransportMode::Auto => TransportMode::Auto,
+        config::TransportMode::Uring => TransportMode::Uring,
+        config::TransportMode::DevFuse => TransportMode::DevFuse,
     };
+    session_cfg.queue_depth = cfg.transport.queue_depth as usize;
+    session_cfg.busy_poll = std::time::Duration::from_micros(cfg.transport.busy_poll_us);
     let session = match Session::init(mounted, fs.clone(), &session_cfg) {
         Ok(s) => s,
         Err(e) => {

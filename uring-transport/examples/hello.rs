@@ -7,7 +7,6 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::init::InitParams;
 use protocol::*;
 use uring_transport::mount::{mount, MountOptions};
 use uring_transport::{Session, SessionConfig};
@@ -71,39 +70,16 @@ impl FileSystem for Hello {
 
 fn main() -> std::io::Result<()> {
     let mountpoint = std::env::args().nth(1).expect("usage: hello MOUNTPOINT");
-    let opts = MountOptions {
-        mountpoint: std::fs::canonicalize(mountpoint)?,
-        fsname: "hello".into(),
-        subtype: "hello".into(),
-        allow_other: false,
-        default_permissions: true,
-        read_only: true,
-        nosuid: true,
-        nodev: true,
-        noexec: true,
-        noatime: false,
-        strictatime: false,
-        nodiratime: false,
-        max_read: 128 * 1024,
-    };
+    let mut opts = MountOptions::new(std::fs::canonicalize(mountpoint)?);
+    opts.fsname = "hello".into();
+    opts.subtype = "hello".into();
+    opts.read_only = true;
+    opts.noexec = true;
     let mounted = mount(&opts)?;
-    let cfg = SessionConfig {
-        workers: 2,
-        init: InitParams {
-            max_write: 128 * 1024,
-            max_readahead: 128 * 1024,
-            max_background: 16,
-            congestion_threshold: 12,
-            writeback_cache: false,
-            passthrough: false,
-            over_io_uring: false,
-            default_permissions: true,
-            readdirplus_auto: false,
-        },
-        transport: uring_transport::TransportMode::Auto,
-        queue_depth: 4,
-        busy_poll: std::time::Duration::ZERO,
-    };
+    let mut cfg = SessionConfig::default();
+    cfg.transport = uring_transport::TransportMode::Auto;
+    cfg.queue_depth = 4;
+    cfg.busy_poll = std::time::Duration::ZERO;
     let session = Session::init(mounted, Arc::new(Hello), &cfg)?;
     let stats = session.stats();
     session.run()?;

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use protocol::init::InitParams;
 use protocol::*;
 use uring_transport::mount::{mount, MountOptions};
 use uring_transport::{Session, SessionConfig, TransportMode};
@@ -201,38 +200,15 @@ fn main() -> std::io::Result<()> {
         }
     });
     let fs = OffThread { delay, timer: Mutex::new(ttx), helper: Mutex::new(htx) };
-    let opts = MountOptions {
-        mountpoint: std::fs::canonicalize(mountpoint)?,
-        fsname: "offthread".into(),
-        subtype: "offthread".into(),
-        allow_other: true,
-        default_permissions: true,
-        read_only: true,
-        nosuid: true,
-        nodev: true,
-        noexec: true,
-        noatime: false,
-        strictatime: false,
-        nodiratime: false,
-        max_read: 128 * 1024,
-    };
+    let mut opts = MountOptions::new(std::fs::canonicalize(mountpoint)?);
+    opts.fsname = "offthread".into();
+    opts.subtype = "offthread".into();
+    opts.allow_other = true;
+    opts.read_only = true;
+    opts.noexec = true;
     let mounted = mount(&opts)?;
-    let cfg = SessionConfig {
-        workers: 2,
-        init: InitParams {
-            max_write: 128 * 1024,
-            max_readahead: 128 * 1024,
-            max_background: 16,
-            congestion_threshold: 12,
-            writeback_cache: false,
-            passthrough: false,
-            over_io_uring: false,
-            default_permissions: true,
-            readdirplus_auto: false,
-        },
-        transport,
-        queue_depth: 8,
-        busy_poll: Duration::ZERO,
-    };
+    let mut cfg = SessionConfig::default();
+    cfg.transport = transport;
+    cfg.queue_depth = 8;
     Session::init(mounted, Arc::new(fs), &cfg)?.run()
 }

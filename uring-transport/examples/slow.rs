@@ -10,7 +10,6 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::init::InitParams;
 use protocol::*;
 use uring_transport::mount::{mount, MountOptions};
 use uring_transport::{Session, SessionConfig, TransportMode};
@@ -76,38 +75,17 @@ fn main() -> std::io::Result<()> {
         _ => TransportMode::Auto,
     };
     let delay = Duration::from_millis(std::env::var("DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000));
-    let opts = MountOptions {
-        mountpoint: std::fs::canonicalize(mountpoint)?,
-        fsname: "slow".into(),
-        subtype: "slow".into(),
-        allow_other: true,
-        default_permissions: true,
-        read_only: true,
-        nosuid: true,
-        nodev: true,
-        noexec: true,
-        noatime: false,
-        strictatime: false,
-        nodiratime: false,
-        max_read: 128 * 1024,
-    };
+    let mut opts = MountOptions::new(std::fs::canonicalize(mountpoint)?);
+    opts.fsname = "slow".into();
+    opts.subtype = "slow".into();
+    opts.allow_other = true;
+    opts.read_only = true;
+    opts.noexec = true;
     let mounted = mount(&opts)?;
-    let cfg = SessionConfig {
-        workers: 1,
-        init: InitParams {
-            max_write: 128 * 1024,
-            max_readahead: 128 * 1024,
-            max_background: 16,
-            congestion_threshold: 12,
-            writeback_cache: false,
-            passthrough: false,
-            over_io_uring: false,
-            default_permissions: true,
-            readdirplus_auto: false,
-        },
-        transport,
-        queue_depth: 8,
-        busy_poll: std::time::Duration::ZERO,
-    };
+    let mut cfg = SessionConfig::default();
+    cfg.transport = transport;
+    cfg.workers = 1;
+    cfg.queue_depth = 8;
+    cfg.busy_poll = std::time::Duration::ZERO;
     Session::init(mounted, Arc::new(Slow { delay }), &cfg)?.run()
 }

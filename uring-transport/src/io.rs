@@ -94,6 +94,10 @@ pub(crate) struct Reactor {
     pub(crate) current: Option<usize>,
     /// Owner of each operation slot.
     owners: Vec<Option<usize>>,
+    /// Queue slots whose request the kernel interrupted (and the queue honours it): their new
+    /// operations fail at once with ECANCELED, so a request that was awaiting something else
+    /// (another thread's answer) when the interrupt came still stops at its next I/O.
+    interrupted: Vec<usize>,
     /// Data buffers for reuse.
     bufs: Vec<Vec<u8>>,
     /// Operations whose future was dropped in flight and that have since completed (with the
@@ -254,6 +258,15 @@ pub(crate) fn take_injected_failure() -> bool {
     INJECTED_FAILURE.replace(false)
 }
 
+/// Whether the request being served on this queue thread was interrupted by the kernel (an
+/// INTERRUPT the transport honours: a SETLKW, or a caller that is being killed). Such a
+/// request's ring operations already fail with `ECANCELED`; a file system that waits on
+/// something else (another thread, a retry loop) checks this and answers `EINTR`. False off a
+/// queue thread.
+pub fn interrupted() -> bool {
+    with(|r| r.current_interrupted()).unwrap_or(false)
+}
+
 /// True on a thread that issues backing I/O through io_uring.
 pub fn on_ring() -> bool {
     REACTOR.with(|r| r.borrow().is_some())
@@ -276,6 +289,23 @@ impl Reactor {
     /// Takes the SQEs queued since the last call, for the queue loop to submit.
     pub(crate) fn take_pending(&mut self) -> Vec<squeue::Entry128> {
         self.pending.drain(..).map(|(_, sqe)| sqe).collect()
+    }
+
+    /// Marks queue slot `owner`'s request interrupted (until [`Reactor::clear_interrupted`]).
+    pub(crate) fn mark_interrupted(&mut self, owner: usize) {
+        if !self.interrupted.contains(&owner) {
+            self.interrupted.push(owner);
+        }
+    }
+
+    /// Queue slot `owner`'s request finished.
+    pub(crate) fn clear_interrupted(&mut self, owner: usize) {
+        self.interrupted.retain(|&o| o != owner);
+    }
+
+    /// Whether the request being polled was interrupted.
+    fn current_interrupted(&self) -> bool {
+        self.current.is_some_and(|c| self.interrupted.contains(&c))
     }
 
     /// Operations in flight on behalf of queue slot `owner`.
@@ -398,6 +428,11 @@ impl Op {
 
     fn poll_op(&mut self, cx: &Context<'_>) -> Poll<i32> {
         if let Some(sqe) = self.sqe.take() {
+            if with(|r| r.current_interrupted()) == Some(true) {
+                // The request was interrupted while it awaited something else: do not start.
+                self.finished = true;
+                return Poll::Ready(-libc::ECANCELED);
+            }
             self.slot = with(|r| r.submit(sqe));
             if self.slot.is_none() {
                 self.finished = true;

@@ -8,8 +8,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// What to mount where.
+/// What to mount where. Build it with [`MountOptions::new`] and change the fields you need
+/// (new fields may be added: the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct MountOptions {
     /// Mount point (absolute, canonical).
     pub mountpoint: PathBuf,
@@ -37,6 +39,29 @@ pub struct MountOptions {
     pub nodiratime: bool,
     /// Largest read request, in bytes.
     pub max_read: u32,
+}
+
+impl MountOptions {
+    /// Options for a mount at `mountpoint` (absolute, canonical) with safe defaults: fsname
+    /// `fuse`, no subtype, only the mounting user may use it, the kernel checks permissions,
+    /// read-write, `nosuid` and `nodev`, reads of up to 128 KiB.
+    pub fn new(mountpoint: impl Into<PathBuf>) -> MountOptions {
+        MountOptions {
+            mountpoint: mountpoint.into(),
+            fsname: "fuse".into(),
+            subtype: String::new(),
+            allow_other: false,
+            default_permissions: true,
+            read_only: false,
+            nosuid: true,
+            nodev: true,
+            noexec: false,
+            noatime: false,
+            strictatime: false,
+            nodiratime: false,
+            max_read: 128 * 1024,
+        }
+    }
 }
 
 /// A mounted FUSE connection whose INIT has not been answered yet.

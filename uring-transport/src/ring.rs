@@ -626,6 +626,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// request with nothing in flight finishes normally.
     fn interrupt_slot(&mut self, i: usize) -> io::Result<()> {
         self.slots[i].interrupted = true;
+        crate::io::with(|r| r.mark_interrupted(i));
         for op in crate::io::with(|r| r.ops_of(i)).unwrap_or_default() {
             let sqe = opcode::AsyncCancel::new(crate::io::IO_TAG | op as u64).build().user_data(crate::io::CANCEL_TAG);
             self.push(&sqe.into())?;
@@ -684,9 +685,14 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         let s = &mut self.slots[i];
         match start_task(s, res as usize, &self.dispatcher, self.p) {
             Started::Task => {
+                // A new request in this slot: nothing of an earlier one's interrupt carries over.
+                crate::io::with(|r| r.clear_interrupted(i));
                 if let Some(k) = self.early_interrupts.iter().position(|(u, _)| *u == s.unique) {
                     self.early_interrupts.swap_remove(k);
                     s.interrupted = honours_interrupt(s);
+                    if s.interrupted {
+                        crate::io::with(|r| r.mark_interrupted(i));
+                    }
                 }
                 Ok(true)
             }
@@ -732,6 +738,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         }
         let error = if s.interrupted && error == -libc::ECANCELED { -libc::EINTR } else { error };
         s.interrupted = false;
+        crate::io::with(|r| r.clear_interrupted(i));
         let sqe: squeue::Entry128 = match finish_slot(s, error, len) {
             Finish::Commit(unique) => {
                 uring_cmd(u::CMD_COMMIT_AND_FETCH, self.p.qid as u16, unique, None).user_data(i as u64)

@@ -32,8 +32,10 @@ pub enum TransportMode {
     DevFuse,
 }
 
-/// How the session runs.
+/// How the session runs. Start from [`SessionConfig::default`] and change the fields you need
+/// (new fields may be added: the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SessionConfig {
     /// Worker threads of the classic channel (at least 1).
     pub workers: usize,
@@ -46,6 +48,20 @@ pub struct SessionConfig {
     /// How long an io_uring queue thread keeps polling for the next request after serving one
     /// before it sleeps (zero: sleep at once). The classic channel always sleeps at once.
     pub busy_poll: std::time::Duration,
+}
+
+impl Default for SessionConfig {
+    /// Two classic-channel workers, [`InitParams::default`], FUSE over io_uring when the kernel
+    /// offers it, 16 ring entries per queue, no busy polling.
+    fn default() -> SessionConfig {
+        SessionConfig {
+            workers: 2,
+            init: InitParams::default(),
+            transport: TransportMode::Auto,
+            queue_depth: 16,
+            busy_poll: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// Counters of a session, readable while it runs.

@@ -661,18 +661,14 @@ fn forgotten_nodes_resolve_by_id_for_file_handles() {
 }
 
 fn conn_info() -> ConnInfo {
-    ConnInfo {
-        proto_minor: 45,
-        passthrough: false,
-        readdirplus: true,
-        writeback_cache: false,
-        handle_killpriv_v2: false,
-        posix_acl: false,
-        export_support: true,
-        default_permissions: true,
-        max_write: 1 << 20,
-        max_read: 1 << 20,
-    }
+    let mut c = ConnInfo::default();
+    c.proto_minor = 45;
+    c.readdirplus = true;
+    c.export_support = true;
+    c.default_permissions = true;
+    c.max_write = 1 << 20;
+    c.max_read = 1 << 20;
+    c
 }
 
 #[test]

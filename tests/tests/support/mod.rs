@@ -165,6 +165,15 @@ impl Server {
         spawn(cmd, mountpoint.clone(), mountpoint, "fuse.offthread", vec![mnt])
     }
 
+    /// Starts the `memfs` example file system (in memory, served from a storage thread).
+    pub fn memfs(transport: &str) -> Server {
+        let mnt = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let mountpoint = mnt.path().to_path_buf();
+        let mut cmd = Command::new(example_bin("memfs"));
+        cmd.arg(&mountpoint).arg(transport).env("RUST_LOG", "info");
+        spawn(cmd, mountpoint.clone(), mountpoint, "fuse.memfs", vec![mnt])
+    }
+
     /// Waits up to `timeout` for the server process to exit; its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let c = self.child.as_mut()?;
