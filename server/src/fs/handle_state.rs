@@ -22,8 +22,8 @@ const MAX_HANDLE: u32 = 128 + 8;
 
 /// Where the state of the mount of `source` on `mountpoint` lives, below `dir`.
 pub fn path_for(dir: &Path, source: &Path, mountpoint: &Path) -> PathBuf {
-    #[allow(deprecated)] // SipHasher with fixed keys: a stable file name, not a secret.
-    let mut h = std::hash::SipHasher::new_with_keys(0x7269_6e67_6673, 0x6861_6e64_6c65);
+    // SipHash-2-4 with fixed keys: a stable file name (the same as earlier versions'), not a secret.
+    let mut h = siphasher::sip::SipHasher24::new_with_keys(0x7269_6e67_6673, 0x6861_6e64_6c65);
     use std::hash::Hasher;
     h.write(source.as_os_str().as_encoded_bytes());
     h.write_u8(0);
@@ -141,6 +141,24 @@ fn decode(mut b: &[u8]) -> Option<HandleState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// File names and generations must not change across versions (a state file left by an
+    /// older server, file handles an NFS client still holds): the keyed hash is SipHash-2-4, as
+    /// std's deprecated `SipHasher` that earlier versions used.
+    #[test]
+    #[allow(deprecated)]
+    fn keyed_hash_is_the_one_earlier_versions_used() {
+        use std::hash::Hasher;
+        for (k0, k1, v) in [(0x7269_6e67_6673u64, 0x6861_6e64_6c65u64, 2u64), (1, 2, 3), (u64::MAX, 7, 1 << 40)] {
+            let mut old = std::hash::SipHasher::new_with_keys(k0, k1);
+            let mut new = siphasher::sip::SipHasher24::new_with_keys(k0, k1);
+            old.write_u64(v);
+            new.write_u64(v);
+            old.write(b"/srv/data");
+            new.write(b"/srv/data");
+            assert_eq!(old.finish(), new.finish());
+        }
+    }
 
     fn state() -> HandleState {
         HandleState {

@@ -272,19 +272,16 @@ impl Inner {
     }
 }
 
-/// Two random 64-bit words (getrandom; the clock and the pid if it fails).
-fn random_key() -> [u64; 2] {
+/// Two random 64-bit words from the operating system's random source. There is no weaker
+/// fallback: a guessable key would make file handles guessable.
+fn random_key() -> Result<[u64; 2]> {
     let mut b = [0u8; 16];
-    // SAFETY: writes at most 16 bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != 16 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        return [t.as_nanos() as u64, u64::from(std::process::id()) << 32 ^ t.as_secs()];
-    }
-    [
-        u64::from_ne_bytes(b[..8].try_into().unwrap_or_default()),
-        u64::from_ne_bytes(b[8..].try_into().unwrap_or_default()),
-    ]
+    getrandom::fill(&mut b).map_err(|e| {
+        log::error!("no random key for file-handle generations: {e}");
+        Errno::EIO
+    })?;
+    let (lo, hi) = b.split_at(8);
+    Ok([u64::from_ne_bytes(lo.try_into().unwrap_or_default()), u64::from_ne_bytes(hi.try_into().unwrap_or_default())])
 }
 
 /// RLIMIT_NOFILE (soft) less [`FD_RESERVE`].
@@ -404,7 +401,7 @@ impl InodeTable {
             mount_fd,
             root_dev: st.st_dev,
             root_key: key,
-            gen_key: random_key().map(AtomicU64::new),
+            gen_key: random_key()?.map(AtomicU64::new),
         })
     }
 
@@ -479,13 +476,12 @@ impl InodeTable {
     /// otherwise a 32-bit value keyed by a per-process random key, so node ids (which count
     /// up) do not make file handles guessable. Node ids are never reused for another inode, so
     /// (id, generation) is unique; the kernel keeps generations as 32 bits.
-    #[allow(deprecated)] // SipHasher: std's only keyed hash with caller-chosen keys.
     pub(crate) fn generation(&self, id: u64) -> u64 {
         use std::hash::Hasher;
         if id == NodeId::ROOT.0 {
             return 0;
         }
-        let mut h = std::hash::SipHasher::new_with_keys(
+        let mut h = siphasher::sip::SipHasher24::new_with_keys(
             self.gen_key[0].load(Ordering::Relaxed),
             self.gen_key[1].load(Ordering::Relaxed),
         );
