@@ -9,9 +9,28 @@ use std::time::Duration;
 
 use tests::{require_user_fuse, run_as, wait_until, Mount};
 
-/// The test user (pjdfstest's, created by scripts/setup.sh).
-const UID: u32 = 4242;
-const GID: u32 = 4242;
+/// The test user's uid and gid: pjdfstest's `pjdtest` (created by scripts/setup.sh, uid 4242
+/// when free).
+fn test_user() -> (u32, u32) {
+    static USER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *USER.get_or_init(lookup_user)
+}
+
+fn uid() -> u32 {
+    test_user().0
+}
+
+fn gid() -> u32 {
+    test_user().1
+}
+
+fn lookup_user() -> (u32, u32) {
+    let pw = std::process::Command::new("id").args(["-u", "pjdtest"]).output().expect("run id");
+    let gr = std::process::Command::new("id").args(["-g", "pjdtest"]).output().expect("run id");
+    assert!(pw.status.success() && gr.status.success(), "no user pjdtest: run scripts/setup.sh");
+    let num = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().expect("a number");
+    (num(&pw), num(&gr))
+}
 
 /// A backing directory and a mount point owned by the test user, in a root-owned 0755
 /// directory removed at the end.
@@ -26,7 +45,7 @@ impl UserDirs {
         for d in ["backing", "mnt"] {
             let p = dir.path().join(d);
             fs::create_dir(&p).unwrap();
-            std::os::unix::fs::chown(&p, Some(UID), Some(GID)).unwrap();
+            std::os::unix::fs::chown(&p, Some(uid()), Some(gid())).unwrap();
         }
         UserDirs { dir }
     }
@@ -41,17 +60,18 @@ impl UserDirs {
 }
 
 fn start(test: &str, dirs: &UserDirs) -> Mount {
-    match Mount::try_start_as(UID, GID, &dirs.source(), &dirs.mountpoint(), &[]) {
+    match Mount::try_start_as(uid(), gid(), &dirs.source(), &dirs.mountpoint(), &[]) {
         Ok(m) => m,
         Err((status, log)) => panic!("{test}: the user's ringfs exited before mounting ({status}):\n{log}"),
     }
 }
 
 fn sh_as_user(script: &str) -> String {
-    let out = run_as(UID, GID, script);
+    let out = run_as(uid(), gid(), script);
     assert!(
         out.status.success(),
-        "as uid {UID}: `{script}` failed ({}):\n{}{}",
+        "as uid {}: `{script}` failed ({}):\n{}{}",
+        uid(),
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -66,7 +86,7 @@ fn q(p: &Path) -> String {
 #[test]
 fn user_mount_serves_and_unmounts_on_sigterm() {
     let test = "unprivileged::user_mount_serves_and_unmounts_on_sigterm";
-    if !require_user_fuse(test, UID, GID) {
+    if !require_user_fuse(test, uid(), gid()) {
         return;
     }
     let dirs = UserDirs::new();
@@ -84,7 +104,7 @@ fn user_mount_serves_and_unmounts_on_sigterm() {
     // Made by the user: files created through the mount belong to them.
     sh_as_user(&format!("echo kept > {mnt}/kept"));
     let md = fs::metadata(m.backing("kept")).unwrap();
-    assert_eq!((md.uid(), md.gid()), (UID, GID), "owner of a file the user created");
+    assert_eq!((md.uid(), md.gid()), (uid(), gid()), "owner of a file the user created");
 
     let log = m.log();
     let line = log
@@ -109,7 +129,7 @@ fn user_mount_serves_and_unmounts_on_sigterm() {
 #[test]
 fn user_mount_sigkill_watchdog_unmounts() {
     let test = "unprivileged::user_mount_sigkill_watchdog_unmounts";
-    if !require_user_fuse(test, UID, GID) {
+    if !require_user_fuse(test, uid(), gid()) {
         return;
     }
     let dirs = UserDirs::new();

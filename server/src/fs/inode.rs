@@ -5,7 +5,9 @@
 //! its O_PATH descriptor can be closed when the cache is full and reopened later with
 //! `open_by_handle_at`. Inodes that cannot be reopened that way (no handle support, O_TMPFILE
 //! files, other file systems below the backing root) and inodes with open file handles keep
-//! their descriptor pinned while they are referenced.
+//! their descriptor pinned while they are referenced. Without CAP_DAC_READ_SEARCH
+//! (`open_by_handle_at` refused, probed at start on the root's own handle) no inode is reopened
+//! that way: all are pinned, and the number of known inodes is bounded by RLIMIT_NOFILE.
 //!
 //! One reader-writer lock guards the table; it is never held across a system call that may
 //! touch the backing disk (handles are computed and descriptors opened/closed outside it). The
