@@ -182,7 +182,7 @@ fn user_without_access_to_the_mount_point_is_refused() {
         return;
     }
     assert!(!out.status.success(), "ringfs ran as nobody on root's mount point and succeeded");
-    let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or_default();
+    let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default();
     assert!(last.contains("fusermount3") && last.contains("failed"), "the error names fusermount3: {stderr}");
     assert!(mount_at(&dir.path().join("mnt")).is_none());
 }
