@@ -6,7 +6,8 @@
 #   and kmod for the kernel matrix (scripts/kernel-matrix.sh)
 # - pjdfstest 0.2.2 (cargo install, only when missing or another version)
 # - the test users: nobody/nogroup (Debian base) and pjdtest (uid/gid 4242 when free)
-# - the fuse module, the fuse control file system at /sys/fs/fuse/connections, tracefs
+# - the fuse module, /dev/fuse mode 0666 (as udev sets it: users mount through fusermount3), the
+#   fuse control file system at /sys/fs/fuse/connections, tracefs
 # - FUSE over io_uring switched on (/sys/module/fuse/parameters/enable_uring = 1) when the kernel
 #   has the parameter: the tests exercise both transports. This is global to the machine.
 #
@@ -64,6 +65,9 @@ if [ ! -e /sys/module/fuse ]; then
     modprobe fuse || die "modprobe fuse failed"
 fi
 [ -c /dev/fuse ] || die "/dev/fuse is missing after loading the fuse module"
+# Users mount through fusermount3, which opens /dev/fuse as the user: Debian's udev rule makes it
+# 0666; a machine or container without udev leaves it 0600 (tests/tests/unprivileged.rs).
+[ "$(stat -c %a /dev/fuse)" = 666 ] || chmod 0666 /dev/fuse || die "cannot chmod 0666 /dev/fuse"
 if ! grep -q " /sys/fs/fuse/connections fusectl " /proc/mounts; then
     mount -t fusectl none /sys/fs/fuse/connections || die "cannot mount fusectl on /sys/fs/fuse/connections"
 fi

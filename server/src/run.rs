@@ -156,9 +156,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let source = canonical_dir("backing directory", &cfg.source)?;
     let mountpoint = canonical_dir("mount point", &cfg.mountpoint)?;
     check_not_nested(&source, &mountpoint)?;
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("ringfs must run as root (it mounts with mount(2) and serves other users' files)".into());
+    // Without CAP_SYS_ADMIN (not root): mount through fusermount3, and switch off what needs
+    // privilege (named in one log line once the file system is open).
+    let privileged = mount::can_mount();
+    let mut cfg = cfg;
+    if !privileged {
+        cfg.offload.passthrough = false;
+        cfg.ebpf.enable = false;
     }
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
@@ -170,14 +174,16 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
 
     let mut cache = cfg.cache.clone();
     let watch = if cache.coherence != config::CoherenceMode::Ttl {
-        let fan = if cache.coherence == config::CoherenceMode::Watch {
+        let fan = if cache.coherence == config::CoherenceMode::Watch && !privileged {
+            Err(io::Error::other("FAN_MARK_FILESYSTEM needs CAP_SYS_ADMIN"))
+        } else if cache.coherence == config::CoherenceMode::Watch {
             crate::fs::watch::Watch::new(&source)
         } else {
             Err(io::Error::other("cache.coherence = \"inotify\""))
         };
         let w = fan.or_else(|fan_err| {
             crate::fs::watch::Watch::inotify(&source).inspect(|_| {
-                if cache.coherence == config::CoherenceMode::Watch {
+                if cache.coherence == config::CoherenceMode::Watch && privileged {
                     log::info!("fanotify unavailable ({fan_err}); watching the backing directories with inotify");
                 }
             })
@@ -215,9 +221,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         export_handles: cfg.fuse.export_handles as usize,
         handle_state: (!cfg.fuse.export_state_dir.is_empty())
             .then(|| crate::fs::handle_state::path_for(Path::new(&cfg.fuse.export_state_dir), &source, &mountpoint)),
+        private_mounts: privileged,
         ..FsConfig::default()
     })
     .map_err(|e| format!("backing directory {}: {e}", source.display()))?;
+    if !privileged {
+        log::info!("{}", unprivileged_note(fs.reopens_by_handle(), watch.is_some()));
+    }
     let fs = Arc::new(fs);
     let started = Instant::now();
     if cfg.transport.inline_metadata {
@@ -380,6 +390,31 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     watchdog.done();
     log::info!("unmounted {}", mountpoint.display());
     result.map_err(|e| e.to_string())
+}
+
+/// The one line a server without root logs: what it switched off, and why.
+fn unprivileged_note(reopens_by_handle: bool, watching: bool) -> String {
+    let mut off = vec![
+        "passthrough (FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN)",
+        "eBPF accounting (needs CAP_BPF and CAP_PERFMON)",
+        "private bind mounts for access times and passthrough writes (open_tree/mount_setattr need CAP_SYS_ADMIN)",
+    ];
+    if watching {
+        off.push("the fanotify watch (FAN_MARK_FILESYSTEM needs CAP_SYS_ADMIN; inotify watches instead)");
+    }
+    let mut note =
+        format!("running without root: mounted through {}; switched off: {}", mount::FUSERMOUNT, off.join(", "));
+    if !reopens_by_handle {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: valid out-pointer.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        note.push_str(&format!(
+            ", file handles across remounts and NFS export (open_by_handle_at needs CAP_DAC_READ_SEARCH): every \
+             known inode keeps its descriptor open, so at most about {} inodes (RLIMIT_NOFILE)",
+            lim.rlim_cur
+        ));
+    }
+    note
 }
 
 /// Takes SIGINT/SIGTERM/SIGHUP: unmounts, then makes sure the process ends within

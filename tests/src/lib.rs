@@ -79,6 +79,37 @@ pub fn require_root_fuse_setpriv(test: &str) -> bool {
     }
 }
 
+/// Like [`require_root_fuse_setpriv`], and also needs what a mount by user `uid`/`gid` needs:
+/// `fusermount3` (Debian's fuse3 package) and `/dev/fuse` open to that user (Debian's udev
+/// rule makes it mode 0666; a container without udev may leave it 0600).
+pub fn require_user_fuse(test: &str, uid: u32, gid: u32) -> bool {
+    if !require_root_fuse_setpriv(test) {
+        return false;
+    }
+    match Command::new("fusermount3").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
+        Ok(s) if s.success() => {}
+        _ => return skip(test, "fusermount3 (the fuse3 package) is not installed"),
+    }
+    let dev = cstr("/dev/fuse");
+    let code = as_user(uid, gid, || {
+        // SAFETY: open/close on a NUL-terminated path prepared before the fork.
+        let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return 1;
+        }
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        0
+    });
+    if code != 0 {
+        return skip(
+            test,
+            &format!("uid {uid} cannot open /dev/fuse (mode 0600? `chmod 0666 /dev/fuse`, as Debian's udev rule does)"),
+        );
+    }
+    true
+}
+
 /// `target/<profile>` directory of the running test binary (tests run from
 /// `target/<profile>/deps/`).
 fn profile_dir() -> Option<PathBuf> {
@@ -372,6 +403,30 @@ impl Mount {
         Self::try_spawn(work_dir(), source.to_path_buf(), mountpoint.to_path_buf(), &args)
     }
 
+    /// Mounts `source` on `mountpoint` (both owned by the user) with a server run as user
+    /// `uid`/`gid` (no supplementary groups, no capabilities) through `setpriv`; like
+    /// [`Mount::try_start_at`] otherwise.
+    pub fn try_start_as(
+        uid: u32,
+        gid: u32,
+        source: &Path,
+        mountpoint: &Path,
+        opts: &[&str],
+    ) -> Result<Mount, (ExitStatus, String)> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            format!("--reuid={uid}").into(),
+            format!("--regid={gid}").into(),
+            "--clear-groups".into(),
+            // The uid change clears the parent-death signal set before the exec: set it again.
+            "--pdeathsig=TERM".into(),
+            "--".into(),
+            ringfs_bin().into(),
+        ];
+        args.extend(mount_args(source, mountpoint, opts));
+        args.push("-f".into());
+        Self::try_spawn_program(work_dir(), source.to_path_buf(), mountpoint.to_path_buf(), Path::new("setpriv"), &args)
+    }
+
     fn spawn(work: tempfile::TempDir, source: PathBuf, mountpoint: PathBuf, opts: &[&str]) -> Mount {
         let mut args = mount_args(&source, &mountpoint, opts);
         // File-handle state of this mount stays in its work directory (removed with it) rather
@@ -391,11 +446,21 @@ impl Mount {
         mountpoint: PathBuf,
         args: &[std::ffi::OsString],
     ) -> Result<Mount, (ExitStatus, String)> {
+        Self::try_spawn_program(work, source, mountpoint, &ringfs_bin(), args)
+    }
+
+    fn try_spawn_program(
+        work: tempfile::TempDir,
+        source: PathBuf,
+        mountpoint: PathBuf,
+        program: &Path,
+        args: &[std::ffi::OsString],
+    ) -> Result<Mount, (ExitStatus, String)> {
         let mountpoint = std::fs::canonicalize(&mountpoint).unwrap_or(mountpoint);
         let log = work.path().join("ringfs.log");
         let log_file = File::create(&log).expect("create server log");
         let log_err = log_file.try_clone().expect("dup server log");
-        let mut cmd = Command::new(ringfs_bin());
+        let mut cmd = Command::new(program);
         cmd.args(args);
         cmd.stdin(Stdio::null()).stdout(log_file).stderr(log_err);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -405,7 +470,7 @@ impl Mount {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", ringfs_bin().display()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let pid = child.id();
         let mut m = Mount { source, mountpoint, child: Some(child), pid, log, work };
         let start = Instant::now();

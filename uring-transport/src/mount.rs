@@ -105,7 +105,27 @@ fn option_value_ok(v: &str) -> bool {
     !v.contains(',') && !v.contains('\0')
 }
 
-/// Mounts a new FUSE connection at `opts.mountpoint`.
+/// The helper that mounts and unmounts FUSE file systems for users (set-uid root, from
+/// Debian's fuse3 package), as libfuse uses it.
+pub const FUSERMOUNT: &str = "fusermount3";
+
+/// Whether this process may mount itself: CAP_SYS_ADMIN in its effective set (root, normally).
+/// Without it, [`mount`] and [`unmount`] go through [`FUSERMOUNT`].
+pub fn can_mount() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        return unsafe { libc::geteuid() } == 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// Mounts a new FUSE connection at `opts.mountpoint`: with mount(2) when the process may
+/// ([`can_mount`]), else through [`FUSERMOUNT`] (which forces `nosuid,nodev` for users).
 pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     let mp = &opts.mountpoint;
     let meta = std::fs::metadata(mp).map_err(|e| err(format!("mount point {}", mp.display()), e))?;
@@ -125,6 +145,14 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     }
     if !option_value_ok(&opts.fsname) || !option_value_ok(&opts.subtype) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "fsname and subtype may not contain ',' or NUL"));
+    }
+    if !can_mount() {
+        let fd = fusermount_mount(opts)?;
+        let dev = match find_mount(mp)? {
+            Some(m) => m.dev,
+            None => return Err(io::Error::other(format!("mounted {} but cannot find it in mountinfo", mp.display()))),
+        };
+        return Ok(Mounted { fd, mountpoint: mp.clone(), dev });
     }
     let fd = open_dev_fuse()?;
     let mut data = format!(
@@ -186,6 +214,148 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
         None => return Err(io::Error::other(format!("mounted {} but cannot find it in mountinfo", mp.display()))),
     };
     Ok(Mounted { fd, mountpoint: mp.clone(), dev })
+}
+
+/// The `-o` list for [`FUSERMOUNT`]: the words it accepts (it sets `fd`, `rootmode`,
+/// `user_id` and `group_id` itself, and adds `nosuid,nodev` for users).
+fn fusermount_options(opts: &MountOptions) -> String {
+    let mut o = vec![if opts.read_only { "ro".to_owned() } else { "rw".to_owned() }];
+    for (on, word) in [
+        (opts.nosuid, "nosuid"),
+        (opts.nodev, "nodev"),
+        (opts.noexec, "noexec"),
+        (opts.noatime, "noatime"),
+        (opts.strictatime, "strictatime"),
+        (opts.nodiratime, "nodiratime"),
+        (opts.default_permissions, "default_permissions"),
+        (opts.allow_other, "allow_other"),
+    ] {
+        if on {
+            o.push(word.to_owned());
+        }
+    }
+    o.push(format!("fsname={}", opts.fsname));
+    if !opts.subtype.is_empty() {
+        o.push(format!("subtype={}", opts.subtype));
+    }
+    o.push(format!("max_read={}", opts.max_read));
+    o.join(",")
+}
+
+/// Mounts through [`FUSERMOUNT`]: it opens /dev/fuse, mounts, and hands the descriptor back
+/// over a Unix socket (`SCM_RIGHTS`) whose number it finds in `_FUSE_COMMFD`.
+fn fusermount_mount(opts: &MountOptions) -> io::Result<OwnedFd> {
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(err("socketpair".into(), io::Error::last_os_error()));
+    }
+    // SAFETY: socketpair returned two fresh descriptors that we now own.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let child_fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(FUSERMOUNT);
+    cmd.arg("-o")
+        .arg(fusermount_options(opts))
+        .arg("--")
+        .arg(&opts.mountpoint)
+        .env("_FUSE_COMMFD", child_fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: fcntl is async-signal-safe; the child keeps its end of the socket across exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        let hint = if e.kind() == io::ErrorKind::NotFound { " (install the fuse3 package)" } else { "" };
+        err(format!("running {FUSERMOUNT}{hint}"), e)
+    })?;
+    // Our copy of its end would keep the socket open after it exits.
+    drop(theirs);
+    let received = receive_fd(&ours);
+    let out = child.wait_with_output().map_err(|e| err(format!("waiting for {FUSERMOUNT}"), e))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if !out.status.success() || received.is_err() {
+        let hint = if stderr.contains("allow_other") {
+            " (allow_other for users needs `user_allow_other` in /etc/fuse.conf)"
+        } else {
+            ""
+        };
+        let why = match (&received, stderr.is_empty()) {
+            (_, false) => stderr,
+            (Err(e), true) => e.to_string(),
+            (Ok(_), true) => out.status.to_string(),
+        };
+        return Err(io::Error::other(format!(
+            "mount on {} through {FUSERMOUNT} failed: {why}{hint}",
+            opts.mountpoint.display()
+        )));
+    }
+    received
+}
+
+/// Receives one descriptor sent with `SCM_RIGHTS` on `sock`.
+fn receive_fd(sock: &OwnedFd) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // Room for one cmsghdr carrying one int, aligned.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as _;
+    let n = loop {
+        // SAFETY: msg points at valid buffers.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(io::Error::other(format!("{FUSERMOUNT} sent no descriptor")));
+    }
+    // SAFETY: msg was filled in by recvmsg; CMSG_FIRSTHDR checks the length.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    // SAFETY: cmsg, when not null, points into cbuf.
+    if cmsg.is_null() || unsafe { (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS } {
+        return Err(io::Error::other(format!("{FUSERMOUNT} sent no descriptor")));
+    }
+    // SAFETY: an SCM_RIGHTS message carries at least one int; read it unaligned.
+    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()) };
+    // SAFETY: the kernel installed this descriptor in our table for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Unmounts `mountpoint` through [`FUSERMOUNT`] (`-u`, with `-z` for a lazy detach).
+pub fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
+    let out = std::process::Command::new(FUSERMOUNT)
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .map_err(|e| err(format!("running {FUSERMOUNT}"), e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let kind = if stderr.contains("busy") { io::ErrorKind::ResourceBusy } else { io::ErrorKind::Other };
+    Err(io::Error::new(kind, format!("{FUSERMOUNT} -u {}: {stderr}", mountpoint.display())))
 }
 
 /// The mount(8) words a remount (`mount -o remount,...`) applies; every other option of the
@@ -286,6 +456,7 @@ pub fn remount(mountpoint: &Path, flags: &RemountFlags) -> io::Result<()> {
 
 /// Unmounts `mountpoint`; a busy mount is detached lazily (it goes away when its last user
 /// does). Returns whether a lazy detach was needed.
+/// Without the privilege to unmount (EPERM), it goes through [`FUSERMOUNT`].
 pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
     let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: valid C string.
@@ -293,6 +464,12 @@ pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
         return Ok(false);
     }
     let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EPERM) {
+        return match fusermount_unmount(mountpoint, false) {
+            Ok(()) => Ok(false),
+            Err(_) => fusermount_unmount(mountpoint, true).map(|()| true),
+        };
+    }
     if e.raw_os_error() != Some(libc::EBUSY) {
         return Err(e);
     }
@@ -414,6 +591,29 @@ pub unsafe fn owned(fd: i32) -> OwnedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fusermount_words() {
+        let opts = MountOptions {
+            mountpoint: PathBuf::from("/m"),
+            fsname: "/srv/d".into(),
+            subtype: "ringfs".into(),
+            allow_other: false,
+            default_permissions: true,
+            read_only: false,
+            nosuid: true,
+            nodev: false,
+            noexec: false,
+            noatime: true,
+            strictatime: false,
+            nodiratime: false,
+            max_read: 131072,
+        };
+        assert_eq!(
+            fusermount_options(&opts),
+            "rw,nosuid,noatime,default_permissions,fsname=/srv/d,subtype=ringfs,max_read=131072"
+        );
+    }
 
     #[test]
     fn remount_words() {

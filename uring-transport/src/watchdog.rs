@@ -102,7 +102,17 @@ fn watch(mut pipe: std::fs::File, mountpoint: &Path, target: &CString) -> i32 {
     let Some(dev) = dev else { return 0 };
     if still_mounted(mountpoint, dev) {
         // SAFETY: valid C string.
-        let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let mut rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+            // A user's mount: detached by the set-uid helper that mounted it.
+            rc = match crate::mount::fusermount_unmount(mountpoint, true) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("ringfs watchdog: server died; unmounting {} failed: {e}", mountpoint.display());
+                    return 1;
+                }
+            };
+        }
         if rc == 0 {
             eprintln!("ringfs watchdog: server died; detached {}", mountpoint.display());
         } else {

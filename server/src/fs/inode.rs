@@ -5,7 +5,9 @@
 //! its O_PATH descriptor can be closed when the cache is full and reopened later with
 //! `open_by_handle_at`. Inodes that cannot be reopened that way (no handle support, O_TMPFILE
 //! files, other file systems below the backing root) and inodes with open file handles keep
-//! their descriptor pinned while they are referenced.
+//! their descriptor pinned while they are referenced. Without CAP_DAC_READ_SEARCH
+//! (`open_by_handle_at` refused, probed at start on the root's own handle) no inode is reopened
+//! that way: all are pinned, and the number of known inodes is bounded by RLIMIT_NOFILE.
 //!
 //! One reader-writer lock guards the table; it is never held across a system call that may
 //! touch the backing disk (handles are computed and descriptors opened/closed outside it). The
@@ -305,6 +307,11 @@ pub(crate) struct InodeTable {
     root_dev: u64,
     /// Backing (st_dev, st_ino) of the root.
     root_key: (u64, u64),
+    /// `open_by_handle_at` works here (probed at start on the root's own handle; it needs
+    /// CAP_DAC_READ_SEARCH). Without it, every inode keeps its O_PATH descriptor while the
+    /// kernel references it (no eviction), as libfuse's passthrough_ll does, so the number of
+    /// known inodes is bounded by RLIMIT_NOFILE.
+    reopen_by_handle: bool,
     /// Keys the node generations (see [`InodeTable::generation`]); random, or carried over
     /// from the previous server of this mount ([`InodeTable::import`]).
     gen_key: [AtomicU64; 2],
@@ -357,6 +364,11 @@ impl InodeTable {
         let mount_fd = sys::openat(root_fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
         let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok().map(Arc::<[u8]>::from);
+        // The root's own handle reopened: EPERM without CAP_DAC_READ_SEARCH.
+        let reopen_by_handle = handle.as_ref().is_some_and(|h| {
+            sys::open_by_handle(mount_fd.as_raw_fd(), h, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC).is_ok()
+        });
+        let handle = handle.filter(|_| reopen_by_handle);
         let mut by_handle = HashMap::default();
         if let Some(h) = &handle {
             by_handle.insert(h.clone(), NodeId::ROOT.0);
@@ -401,6 +413,7 @@ impl InodeTable {
             mount_fd,
             root_dev: st.st_dev,
             root_key: key,
+            reopen_by_handle,
             gen_key: random_key()?.map(AtomicU64::new),
         })
     }
@@ -463,6 +476,13 @@ impl InodeTable {
     }
 
     /// True when the backing file system gives file handles (the root has one).
+    /// Whether evicted descriptors can be reopened by file handle (`open_by_handle_at` works:
+    /// CAP_DAC_READ_SEARCH, and handles on the backing file system). When not, every inode is
+    /// pinned, and no file handles are given out.
+    pub(crate) fn reopens_by_handle(&self) -> bool {
+        self.reopen_by_handle
+    }
+
     pub(crate) fn handles_supported(&self) -> bool {
         self.read().nodes.get(&NodeId::ROOT.0).is_some_and(|n| n.handle.is_some())
     }
@@ -679,7 +699,7 @@ impl InodeTable {
                 }
             }
             // Compute the handle without holding the lock, then re-check.
-            handle = Some(if reopenable && st.st_dev == self.root_dev {
+            handle = Some(if reopenable && self.reopen_by_handle && st.st_dev == self.root_dev {
                 sys::name_to_handle(fd.as_raw_fd()).ok().map(Arc::from)
             } else {
                 None

@@ -129,6 +129,10 @@ pub struct FsConfig {
     /// Where the node ids of this mount are kept between servers (see [`handle_state`]), so
     /// file handles survive an unmount and mount; `None`: handles end with the server.
     pub handle_state: Option<PathBuf>,
+    /// Try private mounts (`open_tree`/`mount_setattr`, which need CAP_SYS_ADMIN): the
+    /// access-time bind mount of the backing directory and the mount for passthrough writes.
+    /// False for a server without the privilege: no attempt, no warning.
+    pub private_mounts: bool,
 }
 
 impl Default for FsConfig {
@@ -145,6 +149,7 @@ impl Default for FsConfig {
             keep_cache: false,
             posix_acl: true,
             export_handles: 65536,
+            private_mounts: true,
             handle_state: None,
             noatime: false,
             strictatime: false,
@@ -236,7 +241,7 @@ fn backing_fs_type(path: &std::path::Path) -> i64 {
 /// to the backing mount's own mode, with a warning. Returns the root and whether it is private.
 fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
     let plain = || sys::openat(libc::AT_FDCWD, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
-    if !(cfg.noatime || cfg.strictatime || cfg.nodiratime) {
+    if !(cfg.noatime || cfg.strictatime || cfg.nodiratime) || !cfg.private_mounts {
         return Ok((plain()?, false));
     }
     // The root must be a directory (and exist) whichever way it is opened.
@@ -382,7 +387,7 @@ impl PassthroughFs {
         let path = CString::new(cfg.source.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, what.clone()))?;
         let (root, private_mount) = open_root(&cfg, &path).map_err(|e| io_err(e, &what))?;
-        let writes_mount = writes_mount(&path, &root, private_mount);
+        let writes_mount = if cfg.private_mounts { writes_mount(&path, &root, private_mount) } else { None };
         let proc_fd =
             sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
@@ -393,7 +398,8 @@ impl PassthroughFs {
         let inodes = std::sync::Arc::new(
             InodeTable::new(root, cfg.max_cached_fds, cfg.export_handles).map_err(|e| io_err(e, &what))?,
         );
-        if let Some(path) = cfg.handle_state.as_deref().filter(|_| cfg.export_handles > 0) {
+        if let Some(path) = cfg.handle_state.as_deref().filter(|_| cfg.export_handles > 0 && inodes.reopens_by_handle())
+        {
             match handle_state::take(path) {
                 Ok(Some(state)) => match inodes.import(&state) {
                     Ok(()) => log::info!("file handles of the previous server: {} inodes", state.nodes.len()),
@@ -500,6 +506,13 @@ impl PassthroughFs {
             Ok(n) if n > 0 => mode,
             _ => mode & !umask,
         }
+    }
+
+    /// Whether inode descriptors can be closed and reopened by file handle (`open_by_handle_at`
+    /// works: CAP_DAC_READ_SEARCH). When not, every known inode keeps its descriptor (at most
+    /// about RLIMIT_NOFILE inodes) and file handles (export) are off.
+    pub fn reopens_by_handle(&self) -> bool {
+        self.inodes.reopens_by_handle()
     }
 
     /// Number of inodes the kernel currently references (the root included).
