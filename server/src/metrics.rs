@@ -267,7 +267,12 @@ pub fn render(s: &Sources) -> String {
     }
     header(&mut out, "ringfs_backing_files", "gauge", "Passthrough backing files registered with the kernel.");
     let _ = writeln!(out, "ringfs_backing_files {}", ld(&s.notify.backing_open));
-    header(&mut out, "ringfs_invalidations_total", "counter", "Cache invalidations sent to the kernel.");
+    header(
+        &mut out,
+        "ringfs_invalidations_total",
+        "counter",
+        "Cache invalidations sent to the kernel (refused ones too).",
+    );
     let _ = writeln!(out, "ringfs_invalidations_total {}", ld(&s.notify.sent));
     header(&mut out, "ringfs_invalidation_failures_total", "counter", "Cache invalidations the kernel refused.");
     let _ = writeln!(out, "ringfs_invalidation_failures_total {}", ld(&s.notify.failed));

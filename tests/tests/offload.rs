@@ -154,7 +154,11 @@ fn every_fallback_case_still_opens() {
         .arg(format!("exec 3>>{0}; echo appended >&3; sleep 1; echo again >&3", suid.display()))
         .spawn()
         .expect("setpriv");
-    std::thread::sleep(Duration::from_millis(400));
+    // Its first line written, it holds the file open for a second.
+    let opened = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(m.source.join("suid")).is_ok_and(|s| s.contains("appended"))
+    });
+    assert!(opened, "the other user's write never landed");
     // Root opens the same inode while the other user's cached open is live.
     let mut s = String::new();
     std::fs::File::open(&suid).expect("open while cached").read_to_string(&mut s).expect("read");
@@ -240,6 +244,44 @@ fn wait_visible(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Durati
         std::thread::sleep(Duration::from_micros(500));
     }
     None
+}
+
+/// A file the kernel keeps (held open through the mount) whose mode, changed on the backing
+/// directory, shows how far the backing-directory watch has got: it reads events in order.
+struct Sentinel {
+    backing: std::path::PathBuf,
+    through_mount: std::path::PathBuf,
+    _open: std::fs::File,
+    mode: u32,
+}
+
+impl Sentinel {
+    fn new(m: &Server) -> Sentinel {
+        let backing = m.source.join(".sentinel");
+        std::fs::write(&backing, b"s").expect("create sentinel");
+        std::fs::set_permissions(&backing, std::fs::Permissions::from_mode(0o644)).expect("chmod sentinel");
+        let through_mount = m.mountpoint.join(".sentinel");
+        let _open = std::fs::File::open(&through_mount).expect("open sentinel through the mount");
+        Sentinel { backing, through_mount, _open, mode: 0o644 }
+    }
+
+    /// Waits until the watch has handled every change made on the backing directory before the
+    /// call and its invalidations have reached the kernel (and are counted): two changes of the
+    /// sentinel's mode, each waited for through the mount. Invalidations go out in batches in
+    /// order, so the second one's showing means the batch holding the first (and anything
+    /// before) is all out. Costs two invalidations, counted in `ringfs_invalidations_total`.
+    fn settle(&mut self) {
+        for _ in 0..2 {
+            self.mode = if self.mode == 0o644 { 0o640 } else { 0o644 };
+            std::fs::set_permissions(&self.backing, std::fs::Permissions::from_mode(self.mode))
+                .expect("chmod sentinel");
+            let mode = self.mode;
+            let shown = wait_until(Duration::from_secs(10), || {
+                std::fs::metadata(&self.through_mount).is_ok_and(|md| md.mode() & 0o777 == mode)
+            });
+            assert!(shown, "the sentinel's mode change on the backing directory never showed through the mount");
+        }
+    }
 }
 
 fn p99(mut v: Vec<Duration>) -> Duration {
@@ -360,11 +402,13 @@ fn writes_through_passthrough_stay_coherent() {
         return;
     }
     let mut m = Server::ringfs("metrics_addr=127.0.0.1:0");
+    let mut sentinel = Sentinel::new(&m);
     let path = m.mountpoint.join("w");
     std::fs::write(&path, b"").expect("create");
     let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open rw");
-    // The creating open's release (asynchronous) invalidates once: let it land first.
-    std::thread::sleep(Duration::from_millis(100));
+    // The creating open's release is asynchronous: let it and anything it causes land first.
+    assert!(wait_until(Duration::from_secs(5), || requests(&m.scrape(), "release") >= 1.0), "release not served");
+    sentinel.settle();
     let inval_before = metric(&m.scrape(), "ringfs_invalidations_total");
     for i in 0..2000u64 {
         f.write_all(&[b'x'; 512]).expect("write");
@@ -372,10 +416,10 @@ fn writes_through_passthrough_stay_coherent() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    std::thread::sleep(Duration::from_millis(50));
+    sentinel.settle();
     let text = m.scrape();
     assert_eq!(requests(&text, "write"), 0.0, "writes went through passthrough: {text}");
-    let inval = metric(&text, "ringfs_invalidations_total") - inval_before;
+    let inval = metric(&text, "ringfs_invalidations_total") - inval_before - 2.0;
     assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2000 * 512);
 
@@ -415,13 +459,13 @@ fn own_passthrough_writes_send_no_invalidations() {
     for i in 0..n {
         std::fs::write(m.source.join(format!("f{i}")), b"x").expect("create backing");
     }
-    std::fs::write(m.source.join("sentinel"), b"s").expect("create sentinel");
+    let mut sentinel = Sentinel::new(&m);
     for i in 0..n {
         std::fs::metadata(m.mountpoint.join(format!("f{i}"))).expect("stat");
     }
-    // Held open, so that the kernel keeps the sentinel's inode (and the watch its node) even if
-    // something on the machine drops caches meanwhile.
-    let _sentinel = std::fs::File::open(m.mountpoint.join("sentinel")).expect("open sentinel");
+    // The creates above are changes on the backing directory: their invalidations must be out
+    // before counting starts.
+    sentinel.settle();
     let before = m.scrape();
     for i in 0..n {
         let f = std::fs::OpenOptions::new().write(true).open(m.mountpoint.join(format!("f{i}"))).expect("open");
@@ -437,14 +481,11 @@ fn own_passthrough_writes_send_no_invalidations() {
         requests(&m.scrape(), "release") - requests(&before, "release") >= n as f64
     });
     assert!(released, "releases not served");
-    let inval0 = metric(&before, "ringfs_invalidations_total");
-    std::fs::set_permissions(m.source.join("sentinel"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let seen = wait_until(Duration::from_secs(5), || metric(&m.scrape(), "ringfs_invalidations_total") > inval0);
-    assert!(seen, "the sentinel's external chmod was not invalidated");
+    sentinel.settle();
     let after = m.scrape();
     assert_eq!(requests(&after, "open") - requests(&before, "open"), n as f64, "{after}");
     assert_eq!(requests(&after, "write") - requests(&before, "write"), 0.0, "writes reached the server");
-    let inval = metric(&after, "ringfs_invalidations_total") - inval0 - 1.0;
+    let inval = metric(&after, "ringfs_invalidations_total") - metric(&before, "ringfs_invalidations_total") - 2.0;
     assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
     let getattrs = requests(&after, "getattr") - requests(&before, "getattr");
     assert!(getattrs <= n as f64, "{getattrs} GETATTRs for {n} stats after writes");
@@ -479,6 +520,7 @@ fn find_after_readdirplus_sends_no_lookups() {
     // "always": a handful at most (an entry at a chunk boundary), never one per name.
     for (mode, max_lookups) in [("always", 8.0), ("auto", f64::INFINITY)] {
         let mut m = Server::ringfs(&format!("metrics_addr=127.0.0.1:0,readdirplus={mode}"));
+        let mut sentinel = Sentinel::new(&m);
         // A cache drop elsewhere on the machine (the kernel then forgets names, and looks them
         // up again) voids a walk: seen as FORGETs, and walked again on a fresh directory.
         let (before, after) = (0..3)
@@ -488,6 +530,10 @@ fn find_after_readdirplus_sends_no_lookups() {
                 for i in 0..n {
                     std::fs::File::create(d.join(format!("f{i:05}"))).expect("create backing");
                 }
+                // The directory's creation is a change on the backing directory: had its
+                // invalidation come late, it would drop the directory's dentry (and every name
+                // below it) during the walk.
+                sentinel.settle();
                 std::fs::metadata(m.mountpoint.join(format!("d{k}"))).expect("stat d");
                 let before = m.scrape();
                 let names: Vec<_> = std::fs::read_dir(m.mountpoint.join(format!("d{k}")))

@@ -56,7 +56,7 @@ impl Name {
 /// Counters of the kernel channel.
 #[derive(Debug, Default)]
 pub struct NotifyStats {
-    /// Invalidations written to the kernel.
+    /// Invalidations written to the kernel (counted as they are written, refused ones too).
     pub sent: AtomicU64,
     /// Invalidations the kernel refused (other than "not cached", which is normal).
     pub failed: AtomicU64,
@@ -130,6 +130,9 @@ fn write_notification(fd: RawFd, code: i32, parts: &[&[u8]]) -> io::Result<()> {
 
 fn notifier(fd: &OwnedFd, rx: Receiver<Notification>, stats: &NotifyStats) {
     for n in rx {
+        // Counted before the write (a counter never goes back): whoever sees an invalidation's
+        // effect through the mount also sees it counted. Refusals are counted in `failed` too.
+        stats.sent.fetch_add(1, Ordering::Relaxed);
         let r = match &n {
             Notification::InvalEntry { parent, name } => {
                 let name = name.as_bytes();
@@ -148,13 +151,9 @@ fn notifier(fd: &OwnedFd, rx: Receiver<Notification>, stats: &NotifyStats) {
             }
         };
         match r {
-            Ok(()) => {
-                stats.sent.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             // Not cached in the kernel: nothing to invalidate.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                stats.sent.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return,
             Err(e) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
