@@ -12,11 +12,14 @@
 //! says the backing store answers these from memory ([`set_inline_metadata`]: local disk file
 //! systems, never network or FUSE ones), a queue thread runs them as plain system calls instead,
 //! timing each one. A call slower than [`SLOW_INLINE`] (a cold directory block, a journal stall,
-//! or only the vCPU being descheduled) sends that thread back to the ring for a pause of
-//! [`INLINE_PAUSE_MIN`], doubled for every slow call that comes within two seconds of the
-//! previous one, up to [`INLINE_PAUSE`]. A slow disk thus soon stalls a core for at most one
-//! call per second, while a stray preemption costs only a short detour through io-wq. Data I/O
-//! (read, write, fsync, fallocate) always goes through the ring.
+//! or only the vCPU being descheduled) is a strike; a second strike within [`STRIKE_CALLS`]
+//! calls (or one call slower than [`SLOW_INLINE_ALONE`]) sends that thread back to the ring for
+//! a pause of [`INLINE_PAUSE_MIN`], doubled for every pause that comes within two seconds of the
+//! previous one, up to [`INLINE_PAUSE`]. A lone slow call among fast ones, the usual sign of a
+//! preemption on a busy machine, costs no pause of io-wq hops (on a loaded 2-vCPU VM a
+//! cold-LOOKUP storm paid ~20% of its calls through io-wq for lone 10-17 ms preemptions). A
+//! slow disk thus soon stalls a core for at most two calls per second. Data I/O (read, write,
+//! fsync, fallocate) always goes through the ring.
 //!
 //! **Dropping a future is safe.** An operation owns everything its SQE points at (a data buffer
 //! the caller's bytes are copied from or into, copies of the paths, argument structs, and
@@ -119,6 +122,10 @@ thread_local! {
     static INJECTED_FAILURE: Cell<bool> = const { Cell::new(false) };
     /// The last slow inline call on this thread, and the pause it started.
     static INLINE_LAST_SLOW: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
+    /// Inline calls made on this thread, and the count when the last slow one ended (the
+    /// strike that a second slow call within [`STRIKE_CALLS`] turns into a pause).
+    static INLINE_COUNT: Cell<u64> = const { Cell::new(0) };
+    static INLINE_STRIKE: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// An inline metadata call slower than this pauses inline calls on its thread.
@@ -128,6 +135,14 @@ pub const SLOW_INLINE: Duration = Duration::from_millis(2);
 pub const INLINE_PAUSE: Duration = Duration::from_secs(1);
 /// The pause after a slow inline call that follows fast ones.
 pub const INLINE_PAUSE_MIN: Duration = Duration::from_millis(50);
+/// A slow inline call pauses inline calls only when another one was slow within this many
+/// inline calls on the same thread (or when it was slower than [`SLOW_INLINE_ALONE`]): one slow
+/// call among fast ones is most often the vCPU or the thread being preempted, which says
+/// nothing about the backing store, while a slow disk makes calls slow in a row.
+pub const STRIKE_CALLS: u64 = 64;
+/// An inline call slower than this pauses inline calls on its own (longer than a preemption
+/// by the scheduler takes on a busy machine).
+pub const SLOW_INLINE_ALONE: Duration = Duration::from_millis(50);
 
 static INLINE_METADATA: AtomicBool = AtomicBool::new(false);
 static INLINE_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -172,24 +187,37 @@ fn metadata_way() -> Way {
     }
 }
 
-/// Runs an inline call, pausing inline calls on this thread when it was slow.
+/// Runs an inline call, pausing inline calls on this thread when it was slow (see
+/// [`STRIKE_CALLS`]).
 fn run_inline<R>(f: impl FnOnce() -> R) -> R {
     let start = Instant::now();
     let r = f();
     let took = start.elapsed();
     INLINE_CALLS.fetch_add(1, Ordering::Relaxed);
+    let n = INLINE_COUNT.get() + 1;
+    INLINE_COUNT.set(n);
     if took > SLOW_INLINE {
         INLINE_SLOW.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let pause = match INLINE_LAST_SLOW.get() {
-            Some((at, last)) if now.duration_since(at) < 2 * INLINE_PAUSE => (last * 2).min(INLINE_PAUSE),
-            _ => INLINE_PAUSE_MIN,
-        };
-        INLINE_LAST_SLOW.set(Some((now, pause)));
-        INLINE_PAUSED_UNTIL.set(Some(now + pause));
-        log::debug!("inline metadata call took {took:?}: this queue uses the ring for {pause:?}");
+        if slow_call_pauses(INLINE_STRIKE.replace(Some(n)), n, took) {
+            let now = Instant::now();
+            let pause = match INLINE_LAST_SLOW.get() {
+                Some((at, last)) if now.duration_since(at) < 2 * INLINE_PAUSE => (last * 2).min(INLINE_PAUSE),
+                _ => INLINE_PAUSE_MIN,
+            };
+            INLINE_LAST_SLOW.set(Some((now, pause)));
+            INLINE_PAUSED_UNTIL.set(Some(now + pause));
+            log::debug!("inline metadata call took {took:?}: this queue uses the ring for {pause:?}");
+        } else {
+            log::debug!("inline metadata call took {took:?}: a strike, inline calls go on");
+        }
     }
     r
+}
+
+/// Whether a slow inline call (the `n`th on its thread, taking `took`) pauses inline calls,
+/// given the call count of the previous slow one (`strike`).
+fn slow_call_pauses(strike: Option<u64>, n: u64, took: Duration) -> bool {
+    took > SLOW_INLINE_ALONE || strike.is_some_and(|s| n - s <= STRIKE_CALLS)
 }
 
 /// Installs a reactor for the ring `ring_fd` on the calling (queue) thread.
@@ -832,6 +860,19 @@ async fn openat2_ring(dirfd: RawFd, p: &CStr, how: types::OpenHow, personality: 
 mod tests {
     use super::*;
     use std::future::Future;
+
+    #[test]
+    fn a_lone_slow_call_is_a_strike_two_pause() {
+        let slow = SLOW_INLINE * 2;
+        // The first slow call on a thread, and one long after the previous: no pause.
+        assert!(!slow_call_pauses(None, 10, slow));
+        assert!(!slow_call_pauses(Some(10), 10 + STRIKE_CALLS + 1, slow));
+        // A second slow call soon after the first: pause.
+        assert!(slow_call_pauses(Some(10), 11, slow));
+        assert!(slow_call_pauses(Some(10), 10 + STRIKE_CALLS, slow));
+        // A call slower than any preemption pauses on its own.
+        assert!(slow_call_pauses(None, 1, SLOW_INLINE_ALONE * 2));
+    }
     use std::os::fd::AsFd;
     use std::pin::Pin;
     use std::sync::Arc;
