@@ -311,10 +311,6 @@ pub(crate) enum QueueChannel {
     Dev { fd: OwnedFd, bufsize: usize },
 }
 
-/// Shared by a session's queues: a start instant, and when a request last finished on any queue
-/// (nanoseconds after it).
-pub(crate) type Activity = Arc<(std::time::Instant, AtomicU64)>;
-
 /// Everything one queue thread needs.
 pub(crate) struct QueueParams<F> {
     pub qid: usize,
@@ -322,8 +318,6 @@ pub(crate) struct QueueParams<F> {
     pub depth: usize,
     /// Keep polling this long after the last request before sleeping (see [`SessionConfig`]).
     pub busy_poll: std::time::Duration,
-    /// Request activity of all the session's queues (busy polling).
-    pub activity: Activity,
     pub payload_size: usize,
     pub dispatcher: Dispatcher<F>,
     pub stats: Arc<QueueStats>,
@@ -417,6 +411,8 @@ struct Queue<'p, F> {
     dispatcher: Rc<Dispatcher<F>>,
     /// Slots whose channel still works.
     live: usize,
+    /// When this queue last finished a request (busy polling).
+    last_request: std::time::Instant,
 }
 
 impl<'p, F: FileSystem> Queue<'p, F> {
@@ -463,6 +459,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             inbox_buf: Box::new([0; 8]),
             bell_buf: Box::new([0; 8]),
             early_interrupts: Vec::new(),
+            last_request: std::time::Instant::now(),
             dispatcher: Rc::new(p.dispatcher.clone()),
             live: p.depth,
         };
@@ -580,13 +577,13 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// sleeping (see [`SessionConfig`](crate::SessionConfig)).
     fn busy_poll(&mut self) -> io::Result<()> {
         let poll = self.p.busy_poll;
-        // When any queue last finished a request, in nanoseconds since `p.activity.0`: the caller
-        // of a storm moves between CPUs, so every queue keeps polling while any of them is busy.
-        let since_request = |a: &Activity| {
-            let now = a.0.elapsed().as_nanos() as u64;
-            std::time::Duration::from_nanos(now.saturating_sub(a.1.load(Ordering::Relaxed)))
-        };
-        if poll.is_zero() || since_request(&self.p.activity) >= poll {
+        // Only the queue that served the last request polls: the caller of a storm stays on
+        // its CPU, hence on this queue, between requests, and a queue that polled whenever any
+        // queue was busy spun through the storm beside it (a third of the server's CPU in a
+        // single-client cold-LOOKUP storm on 2 vCPUs). A caller that moves to another CPU
+        // costs one wake-up there, after which that queue polls.
+        let last = self.last_request;
+        if poll.is_zero() || last.elapsed() >= poll {
             return Ok(());
         }
         // The replies go out now; a transient failure leaves them for submit_and_wait.
@@ -600,7 +597,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 self.p.stats.polled.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            if since_request(&self.p.activity) >= poll {
+            if last.elapsed() >= poll {
                 return Ok(());
             }
             // SAFETY: no arguments; gives the CPU to a runnable task (the caller) if any.
@@ -734,7 +731,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         self.p.stats.requests.fetch_add(1, Ordering::Relaxed);
         if !self.p.busy_poll.is_zero() {
             // The caller is about to be woken: its next request may follow at once.
-            self.p.activity.1.store(self.p.activity.0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.last_request = std::time::Instant::now();
         }
         let error = if s.interrupted && error == -libc::ECANCELED { -libc::EINTR } else { error };
         s.interrupted = false;

@@ -289,7 +289,6 @@ impl<F: FileSystem> Session<F> {
         let waker = StopSignal::new()?;
         let stop = Arc::new(AtomicBool::new(false));
         let nqueues = self.stats.queues.len();
-        let activity: crate::ring::Activity = Arc::new((std::time::Instant::now(), AtomicU64::new(0)));
         let interrupts: Arc<Vec<InterruptInbox>> =
             Arc::new((0..nqueues).map(|_| InterruptInbox::new()).collect::<io::Result<_>>()?);
         let mut handles = Vec::new();
@@ -315,7 +314,6 @@ impl<F: FileSystem> Session<F> {
                 channel,
                 depth: self.queue_depth,
                 busy_poll: self.busy_poll,
-                activity: activity.clone(),
                 payload_size: self.payload_size,
                 dispatcher: self.dispatcher.clone(),
                 stats: qstats.clone(),
