@@ -502,7 +502,7 @@ impl PassthroughFs {
         if !self.posix_acl.load(Ordering::Relaxed) {
             return mode;
         }
-        match sys::xattr::get(&sys::proc_path(dir), c"system.posix_acl_default", &mut []) {
+        match sys::xattr::get_dir(dir, c"system.posix_acl_default", &mut []) {
             Ok(n) if n > 0 => mode,
             _ => mode & !umask,
         }

@@ -306,6 +306,57 @@ pub(crate) mod xattr {
         cvt_long(r as i64).map(|n| n as usize)
     }
 
+    /// `getxattrat(2)`'s argument block (`struct xattr_args`, Linux 6.13).
+    #[repr(C)]
+    struct XattrArgs {
+        value: u64,
+        size: u32,
+        flags: u32,
+    }
+
+    /// The system call number of `getxattrat` (the same on every architecture since 6.13's
+    /// unified table; only the two this project builds for are named).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    const SYS_GETXATTRAT: libc::c_long = 464;
+
+    /// Whether `getxattrat` answered ENOSYS once (an older kernel): use the /proc path.
+    static NO_GETXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// getxattr of the directory `fd` refers to (an O_PATH descriptor will do); `buf` empty =
+    /// size probe. `getxattrat(fd, ".")` where the kernel has it (6.13): one system call whose
+    /// walk is the one component ".", instead of the walk of `/proc/self/fd/N` (and its magic
+    /// link) that [`get`] on [`proc_path`] makes, which cost a third of a CREATE's default-ACL
+    /// check; otherwise that path. (`AT_EMPTY_PATH` would reach files too, but getxattrat
+    /// refuses O_PATH descriptors with EBADF.)
+    pub(crate) fn get_dir(fd: RawFd, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        if !NO_GETXATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut args = XattrArgs {
+                value: if buf.is_empty() { 0 } else { buf.as_mut_ptr() as u64 },
+                size: buf.len().min(u32::MAX as usize) as u32,
+                flags: 0,
+            };
+            // SAFETY: `name` and "." are NUL-terminated; `args` is a valid xattr_args of the size
+            // passed, and its value pointer is null with size 0 or writable for `size` bytes.
+            let r = unsafe {
+                libc::syscall(
+                    SYS_GETXATTRAT,
+                    fd,
+                    c".".as_ptr(),
+                    0 as libc::c_uint,
+                    name.as_ptr(),
+                    &mut args as *mut XattrArgs,
+                    size_of::<XattrArgs>(),
+                )
+            };
+            match cvt_long(r as i64) {
+                Err(e) if e == Errno::ENOSYS => NO_GETXATTRAT.store(true, std::sync::atomic::Ordering::Relaxed),
+                r => return r.map(|n| n as usize),
+            }
+        }
+        get(&proc_path(fd), name, buf)
+    }
+
     /// listxattr(2); `buf` empty = size probe.
     pub(crate) fn list(path: &CStr, buf: &mut [u8]) -> Result<usize> {
         let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_char };

@@ -1098,3 +1098,25 @@ fn fast_hasher_spreads_shard_keys() {
     let keys: HashSet<u64> = (0..1024u64).map(|k| h.hash_one((2049u64, k)) & 2047).collect();
     assert!(keys.len() > 600, "{} distinct buckets of 2048", keys.len());
 }
+
+#[test]
+fn directory_xattr_by_descriptor_matches_the_proc_path() {
+    // `get_dir` (getxattrat(fd, ".") where the kernel has it) must answer exactly as getxattr
+    // on /proc/self/fd/N: values, size probes, ERANGE, ENODATA, on an O_PATH descriptor.
+    let dir = tempfile::Builder::new().prefix("ringfs-xattr-dir").tempdir_in("/tmp").unwrap();
+    let d = CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+    sys::xattr::set(&d, &c("user.k"), b"value", 0).unwrap();
+    let fd = sys::openat(libc::AT_FDCWD, &d, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0).unwrap();
+    let fd = fd.as_raw_fd();
+    let by_path = |name: &CStr, buf: &mut [u8]| sys::xattr::get(&sys::proc_path(fd), name, buf);
+    for name in [c("user.k"), c("user.missing"), c("system.posix_acl_default")] {
+        let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+        assert_eq!(sys::xattr::get_dir(fd, &name, &mut []), by_path(&name, &mut []));
+        assert_eq!(sys::xattr::get_dir(fd, &name, &mut a), by_path(&name, &mut b));
+        assert_eq!(a, b);
+        assert_eq!(sys::xattr::get_dir(fd, &name, &mut a[..2]), by_path(&name, &mut b[..2]));
+    }
+    assert_eq!(sys::xattr::get_dir(fd, &c("user.k"), &mut [0u8; 16]), Ok(5));
+    assert_eq!(sys::xattr::get_dir(fd, &c("user.k"), &mut [0u8; 2]), Err(Errno::ERANGE));
+    assert_eq!(sys::xattr::get_dir(fd, &c("user.missing"), &mut []), Err(Errno::ENODATA));
+}
