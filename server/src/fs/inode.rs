@@ -296,6 +296,12 @@ fn fd_budget() -> usize {
     (lim.rlim_cur as usize).saturating_sub(FD_RESERVE)
 }
 
+/// The descriptor a new node would get: one of its own, or an open file's, shared.
+enum NewFd<'a> {
+    Owned(OwnedFd),
+    Shared(&'a InodeFd),
+}
+
 /// The table of inodes known to the kernel.
 pub(crate) struct InodeTable {
     inner: RwLock<Inner>,
@@ -615,6 +621,33 @@ impl InodeTable {
     /// attributes `st`, creating the node if needed. `reopenable` is false for inodes that can
     /// never be reopened by handle (O_TMPFILE). Returns the node id and the node's descriptor.
     pub(crate) fn insert_or_ref(&self, fd: OwnedFd, st: &libc::stat, reopenable: bool) -> Result<(u64, InodeFd)> {
+        self.insert_or_ref_fd(NewFd::Owned(fd), st, reopenable, false)
+            .map(|r| r.expect("a node without a handle is allowed"))
+    }
+
+    /// [`insert_or_ref`](Self::insert_or_ref) for a file just opened (and created) by the
+    /// server, which [`pin_open`](Self::pin_open) is about to give the node as its descriptor
+    /// anyway: a node that can be reopened by handle takes `file` from the start, which saves
+    /// opening an O_PATH descriptor (through /proc) only to close it again at `pin_open`. `None`
+    /// when the node would have no file handle: its descriptor must then be an O_PATH one of
+    /// its own (it outlives the open), so call `insert_or_ref` with one.
+    pub(crate) fn insert_or_ref_open(
+        &self,
+        file: &InodeFd,
+        st: &libc::stat,
+        reopenable: bool,
+    ) -> Result<Option<(u64, InodeFd)>> {
+        self.insert_or_ref_fd(NewFd::Shared(file), st, reopenable, true)
+    }
+
+    /// Both of the above; `need_handle`: create no node without a file handle (answer `None`).
+    fn insert_or_ref_fd(
+        &self,
+        fd: NewFd<'_>,
+        st: &libc::stat,
+        reopenable: bool,
+        need_handle: bool,
+    ) -> Result<Option<(u64, InodeFd)>> {
         let key = (st.st_dev, st.st_ino);
         let kind = st.st_mode & libc::S_IFMT;
         // Outer None: not computed yet; inner None: no usable handle (pin the fd).
@@ -626,11 +659,15 @@ impl InodeTable {
                 if let Some(existing) = &node.fd {
                     node.lookups.fetch_add(1, Ordering::Relaxed);
                     node.touch();
-                    return Ok((id, existing.clone()));
+                    return Ok(Some((id, existing.clone())));
                 }
             }
         }
-        let fd = Arc::new(fd);
+        // Shared only now: a LOOKUP hit (above) allocates nothing.
+        let fd = match fd {
+            NewFd::Owned(fd) => Arc::new(fd),
+            NewFd::Shared(fd) => fd.clone(),
+        };
         loop {
             let mut garbage = Garbage::new();
             {
@@ -646,7 +683,7 @@ impl InodeTable {
                         // have been reused: this is the same inode.
                         node.lookups.fetch_add(1, Ordering::Relaxed);
                         node.touch();
-                        return Ok((id, existing.clone()));
+                        return Ok(Some((id, existing.clone())));
                     }
                     // Only a handle is left: (dev, ino) may belong to a new inode now.
                     match &handle {
@@ -658,7 +695,7 @@ impl InodeTable {
                                 g.make_evictable(id, &mut garbage);
                                 drop(g);
                                 drop(garbage);
-                                return Ok((id, fd));
+                                return Ok(Some((id, fd)));
                             }
                             // A different inode took over (dev, ino): detach the old node
                             // (the kernel may still reference it; it goes at its last forget).
@@ -667,6 +704,9 @@ impl InodeTable {
                     }
                 }
                 if let Some(h) = &handle {
+                    if need_handle && h.is_none() {
+                        return Ok(None);
+                    }
                     let id = g.take_id(h.as_ref());
                     g.nodes.insert(
                         id,
@@ -695,7 +735,7 @@ impl InodeTable {
                             h.dir_added(id, fd.as_raw_fd());
                         }
                     }
-                    return Ok((id, fd));
+                    return Ok(Some((id, fd)));
                 }
             }
             // Compute the handle without holding the lock, then re-check.

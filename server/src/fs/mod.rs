@@ -646,13 +646,22 @@ impl PassthroughFs {
     /// Registers a freshly created and opened file `file` (create/tmpfile).
     fn created_open(&self, ctx: &Context, file: OwnedFd, flags: i32, reopenable: bool) -> Result<(Entry, Opened)> {
         let st = sys::fstat(file.as_raw_fd())?;
-        let opath =
-            sys::openat(self.proc_fd.as_raw_fd(), &sys::fd_name(file.as_raw_fd()), libc::O_PATH | libc::O_CLOEXEC, 0)?;
-        let (id, ifd) = self.inodes.insert_or_ref(opath, &st, reopenable)?;
+        let file = std::sync::Arc::new(file);
+        let (id, ifd) = match self.inodes.insert_or_ref_open(&file, &st, reopenable)? {
+            Some(found) => found,
+            None => {
+                let opath = sys::openat(
+                    self.proc_fd.as_raw_fd(),
+                    &sys::fd_name(file.as_raw_fd()),
+                    libc::O_PATH | libc::O_CLOEXEC,
+                    0,
+                )?;
+                self.inodes.insert_or_ref(opath, &st, reopenable)?
+            }
+        };
         // Even a file this open just created may be set-id (a mode with S_ISUID, or an existing
         // file that O_CREAT opened), and writes by its non-root owner must clear that too.
         let backing_id = self.passthrough_open(ctx, id, &file, st.st_mode & libc::S_IFMT, flags);
-        let file = std::sync::Arc::new(file);
         let fh = self.handles.insert_file(id, file.clone());
         self.note_writer(fh, id, &file, backing_id);
         self.inodes.pin_open(id, &file);
