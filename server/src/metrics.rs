@@ -288,7 +288,7 @@ pub fn render(s: &Sources) -> String {
         &mut out,
         "ringfs_inline_metadata_slow_total",
         "counter",
-        "Inline metadata calls slower than 2 ms; each sent its queue to io-wq for 1 s.",
+        "Inline metadata calls slower than 2 ms; two within 64 calls (or one over 50 ms) send the queue to io-wq for 50 ms to 1 s.",
     );
     let _ = writeln!(out, "ringfs_inline_metadata_slow_total {slow}");
     kernel_stats(&mut out, s);
