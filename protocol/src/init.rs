@@ -88,6 +88,7 @@ pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
 
 /// The negotiated result.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Negotiated {
     /// The reply to send.
     pub out: FuseInitOut,

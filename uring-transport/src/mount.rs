@@ -361,6 +361,7 @@ pub fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
 /// The mount(8) words a remount (`mount -o remount,...`) applies; every other option of the
 /// mount stays as it was mounted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RemountFlags {
     /// `ro` (else `rw`).
     pub read_only: bool,
@@ -483,6 +484,7 @@ pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
 
 /// One line of /proc/self/mountinfo.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MountEntry {
     /// Device number (major:minor).
     pub dev: u64,

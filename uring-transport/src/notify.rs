@@ -55,6 +55,7 @@ impl Name {
 
 /// Counters of the kernel channel.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct NotifyStats {
     /// Invalidations written to the kernel (counted as they are written, refused ones too).
     pub sent: AtomicU64,

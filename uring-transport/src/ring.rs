@@ -76,6 +76,7 @@ impl Drop for AlignedBox {
 
 /// Per-queue counters.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Requests served by this queue.
     pub requests: AtomicU64,

@@ -66,6 +66,7 @@ impl Default for SessionConfig {
 
 /// Counters of a session, readable while it runs.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct SessionStats {
     /// Requests received, per opcode.
     pub requests: Vec<AtomicU64>,

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use protocol::{
     AttrOut, ConnInfo, Context, DirBuffer, DirPlusBuffer, Entry, Errno, FileAttr, FileHandle, FileSystem, FsXattr,
-    NodeId, OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, Timespec, WriteFlags, XattrReply,
+    NodeId, OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, WriteFlags, XattrReply,
 };
 
 use creds::CredGuard;
@@ -363,10 +363,6 @@ fn timespec_of(t: Option<SetTime>) -> libc::timespec {
     }
 }
 
-fn ts(t: libc::statx_timestamp) -> Timespec {
-    Timespec { sec: t.tv_sec, nsec: t.tv_nsec }
-}
-
 impl PassthroughFs {
     /// Opens the backing root `cfg.source` (which must be an existing directory).
     ///
@@ -531,17 +527,26 @@ impl PassthroughFs {
     }
 
     fn entry(&self, id: u64, st: &libc::stat) -> Entry {
-        Entry {
-            nodeid: NodeId(id),
-            generation: self.inodes.generation(id),
-            attr: FileAttr::from_stat(st),
-            entry_timeout: self.cfg.entry_timeout,
-            attr_timeout: self.cfg.attr_timeout,
-        }
+        Entry::new(
+            NodeId(id),
+            self.inodes.generation(id),
+            FileAttr::from_stat(st),
+            self.cfg.entry_timeout,
+            self.cfg.attr_timeout,
+        )
     }
 
     fn attr_out(&self, st: &libc::stat) -> AttrOut {
-        AttrOut { attr: FileAttr::from_stat(st), timeout: self.cfg.attr_timeout }
+        AttrOut::new(FileAttr::from_stat(st), self.cfg.attr_timeout)
+    }
+
+    /// The kernel-side options of an open file whose backing id (0: none) is `backing_id`.
+    fn file_options(&self, backing_id: i32) -> OpenOptions {
+        let mut o = OpenOptions::default();
+        o.backing_id = backing_id;
+        o.noflush = self.noflush;
+        o.keep_cache = self.cfg.keep_cache && backing_id == 0;
+        o
     }
 
     /// Runs `f` under the caller's credentials when required: always if `force`, otherwise
@@ -657,18 +662,7 @@ impl PassthroughFs {
         self.note_writer(fh, id, &file, backing_id);
         self.inodes.pin_open(id, &file);
         drop(ifd);
-        Ok((
-            self.entry(id, &st),
-            Opened {
-                fh: FileHandle(fh),
-                options: OpenOptions {
-                    backing_id,
-                    noflush: self.noflush,
-                    keep_cache: self.cfg.keep_cache && backing_id == 0,
-                    ..OpenOptions::default()
-                },
-            },
-        ))
+        Ok((self.entry(id, &st), Opened::new(FileHandle(fh), self.file_options(backing_id))))
     }
 
     /// Registers open `fh` of `node` with the watch's write ignores when it writes through
@@ -917,13 +911,7 @@ impl PassthroughFs {
         s.read(fd, offset, &mut |e| {
             let kind = e.kind as u32;
             let name = e.name.to_bytes();
-            let bare = Entry {
-                nodeid: NodeId(0),
-                generation: 0,
-                attr: FileAttr { ino: e.ino, mode: kind << 12, ..FileAttr::default() },
-                entry_timeout: Duration::ZERO,
-                attr_timeout: Duration::ZERO,
-            };
+            let bare = Entry::new(NodeId(0), 0, FileAttr::new(e.ino, kind << 12), Duration::ZERO, Duration::ZERO);
             if is_dot(name) {
                 return out.add(&bare, e.off, kind, name);
             }
@@ -1132,30 +1120,7 @@ impl FileSystem for PassthroughFs {
             Some(Ok(h)) => sys::statx(h.fd(), sync, mask)?,
             _ => sys::statx(self.inodes.get(node.0)?.0.as_raw_fd(), sync, mask)?,
         };
-        let attr = FileAttr {
-            ino: stx.stx_ino,
-            size: stx.stx_size,
-            blocks: stx.stx_blocks,
-            atime: ts(stx.stx_atime),
-            mtime: ts(stx.stx_mtime),
-            ctime: ts(stx.stx_ctime),
-            mode: stx.stx_mode as u32,
-            nlink: stx.stx_nlink,
-            uid: stx.stx_uid,
-            gid: stx.stx_gid,
-            rdev: libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor) as u32,
-            blksize: stx.stx_blksize,
-        };
-        Ok((
-            StatxAttr {
-                attr,
-                mask: stx.stx_mask,
-                btime: ts(stx.stx_btime),
-                attributes: stx.stx_attributes,
-                attributes_mask: stx.stx_attributes_mask,
-            },
-            self.cfg.attr_timeout,
-        ))
+        Ok((StatxAttr::from_statx(&stx), self.cfg.attr_timeout))
     }
 
     async fn setattr(&self, ctx: &Context, node: NodeId, attr: &SetAttr) -> Result<AttrOut> {
@@ -1330,15 +1295,7 @@ impl FileSystem for PassthroughFs {
         self.note_writer(fh, node.0, &file, backing_id);
         self.inodes.pin_open(node.0, &file);
         drop(fd);
-        Ok(Opened {
-            fh: FileHandle(fh),
-            options: OpenOptions {
-                backing_id,
-                noflush: self.noflush,
-                keep_cache: self.cfg.keep_cache && backing_id == 0,
-                ..OpenOptions::default()
-            },
-        })
+        Ok(Opened::new(FileHandle(fh), self.file_options(backing_id)))
     }
 
     async fn create(
@@ -1486,10 +1443,10 @@ impl FileSystem for PassthroughFs {
         // changes (and by the kernel itself for changes made through the mount): let the kernel
         // keep it across opens.
         let cache = self.cfg.keep_cache;
-        Ok(Opened {
-            fh: FileHandle(fh),
-            options: OpenOptions { cache_dir: cache, keep_cache: cache, ..OpenOptions::default() },
-        })
+        let mut options = OpenOptions::default();
+        options.cache_dir = cache;
+        options.keep_cache = cache;
+        Ok(Opened::new(FileHandle(fh), options))
     }
 
     async fn readdir(
@@ -1534,16 +1491,7 @@ impl FileSystem for PassthroughFs {
         cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), s.as_mut_ptr()) })?;
         // SAFETY: fstatfs succeeded (and the buffer was zeroed).
         let s = unsafe { s.assume_init() };
-        Ok(StatFs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_bsize as u32,
-            namelen: s.f_namelen as u32,
-            frsize: s.f_frsize as u32,
-        })
+        Ok(StatFs::from_statfs(&s))
     }
 
     async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {

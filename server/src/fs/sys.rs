@@ -370,13 +370,13 @@ pub(crate) fn get_fsxattr(fd: RawFd) -> Result<protocol::FsXattr> {
     let mut x = RawFsxattr::default();
     // SAFETY: FS_IOC_FSGETXATTR fills a `struct fsxattr`, which `RawFsxattr` is.
     cvt(unsafe { libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut x) })?;
-    Ok(protocol::FsXattr {
-        xflags: x.xflags,
-        extsize: x.extsize,
-        nextents: x.nextents,
-        projid: x.projid,
-        cowextsize: x.cowextsize,
-    })
+    let mut out = protocol::FsXattr::default();
+    out.xflags = x.xflags;
+    out.extsize = x.extsize;
+    out.nextents = x.nextents;
+    out.projid = x.projid;
+    out.cowextsize = x.cowextsize;
+    Ok(out)
 }
 
 /// `FS_IOC_FSSETXATTR` on an open descriptor.
