@@ -5,9 +5,15 @@
 
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use protocol::{Errno, Result};
+use rustix::fs::{Mode, OFlags};
+
+/// Converts a rustix result (the kernel's errno on failure) into a result.
+pub(crate) fn rx<T>(r: rustix::io::Result<T>) -> Result<T> {
+    r.map_err(|e| Errno(e.raw_os_error()))
+}
 
 /// Converts a `c_int` return value (negative on error) into a result.
 pub(crate) fn cvt(r: libc::c_int) -> Result<libc::c_int> {
@@ -64,10 +70,9 @@ pub(crate) fn dev_nosync(fd: RawFd) -> Result<u64> {
     Ok(libc::makedev(x.stx_dev_major, x.stx_dev_minor))
 }
 
-/// openat(2).
-pub(crate) fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; the result is checked.
-    owned(unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) })
+/// openat(2) (`rustix::fs::CWD` for `AT_FDCWD`).
+pub(crate) fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    rx(rustix::fs::openat(dir, name, OFlags::from_bits_retain(flags as u32), Mode::from_raw_mode(mode)))
 }
 
 /// stat of whatever `fd` refers to (an O_PATH fd works; symlinks are not followed).
@@ -240,10 +245,14 @@ pub(crate) fn proc_path(fd: RawFd) -> StackCStr {
 }
 
 /// renameat2(2).
-pub(crate) fn renameat2(olddir: RawFd, old: &CStr, newdir: RawFd, new: &CStr, flags: u32) -> Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    let r = unsafe { libc::syscall(libc::SYS_renameat2, olddir, old.as_ptr(), newdir, new.as_ptr(), flags) };
-    cvt_long(r).map(drop)
+pub(crate) fn renameat2(
+    olddir: BorrowedFd<'_>,
+    old: &CStr,
+    newdir: BorrowedFd<'_>,
+    new: &CStr,
+    flags: u32,
+) -> Result<()> {
+    rx(rustix::fs::renameat_with(olddir, old, newdir, new, rustix::fs::RenameFlags::from_bits_retain(flags)))
 }
 
 /// fchmodat2(fd, "", mode, AT_EMPTY_PATH) (kernel 6.6+); works on O_PATH fds.
@@ -267,30 +276,22 @@ pub(crate) fn getdents64(fd: RawFd, buf: &mut [u8]) -> Result<usize> {
     cvt_long(r).map(|n| n as usize)
 }
 
-/// copy_file_range(2) with explicit offsets.
+/// copy_file_range(2) with explicit offsets. The kernel defines no flags: any is `EINVAL`, as
+/// the system call itself answers.
 pub(crate) fn copy_file_range(
-    fd_in: RawFd,
+    fd_in: BorrowedFd<'_>,
     off_in: i64,
-    fd_out: RawFd,
+    fd_out: BorrowedFd<'_>,
     off_out: i64,
     len: usize,
     flags: u32,
 ) -> Result<usize> {
-    let mut oi: libc::loff_t = off_in;
-    let mut oo: libc::loff_t = off_out;
-    // SAFETY: the offsets are valid writable loff_t values.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_copy_file_range,
-            fd_in,
-            &mut oi as *mut libc::loff_t,
-            fd_out,
-            &mut oo as *mut libc::loff_t,
-            len,
-            flags,
-        )
-    };
-    cvt_long(r).map(|n| n as usize)
+    if flags != 0 {
+        return Err(Errno::EINVAL);
+    }
+    // Negative offsets keep their bits (loff_t): the kernel refuses them as before.
+    let (mut oi, mut oo) = (off_in as u64, off_out as u64);
+    rx(rustix::fs::copy_file_range(fd_in, Some(&mut oi), fd_out, Some(&mut oo), len))
 }
 
 /// Extended-attribute calls on `/proc/self/fd/N`, which reach the inode itself (also for
@@ -300,33 +301,29 @@ pub(crate) mod xattr {
 
     /// getxattr(2); `buf` empty = size probe.
     pub(crate) fn get(path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize> {
-        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_void };
-        // SAFETY: names are NUL-terminated; `ptr` is null with size 0 or writable for buf.len().
-        let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr, buf.len()) };
-        cvt_long(r as i64).map(|n| n as usize)
+        if buf.is_empty() {
+            // rustix answers 0 for an empty buffer; the probe is its own call.
+            return rx(rustix::fs::getxattr_query(path, name));
+        }
+        rx(rustix::fs::getxattr(path, name, buf))
     }
 
     /// listxattr(2); `buf` empty = size probe.
     pub(crate) fn list(path: &CStr, buf: &mut [u8]) -> Result<usize> {
-        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_char };
-        // SAFETY: path is NUL-terminated; `ptr` is null with size 0 or writable for buf.len().
-        let r = unsafe { libc::listxattr(path.as_ptr(), ptr, buf.len()) };
-        cvt_long(r as i64).map(|n| n as usize)
+        if buf.is_empty() {
+            return rx(rustix::fs::listxattr_query(path));
+        }
+        rx(rustix::fs::listxattr(path, buf))
     }
 
     /// setxattr(2).
     pub(crate) fn set(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
-        // SAFETY: names are NUL-terminated; `value` is readable for its length.
-        let r = unsafe {
-            libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), flags)
-        };
-        cvt(r).map(drop)
+        rx(rustix::fs::setxattr(path, name, value, rustix::fs::XattrFlags::from_bits_retain(flags as u32)))
     }
 
     /// removexattr(2).
     pub(crate) fn remove(path: &CStr, name: &CStr) -> Result<()> {
-        // SAFETY: names are NUL-terminated.
-        cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+        rx(rustix::fs::removexattr(path, name))
     }
 }
 
@@ -401,7 +398,6 @@ pub(crate) const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
 pub(crate) const MOUNT_ATTR__ATIME: u64 = 0x70;
 /// `MOUNT_ATTR_NODIRATIME`.
 pub(crate) const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
-const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 /// `struct mount_attr` (version 0).
@@ -418,19 +414,12 @@ struct MountAttr {
 /// it (nothing to apply when both are 0); returns the descriptor of its root. The copy lives as
 /// long as the descriptor and what is opened through it.
 pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64, recursive: bool) -> Result<OwnedFd> {
-    let recursive = if recursive { AT_RECURSIVE } else { 0 };
-    // SAFETY: open_tree with a NUL-terminated path; returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            OPEN_TREE_CLONE | recursive | libc::O_CLOEXEC as libc::c_uint,
-        )
-    };
-    let fd = cvt_long(fd)? as RawFd;
-    // SAFETY: the descriptor open_tree just returned is ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use rustix::mount::OpenTreeFlags;
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let fd = rx(rustix::mount::open_tree(rustix::fs::CWD, path, flags))?;
     if set == 0 && clear == 0 {
         return Ok(fd);
     }
