@@ -396,13 +396,11 @@ fn unprivileged_note(reopens_by_handle: bool, watching: bool) -> String {
     let mut note =
         format!("running without root: mounted through {}; switched off: {}", mount::FUSERMOUNT, off.join(", "));
     if !reopens_by_handle {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: valid out-pointer.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        // RLIM_INFINITY (None) as its raw value, as before.
+        let cur = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
         note.push_str(&format!(
             ", file handles across remounts and NFS export (open_by_handle_at needs CAP_DAC_READ_SEARCH): every \
-             known inode keeps its descriptor open, so at most about {} inodes (RLIMIT_NOFILE)",
-            lim.rlim_cur
+             known inode keeps its descriptor open, so at most about {cur} inodes (RLIMIT_NOFILE)"
         ));
     }
     note

@@ -894,11 +894,7 @@ mod tests {
     }
 
     fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a valid array of two ints.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: fresh descriptors we own.
-        unsafe { (crate::mount::owned(fds[0]), crate::mount::owned(fds[1])) }
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()
     }
 
     /// Polls `fut` once, then (if still pending) `race` until it wins; drops `fut` either way.

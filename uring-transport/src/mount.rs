@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -550,15 +550,6 @@ pub fn clone_fd(master: &OwnedFd) -> io::Result<OwnedFd> {
         return Err(err("FUSE_DEV_IOC_CLONE".into(), io::Error::last_os_error()));
     }
     Ok(fd)
-}
-
-/// Wraps a raw fd number known to be open and owned by the caller.
-///
-/// # Safety
-/// `fd` must be an open descriptor that nothing else owns.
-pub unsafe fn owned(fd: i32) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 #[cfg(test)]

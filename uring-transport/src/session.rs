@@ -19,7 +19,9 @@ use zerocopy::IntoBytes;
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
 use crate::notify::{Channel, NotifyStats};
-use crate::ring::{possible_cpus, run_queue, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal};
+use crate::ring::{
+    possible_cpus, run_queue, AlignedBox, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal,
+};
 
 /// Which channel carries requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,22 +124,8 @@ pub struct Session<F> {
     conn: ConnInfo,
 }
 
-/// An 8-byte aligned, zeroed byte buffer (request structs are read in place).
-struct AlignedBuf {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        AlignedBuf { words: vec![0u64; len.div_ceil(8)], len }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
-        self.words.as_mut_slice().as_mut_bytes().split_at_mut(len).0
-    }
-}
+/// Alignment of the /dev/fuse reader's buffers: request structs are read in place.
+const DEV_BUF_ALIGN: usize = 8;
 
 fn dup_fd(fd: &OwnedFd) -> io::Result<OwnedFd> {
     fd.try_clone()
@@ -167,8 +155,8 @@ impl<F: FileSystem> Session<F> {
     /// Answers INIT on the mount's fd. Blocks until the kernel sends it (right after mount).
     pub fn init(mounted: Mounted, fs: Arc<F>, cfg: &SessionConfig) -> io::Result<Session<F>> {
         let bufsize = cfg.init.max_write.max(128 * 1024) as usize + 8192;
-        let mut inbuf = AlignedBuf::new(bufsize);
-        let buf = inbuf.bytes_mut();
+        let mut inbuf = AlignedBox::new(bufsize, DEV_BUF_ALIGN);
+        let buf = inbuf.as_mut_slice();
         let n = loop {
             match read_fd(&mounted.fd, buf) {
                 Ok(n) => break n,
@@ -368,11 +356,11 @@ fn worker<F: FileSystem>(
     bufsize: usize,
     outsize: usize,
 ) {
-    let mut inbuf = AlignedBuf::new(bufsize);
-    let mut outbuf = AlignedBuf::new(outsize);
-    let out = outbuf.bytes_mut();
+    let mut inbuf = AlignedBox::new(bufsize, DEV_BUF_ALIGN);
+    let mut outbuf = AlignedBox::new(outsize, DEV_BUF_ALIGN);
+    let out = outbuf.as_mut_slice();
     loop {
-        let buf = inbuf.bytes_mut();
+        let buf = inbuf.as_mut_slice();
         let n = match read_fd(fd, buf) {
             Ok(n) => n,
             Err(e) => match e.raw_os_error() {
