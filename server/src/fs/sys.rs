@@ -135,35 +135,35 @@ type HandleBuf = [u64; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
 
 /// name_to_handle_at(fd, "", AT_EMPTY_PATH): the complete `struct file_handle` bytes.
 pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
+    use zerocopy::IntoBytes;
     let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
-    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
-    // SAFETY: `buf` is 8-byte aligned and large enough for a file_handle header.
-    unsafe { (*fh).handle_bytes = libc::MAX_HANDLE_SZ as libc::c_uint };
+    // handle_bytes, the header's first field: the room for the handle.
+    buf.as_mut_bytes()[..4].copy_from_slice(&(libc::MAX_HANDLE_SZ as u32).to_ne_bytes());
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: `fh` points to a buffer of MAX_HANDLE_SZ handle bytes as announced in
-    // handle_bytes; `mount_id` is writable; EMPTY is NUL-terminated.
-    cvt(unsafe { libc::name_to_handle_at(fd, EMPTY.as_ptr(), fh, &mut mount_id, libc::AT_EMPTY_PATH) })?;
-    // SAFETY: the kernel filled in the header.
-    let n = unsafe { (*fh).handle_bytes } as usize;
+    // SAFETY: `buf` is an 8-byte aligned `struct file_handle` with MAX_HANDLE_SZ handle bytes as
+    // announced in handle_bytes; `mount_id` is writable; EMPTY is NUL-terminated.
+    cvt(unsafe {
+        libc::name_to_handle_at(fd, EMPTY.as_ptr(), buf.as_mut_ptr().cast(), &mut mount_id, libc::AT_EMPTY_PATH)
+    })?;
+    let bytes = buf.as_bytes();
+    let n = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
     if n > libc::MAX_HANDLE_SZ as usize {
         return Err(Errno(libc::EOVERFLOW));
     }
-    // SAFETY: `buf` holds HANDLE_HEADER + MAX_HANDLE_SZ initialised bytes; we read a prefix.
-    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, HANDLE_HEADER + n) };
-    Ok(bytes.into())
+    Ok(bytes[..HANDLE_HEADER + n].into())
 }
 
 /// open_by_handle_at(mount_fd, handle, flags) for a handle from [`name_to_handle`].
 pub(crate) fn open_by_handle(mount_fd: RawFd, handle: &[u8], flags: i32) -> Result<OwnedFd> {
+    use zerocopy::IntoBytes;
     let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
     if handle.len() < HANDLE_HEADER || handle.len() > std::mem::size_of::<HandleBuf>() {
         return Err(Errno::EINVAL);
     }
-    // SAFETY: `buf` is at least `handle.len()` bytes long (checked above) and does not overlap.
-    unsafe { std::ptr::copy_nonoverlapping(handle.as_ptr(), buf.as_mut_ptr() as *mut u8, handle.len()) };
-    // SAFETY: `buf` holds a complete, aligned `struct file_handle`.
+    buf.as_mut_bytes()[..handle.len()].copy_from_slice(handle);
     retry_enomem(|| {
-        owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr() as *mut libc::file_handle, flags) })
+        // SAFETY: `buf` holds a complete, aligned `struct file_handle`.
+        owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr().cast(), flags) })
     })
 }
 
