@@ -18,6 +18,15 @@
 //! - **Errors** are positive errno values ([`Errno`]); the dispatcher negates them on the wire.
 //! - **Async.** Methods are `async` so that a transport may run many requests of one core
 //!   concurrently. The futures need not be `Send`: a request is started and finished on one thread.
+//!
+//! # Value types can grow
+//! The structs a file system fills or receives ([`FileAttr`], [`Entry`], [`AttrOut`],
+//! [`Opened`], [`OpenOptions`], [`StatFs`], [`StatxAttr`], [`FsXattr`], [`SetAttr`],
+//! [`WriteFlags`], [`Context`], [`Timespec`], [`Lock`], [`Ioctl`], [`ConnInfo`]) are
+//! `#[non_exhaustive]`: later versions may add fields without breaking file systems. Outside this
+//! crate build them with their constructors (`Entry::new`, `AttrOut::new`, `Opened::new`,
+//! `FileAttr::new`, `FileAttr::from_stat`, `StatFs::from_statfs`, `SetAttr::with_size`, ...) or
+//! with `Default` and then set the public fields; match them with `..`.
 
 use std::ffi::CStr;
 use std::time::Duration;
@@ -108,6 +117,7 @@ pub struct FileHandle(pub u64);
 
 /// Who is asking: the credentials and pid of the calling process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Context {
     /// Caller's fsuid.
     pub uid: u32,
@@ -117,8 +127,16 @@ pub struct Context {
     pub pid: u32,
 }
 
+impl Context {
+    /// The caller `uid`/`gid` (fsuid/fsgid) with process `pid`.
+    pub const fn new(uid: u32, gid: u32, pid: u32) -> Context {
+        Context { uid, gid, pid }
+    }
+}
+
 /// A timestamp: seconds and nanoseconds since the epoch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Timespec {
     /// Seconds since the epoch.
     pub sec: i64,
@@ -126,8 +144,20 @@ pub struct Timespec {
     pub nsec: u32,
 }
 
+impl Timespec {
+    /// `sec` seconds and `nsec` nanoseconds since the epoch.
+    pub const fn new(sec: i64, nsec: u32) -> Timespec {
+        Timespec { sec, nsec }
+    }
+
+    fn from_statx(t: &libc::statx_timestamp) -> Timespec {
+        Timespec { sec: t.tv_sec, nsec: t.tv_nsec }
+    }
+}
+
 /// Attributes of a node, as the kernel caches them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FileAttr {
     /// Inode number shown to users (st_ino).
     pub ino: u64,
@@ -156,6 +186,30 @@ pub struct FileAttr {
 }
 
 impl FileAttr {
+    /// Attributes of node `ino` with file type and permission bits `mode`; everything else zero
+    /// (set the other fields, which are public, as needed).
+    pub fn new(ino: u64, mode: u32) -> FileAttr {
+        FileAttr { ino, mode, ..FileAttr::default() }
+    }
+
+    /// Converts a `statx` buffer (the fields of `STATX_BASIC_STATS`).
+    pub fn from_statx(stx: &libc::statx) -> FileAttr {
+        FileAttr {
+            ino: stx.stx_ino,
+            size: stx.stx_size,
+            blocks: stx.stx_blocks,
+            atime: Timespec::from_statx(&stx.stx_atime),
+            mtime: Timespec::from_statx(&stx.stx_mtime),
+            ctime: Timespec::from_statx(&stx.stx_ctime),
+            mode: stx.stx_mode as u32,
+            nlink: stx.stx_nlink,
+            uid: stx.stx_uid,
+            gid: stx.stx_gid,
+            rdev: libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor) as u32,
+            blksize: stx.stx_blksize,
+        }
+    }
+
     /// Converts a `stat` buffer.
     pub fn from_stat(st: &libc::stat) -> FileAttr {
         FileAttr {
@@ -177,6 +231,7 @@ impl FileAttr {
 
 /// Extended attributes returned by [`FileSystem::statx`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StatxAttr {
     /// The classic attributes.
     pub attr: FileAttr,
@@ -190,8 +245,23 @@ pub struct StatxAttr {
     pub attributes_mask: u64,
 }
 
+impl StatxAttr {
+    /// Converts a `statx` buffer: the classic attributes, the valid-field mask, birth time and
+    /// attribute flags.
+    pub fn from_statx(stx: &libc::statx) -> StatxAttr {
+        StatxAttr {
+            attr: FileAttr::from_statx(stx),
+            mask: stx.stx_mask,
+            btime: Timespec::from_statx(&stx.stx_btime),
+            attributes: stx.stx_attributes,
+            attributes_mask: stx.stx_attributes_mask,
+        }
+    }
+}
+
 /// Reply to `getattr`/`setattr`: attributes plus how long the kernel may cache them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AttrOut {
     /// The attributes.
     pub attr: FileAttr,
@@ -199,8 +269,16 @@ pub struct AttrOut {
     pub timeout: Duration,
 }
 
+impl AttrOut {
+    /// `attr`, cacheable for `timeout`.
+    pub fn new(attr: FileAttr, timeout: Duration) -> AttrOut {
+        AttrOut { attr, timeout }
+    }
+}
+
 /// Reply to lookup-like operations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Entry {
     /// Node id; 0 means a negative entry.
     pub nodeid: NodeId,
@@ -215,6 +293,18 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A positive entry: `nodeid` (with `generation`) has attributes `attr`; the name binding
+    /// may be cached for `entry_timeout`, the attributes for `attr_timeout`.
+    pub fn new(
+        nodeid: NodeId,
+        generation: u64,
+        attr: FileAttr,
+        entry_timeout: Duration,
+        attr_timeout: Duration,
+    ) -> Entry {
+        Entry { nodeid, generation, attr, entry_timeout, attr_timeout }
+    }
+
     /// A negative entry: "this name does not exist", cacheable for `timeout`.
     pub fn negative(timeout: Duration) -> Entry {
         Entry {
@@ -229,6 +319,7 @@ impl Entry {
 
 /// Kernel-side treatment of an open file, chosen by the file system at open time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Bypass the page cache (FOPEN_DIRECT_IO).
     pub direct_io: bool,
@@ -249,11 +340,19 @@ pub struct OpenOptions {
 
 /// Reply to `open`/`opendir` (and the open half of `create`/`tmpfile`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Opened {
     /// The handle passed back on every later call on this open file.
     pub fh: FileHandle,
     /// Kernel-side options.
     pub options: OpenOptions,
+}
+
+impl Opened {
+    /// Handle `fh` with kernel-side `options`.
+    pub fn new(fh: FileHandle, options: OpenOptions) -> Opened {
+        Opened { fh, options }
+    }
 }
 
 /// A time to set: a given time or "now".
@@ -267,6 +366,7 @@ pub enum SetTime {
 
 /// What `setattr` changes; `None` fields stay as they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SetAttr {
     /// New permission bits (and type bits, which must match).
     pub mode: Option<u32>,
@@ -289,8 +389,65 @@ pub struct SetAttr {
     pub kill_suidgid: bool,
 }
 
+impl SetAttr {
+    /// Also sets the permission bits.
+    pub fn with_mode(mut self, mode: u32) -> SetAttr {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// Also sets the owner.
+    pub fn with_uid(mut self, uid: u32) -> SetAttr {
+        self.uid = Some(uid);
+        self
+    }
+
+    /// Also sets the group.
+    pub fn with_gid(mut self, gid: u32) -> SetAttr {
+        self.gid = Some(gid);
+        self
+    }
+
+    /// Also sets the size.
+    pub fn with_size(mut self, size: u64) -> SetAttr {
+        self.size = Some(size);
+        self
+    }
+
+    /// Also sets the access time.
+    pub fn with_atime(mut self, t: SetTime) -> SetAttr {
+        self.atime = Some(t);
+        self
+    }
+
+    /// Also sets the modification time.
+    pub fn with_mtime(mut self, t: SetTime) -> SetAttr {
+        self.mtime = Some(t);
+        self
+    }
+
+    /// Also sets the change time.
+    pub fn with_ctime(mut self, t: Timespec) -> SetAttr {
+        self.ctime = Some(t);
+        self
+    }
+
+    /// Through open file `fh`.
+    pub fn with_fh(mut self, fh: FileHandle) -> SetAttr {
+        self.fh = Some(fh);
+        self
+    }
+
+    /// Also asks to clear set-uid/set-gid.
+    pub fn with_kill_suidgid(mut self, kill: bool) -> SetAttr {
+        self.kill_suidgid = kill;
+        self
+    }
+}
+
 /// `struct fsxattr` of `FS_IOC_FSGETXATTR`/`FS_IOC_FSSETXATTR`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FsXattr {
     /// `FS_XFLAG_*` flags.
     pub xflags: u32,
@@ -306,6 +463,7 @@ pub struct FsXattr {
 
 /// File-system statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StatFs {
     /// Total blocks (in `frsize` units).
     pub blocks: u64,
@@ -325,6 +483,22 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
+impl StatFs {
+    /// Converts an `fstatfs`/`statfs` buffer.
+    pub fn from_statfs(s: &libc::statfs) -> StatFs {
+        StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namelen as u32,
+            frsize: s.f_frsize as u32,
+        }
+    }
+}
+
 /// Reply to `getxattr`/`listxattr`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum XattrReply {
@@ -336,6 +510,7 @@ pub enum XattrReply {
 
 /// Arguments of `write` besides the data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WriteFlags {
     /// The write comes from the page cache (delayed writeback).
     pub cache: bool,

@@ -87,7 +87,9 @@ pub const BASE_FLAGS: &[(InitFlags, &str)] = &[
 ];
 
 /// The negotiated result.
+#[doc(hidden)] // the transport's internals: carries the ABI reply
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Negotiated {
     /// The reply to send.
     pub out: FuseInitOut,
@@ -108,6 +110,7 @@ pub struct Negotiated {
     pub flock_offered: bool,
 }
 
+#[doc(hidden)] // the transport's internals (ABI argument)
 /// Negotiates INIT. Returns `Err(EPROTO)` for a kernel too old to speak with.
 pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> {
     if arg.major != KERNEL_VERSION || arg.minor < MIN_KERNEL_MINOR_VERSION {
@@ -189,6 +192,7 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
     })
 }
 
+#[doc(hidden)] // the transport's internals
 /// Applies what the file system switched off in [`ConnInfo`] to the reply.
 pub fn apply_conn(n: &mut Negotiated) {
     let mut drop = InitFlags::empty();

@@ -96,6 +96,7 @@ pub const ERRNO_SLOTS: usize = 134;
 
 /// Counters of one opcode (one slot's, or the sum of all slots' from [`DispatchStats::op`]).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct OpCounters {
     /// Requests served.
     pub requests: AtomicU64,

@@ -111,12 +111,15 @@ impl FileSystem for Enosys {}
 struct Eager;
 
 fn attr(node: NodeId) -> FileAttr {
-    FileAttr { ino: node.0, mode: libc::S_IFREG | 0o644, size: node.0, nlink: 1, ..Default::default() }
+    let mut a = FileAttr::new(node.0, libc::S_IFREG | 0o644);
+    a.size = node.0;
+    a.nlink = 1;
+    a
 }
 
 fn entry(node: NodeId) -> Entry {
     let t = Duration::from_secs(node.0 % 7);
-    Entry { nodeid: NodeId(node.0 | 2), generation: node.0, attr: attr(node), entry_timeout: t, attr_timeout: t }
+    Entry::new(NodeId(node.0 | 2), node.0, attr(node), t, t)
 }
 
 /// An errno from `seed`: mostly valid, sometimes 0, negative or past 4095.
@@ -138,7 +141,7 @@ impl FileSystem for Eager {
         Ok(entry(parent))
     }
     async fn getattr(&self, _: &protocol::Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
-        Ok(AttrOut { attr: attr(node), timeout: Duration::from_secs(u64::MAX / 2) })
+        Ok(AttrOut::new(attr(node), Duration::from_secs(u64::MAX / 2)))
     }
     async fn statx(
         &self,
@@ -148,10 +151,13 @@ impl FileSystem for Eager {
         _: u32,
         mask: u32,
     ) -> Result<(StatxAttr, Duration)> {
-        Ok((StatxAttr { attr: attr(node), mask, ..Default::default() }, Duration::ZERO))
+        let mut sx = StatxAttr::default();
+        sx.attr = attr(node);
+        sx.mask = mask;
+        Ok((sx, Duration::ZERO))
     }
     async fn setattr(&self, _: &protocol::Context, node: NodeId, _: &SetAttr) -> Result<AttrOut> {
-        Ok(AttrOut { attr: attr(node), timeout: Duration::ZERO })
+        Ok(AttrOut::new(attr(node), Duration::ZERO))
     }
     async fn readlink(&self, _: &protocol::Context, node: NodeId) -> Result<Vec<u8>> {
         // Sometimes longer than the reply buffer.
@@ -173,8 +179,10 @@ impl FileSystem for Eager {
         Ok(entry(node))
     }
     async fn open(&self, _: &protocol::Context, node: NodeId, flags: u32) -> Result<Opened> {
-        let options = OpenOptions { direct_io: flags & 1 != 0, backing_id: node.0 as i32, ..OpenOptions::default() };
-        Ok(Opened { fh: FileHandle(node.0), options })
+        let mut options = OpenOptions::default();
+        options.direct_io = flags & 1 != 0;
+        options.backing_id = node.0 as i32;
+        Ok(Opened::new(FileHandle(node.0), options))
     }
     async fn create(
         &self,
@@ -185,10 +193,10 @@ impl FileSystem for Eager {
         _: u32,
         _: u32,
     ) -> Result<(Entry, Opened)> {
-        Ok((entry(parent), Opened { fh: FileHandle(7), options: OpenOptions::default() }))
+        Ok((entry(parent), Opened::new(FileHandle(7), OpenOptions::default())))
     }
     async fn tmpfile(&self, _: &protocol::Context, parent: NodeId, _: u32, _: u32, _: u32) -> Result<(Entry, Opened)> {
-        Ok((entry(parent), Opened { fh: FileHandle(8), options: OpenOptions::default() }))
+        Ok((entry(parent), Opened::new(FileHandle(8), OpenOptions::default())))
     }
     async fn read(
         &self,
@@ -220,7 +228,9 @@ impl FileSystem for Eager {
         Ok(())
     }
     async fn opendir(&self, _: &protocol::Context, node: NodeId, _: u32) -> Result<Opened> {
-        Ok(Opened { fh: FileHandle(node.0), options: OpenOptions { cache_dir: true, ..OpenOptions::default() } })
+        let mut options = OpenOptions::default();
+        options.cache_dir = true;
+        Ok(Opened::new(FileHandle(node.0), options))
     }
     async fn readdir(
         &self,
@@ -256,7 +266,11 @@ impl FileSystem for Eager {
         Ok(())
     }
     async fn statfs(&self, _: &protocol::Context, node: NodeId) -> Result<StatFs> {
-        Ok(StatFs { blocks: node.0, bsize: u32::MAX, namelen: 255, ..StatFs::default() })
+        let mut st = StatFs::default();
+        st.blocks = node.0;
+        st.bsize = u32::MAX;
+        st.namelen = 255;
+        Ok(st)
     }
     async fn setxattr(&self, _: &protocol::Context, _: NodeId, _: &CStr, _: &[u8], _: u32) -> Result<()> {
         Ok(())

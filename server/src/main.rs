@@ -18,17 +18,15 @@ fn init_logging(level: &str) {
 }
 
 fn stderr_is_terminal_or_socket() -> bool {
-    // SAFETY: isatty and fstat on descriptor 2 with a zeroed stat buffer.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::isatty(2) == 1 || (libc::fstat(2, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
-    }
+    use std::os::fd::AsFd;
+    let stderr = std::io::stderr();
+    rustix::termios::isatty(stderr.as_fd())
+        || rustix::fs::fstat(stderr.as_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
 fn main() -> ExitCode {
     // The kernel applies the caller's umask before it sends a mode; ours must not apply again.
-    // SAFETY: umask cannot fail.
-    unsafe { libc::umask(0) };
+    rustix::process::umask(rustix::fs::Mode::empty());
     let command = match cli::parse_args(std::env::args_os()) {
         Ok(c) => c,
         Err(e) => {

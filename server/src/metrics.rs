@@ -94,10 +94,8 @@ fn process_stats(out: &mut String) {
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
             let f: Vec<&str> = rest.split_whitespace().collect();
-            // SAFETY: sysconf has no preconditions.
-            let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-            // SAFETY: as above.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+            let tick = rustix::param::clock_ticks_per_second().max(1) as f64;
+            let page = rustix::param::page_size().max(1) as f64;
             let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
             header(out, "process_cpu_seconds_total", "counter", "User and system CPU time of the server.");
             let _ = writeln!(out, "process_cpu_seconds_total {}", (num(11) + num(12)) / tick);
@@ -109,12 +107,10 @@ fn process_stats(out: &mut String) {
         header(out, "process_open_fds", "gauge", "Open file descriptors of the server.");
         let _ = writeln!(out, "process_open_fds {}", dir.count());
     }
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        header(out, "process_max_fds", "gauge", "RLIMIT_NOFILE of the server.");
-        let _ = writeln!(out, "process_max_fds {}", lim.rlim_cur);
-    }
+    // RLIM_INFINITY (None) as its raw value, as before.
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    header(out, "process_max_fds", "gauge", "RLIMIT_NOFILE of the server.");
+    let _ = writeln!(out, "process_max_fds {}", lim.current.unwrap_or(u64::MAX));
 }
 
 /// Renders all metrics in the Prometheus text format (version 0.0.4).

@@ -1,7 +1,6 @@
 //! The life of one mount: checks, watchdog, mount, INIT, serving, signals, unmount.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,13 +57,8 @@ fn block_signals() -> libc::sigset_t {
 /// Forks into the background: the parent waits until the child reports the mount ready (or
 /// failed) and exits with that status. Returns the pipe on which the child reports.
 fn daemonize() -> Result<std::fs::File, RunError> {
-    let mut fds = [0i32; 2];
-    // SAFETY: valid array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fresh descriptors we own.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {}", std::io::Error::from(e)))?;
     // SAFETY: single-threaded at this point.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -77,8 +71,9 @@ fn daemonize() -> Result<std::fs::File, RunError> {
         std::process::exit(if ok { 0 } else { 1 });
     }
     drop(rd);
-    // SAFETY: detaching from the controlling terminal in the child.
-    unsafe { libc::setsid() };
+    // Detaching from the controlling terminal in the child (cannot fail: a fresh child is no
+    // process group leader).
+    let _ = rustix::process::setsid();
     Ok(std::fs::File::from(wr))
 }
 
@@ -92,31 +87,27 @@ const WANTED_FILES: u64 = 1 << 20;
 /// directories open (each one a descriptor here) would see EMFILE from mkdir or open, although
 /// the same workload succeeds on the backing file system.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // RLIM_INFINITY (None) as its raw value, u64::MAX, as before.
+    let lim = getrlimit(Resource::Nofile);
+    let (cur, max) = (lim.current.unwrap_or(u64::MAX), lim.maximum.unwrap_or(u64::MAX));
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(WANTED_FILES);
-    let want = WANTED_FILES.min(nr_open).max(lim.rlim_cur);
-    if want <= lim.rlim_cur {
+    let want = WANTED_FILES.min(nr_open).max(cur);
+    if want <= cur {
         return;
     }
-    let before = lim.rlim_cur;
-    let raised = libc::rlimit { rlim_cur: want, rlim_max: want.max(lim.rlim_max) };
-    // SAFETY: valid pointer; raising the hard limit needs CAP_SYS_RESOURCE, else fall back to
-    // the hard limit we already have.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+    let before = cur;
+    // Raising the hard limit needs CAP_SYS_RESOURCE, else fall back to the hard limit we
+    // already have.
+    if setrlimit(Resource::Nofile, Rlimit { current: Some(want), maximum: Some(want.max(max)) }).is_ok() {
         log::debug!("open-file limit raised from {before} to {want}");
         return;
     }
-    let soft = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-    // SAFETY: valid pointer.
-    if lim.rlim_max > before && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } == 0 {
-        log::debug!("open-file limit raised from {before} to the hard limit {}", lim.rlim_max);
+    if max > before && setrlimit(Resource::Nofile, Rlimit { current: Some(max), maximum: Some(max) }).is_ok() {
+        log::debug!("open-file limit raised from {before} to the hard limit {max}");
     } else {
         // Cached descriptors make room for open handles (the inode table's budget), so this
         // only limits how many files clients can hold open at once.
@@ -405,13 +396,11 @@ fn unprivileged_note(reopens_by_handle: bool, watching: bool) -> String {
     let mut note =
         format!("running without root: mounted through {}; switched off: {}", mount::FUSERMOUNT, off.join(", "));
     if !reopens_by_handle {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: valid out-pointer.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        // RLIM_INFINITY (None) as its raw value, as before.
+        let cur = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
         note.push_str(&format!(
             ", file handles across remounts and NFS export (open_by_handle_at needs CAP_DAC_READ_SEARCH): every \
-             known inode keeps its descriptor open, so at most about {} inodes (RLIMIT_NOFILE)",
-            lim.rlim_cur
+             known inode keeps its descriptor open, so at most about {cur} inodes (RLIMIT_NOFILE)"
         ));
     }
     note

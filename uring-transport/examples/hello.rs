@@ -19,7 +19,11 @@ struct Hello;
 fn attr(node: NodeId) -> FileAttr {
     let (mode, size, nlink) =
         if node == NodeId::ROOT { (libc::S_IFDIR | 0o755, 0, 2) } else { (libc::S_IFREG | 0o444, TEXT.len(), 1) };
-    FileAttr { ino: node.0, mode, size: size as u64, nlink, blksize: 4096, ..Default::default() }
+    let mut attr = FileAttr::new(node.0, mode);
+    attr.size = size as u64;
+    attr.nlink = nlink;
+    attr.blksize = 4096;
+    attr
 }
 
 impl FileSystem for Hello {
@@ -34,15 +38,15 @@ impl FileSystem for Hello {
             return Err(Errno::ENOENT);
         }
         let t = Duration::from_secs(1);
-        Ok(Entry { nodeid: FILE, generation: 0, attr: attr(FILE), entry_timeout: t, attr_timeout: t })
+        Ok(Entry::new(FILE, 0, attr(FILE), t, t))
     }
 
     async fn getattr(&self, _: &Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
-        Ok(AttrOut { attr: attr(node), timeout: Duration::from_secs(1) })
+        Ok(AttrOut::new(attr(node), Duration::from_secs(1)))
     }
 
     async fn open(&self, _: &Context, _: NodeId, _: u32) -> Result<Opened> {
-        Ok(Opened { fh: FileHandle(0), options: OpenOptions::default() })
+        Ok(Opened::new(FileHandle(0), OpenOptions::default()))
     }
 
     async fn read(&self, _: &Context, _: NodeId, _: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -53,7 +57,7 @@ impl FileSystem for Hello {
     }
 
     async fn opendir(&self, _: &Context, _: NodeId, _: u32) -> Result<Opened> {
-        Ok(Opened { fh: FileHandle(0), options: OpenOptions::default() })
+        Ok(Opened::new(FileHandle(0), OpenOptions::default()))
     }
 
     async fn readdir(&self, _: &Context, _: NodeId, _: FileHandle, offset: u64, out: &mut DirBuffer<'_>) -> Result<()> {

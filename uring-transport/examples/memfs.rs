@@ -100,7 +100,7 @@ struct Store {
 
 fn now() -> Timespec {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+    Timespec::new(d.as_secs() as i64, d.subsec_nanos())
 }
 
 fn dirent_type(mode: u32) -> DirentType {
@@ -111,15 +111,14 @@ impl Store {
     fn new() -> Store {
         let t = now();
         let root = Node {
-            attr: FileAttr {
-                ino: 1,
-                mode: libc::S_IFDIR | 0o755,
-                nlink: 2,
-                blksize: 4096,
-                atime: t,
-                mtime: t,
-                ctime: t,
-                ..Default::default()
+            attr: {
+                let mut attr = FileAttr::new(1, libc::S_IFDIR | 0o755);
+                attr.nlink = 2;
+                attr.blksize = 4096;
+                attr.atime = t;
+                attr.mtime = t;
+                attr.ctime = t;
+                attr
             },
             kind: Kind::Dir(BTreeMap::new()),
             lookups: 1,
@@ -143,7 +142,7 @@ impl Store {
     fn entry(&mut self, n: u64) -> Result<Entry> {
         let node = self.node(n)?;
         node.lookups += 1;
-        Ok(Entry { nodeid: NodeId(n), generation: 0, attr: node.attr, entry_timeout: TTL, attr_timeout: TTL })
+        Ok(Entry::new(NodeId(n), 0, node.attr, TTL, TTL))
     }
 
     fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<Entry> {
@@ -190,18 +189,17 @@ impl Store {
             Kind::Symlink(t) => t.len() as u64,
             _ => 0,
         };
-        let attr = FileAttr {
-            ino: n,
-            mode,
-            nlink: if is_dir { 2 } else { 1 },
-            uid: ctx.uid,
-            gid: pgid.unwrap_or(ctx.gid),
-            size,
-            blksize: 4096,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            ..Default::default()
+        let attr = {
+            let mut attr = FileAttr::new(n, mode);
+            attr.nlink = if is_dir { 2 } else { 1 };
+            attr.uid = ctx.uid;
+            attr.gid = pgid.unwrap_or(ctx.gid);
+            attr.size = size;
+            attr.blksize = 4096;
+            attr.atime = t;
+            attr.mtime = t;
+            attr.ctime = t;
+            attr
         };
         self.nodes.insert(n, Node { attr, kind, lookups: 0, opens: 0 });
         self.dir(parent)?.insert(name.to_vec(), n);
@@ -328,7 +326,7 @@ impl Store {
             node.attr.mtime = pick(s);
         }
         node.attr.ctime = a.ctime.unwrap_or(t);
-        Ok(AttrOut { attr: node.attr, timeout: TTL })
+        Ok(AttrOut::new(node.attr, TTL))
     }
 
     fn read(&mut self, n: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -483,7 +481,7 @@ impl FileSystem for MemFs {
     }
 
     async fn getattr(&self, _: &Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
-        self.run(move |s| Ok(AttrOut { attr: s.node(node.0)?.attr, timeout: TTL })).await
+        self.run(move |s| Ok(AttrOut::new(s.node(node.0)?.attr, TTL))).await
     }
 
     async fn setattr(&self, _: &Context, node: NodeId, attr: &SetAttr) -> Result<AttrOut> {
@@ -548,7 +546,7 @@ impl FileSystem for MemFs {
                 return Err(Errno::EISDIR);
             }
             n.opens += 1;
-            Ok(Opened { fh: FileHandle(node.0), options: OpenOptions::default() })
+            Ok(Opened::new(FileHandle(node.0), OpenOptions::default()))
         })
         .await
     }
@@ -567,7 +565,7 @@ impl FileSystem for MemFs {
         self.run(move |s| {
             let e = s.make(ctx, parent.0, &n, mode, Kind::File(Vec::new()))?;
             s.node(e.nodeid.0)?.opens += 1;
-            Ok((e, Opened { fh: FileHandle(e.nodeid.0), options: OpenOptions::default() }))
+            Ok((e, Opened::new(FileHandle(e.nodeid.0), OpenOptions::default())))
         })
         .await
     }
@@ -622,7 +620,7 @@ impl FileSystem for MemFs {
     async fn opendir(&self, _: &Context, node: NodeId, _: u32) -> Result<Opened> {
         self.run(move |s| {
             s.dir(node.0)?;
-            Ok(Opened { fh: FileHandle(node.0), options: OpenOptions::default() })
+            Ok(Opened::new(FileHandle(node.0), OpenOptions::default()))
         })
         .await
     }
@@ -701,16 +699,16 @@ impl FileSystem for MemFs {
 
     async fn statfs(&self, _: &Context, _: NodeId) -> Result<StatFs> {
         let files = self.run(|s| s.nodes.len() as u64).await;
-        Ok(StatFs {
-            blocks: 1 << 20,
-            bfree: 1 << 19,
-            bavail: 1 << 19,
-            files: files + (1 << 20),
-            ffree: 1 << 20,
-            bsize: 4096,
-            namelen: 255,
-            frsize: 4096,
-        })
+        let mut st = StatFs::default();
+        st.blocks = 1 << 20;
+        st.bfree = 1 << 19;
+        st.bavail = 1 << 19;
+        st.files = files + (1 << 20);
+        st.ffree = 1 << 20;
+        st.bsize = 4096;
+        st.namelen = 255;
+        st.frsize = 4096;
+        Ok(st)
     }
 }
 

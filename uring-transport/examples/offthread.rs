@@ -134,7 +134,11 @@ const NAMES: [&[u8]; 4] = [b"now", b"later", b"sleepy", b"panic"];
 fn attr(node: NodeId) -> FileAttr {
     let (mode, size, nlink) =
         if node == NodeId::ROOT { (libc::S_IFDIR | 0o755, 0, 2) } else { (libc::S_IFREG | 0o444, TEXT.len(), 1) };
-    FileAttr { ino: node.0, mode, size: size as u64, nlink, blksize: 4096, ..Default::default() }
+    let mut attr = FileAttr::new(node.0, mode);
+    attr.size = size as u64;
+    attr.nlink = nlink;
+    attr.blksize = 4096;
+    attr
 }
 
 impl FileSystem for OffThread {
@@ -154,16 +158,18 @@ impl FileSystem for OffThread {
         let k = NAMES.iter().position(|n| *n == name.to_bytes()).ok_or(Errno::ENOENT)?;
         let node = NodeId(k as u64 + 2);
         let t = Duration::ZERO;
-        Ok(Entry { nodeid: node, generation: 0, attr: attr(node), entry_timeout: t, attr_timeout: t })
+        Ok(Entry::new(node, 0, attr(node), t, t))
     }
 
     async fn getattr(&self, _: &Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
-        Ok(AttrOut { attr: attr(node), timeout: Duration::ZERO })
+        Ok(AttrOut::new(attr(node), Duration::ZERO))
     }
 
     async fn open(&self, _: &Context, _: NodeId, _: u32) -> Result<Opened> {
         // Direct I/O: every read reaches the server.
-        Ok(Opened { fh: FileHandle(0), options: OpenOptions { direct_io: true, ..OpenOptions::default() } })
+        let mut options = OpenOptions::default();
+        options.direct_io = true;
+        Ok(Opened::new(FileHandle(0), options))
     }
 
     async fn read(&self, _: &Context, node: NodeId, _: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {

@@ -539,8 +539,7 @@ fn sys(res: isize) -> io::Result<usize> {
 /// duplicate of `fd` until the kernel is done).
 pub async fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     if !on_ring() {
-        // SAFETY: buf is valid for writes of its length.
-        return sys(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset as i64) });
+        return Ok(rustix::io::pread(fd, buf, offset)?);
     }
     let mut mem = OpMem::default();
     let raw = keep(fd, &mut mem)?;
@@ -564,8 +563,7 @@ pub async fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Resul
 /// On a queue thread the data is first copied into a buffer the operation owns (see [`pread`]).
 pub async fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
     if !on_ring() {
-        // SAFETY: buf is valid for reads of its length.
-        return sys(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as i64) });
+        return Ok(rustix::io::pwrite(fd, buf, offset)?);
     }
     let mut mem = OpMem::default();
     let raw = keep(fd, &mut mem)?;
@@ -582,15 +580,7 @@ pub async fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<u
 /// fsync / fdatasync.
 pub async fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
     if !on_ring() {
-        // SAFETY: plain syscalls on an fd.
-        let rc = unsafe {
-            if datasync {
-                libc::fdatasync(fd.as_raw_fd())
-            } else {
-                libc::fsync(fd.as_raw_fd())
-            }
-        };
-        return sys(rc as isize).map(|_| ());
+        return Ok(if datasync { rustix::fs::fdatasync(fd) } else { rustix::fs::fsync(fd) }?);
     }
     let mut mem = OpMem::default();
     let raw = keep(fd, &mut mem)?;
@@ -602,9 +592,7 @@ pub async fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
 /// fallocate(2).
 pub async fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     if !on_ring() {
-        // SAFETY: plain syscall on an fd.
-        let rc = unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64) };
-        return sys(rc as isize).map(|_| ());
+        return Ok(rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::from_bits_retain(mode as u32), offset, len)?);
     }
     let mut mem = OpMem::default();
     let raw = keep(fd, &mut mem)?;
@@ -638,12 +626,10 @@ pub async fn statx(dirfd: BorrowedFd<'_>, path_: &CStr, flags: i32, mask: u32) -
 
 /// unlinkat(2).
 pub async fn unlinkat(dirfd: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<()> {
-    let dir = dirfd.as_raw_fd();
-    // SAFETY: valid path pointer.
-    let plain = || unsafe { libc::unlinkat(dir, name.as_ptr(), flags) };
+    let plain = || rustix::fs::unlinkat(dirfd, name, rustix::fs::AtFlags::from_bits_retain(flags as u32));
     match metadata_way() {
-        Way::Plain => return sys(plain() as isize).map(|_| ()),
-        Way::Inline => return sys(run_inline(plain) as isize).map(|_| ()),
+        Way::Plain => return Ok(plain()?),
+        Way::Inline => return Ok(run_inline(plain)?),
         Way::Ring => {}
     }
     let mut mem = OpMem::default();
@@ -660,12 +646,11 @@ pub async fn renameat2(
     new: &CStr,
     flags: u32,
 ) -> io::Result<()> {
-    let (o, n) = (olddir.as_raw_fd(), newdir.as_raw_fd());
-    // SAFETY: valid path pointers.
-    let plain = || unsafe { libc::renameat2(o, old.as_ptr(), n, new.as_ptr(), flags) };
+    let plain =
+        || rustix::fs::renameat_with(olddir, old, newdir, new, rustix::fs::RenameFlags::from_bits_retain(flags));
     match metadata_way() {
-        Way::Plain => return sys(plain() as isize).map(|_| ()),
-        Way::Inline => return sys(run_inline(plain) as isize).map(|_| ()),
+        Way::Plain => return Ok(plain()?),
+        Way::Inline => return Ok(run_inline(plain)?),
         Way::Ring => {}
     }
     let mut mem = OpMem::default();
@@ -694,8 +679,7 @@ pub async fn sleep(d: std::time::Duration) -> io::Result<()> {
 /// mkdirat(2) as personality `personality` (0: the thread's own credentials).
 pub async fn mkdirat_as(dirfd: BorrowedFd<'_>, name: &CStr, mode: u32, personality: u16) -> io::Result<()> {
     if !on_ring() {
-        // SAFETY: valid path pointer.
-        return sys(unsafe { libc::mkdirat(dirfd.as_raw_fd(), name.as_ptr(), mode) } as isize).map(|_| ());
+        return Ok(rustix::fs::mkdirat(dirfd, name, rustix::fs::Mode::from_raw_mode(mode))?);
     }
     let mut mem = OpMem::default();
     let raw = keep(dirfd, &mut mem)?;
@@ -706,8 +690,7 @@ pub async fn mkdirat_as(dirfd: BorrowedFd<'_>, name: &CStr, mode: u32, personali
 /// symlinkat(2) as personality `personality` (0: the thread's own credentials).
 pub async fn symlinkat_as(target: &CStr, dirfd: BorrowedFd<'_>, name: &CStr, personality: u16) -> io::Result<()> {
     if !on_ring() {
-        // SAFETY: valid path pointers.
-        return sys(unsafe { libc::symlinkat(target.as_ptr(), dirfd.as_raw_fd(), name.as_ptr()) } as isize).map(|_| ());
+        return Ok(rustix::fs::symlinkat(target, dirfd, name)?);
     }
     let mut mem = OpMem::default();
     let raw = keep(dirfd, &mut mem)?;
@@ -727,10 +710,8 @@ pub async fn linkat_as(
     personality: u16,
 ) -> io::Result<()> {
     if !on_ring() {
-        let o = olddir.map_or(libc::AT_FDCWD, |f| f.as_raw_fd());
-        // SAFETY: valid path pointers.
-        return sys(unsafe { libc::linkat(o, old.as_ptr(), newdir.as_raw_fd(), new.as_ptr(), flags) } as isize)
-            .map(|_| ());
+        let o = olddir.unwrap_or(rustix::fs::CWD);
+        return Ok(rustix::fs::linkat(o, old, newdir, new, rustix::fs::AtFlags::from_bits_retain(flags as u32))?);
     }
     let mut mem = OpMem::default();
     let o = match olddir {
@@ -954,11 +935,7 @@ mod tests {
     }
 
     fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a valid array of two ints.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: fresh descriptors we own.
-        unsafe { (crate::mount::owned(fds[0]), crate::mount::owned(fds[1])) }
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()
     }
 
     /// Polls `fut` once, then (if still pending) `race` until it wins; drops `fut` either way.

@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -114,8 +114,7 @@ pub const FUSERMOUNT: &str = "fusermount3";
 pub fn can_mount() -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        // SAFETY: geteuid cannot fail and touches no memory.
-        return unsafe { libc::geteuid() } == 0;
+        return rustix::process::geteuid().is_root();
     };
     status
         .lines()
@@ -159,10 +158,8 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
         "fd={},rootmode={:o},user_id={},group_id={},max_read={}",
         fd.as_raw_fd(),
         meta.mode() & libc::S_IFMT,
-        // SAFETY: getuid cannot fail and touches no memory.
-        unsafe { libc::getuid() },
-        // SAFETY: getgid cannot fail and touches no memory.
-        unsafe { libc::getgid() },
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
         opts.max_read
     );
     if opts.default_permissions {
@@ -198,10 +195,9 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     let fstype = CString::new(fstype).map_err(|_| io::ErrorKind::InvalidInput)?;
     let target = CString::new(mp.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     let cdata = CString::new(data).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, cdata.as_ptr().cast()) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
+    let flags = rustix::mount::MountFlags::from_bits_retain(flags as _);
+    if let Err(e) = rustix::mount::mount(&*source, &*target, &*fstype, flags, Some(cdata.as_c_str())) {
+        let e = io::Error::from(e);
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) => " (ringfs must run as root, with CAP_SYS_ADMIN)",
             Some(libc::ENODEV) => " (the fuse file system type is not available: modprobe fuse)",
@@ -245,14 +241,10 @@ fn fusermount_options(opts: &MountOptions) -> String {
 /// Mounts through [`FUSERMOUNT`]: it opens /dev/fuse, mounts, and hands the descriptor back
 /// over a Unix socket (`SCM_RIGHTS`) whose number it finds in `_FUSE_COMMFD`.
 fn fusermount_mount(opts: &MountOptions) -> io::Result<OwnedFd> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
     use std::os::unix::process::CommandExt;
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
-        return Err(err("socketpair".into(), io::Error::last_os_error()));
-    }
-    // SAFETY: socketpair returned two fresh descriptors that we now own.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| err("socketpair".into(), e.into()))?;
     let child_fd = theirs.as_raw_fd();
     let mut cmd = std::process::Command::new(FUSERMOUNT);
     cmd.arg("-o")
@@ -302,41 +294,28 @@ fn fusermount_mount(opts: &MountOptions) -> io::Result<OwnedFd> {
 
 /// Receives one descriptor sent with `SCM_RIGHTS` on `sock`.
 fn receive_fd(sock: &OwnedFd) -> io::Result<OwnedFd> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    // Room for one cmsghdr carrying one int, aligned.
-    let mut cbuf = [0u64; 8];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as _;
+    // Room for one control message carrying one descriptor.
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
     let n = loop {
-        // SAFETY: msg points at valid buffers.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        match recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r?.bytes,
         }
-        break n;
     };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if n == 0 {
         return Err(io::Error::other(format!("{FUSERMOUNT} sent no descriptor")));
     }
-    // SAFETY: msg was filled in by recvmsg; CMSG_FIRSTHDR checks the length.
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    // SAFETY: cmsg, when not null, points into cbuf.
-    if cmsg.is_null() || unsafe { (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS } {
-        return Err(io::Error::other(format!("{FUSERMOUNT} sent no descriptor")));
-    }
-    // SAFETY: an SCM_RIGHTS message carries at least one int; read it unaligned.
-    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()) };
-    // SAFETY: the kernel installed this descriptor in our table for us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // The first control message, as before: descriptors beyond the first (none are sent) are
+    // closed when the drain drops them.
+    let fd = match control.drain().next() {
+        Some(RecvAncillaryMessage::ScmRights(mut fds)) => fds.next(),
+        _ => None,
+    };
+    fd.ok_or_else(|| io::Error::other(format!("{FUSERMOUNT} sent no descriptor")))
 }
 
 /// Unmounts `mountpoint` through [`FUSERMOUNT`] (`-u`, with `-z` for a lazy detach).
@@ -361,6 +340,7 @@ pub fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
 /// The mount(8) words a remount (`mount -o remount,...`) applies; every other option of the
 /// mount stays as it was mounted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RemountFlags {
     /// `ro` (else `rw`).
     pub read_only: bool,
@@ -459,11 +439,9 @@ pub fn remount(mountpoint: &Path, flags: &RemountFlags) -> io::Result<()> {
 /// Without the privilege to unmount (EPERM), it goes through [`FUSERMOUNT`].
 pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
     let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: valid C string.
-    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-        return Ok(false);
-    }
-    let e = io::Error::last_os_error();
+    use rustix::mount::UnmountFlags;
+    let Err(e) = rustix::mount::unmount(&*target, UnmountFlags::empty()) else { return Ok(false) };
+    let e = io::Error::from(e);
     if e.raw_os_error() == Some(libc::EPERM) {
         return match fusermount_unmount(mountpoint, false) {
             Ok(()) => Ok(false),
@@ -473,16 +451,12 @@ pub fn unmount(mountpoint: &Path) -> io::Result<bool> {
     if e.raw_os_error() != Some(libc::EBUSY) {
         return Err(e);
     }
-    // SAFETY: valid C string.
-    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(true)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::mount::unmount(&*target, UnmountFlags::DETACH).map(|()| true).map_err(io::Error::from)
 }
 
 /// One line of /proc/self/mountinfo.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MountEntry {
     /// Device number (major:minor).
     pub dev: u64,
@@ -527,10 +501,9 @@ pub fn abort_connection(dev: u64) -> io::Result<()> {
     let dir = fusectl_dir(dev);
     if !dir.exists() && std::fs::read_dir(FUSECTL).is_ok_and(|mut d| d.next().is_none()) {
         let (src, target, fstype) = (c"fusectl", CString::new(FUSECTL)?, c"fusectl");
-        // SAFETY: valid NUL-terminated strings; no data argument.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        let rc = rustix::mount::mount(src, &*target, fstype, rustix::mount::MountFlags::empty(), None);
+        if let Err(e) = rc {
+            let e = io::Error::from(e);
             return Err(io::Error::new(e.kind(), format!("mounting fusectl on {FUSECTL}: {e}")));
         }
     }
@@ -577,15 +550,6 @@ pub fn clone_fd(master: &OwnedFd) -> io::Result<OwnedFd> {
         return Err(err("FUSE_DEV_IOC_CLONE".into(), io::Error::last_os_error()));
     }
     Ok(fd)
-}
-
-/// Wraps a raw fd number known to be open and owned by the caller.
-///
-/// # Safety
-/// `fd` must be an open descriptor that nothing else owns.
-pub unsafe fn owned(fd: i32) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 #[cfg(test)]

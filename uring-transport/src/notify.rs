@@ -6,7 +6,8 @@
 //! server has yet to answer, so a request-serving thread must never write one itself.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,7 @@ impl Name {
 
 /// Counters of the kernel channel.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct NotifyStats {
     /// Invalidations written to the kernel (counted as they are written, refused ones too).
     pub sent: AtomicU64,
@@ -106,26 +108,20 @@ impl Channel {
     }
 }
 
-fn write_notification(fd: RawFd, code: i32, parts: &[&[u8]]) -> io::Result<()> {
+fn write_notification(fd: BorrowedFd<'_>, code: i32, parts: &[&[u8]]) -> io::Result<()> {
     let len: usize = size_of::<FuseOutHeader>() + parts.iter().map(|p| p.len()).sum::<usize>();
     let h = FuseOutHeader { len: len as u32, error: code, unique: 0 };
     // On the stack: every notification has at most three parts.
-    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
+    let mut iov = [IoSlice::new(&[]); 4];
     if parts.len() >= iov.len() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    iov[0] = libc::iovec { iov_base: h.as_bytes().as_ptr() as *mut _, iov_len: size_of::<FuseOutHeader>() };
+    iov[0] = IoSlice::new(h.as_bytes());
     for (v, p) in iov[1..].iter_mut().zip(parts) {
-        *v = libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() };
+        *v = IoSlice::new(p);
     }
-    let count = parts.len() + 1;
-    // SAFETY: the first `count` iovecs point at live buffers of their lengths.
-    let n = unsafe { libc::writev(fd, iov.as_ptr(), count as i32) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    rustix::io::writev(fd, &iov[..parts.len() + 1])?;
+    Ok(())
 }
 
 fn notifier(fd: &OwnedFd, rx: Receiver<Notification>, stats: &NotifyStats) {
@@ -137,17 +133,17 @@ fn notifier(fd: &OwnedFd, rx: Receiver<Notification>, stats: &NotifyStats) {
             Notification::InvalEntry { parent, name } => {
                 let name = name.as_bytes();
                 let arg = FuseNotifyInvalEntryOut { parent: *parent, namelen: name.len() as u32, flags: 0 };
-                write_notification(fd.as_raw_fd(), notify::INVAL_ENTRY, &[arg.as_bytes(), name, b"\0"])
+                write_notification(fd.as_fd(), notify::INVAL_ENTRY, &[arg.as_bytes(), name, b"\0"])
             }
             Notification::InvalInode { node, offset, len } => {
                 let arg = FuseNotifyInvalInodeOut { ino: *node, off: *offset, len: *len };
-                write_notification(fd.as_raw_fd(), notify::INVAL_INODE, &[arg.as_bytes()])
+                write_notification(fd.as_fd(), notify::INVAL_INODE, &[arg.as_bytes()])
             }
             Notification::Delete { parent, child, name } => {
                 let name = name.as_bytes();
                 let arg =
                     FuseNotifyDeleteOut { parent: *parent, child: *child, namelen: name.len() as u32, padding: 0 };
-                write_notification(fd.as_raw_fd(), notify::DELETE, &[arg.as_bytes(), name, b"\0"])
+                write_notification(fd.as_fd(), notify::DELETE, &[arg.as_bytes(), name, b"\0"])
             }
         };
         match r {

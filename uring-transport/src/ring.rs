@@ -76,6 +76,7 @@ impl Drop for AlignedBox {
 
 /// Per-queue counters.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Requests served by this queue.
     pub requests: AtomicU64,
@@ -151,15 +152,10 @@ struct ReadyList {
 
 impl ReadyList {
     fn new() -> io::Result<ReadyList> {
-        // SAFETY: eventfd returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        use rustix::event::{eventfd, EventfdFlags};
         Ok(ReadyList {
             list: Mutex::new(Vec::new()),
-            // SAFETY: fresh fd we own.
-            bell: unsafe { crate::mount::owned(fd) },
+            bell: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
             rung: AtomicBool::new(false),
             owner: std::thread::current().id(),
         })
@@ -170,9 +166,7 @@ impl ReadyList {
             v.push(idx);
         }
         if std::thread::current().id() != self.owner && !self.rung.swap(true, Ordering::SeqCst) {
-            let one = 1u64;
-            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
-            unsafe { libc::write(self.bell.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let _ = rustix::io::write(&self.bell, &1u64.to_ne_bytes());
         }
     }
 
@@ -213,13 +207,9 @@ pub(crate) struct InterruptInbox {
 
 impl InterruptInbox {
     pub(crate) fn new() -> io::Result<InterruptInbox> {
-        // SAFETY: eventfd returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd we own.
-        Ok(InterruptInbox { uniques: Mutex::new(Vec::new()), wake_fd: Some(unsafe { crate::mount::owned(fd) }) })
+        use rustix::event::{eventfd, EventfdFlags};
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(InterruptInbox { uniques: Mutex::new(Vec::new()), wake_fd: Some(fd) })
     }
 
     /// Queues an interrupt and wakes the queue.
@@ -230,9 +220,7 @@ impl InterruptInbox {
             }
         }
         if let Some(fd) = &self.wake_fd {
-            let one = 1u64;
-            // SAFETY: writing 8 bytes from a valid u64.
-            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
         }
     }
 
@@ -266,13 +254,13 @@ fn uring_cmd(cmd_op: u32, qid: u16, commit_id: u64, iov: Option<*const libc::iov
 
 /// Pins the calling thread to `cpu`; failure (offline CPU) is only logged.
 pub(crate) fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks against the set size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            log::debug!("queue {cpu}: not pinned: {}", io::Error::last_os_error());
-        }
+    let mut set = rustix::thread::CpuSet::new();
+    // Beyond the set's size the set stays empty and the kernel refuses it (as CPU_SET did).
+    if cpu < rustix::thread::CpuSet::MAX_CPU {
+        set.set(cpu);
+    }
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        log::debug!("queue {cpu}: not pinned: {}", io::Error::from(e));
     }
 }
 
@@ -600,8 +588,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             if last.elapsed() >= poll {
                 return Ok(());
             }
-            // SAFETY: no arguments; gives the CPU to a runnable task (the caller) if any.
-            unsafe { libc::sched_yield() };
+            // Gives the CPU to a runnable task (the caller) if any.
+            rustix::thread::sched_yield();
         }
     }
 
@@ -1038,20 +1026,13 @@ pub(crate) struct StopSignal {
 
 impl StopSignal {
     pub(crate) fn new() -> io::Result<StopSignal> {
-        // SAFETY: eventfd returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd we own.
-        Ok(StopSignal { fd: unsafe { crate::mount::owned(fd) } })
+        use rustix::event::{eventfd, EventfdFlags};
+        Ok(StopSignal { fd: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::SEMAPHORE)? })
     }
 
     /// Wakes `n` queue threads.
     pub(crate) fn wake(&self, n: usize) {
-        let one = n as u64;
-        // SAFETY: writing 8 bytes from a valid u64.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let _ = rustix::io::write(&self.fd, &(n as u64).to_ne_bytes());
     }
 }
 
@@ -1060,14 +1041,10 @@ mod tests {
     use super::*;
 
     fn bell_count(r: &ReadyList) -> u64 {
-        let mut v = 0u64;
-        let mut pfd = libc::pollfd { fd: r.bell.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
-            // SAFETY: reading 8 bytes into a valid u64 from our eventfd.
-            unsafe { libc::read(r.bell.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        }
-        v
+        // Non-blocking eventfd: EAGAIN (0 here) when it was never rung.
+        let mut v = [0u8; 8];
+        let _ = rustix::io::read(&r.bell, &mut v);
+        u64::from_ne_bytes(v)
     }
 
     #[test]

@@ -19,7 +19,9 @@ use zerocopy::IntoBytes;
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
 use crate::notify::{Channel, NotifyStats};
-use crate::ring::{possible_cpus, run_queue, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal};
+use crate::ring::{
+    possible_cpus, run_queue, AlignedBox, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal,
+};
 
 /// Which channel carries requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +68,7 @@ impl Default for SessionConfig {
 
 /// Counters of a session, readable while it runs.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct SessionStats {
     /// Requests received, per opcode.
     pub requests: Vec<AtomicU64>,
@@ -121,45 +124,19 @@ pub struct Session<F> {
     conn: ConnInfo,
 }
 
-/// An 8-byte aligned, zeroed byte buffer (request structs are read in place).
-struct AlignedBuf {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        AlignedBuf { words: vec![0u64; len.div_ceil(8)], len }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
-        self.words.as_mut_slice().as_mut_bytes().split_at_mut(len).0
-    }
-}
+/// Alignment of the /dev/fuse reader's buffers: request structs are read in place.
+const DEV_BUF_ALIGN: usize = 8;
 
 fn dup_fd(fd: &OwnedFd) -> io::Result<OwnedFd> {
     fd.try_clone()
 }
 
 fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    Ok(rustix::io::read(fd, buf)?)
 }
 
 fn write_fd(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for reads of buf.len() bytes.
-    let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    Ok(rustix::io::write(fd, buf)?)
 }
 
 /// Sends a reply whose payload already sits in `out[16..16 + len]`.
@@ -178,8 +155,8 @@ impl<F: FileSystem> Session<F> {
     /// Answers INIT on the mount's fd. Blocks until the kernel sends it (right after mount).
     pub fn init(mounted: Mounted, fs: Arc<F>, cfg: &SessionConfig) -> io::Result<Session<F>> {
         let bufsize = cfg.init.max_write.max(128 * 1024) as usize + 8192;
-        let mut inbuf = AlignedBuf::new(bufsize);
-        let buf = inbuf.bytes_mut();
+        let mut inbuf = AlignedBox::new(bufsize, DEV_BUF_ALIGN);
+        let buf = inbuf.as_mut_slice();
         let n = loop {
             match read_fd(&mounted.fd, buf) {
                 Ok(n) => break n,
@@ -353,13 +330,8 @@ impl<F: FileSystem> Session<F> {
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    Ok(rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?)
 }
 
 /// Why FUSE over io_uring is not in use, for the log and for start-up errors.
@@ -382,11 +354,11 @@ fn worker<F: FileSystem>(
     bufsize: usize,
     outsize: usize,
 ) {
-    let mut inbuf = AlignedBuf::new(bufsize);
-    let mut outbuf = AlignedBuf::new(outsize);
-    let out = outbuf.bytes_mut();
+    let mut inbuf = AlignedBox::new(bufsize, DEV_BUF_ALIGN);
+    let mut outbuf = AlignedBox::new(outsize, DEV_BUF_ALIGN);
+    let out = outbuf.as_mut_slice();
     loop {
-        let buf = inbuf.bytes_mut();
+        let buf = inbuf.as_mut_slice();
         let n = match read_fd(fd, buf) {
             Ok(n) => n,
             Err(e) => match e.raw_os_error() {

@@ -8,7 +8,6 @@
 
 use std::ffi::CString;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -28,13 +27,7 @@ impl Watchdog {
     /// read to end-of-file (see [`detach_stdio`]): use it for a server that runs in the
     /// background.
     pub fn spawn(mountpoint: &Path, detach: bool) -> io::Result<Watchdog> {
-        let mut fds = [0i32; 2];
-        // SAFETY: fds is a valid array of two ints.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 returned two fresh descriptors that we now own.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: the process is single-threaded here (documented precondition), so the child
         // may run arbitrary code.
@@ -67,9 +60,9 @@ impl Watchdog {
     pub fn done(mut self) {
         let _ = self.pipe.write_all(b"D");
         drop(self.pipe);
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid) {
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        }
     }
 }
 
@@ -101,27 +94,27 @@ fn watch(mut pipe: std::fs::File, mountpoint: &Path, target: &CString) -> i32 {
     }
     let Some(dev) = dev else { return 0 };
     if still_mounted(mountpoint, dev) {
-        // SAFETY: valid C string.
-        let mut rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+        let mut rc = rustix::mount::unmount(target.as_c_str(), rustix::mount::UnmountFlags::DETACH);
+        if rc == Err(rustix::io::Errno::PERM) {
             // A user's mount: detached by the set-uid helper that mounted it.
             rc = match crate::mount::fusermount_unmount(mountpoint, true) {
-                Ok(()) => 0,
+                Ok(()) => Ok(()),
                 Err(e) => {
                     eprintln!("ringfs watchdog: server died; unmounting {} failed: {e}", mountpoint.display());
                     return 1;
                 }
             };
         }
-        if rc == 0 {
-            eprintln!("ringfs watchdog: server died; detached {}", mountpoint.display());
-        } else {
-            eprintln!(
-                "ringfs watchdog: server died; unmounting {} failed: {}",
-                mountpoint.display(),
-                io::Error::last_os_error()
-            );
-            return 1;
+        match rc {
+            Ok(()) => eprintln!("ringfs watchdog: server died; detached {}", mountpoint.display()),
+            Err(e) => {
+                eprintln!(
+                    "ringfs watchdog: server died; unmounting {} failed: {}",
+                    mountpoint.display(),
+                    io::Error::from(e)
+                );
+                return 1;
+            }
         }
     }
     0
@@ -140,19 +133,15 @@ fn still_mounted(mountpoint: &Path, dev: u64) -> bool {
 /// libfuse's daemonize does not either. Run in the foreground (`-f`) to log to a file.
 /// Async-signal-safe (raw syscalls), so a freshly forked child may call it.
 pub fn detach_stdio() {
-    // SAFETY: open/fstat/dup2/close on a NUL-terminated path and descriptors of this process.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        if null < 0 {
-            return;
-        }
-        let mut st: libc::stat = std::mem::zeroed();
-        let keep_stderr = libc::fstat(2, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
-        libc::dup2(null, 0);
-        libc::dup2(null, 1);
-        if !keep_stderr {
-            libc::dup2(null, 2);
-        }
-        libc::close(null);
+    use rustix::{fs, stdio};
+    let Ok(null) = fs::open(c"/dev/null", fs::OFlags::RDWR | fs::OFlags::CLOEXEC, fs::Mode::empty()) else {
+        return;
+    };
+    let keep_stderr = fs::fstat(stdio::stderr()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
+    let _ = stdio::dup2_stdin(&null);
+    let _ = stdio::dup2_stdout(&null);
+    if !keep_stderr {
+        let _ = stdio::dup2_stderr(&null);
     }
+    // `null` is closed here.
 }

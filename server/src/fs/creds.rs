@@ -40,11 +40,8 @@ impl CredGuard {
     /// Sets this thread's supplementary groups (raw syscall: this thread only); they are
     /// reset to the empty set when the guard is dropped.
     pub(crate) fn set_groups(&mut self, groups: &[libc::gid_t]) -> Result<()> {
-        // SAFETY: `groups` is a readable array of `groups.len()` gid_t values.
-        let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-        if r < 0 {
-            return Err(Errno::last());
-        }
+        let groups: Vec<rustix::process::Gid> = groups.iter().map(|&g| rustix::process::Gid::from_raw(g)).collect();
+        rustix::thread::set_thread_groups(&groups).map_err(|e| Errno(e.raw_os_error()))?;
         self.groups = true;
         Ok(())
     }
@@ -60,10 +57,9 @@ impl Drop for CredGuard {
             }
         }
         if self.groups {
-            // SAFETY: an empty group list (null pointer with size 0) for this thread only.
-            unsafe {
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>());
-            }
+            // An empty group list, for this thread only. Failure leaves the caller's groups on
+            // a thread running as root: not possible for a thread that could set them.
+            let _ = rustix::thread::set_thread_groups(&[]);
         }
     }
 }

@@ -41,8 +41,7 @@ pub(crate) fn take(path: &Path) -> io::Result<Option<HandleState>> {
     };
     let _ = fs::remove_file(path);
     let md = f.metadata()?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     if !md.is_file() || md.uid() != euid || md.mode() & 0o022 != 0 {
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, "not a private regular file"));
     }

@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -76,13 +76,11 @@ impl DirStream {
     }
 
     /// Positions the stream at cookie `offset` (seeking the backing directory if needed).
-    fn seek(&mut self, fd: RawFd, offset: u64) -> Result<()> {
+    fn seek(&mut self, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
         if offset == self.pos {
             return Ok(());
         }
-        // SAFETY: lseek on a descriptor we own; errors are checked.
-        let r = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_SET) };
-        sys::cvt_long(r)?;
+        sys::rx(rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(offset)))?;
         self.pending.clear();
         self.pending_at = 0;
         self.pos = offset;
@@ -92,7 +90,12 @@ impl DirStream {
     /// Offers the entries from cookie `offset` on to `f`, in order, until it declines one
     /// (which is kept for the next call) or the directory ends. A read error is returned only
     /// if no entry was taken.
-    pub(crate) fn read(&mut self, fd: RawFd, offset: u64, f: &mut dyn FnMut(&DirEntry<'_>) -> bool) -> Result<()> {
+    pub(crate) fn read(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        f: &mut dyn FnMut(&DirEntry<'_>) -> bool,
+    ) -> Result<()> {
         self.seek(fd, offset)?;
         let mut took = false;
         loop {
@@ -114,7 +117,7 @@ impl DirStream {
                 if buf.len() < DIRENT_BUF {
                     buf.resize(DIRENT_BUF, 0);
                 }
-                let n = sys::getdents64(fd, &mut buf)?;
+                let n = sys::getdents64(fd.as_raw_fd(), &mut buf)?;
                 if n == 0 {
                     return Ok(true);
                 }
@@ -173,7 +176,8 @@ impl Handle {
         }
     }
 
-    /// [`file_fd`](Self::file_fd), borrowed for as long as the handle lives.
+    /// The descriptor of an open regular file, borrowed for as long as the handle lives; EISDIR
+    /// for directories.
     pub(crate) fn file_borrowed(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
         match &self.kind {
             HandleKind::File(fd) => Ok(std::os::fd::AsFd::as_fd(fd)),
@@ -181,18 +185,10 @@ impl Handle {
         }
     }
 
-    /// The descriptor of an open regular file; EBADF for directories.
-    pub(crate) fn file_fd(&self) -> Result<RawFd> {
-        match &self.kind {
-            HandleKind::File(fd) => Ok(fd.as_raw_fd()),
-            HandleKind::Dir(..) => Err(Errno::EISDIR),
-        }
-    }
-
     /// The directory descriptor and locked stream; ENOTDIR for files.
-    pub(crate) fn dir(&self) -> Result<(RawFd, MutexGuard<'_, DirStream>)> {
+    pub(crate) fn dir(&self) -> Result<(BorrowedFd<'_>, MutexGuard<'_, DirStream>)> {
         match &self.kind {
-            HandleKind::Dir(fd, s) => Ok((fd.as_raw_fd(), s.lock().unwrap_or_else(|e| e.into_inner()))),
+            HandleKind::Dir(fd, s) => Ok((fd.as_fd(), s.lock().unwrap_or_else(|e| e.into_inner()))),
             HandleKind::File(_) => Err(Errno::ENOTDIR),
         }
     }

@@ -19,7 +19,7 @@
 //! exclusive lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -288,12 +288,11 @@ fn random_key() -> Result<[u64; 2]> {
 
 /// RLIMIT_NOFILE (soft) less [`FD_RESERVE`].
 fn fd_budget() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
-        return usize::MAX;
+    // None: RLIM_INFINITY.
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        Some(cur) => (cur as usize).saturating_sub(FD_RESERVE),
+        None => usize::MAX,
     }
-    (lim.rlim_cur as usize).saturating_sub(FD_RESERVE)
 }
 
 /// The descriptor a new node would get: one of its own, or an open file's, shared.
@@ -367,7 +366,7 @@ impl InodeTable {
     /// inodes stay resolvable by node id for file handles ([`revive`](Self::revive)).
     pub(crate) fn new(root_fd: OwnedFd, max_cached: usize, max_retired: usize) -> Result<InodeTable> {
         let st = sys::fstat(root_fd.as_raw_fd())?;
-        let mount_fd = sys::openat(root_fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+        let mount_fd = sys::openat(root_fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
         let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok().map(Arc::<[u8]>::from);
         // The root's own handle reopened: EPERM without CAP_DAC_READ_SEARCH.

@@ -13,7 +13,9 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use rustix::fs::inotify;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,13 +46,9 @@ pub(crate) struct Inotify {
 impl Inotify {
     /// An inotify instance; the backing root's watch is added when the watch starts.
     pub(crate) fn new(source: &Path) -> io::Result<(Arc<OwnedFd>, Arc<Inotify>)> {
-        // SAFETY: plain syscall; returns an fd or -1.
-        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::other(format!("inotify_init1: {}", io::Error::last_os_error())));
-        }
-        // SAFETY: a fresh fd we own.
-        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .map_err(|e| io::Error::other(format!("inotify_init1: {}", io::Error::from(e))))?;
+        let fd = Arc::new(fd);
         if !source.is_dir() {
             return Err(io::Error::other(format!("{} is not a directory", source.display())));
         }
@@ -61,18 +59,21 @@ impl Inotify {
 
     fn add(&self, node: u64, dir: RawFd) {
         let Ok(path) = CString::new(format!("/proc/self/fd/{dir}")) else { return };
-        // SAFETY: valid fd and path; the magic link leads to the directory itself.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), path.as_ptr(), EVENTS) };
-        if wd < 0 {
-            let e = io::Error::last_os_error();
-            if !self.limit_warned.swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "inotify watch not added ({e}): changes made directly in some backing directories show \
+        // The magic link leads to the directory itself.
+        let wd = inotify::add_watch(self.fd.as_fd(), path.as_c_str(), inotify::WatchFlags::from_bits_retain(EVENTS));
+        let wd = match wd {
+            Ok(wd) => wd,
+            Err(e) => {
+                let e = io::Error::from(e);
+                if !self.limit_warned.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "inotify watch not added ({e}): changes made directly in some backing directories show \
                      only when their cache timeouts expire (raise fs.inotify.max_user_watches)"
-                );
+                    );
+                }
+                return;
             }
-            return;
-        }
+        };
         let mut g = self.wds.lock().unwrap_or_else(|e| e.into_inner());
         g.0.insert(wd, node);
         g.1.insert(node, wd);
@@ -104,8 +105,8 @@ impl DirHooks for Inotify {
             g.0.remove(&wd);
             wd
         };
-        // SAFETY: removing our own watch; a stale wd only fails with EINVAL.
-        unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+        // A stale wd only fails with EINVAL.
+        let _ = inotify::remove_watch(self.fd.as_fd(), wd);
     }
 }
 
@@ -118,20 +119,19 @@ pub(crate) fn run(fd: &OwnedFd, ino: &Arc<Inotify>, inodes: &Arc<InodeTable>, ke
     let mut buf = vec![0u64; 8192];
     let mut pending: HashSet<Inval> = HashSet::new();
     loop {
-        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {
+        let mut pfd = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+        if rustix::event::poll(&mut pfd, None).unwrap_or(0) == 0 {
             continue;
         }
         std::thread::sleep(COALESCE);
         loop {
             let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(buf.as_mut_slice());
-            // SAFETY: reading into our buffer from a nonblocking fd.
-            let n = unsafe { libc::read(fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
-            if n <= 0 {
-                break;
-            }
-            parse(&bytes[..n as usize], ino, inodes, &mut pending);
+            // Non-blocking: EAGAIN once drained.
+            let n = match rustix::io::read(fd, &mut *bytes) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            parse(&bytes[..n], ino, inodes, &mut pending);
         }
         flush(&mut pending, kernel);
     }
@@ -183,15 +183,9 @@ fn child_node(inodes: &InodeTable, parent: u64, name: &[u8]) -> Option<u64> {
     let (dir, _) = inodes.get(parent).ok()?;
     let name = CString::new(name).ok()?;
     let name: &CStr = &name;
-    // SAFETY: statx is plain data; all-zero is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // AT_STATX_DONT_SYNC: when `name` is a mount point of a FUSE mount (this server's own, bind
     // mounted into the backing tree), the answer comes from its cache, never from a request.
-    let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC;
-    // SAFETY: valid fd, NUL-terminated name and output buffer.
-    let rc = unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, libc::STATX_INO, &mut stx) };
-    if rc != 0 {
-        return None;
-    }
+    let flags = rustix::fs::AtFlags::SYMLINK_NOFOLLOW | rustix::fs::AtFlags::STATX_DONT_SYNC;
+    let stx = rustix::fs::statx(dir.as_fd(), name, flags, rustix::fs::StatxFlags::INO).ok()?;
     inodes.node_by_key(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor), stx.stx_ino)
 }

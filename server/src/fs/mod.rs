@@ -32,15 +32,17 @@ pub mod watch;
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use rustix::fs::{AtFlags, Mode, SeekFrom};
+
 use protocol::{
     AttrOut, ConnInfo, Context, DirBuffer, DirPlusBuffer, Entry, Errno, FileAttr, FileHandle, FileSystem, FsXattr,
-    NodeId, OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, Timespec, WriteFlags, XattrReply,
+    NodeId, OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, WriteFlags, XattrReply,
 };
 
 use creds::CredGuard;
@@ -223,14 +225,7 @@ const OPEN_FLAGS: i32 = libc::O_ACCMODE
 
 /// `f_type` of the file system holding `path` (0 when unknown).
 fn backing_fs_type(path: &std::path::Path) -> i64 {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return 0 };
-    let mut s = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: valid path and a writable statfs buffer.
-    if unsafe { libc::statfs(c.as_ptr(), s.as_mut_ptr()) } != 0 {
-        return 0;
-    }
-    // SAFETY: statfs succeeded.
-    unsafe { s.assume_init() }.f_type
+    rustix::fs::statfs(path).map_or(0, |s| s.f_type)
 }
 
 /// Opens the backing root: directly, or, when the mount asks for an access-time mode of its own
@@ -240,7 +235,7 @@ fn backing_fs_type(path: &std::path::Path) -> i64 {
 /// reads it does itself too. A refused private mount (no CAP_SYS_ADMIN, old kernel) falls back
 /// to the backing mount's own mode, with a warning. Returns the root and whether it is private.
 fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
-    let plain = || sys::openat(libc::AT_FDCWD, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
+    let plain = || sys::openat(rustix::fs::CWD, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
     if !(cfg.noatime || cfg.strictatime || cfg.nodiratime) || !cfg.private_mounts {
         return Ok((plain()?, false));
     }
@@ -274,11 +269,11 @@ fn open_root(cfg: &FsConfig, path: &CStr) -> Result<(OwnedFd, bool)> {
 /// Returns the mount's root, opened O_RDONLY (as `open_by_handle_at` wants it), and its device;
 /// None where no clone can be made (no CAP_SYS_ADMIN, old kernel).
 fn writes_mount(path: &CStr, root: &OwnedFd, private_root: bool) -> Option<(OwnedFd, u64)> {
-    let reopen = |fd: RawFd| sys::openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
+    let reopen = |fd: BorrowedFd<'_>| sys::openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
     let fd = if private_root {
-        reopen(root.as_raw_fd())
+        reopen(root.as_fd())
     } else {
-        sys::private_mount(path, 0, 0, false).and_then(|m| reopen(m.as_raw_fd()))
+        sys::private_mount(path, 0, 0, false).and_then(|m| reopen(m.as_fd()))
     };
     match fd {
         Ok(fd) => {
@@ -312,7 +307,7 @@ fn check_name(name: &CStr) -> Result<()> {
 /// True when directory `dir` lies below the directory with backing key `root` (walking up
 /// "..": bounded, so a deep or changing tree answers false rather than loop).
 fn beneath(dir: &OwnedFd, root: (u64, u64)) -> Result<bool> {
-    let mut cur = sys::openat(dir.as_raw_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+    let mut cur = sys::openat(dir.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
     let mut key = {
         let st = sys::fstat(dir.as_raw_fd())?;
         (st.st_dev, st.st_ino)
@@ -327,7 +322,7 @@ fn beneath(dir: &OwnedFd, root: (u64, u64)) -> Result<bool> {
             return Ok(false); // the top of the file-system tree
         }
         key = up;
-        cur = sys::openat(cur.as_raw_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+        cur = sys::openat(cur.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
     }
     Ok(false)
 }
@@ -355,16 +350,12 @@ fn caller_in_group(ctx: &Context, gid: u32) -> bool {
     ctx.gid == gid || creds::caller_groups(ctx.pid).is_ok_and(|g| g.contains(&gid))
 }
 
-fn timespec_of(t: Option<SetTime>) -> libc::timespec {
+fn timespec_of(t: Option<SetTime>) -> rustix::fs::Timespec {
     match t {
-        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        Some(SetTime::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-        Some(SetTime::At(t)) => libc::timespec { tv_sec: t.sec, tv_nsec: t.nsec as libc::c_long },
+        None => rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        Some(SetTime::Now) => rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+        Some(SetTime::At(t)) => rustix::fs::Timespec { tv_sec: t.sec, tv_nsec: t.nsec as _ },
     }
-}
-
-fn ts(t: libc::statx_timestamp) -> Timespec {
-    Timespec { sec: t.tv_sec, nsec: t.tv_nsec }
 }
 
 impl PassthroughFs {
@@ -374,8 +365,7 @@ impl PassthroughFs {
     /// drops the process's supplementary groups (callers' groups are set per operation).
     pub fn new(cfg: FsConfig) -> io::Result<PassthroughFs> {
         let noflush = !close_matters(backing_fs_type(&cfg.source));
-        // SAFETY: umask only changes the process file-creation mask.
-        unsafe { libc::umask(0) };
+        rustix::process::umask(rustix::fs::Mode::empty());
         // Process-wide (glibc broadcasts to all threads): no stray groups of the server may
         // grant access to callers. Failure (not root) is harmless.
         // SAFETY: an empty group list.
@@ -389,7 +379,7 @@ impl PassthroughFs {
         let (root, private_mount) = open_root(&cfg, &path).map_err(|e| io_err(e, &what))?;
         let writes_mount = if cfg.private_mounts { writes_mount(&path, &root, private_mount) } else { None };
         let proc_fd =
-            sys::openat(libc::AT_FDCWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
+            sys::openat(rustix::fs::CWD, c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)
                 .map_err(|e| io_err(e, "/proc/self/fd"))?;
         let acl_supported = !matches!(
             sys::xattr::get(&sys::proc_path(root.as_raw_fd()), c"system.posix_acl_access", &mut []),
@@ -531,17 +521,26 @@ impl PassthroughFs {
     }
 
     fn entry(&self, id: u64, st: &libc::stat) -> Entry {
-        Entry {
-            nodeid: NodeId(id),
-            generation: self.inodes.generation(id),
-            attr: FileAttr::from_stat(st),
-            entry_timeout: self.cfg.entry_timeout,
-            attr_timeout: self.cfg.attr_timeout,
-        }
+        Entry::new(
+            NodeId(id),
+            self.inodes.generation(id),
+            FileAttr::from_stat(st),
+            self.cfg.entry_timeout,
+            self.cfg.attr_timeout,
+        )
     }
 
     fn attr_out(&self, st: &libc::stat) -> AttrOut {
-        AttrOut { attr: FileAttr::from_stat(st), timeout: self.cfg.attr_timeout }
+        AttrOut::new(FileAttr::from_stat(st), self.cfg.attr_timeout)
+    }
+
+    /// The kernel-side options of an open file whose backing id (0: none) is `backing_id`.
+    fn file_options(&self, backing_id: i32) -> OpenOptions {
+        let mut o = OpenOptions::default();
+        o.backing_id = backing_id;
+        o.noflush = self.noflush;
+        o.keep_cache = self.cfg.keep_cache && backing_id == 0;
+        o
     }
 
     /// Runs `f` under the caller's credentials when required: always if `force`, otherwise
@@ -651,7 +650,7 @@ impl PassthroughFs {
             Some(found) => found,
             None => {
                 let opath = sys::openat(
-                    self.proc_fd.as_raw_fd(),
+                    self.proc_fd.as_fd(),
                     &sys::fd_name(file.as_raw_fd()),
                     libc::O_PATH | libc::O_CLOEXEC,
                     0,
@@ -666,18 +665,7 @@ impl PassthroughFs {
         self.note_writer(fh, id, &file, backing_id);
         self.inodes.pin_open(id, &file);
         drop(ifd);
-        Ok((
-            self.entry(id, &st),
-            Opened {
-                fh: FileHandle(fh),
-                options: OpenOptions {
-                    backing_id,
-                    noflush: self.noflush,
-                    keep_cache: self.cfg.keep_cache && backing_id == 0,
-                    ..OpenOptions::default()
-                },
-            },
-        ))
+        Ok((self.entry(id, &st), Opened::new(FileHandle(fh), self.file_options(backing_id))))
     }
 
     /// Registers open `fh` of `node` with the watch's write ignores when it writes through
@@ -687,10 +675,9 @@ impl PassthroughFs {
         if backing_id == 0 {
             return;
         }
-        // SAFETY: F_GETFL on an open descriptor.
-        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if fl >= 0 && fl & libc::O_ACCMODE != libc::O_RDONLY {
-            w.opened(fh, node, file.as_raw_fd());
+        let fl = rustix::fs::fcntl_getfl(file.as_fd());
+        if fl.is_ok_and(|fl| fl.bits() as i32 & libc::O_ACCMODE != libc::O_RDONLY) {
+            w.opened(fh, node, file.as_fd());
         }
     }
 
@@ -713,7 +700,7 @@ impl PassthroughFs {
             // The inode was already open through passthrough (its first open decides, and the
             // kernel allows no mixing), so this writer's writes will keep the bits: clear them
             // now, as its first write would.
-            if self.kill_suidgid(ctx, file.as_raw_fd()).is_ok_and(|killed| killed) {
+            if self.kill_suidgid(ctx, file.as_fd()).is_ok_and(|killed| killed) {
                 self.attr_changed(node);
             }
         }
@@ -745,13 +732,12 @@ impl PassthroughFs {
 
     /// Clears on the open file `fd` the set-id bits that a change by `ctx` clears natively
     /// ([`suidgid_to_kill`]). Whether any bit was cleared.
-    fn kill_suidgid(&self, ctx: &Context, fd: RawFd) -> Result<bool> {
-        let st = sys::fstat(fd)?;
+    fn kill_suidgid(&self, ctx: &Context, fd: BorrowedFd<'_>) -> Result<bool> {
+        let st = sys::fstat(fd.as_raw_fd())?;
         let mode = st.st_mode;
         let kill = suidgid_to_kill(ctx, mode, st.st_gid);
         if kill != 0 {
-            // SAFETY: fchmod on an open descriptor.
-            cvt(unsafe { libc::fchmod(fd, mode & 0o7777 & !kill) })?;
+            sys::rx(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777 & !kill)))?;
         }
         Ok(kill != 0)
     }
@@ -799,18 +785,17 @@ impl PassthroughFs {
 
     /// Reopens the inode behind O_PATH descriptor `fd` with real open flags.
     fn reopen(&self, fd: RawFd, flags: i32) -> Result<OwnedFd> {
-        sys::openat(self.proc_fd.as_raw_fd(), &sys::fd_name(fd), flags, 0)
+        sys::openat(self.proc_fd.as_fd(), &sys::fd_name(fd), flags, 0)
     }
 
     /// chmod of the inode (`hfd`: an open file descriptor of it, if any).
-    fn chmod(&self, fd: &InodeFd, hfd: Option<RawFd>, kind: u32, mode: u32) -> Result<()> {
+    fn chmod(&self, fd: &InodeFd, hfd: Option<BorrowedFd<'_>>, kind: u32, mode: u32) -> Result<()> {
         if kind == libc::S_IFLNK {
             return Err(Errno::EOPNOTSUPP);
         }
         let mode = mode & 0o7777;
         if let Some(h) = hfd {
-            // SAFETY: fchmod on an open descriptor.
-            return cvt(unsafe { libc::fchmod(h, mode) }).map(drop);
+            return sys::rx(rustix::fs::fchmod(h, Mode::from_raw_mode(mode)));
         }
         if !self.no_fchmodat2.load(Ordering::Relaxed) {
             match sys::fchmod_empty(fd.as_raw_fd(), mode) {
@@ -819,8 +804,8 @@ impl PassthroughFs {
             }
         }
         let name = sys::fd_name(fd.as_raw_fd());
-        // SAFETY: `name` is NUL-terminated; following the magic link reaches the inode.
-        cvt(unsafe { libc::fchmodat(self.proc_fd.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+        // Following the magic link reaches the inode.
+        sys::rx(rustix::fs::chmodat(self.proc_fd.as_fd(), &*name, Mode::from_raw_mode(mode), AtFlags::empty()))
     }
 
     /// The open handle a file-attribute ioctl came with; it must belong to `node`.
@@ -842,7 +827,7 @@ impl PassthroughFs {
             Some(fh) => Some(self.handle_fd(fh)?),
             None => None,
         };
-        let hfd = handle.as_ref().and_then(|h| h.file_fd().ok());
+        let hfd = handle.as_ref().and_then(|h| h.file_borrowed().ok());
         let mut mode = attr.mode;
         // Set-uid/set-gid clearing: asked by the kernel, or a truncate by an unprivileged
         // caller (the server's CAP_FSETID would otherwise keep the bits).
@@ -877,46 +862,41 @@ impl PassthroughFs {
                 && attr.mtime.is_none()
                 && !attr.kill_suidgid;
             if attr.uid.is_some() || attr.gid.is_some() || touch_ctime {
-                let uid = attr.uid.unwrap_or(u32::MAX);
-                let gid = attr.gid.unwrap_or(u32::MAX);
-                // SAFETY: EMPTY is NUL-terminated; -1 (u32::MAX) means "unchanged".
-                cvt(unsafe {
-                    libc::fchownat(
-                        fd.as_raw_fd(),
-                        sys::EMPTY.as_ptr(),
-                        uid,
-                        gid,
-                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                })?;
+                // None is -1: "unchanged".
+                sys::rx(rustix::fs::chownat(
+                    fd.as_fd(),
+                    sys::EMPTY,
+                    attr.uid.map(rustix::fs::Uid::from_raw),
+                    attr.gid.map(rustix::fs::Gid::from_raw),
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                ))?;
             }
             if let Some(size) = attr.size {
                 let size = i64::try_from(size).map_err(|_| Errno::EINVAL)?;
                 match hfd {
-                    // SAFETY: ftruncate on an open descriptor.
-                    Some(h) => cvt(unsafe { libc::ftruncate(h, size) })?,
+                    Some(h) => sys::rx(rustix::fs::ftruncate(h, size as u64))?,
                     None => {
                         let p = sys::proc_path(fd.as_raw_fd());
                         // SAFETY: `p` is NUL-terminated; truncate(2) follows the magic link.
-                        cvt(unsafe { libc::truncate(p.as_ptr(), size) })?
+                        cvt(unsafe { libc::truncate(p.as_ptr(), size) })?;
                     }
                 };
             }
             if attr.atime.is_some() || attr.mtime.is_some() {
-                let times = [timespec_of(attr.atime), timespec_of(attr.mtime)];
-                // SAFETY: `times` is an array of two timespecs; EMPTY is NUL-terminated.
-                cvt(unsafe {
-                    libc::utimensat(
-                        fd.as_raw_fd(),
-                        sys::EMPTY.as_ptr(),
-                        times.as_ptr(),
-                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                })?;
+                let times = rustix::fs::Timestamps {
+                    last_access: timespec_of(attr.atime),
+                    last_modification: timespec_of(attr.mtime),
+                };
+                sys::rx(rustix::fs::utimensat(
+                    fd.as_fd(),
+                    sys::EMPTY,
+                    &times,
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                ))?;
             }
             Ok(())
         })?;
-        let st = sys::fstat(hfd.unwrap_or(fd.as_raw_fd()))?;
+        let st = sys::fstat(hfd.map_or(fd.as_raw_fd(), |h| h.as_raw_fd()))?;
         Ok(self.attr_out(&st))
     }
 
@@ -926,20 +906,14 @@ impl PassthroughFs {
         s.read(fd, offset, &mut |e| {
             let kind = e.kind as u32;
             let name = e.name.to_bytes();
-            let bare = Entry {
-                nodeid: NodeId(0),
-                generation: 0,
-                attr: FileAttr { ino: e.ino, mode: kind << 12, ..FileAttr::default() },
-                entry_timeout: Duration::ZERO,
-                attr_timeout: Duration::ZERO,
-            };
+            let bare = Entry::new(NodeId(0), 0, FileAttr::new(e.ino, kind << 12), Duration::ZERO, Duration::ZERO);
             if is_dot(name) {
                 return out.add(&bare, e.off, kind, name);
             }
             if !out.fits(name) {
                 return false;
             }
-            match self.lookup_at(ctx, fd, e.name) {
+            match self.lookup_at(ctx, fd.as_raw_fd(), e.name) {
                 Ok((id, st)) => {
                     let entry = self.entry(id, &st);
                     if !out.add(&entry, e.off, kind, name) {
@@ -1076,7 +1050,7 @@ impl FileSystem for PassthroughFs {
         if (st.st_dev, st.st_ino) == root {
             return Ok(self.entry(NodeId::ROOT.0, &st));
         }
-        let parent = sys::openat(fd.as_raw_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+        let parent = sys::openat(fd.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let pst = sys::fstat(parent.as_raw_fd())?;
         if (pst.st_dev, pst.st_ino) == root {
             return Ok(self.entry(NodeId::ROOT.0, &pst));
@@ -1141,30 +1115,7 @@ impl FileSystem for PassthroughFs {
             Some(Ok(h)) => sys::statx(h.fd(), sync, mask)?,
             _ => sys::statx(self.inodes.get(node.0)?.0.as_raw_fd(), sync, mask)?,
         };
-        let attr = FileAttr {
-            ino: stx.stx_ino,
-            size: stx.stx_size,
-            blocks: stx.stx_blocks,
-            atime: ts(stx.stx_atime),
-            mtime: ts(stx.stx_mtime),
-            ctime: ts(stx.stx_ctime),
-            mode: stx.stx_mode as u32,
-            nlink: stx.stx_nlink,
-            uid: stx.stx_uid,
-            gid: stx.stx_gid,
-            rdev: libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor) as u32,
-            blksize: stx.stx_blksize,
-        };
-        Ok((
-            StatxAttr {
-                attr,
-                mask: stx.stx_mask,
-                btime: ts(stx.stx_btime),
-                attributes: stx.stx_attributes,
-                attributes_mask: stx.stx_attributes_mask,
-            },
-            self.cfg.attr_timeout,
-        ))
+        Ok((StatxAttr::from_statx(&stx), self.cfg.attr_timeout))
     }
 
     async fn setattr(&self, ctx: &Context, node: NodeId, attr: &SetAttr) -> Result<AttrOut> {
@@ -1174,11 +1125,7 @@ impl FileSystem for PassthroughFs {
     async fn readlink(&self, _ctx: &Context, node: NodeId) -> Result<Vec<u8>> {
         let (fd, _) = self.inodes.get(node.0)?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize];
-        // SAFETY: `buf` is writable for its length; EMPTY is NUL-terminated.
-        let n = unsafe {
-            libc::readlinkat(fd.as_raw_fd(), sys::EMPTY.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len())
-        };
-        let n = sys::cvt_long(n as i64)? as usize;
+        let n = sys::rx(rustix::fs::readlinkat_raw(fd.as_fd(), sys::EMPTY, &mut buf[..]))?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -1193,10 +1140,7 @@ impl FileSystem for PassthroughFs {
                 Err(_) => {}
             }
         }
-        self.as_caller(ctx, true, || {
-            // SAFETY: both strings are NUL-terminated.
-            cvt(unsafe { libc::symlinkat(target.as_ptr(), pfd.as_raw_fd(), name.as_ptr()) })
-        })?;
+        self.as_caller(ctx, true, || sys::rx(rustix::fs::symlinkat(target, pfd.as_fd(), name)))?;
         self.created(pfd.as_raw_fd(), name)
     }
 
@@ -1232,8 +1176,7 @@ impl FileSystem for PassthroughFs {
             }
         }
         self.as_caller(ctx, true, || {
-            // SAFETY: `name` is NUL-terminated.
-            cvt(unsafe { libc::mkdirat(pfd.as_raw_fd(), name.as_ptr(), mode & 0o7777) })
+            sys::rx(rustix::fs::mkdirat(pfd.as_fd(), name, Mode::from_raw_mode(mode & 0o7777)))
         })?;
         self.created(pfd.as_raw_fd(), name)
     }
@@ -1244,10 +1187,7 @@ impl FileSystem for PassthroughFs {
         if self.kernel_checks() {
             return Ok(uring_transport::io::unlinkat(pfd.as_fd(), name, 0).await?);
         }
-        self.as_caller(ctx, false, || {
-            // SAFETY: `name` is NUL-terminated.
-            cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
-        })
+        self.as_caller(ctx, false, || sys::rx(rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty())))
     }
 
     async fn rmdir(&self, ctx: &Context, parent: NodeId, name: &CStr) -> Result<()> {
@@ -1256,10 +1196,7 @@ impl FileSystem for PassthroughFs {
         if self.kernel_checks() {
             return Ok(uring_transport::io::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR).await?);
         }
-        self.as_caller(ctx, false, || {
-            // SAFETY: `name` is NUL-terminated.
-            cvt(unsafe { libc::unlinkat(pfd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
-        })
+        self.as_caller(ctx, false, || sys::rx(rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR)))
     }
 
     async fn rename(
@@ -1278,7 +1215,7 @@ impl FileSystem for PassthroughFs {
         if self.kernel_checks() {
             return Ok(uring_transport::io::renameat2(ofd.as_fd(), name, nfd.as_fd(), new_name, flags).await?);
         }
-        self.as_caller(ctx, false, || sys::renameat2(ofd.as_raw_fd(), name, nfd.as_raw_fd(), new_name, flags))
+        self.as_caller(ctx, false, || sys::renameat2(ofd.as_fd(), name, nfd.as_fd(), new_name, flags))
     }
 
     async fn link(&self, ctx: &Context, node: NodeId, new_parent: NodeId, new_name: &CStr) -> Result<Entry> {
@@ -1301,12 +1238,10 @@ impl FileSystem for PassthroughFs {
             }
         }
         self.as_caller(ctx, false, || {
-            // SAFETY: both names are NUL-terminated. Following the magic link reaches the
-            // inode itself (a symlink is not followed further); unlike AT_EMPTY_PATH this
-            // needs no CAP_DAC_READ_SEARCH, so it also works under the caller's credentials.
-            cvt(unsafe {
-                libc::linkat(libc::AT_FDCWD, src.as_ptr(), pfd.as_raw_fd(), new_name.as_ptr(), libc::AT_SYMLINK_FOLLOW)
-            })
+            // Following the magic link reaches the inode itself (a symlink is not followed
+            // further); unlike AT_EMPTY_PATH this needs no CAP_DAC_READ_SEARCH, so it also works
+            // under the caller's credentials.
+            sys::rx(rustix::fs::linkat(rustix::fs::CWD, &*src, pfd.as_fd(), new_name, AtFlags::SYMLINK_FOLLOW))
         })?;
         self.created(pfd.as_raw_fd(), new_name)
     }
@@ -1339,15 +1274,7 @@ impl FileSystem for PassthroughFs {
         self.note_writer(fh, node.0, &file, backing_id);
         self.inodes.pin_open(node.0, &file);
         drop(fd);
-        Ok(Opened {
-            fh: FileHandle(fh),
-            options: OpenOptions {
-                backing_id,
-                noflush: self.noflush,
-                keep_cache: self.cfg.keep_cache && backing_id == 0,
-                ..OpenOptions::default()
-            },
-        })
+        Ok(Opened::new(FileHandle(fh), self.file_options(backing_id)))
     }
 
     async fn create(
@@ -1408,7 +1335,7 @@ impl FileSystem for PassthroughFs {
                 Err(_) => {}
             }
         }
-        let file = self.as_caller(ctx, true, || sys::openat(pfd.as_raw_fd(), c".", oflags, mode & 0o7777))?;
+        let file = self.as_caller(ctx, true, || sys::openat(pfd.as_fd(), c".", oflags, mode & 0o7777))?;
         // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
         self.created_open(ctx, file, flags as i32, false)
     }
@@ -1430,7 +1357,7 @@ impl FileSystem for PassthroughFs {
         flags: WriteFlags,
     ) -> Result<usize> {
         let h = self.handle_fd(fh)?;
-        let fd = h.file_fd()?;
+        let fd = h.file_borrowed()?;
         if flags.kill_suidgid && self.kill_suidgid(ctx, fd)? {
             self.attr_changed(node.0);
         }
@@ -1452,7 +1379,7 @@ impl FileSystem for PassthroughFs {
         if let Some(h) = self.handles.remove(fh.0) {
             if let handles::HandleKind::File(f) = &h.kind {
                 if let Some(w) = self.write_ignores.get() {
-                    if w.closed(fh.0, h.node, f.as_raw_fd()) {
+                    if w.closed(fh.0, h.node, f.as_fd()) {
                         // Another writer's size/time changes were not reported meanwhile.
                         if let Some(k) = self.passthrough.kernel() {
                             k.inval_inode(NodeId(h.node), -1, 0);
@@ -1495,10 +1422,10 @@ impl FileSystem for PassthroughFs {
         // changes (and by the kernel itself for changes made through the mount): let the kernel
         // keep it across opens.
         let cache = self.cfg.keep_cache;
-        Ok(Opened {
-            fh: FileHandle(fh),
-            options: OpenOptions { cache_dir: cache, keep_cache: cache, ..OpenOptions::default() },
-        })
+        let mut options = OpenOptions::default();
+        options.cache_dir = cache;
+        options.keep_cache = cache;
+        Ok(Opened::new(FileHandle(fh), options))
     }
 
     async fn readdir(
@@ -1538,21 +1465,18 @@ impl FileSystem for PassthroughFs {
 
     async fn statfs(&self, _ctx: &Context, node: NodeId) -> Result<StatFs> {
         let (fd, _) = self.inodes.get(node.0)?;
-        let mut s = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-        // SAFETY: `s` is a writable statfs buffer; fstatfs accepts O_PATH descriptors.
-        cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), s.as_mut_ptr()) })?;
-        // SAFETY: fstatfs succeeded (and the buffer was zeroed).
-        let s = unsafe { s.assume_init() };
-        Ok(StatFs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_bsize as u32,
-            namelen: s.f_namelen as u32,
-            frsize: s.f_frsize as u32,
-        })
+        // fstatfs accepts O_PATH descriptors.
+        let s = sys::rx(rustix::fs::fstatfs(fd.as_fd()))?;
+        let mut out = StatFs::default();
+        out.blocks = s.f_blocks as u64;
+        out.bfree = s.f_bfree as u64;
+        out.bavail = s.f_bavail as u64;
+        out.files = s.f_files as u64;
+        out.ffree = s.f_ffree as u64;
+        out.bsize = s.f_bsize as u32;
+        out.namelen = s.f_namelen as u32;
+        out.frsize = s.f_frsize as u32;
+        Ok(out)
     }
 
     async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {
@@ -1575,8 +1499,7 @@ impl FileSystem for PassthroughFs {
         if kill_sgid {
             let st = sys::fstat(fd.as_raw_fd())?;
             // Through /proc: the node's descriptor may be an O_PATH one.
-            // SAFETY: chmod of a NUL-terminated /proc path naming our own descriptor.
-            cvt(unsafe { libc::chmod(p.as_ptr(), st.st_mode & 0o7777 & !libc::S_ISGID) })?;
+            sys::rx(rustix::fs::chmod(&*p, Mode::from_raw_mode(st.st_mode & 0o7777 & !libc::S_ISGID)))?;
         }
         Ok(())
     }
@@ -1619,8 +1542,8 @@ impl FileSystem for PassthroughFs {
         mode: u32,
     ) -> Result<()> {
         let h = self.handle_fd(fh)?;
-        let fd = h.file_fd()?;
-        uring_transport::io::fallocate(h.file_borrowed()?, mode as i32, offset, length).await?;
+        let fd = h.file_borrowed()?;
+        uring_transport::io::fallocate(fd, mode as i32, offset, length).await?;
         // fallocate by an unprivileged caller clears set-id bits natively; FALLOCATE carries no
         // kill flag and runs as the server, so clear them here.
         if ctx.uid != 0 && self.kill_suidgid(ctx, fd)? {
@@ -1670,10 +1593,17 @@ impl FileSystem for PassthroughFs {
 
     async fn lseek(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, offset: u64, whence: u32) -> Result<u64> {
         let h = self.handle_fd(fh)?;
-        // SAFETY: lseek on an open descriptor. The handle's own position is not used by
-        // pread/pwrite, so moving it is harmless.
-        let r = unsafe { libc::lseek(h.file_fd()?, offset as libc::off_t, whence as i32) };
-        Ok(sys::cvt_long(r)? as u64)
+        // The handle's own position is not used by pread/pwrite, so moving it is harmless.
+        let pos = match whence as i32 {
+            libc::SEEK_SET => SeekFrom::Start(offset),
+            libc::SEEK_CUR => SeekFrom::Current(offset as i64),
+            libc::SEEK_END => SeekFrom::End(offset as i64),
+            libc::SEEK_DATA => SeekFrom::Data(offset),
+            libc::SEEK_HOLE => SeekFrom::Hole(offset),
+            // What lseek(2) answers for an unknown `whence`.
+            _ => return Err(Errno::EINVAL),
+        };
+        sys::rx(rustix::fs::seek(h.file_borrowed()?, pos))
     }
 
     async fn copy_file_range(
@@ -1691,15 +1621,15 @@ impl FileSystem for PassthroughFs {
         let hi = self.handle_fd(fh_in)?;
         let ho = self.handle_fd(fh_out)?;
         let n = sys::copy_file_range(
-            hi.file_fd()?,
+            hi.file_borrowed()?,
             offset_in as i64,
-            ho.file_fd()?,
+            ho.file_borrowed()?,
             offset_out as i64,
             len as usize,
             flags as u32,
         )?;
         // As a write: an unprivileged caller's copy clears the destination's set-id bits.
-        if ctx.uid != 0 && n > 0 && self.kill_suidgid(ctx, ho.file_fd()?)? {
+        if ctx.uid != 0 && n > 0 && self.kill_suidgid(ctx, ho.file_borrowed()?)? {
             self.attr_changed(node_out.0);
         }
         Ok(n as u64)

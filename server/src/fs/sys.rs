@@ -5,9 +5,15 @@
 
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use protocol::{Errno, Result};
+use rustix::fs::{Mode, OFlags};
+
+/// Converts a rustix result (the kernel's errno on failure) into a result.
+pub(crate) fn rx<T>(r: rustix::io::Result<T>) -> Result<T> {
+    r.map_err(|e| Errno(e.raw_os_error()))
+}
 
 /// Converts a `c_int` return value (negative on error) into a result.
 pub(crate) fn cvt(r: libc::c_int) -> Result<libc::c_int> {
@@ -64,10 +70,9 @@ pub(crate) fn dev_nosync(fd: RawFd) -> Result<u64> {
     Ok(libc::makedev(x.stx_dev_major, x.stx_dev_minor))
 }
 
-/// openat(2).
-pub(crate) fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; the result is checked.
-    owned(unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) })
+/// openat(2) (`rustix::fs::CWD` for `AT_FDCWD`).
+pub(crate) fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    rx(rustix::fs::openat(dir, name, OFlags::from_bits_retain(flags as u32), Mode::from_raw_mode(mode)))
 }
 
 /// stat of whatever `fd` refers to (an O_PATH fd works; symlinks are not followed).
@@ -130,35 +135,35 @@ type HandleBuf = [u64; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
 
 /// name_to_handle_at(fd, "", AT_EMPTY_PATH): the complete `struct file_handle` bytes.
 pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
+    use zerocopy::IntoBytes;
     let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
-    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
-    // SAFETY: `buf` is 8-byte aligned and large enough for a file_handle header.
-    unsafe { (*fh).handle_bytes = libc::MAX_HANDLE_SZ as libc::c_uint };
+    // handle_bytes, the header's first field: the room for the handle.
+    buf.as_mut_bytes()[..4].copy_from_slice(&(libc::MAX_HANDLE_SZ as u32).to_ne_bytes());
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: `fh` points to a buffer of MAX_HANDLE_SZ handle bytes as announced in
-    // handle_bytes; `mount_id` is writable; EMPTY is NUL-terminated.
-    cvt(unsafe { libc::name_to_handle_at(fd, EMPTY.as_ptr(), fh, &mut mount_id, libc::AT_EMPTY_PATH) })?;
-    // SAFETY: the kernel filled in the header.
-    let n = unsafe { (*fh).handle_bytes } as usize;
+    // SAFETY: `buf` is an 8-byte aligned `struct file_handle` with MAX_HANDLE_SZ handle bytes as
+    // announced in handle_bytes; `mount_id` is writable; EMPTY is NUL-terminated.
+    cvt(unsafe {
+        libc::name_to_handle_at(fd, EMPTY.as_ptr(), buf.as_mut_ptr().cast(), &mut mount_id, libc::AT_EMPTY_PATH)
+    })?;
+    let bytes = buf.as_bytes();
+    let n = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
     if n > libc::MAX_HANDLE_SZ as usize {
         return Err(Errno(libc::EOVERFLOW));
     }
-    // SAFETY: `buf` holds HANDLE_HEADER + MAX_HANDLE_SZ initialised bytes; we read a prefix.
-    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, HANDLE_HEADER + n) };
-    Ok(bytes.into())
+    Ok(bytes[..HANDLE_HEADER + n].into())
 }
 
 /// open_by_handle_at(mount_fd, handle, flags) for a handle from [`name_to_handle`].
 pub(crate) fn open_by_handle(mount_fd: RawFd, handle: &[u8], flags: i32) -> Result<OwnedFd> {
+    use zerocopy::IntoBytes;
     let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
     if handle.len() < HANDLE_HEADER || handle.len() > std::mem::size_of::<HandleBuf>() {
         return Err(Errno::EINVAL);
     }
-    // SAFETY: `buf` is at least `handle.len()` bytes long (checked above) and does not overlap.
-    unsafe { std::ptr::copy_nonoverlapping(handle.as_ptr(), buf.as_mut_ptr() as *mut u8, handle.len()) };
-    // SAFETY: `buf` holds a complete, aligned `struct file_handle`.
+    buf.as_mut_bytes()[..handle.len()].copy_from_slice(handle);
     retry_enomem(|| {
-        owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr() as *mut libc::file_handle, flags) })
+        // SAFETY: `buf` holds a complete, aligned `struct file_handle`.
+        owned(unsafe { libc::open_by_handle_at(mount_fd, buf.as_mut_ptr().cast(), flags) })
     })
 }
 
@@ -240,10 +245,14 @@ pub(crate) fn proc_path(fd: RawFd) -> StackCStr {
 }
 
 /// renameat2(2).
-pub(crate) fn renameat2(olddir: RawFd, old: &CStr, newdir: RawFd, new: &CStr, flags: u32) -> Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    let r = unsafe { libc::syscall(libc::SYS_renameat2, olddir, old.as_ptr(), newdir, new.as_ptr(), flags) };
-    cvt_long(r).map(drop)
+pub(crate) fn renameat2(
+    olddir: BorrowedFd<'_>,
+    old: &CStr,
+    newdir: BorrowedFd<'_>,
+    new: &CStr,
+    flags: u32,
+) -> Result<()> {
+    rx(rustix::fs::renameat_with(olddir, old, newdir, new, rustix::fs::RenameFlags::from_bits_retain(flags)))
 }
 
 /// fchmodat2(fd, "", mode, AT_EMPTY_PATH) (kernel 6.6+); works on O_PATH fds.
@@ -267,30 +276,22 @@ pub(crate) fn getdents64(fd: RawFd, buf: &mut [u8]) -> Result<usize> {
     cvt_long(r).map(|n| n as usize)
 }
 
-/// copy_file_range(2) with explicit offsets.
+/// copy_file_range(2) with explicit offsets. The kernel defines no flags: any is `EINVAL`, as
+/// the system call itself answers.
 pub(crate) fn copy_file_range(
-    fd_in: RawFd,
+    fd_in: BorrowedFd<'_>,
     off_in: i64,
-    fd_out: RawFd,
+    fd_out: BorrowedFd<'_>,
     off_out: i64,
     len: usize,
     flags: u32,
 ) -> Result<usize> {
-    let mut oi: libc::loff_t = off_in;
-    let mut oo: libc::loff_t = off_out;
-    // SAFETY: the offsets are valid writable loff_t values.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_copy_file_range,
-            fd_in,
-            &mut oi as *mut libc::loff_t,
-            fd_out,
-            &mut oo as *mut libc::loff_t,
-            len,
-            flags,
-        )
-    };
-    cvt_long(r).map(|n| n as usize)
+    if flags != 0 {
+        return Err(Errno::EINVAL);
+    }
+    // Negative offsets keep their bits (loff_t): the kernel refuses them as before.
+    let (mut oi, mut oo) = (off_in as u64, off_out as u64);
+    rx(rustix::fs::copy_file_range(fd_in, Some(&mut oi), fd_out, Some(&mut oo), len))
 }
 
 /// Extended-attribute calls on `/proc/self/fd/N`, which reach the inode itself (also for
@@ -300,10 +301,11 @@ pub(crate) mod xattr {
 
     /// getxattr(2); `buf` empty = size probe.
     pub(crate) fn get(path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize> {
-        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_void };
-        // SAFETY: names are NUL-terminated; `ptr` is null with size 0 or writable for buf.len().
-        let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr, buf.len()) };
-        cvt_long(r as i64).map(|n| n as usize)
+        if buf.is_empty() {
+            // rustix answers 0 for an empty buffer; the probe is its own call.
+            return rx(rustix::fs::getxattr_query(path, name));
+        }
+        rx(rustix::fs::getxattr(path, name, buf))
     }
 
     /// `getxattrat(2)`'s argument block (`struct xattr_args`, Linux 6.13).
@@ -359,25 +361,20 @@ pub(crate) mod xattr {
 
     /// listxattr(2); `buf` empty = size probe.
     pub(crate) fn list(path: &CStr, buf: &mut [u8]) -> Result<usize> {
-        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr() as *mut libc::c_char };
-        // SAFETY: path is NUL-terminated; `ptr` is null with size 0 or writable for buf.len().
-        let r = unsafe { libc::listxattr(path.as_ptr(), ptr, buf.len()) };
-        cvt_long(r as i64).map(|n| n as usize)
+        if buf.is_empty() {
+            return rx(rustix::fs::listxattr_query(path));
+        }
+        rx(rustix::fs::listxattr(path, buf))
     }
 
     /// setxattr(2).
     pub(crate) fn set(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
-        // SAFETY: names are NUL-terminated; `value` is readable for its length.
-        let r = unsafe {
-            libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), flags)
-        };
-        cvt(r).map(drop)
+        rx(rustix::fs::setxattr(path, name, value, rustix::fs::XattrFlags::from_bits_retain(flags as u32)))
     }
 
     /// removexattr(2).
     pub(crate) fn remove(path: &CStr, name: &CStr) -> Result<()> {
-        // SAFETY: names are NUL-terminated.
-        cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+        rx(rustix::fs::removexattr(path, name))
     }
 }
 
@@ -421,13 +418,13 @@ pub(crate) fn get_fsxattr(fd: RawFd) -> Result<protocol::FsXattr> {
     let mut x = RawFsxattr::default();
     // SAFETY: FS_IOC_FSGETXATTR fills a `struct fsxattr`, which `RawFsxattr` is.
     cvt(unsafe { libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut x) })?;
-    Ok(protocol::FsXattr {
-        xflags: x.xflags,
-        extsize: x.extsize,
-        nextents: x.nextents,
-        projid: x.projid,
-        cowextsize: x.cowextsize,
-    })
+    let mut out = protocol::FsXattr::default();
+    out.xflags = x.xflags;
+    out.extsize = x.extsize;
+    out.nextents = x.nextents;
+    out.projid = x.projid;
+    out.cowextsize = x.cowextsize;
+    Ok(out)
 }
 
 /// `FS_IOC_FSSETXATTR` on an open descriptor.
@@ -452,7 +449,6 @@ pub(crate) const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
 pub(crate) const MOUNT_ATTR__ATIME: u64 = 0x70;
 /// `MOUNT_ATTR_NODIRATIME`.
 pub(crate) const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
-const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 /// `struct mount_attr` (version 0).
@@ -469,19 +465,12 @@ struct MountAttr {
 /// it (nothing to apply when both are 0); returns the descriptor of its root. The copy lives as
 /// long as the descriptor and what is opened through it.
 pub(crate) fn private_mount(path: &CStr, set: u64, clear: u64, recursive: bool) -> Result<OwnedFd> {
-    let recursive = if recursive { AT_RECURSIVE } else { 0 };
-    // SAFETY: open_tree with a NUL-terminated path; returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            OPEN_TREE_CLONE | recursive | libc::O_CLOEXEC as libc::c_uint,
-        )
-    };
-    let fd = cvt_long(fd)? as RawFd;
-    // SAFETY: the descriptor open_tree just returned is ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use rustix::mount::OpenTreeFlags;
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let fd = rx(rustix::mount::open_tree(rustix::fs::CWD, path, flags))?;
     if set == 0 && clear == 0 {
         return Ok(fd);
     }

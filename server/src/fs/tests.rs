@@ -11,6 +11,7 @@ use std::task::{Context as TaskCx, Poll, Waker};
 
 use protocol::abi::{FuseDirent, FuseDirentplus, FuseEntryOut};
 use protocol::reply::{dirent_size, direntplus_size};
+use protocol::Timespec;
 
 /// Drives a future that never actually waits.
 fn block_on<F: Future>(f: F) -> F::Output {
@@ -23,9 +24,9 @@ fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
-const ROOT: Context = Context { uid: 0, gid: 0, pid: 0 };
+const ROOT: Context = Context::new(0, 0, 0);
 
-const NOBODY: Context = Context { uid: 65534, gid: 65534, pid: 0 };
+const NOBODY: Context = Context::new(65534, 65534, 0);
 
 fn c(s: &str) -> CString {
     CString::new(s).unwrap()
@@ -208,31 +209,29 @@ fn create_write_read_getattr_setattr() {
     assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"hello!");
 
     // setattr: size, mode, owner, times.
-    let sa = SetAttr {
-        size: Some(2),
-        mode: Some(libc::S_IFREG | 0o600),
-        uid: Some(1234),
-        gid: Some(4321),
-        atime: Some(SetTime::At(Timespec { sec: 1000, nsec: 5 })),
-        mtime: Some(SetTime::At(Timespec { sec: 2000, nsec: 7 })),
-        ..SetAttr::default()
-    };
+    let sa = SetAttr::default()
+        .with_size(2)
+        .with_mode(libc::S_IFREG | 0o600)
+        .with_uid(1234)
+        .with_gid(4321)
+        .with_atime(SetTime::At(Timespec::new(1000, 5)))
+        .with_mtime(SetTime::At(Timespec::new(2000, 7)));
     let a = block_on(fs.setattr(&ROOT, f, &sa)).unwrap();
     assert_eq!(a.attr.size, 2);
     assert_eq!(a.attr.mode & 0o7777, 0o600);
     assert_eq!((a.attr.uid, a.attr.gid), (1234, 4321));
-    assert_eq!(a.attr.atime, Timespec { sec: 1000, nsec: 5 });
-    assert_eq!(a.attr.mtime, Timespec { sec: 2000, nsec: 7 });
-    let sa = SetAttr { mtime: Some(SetTime::Now), ..SetAttr::default() };
+    assert_eq!(a.attr.atime, Timespec::new(1000, 5));
+    assert_eq!(a.attr.mtime, Timespec::new(2000, 7));
+    let sa = SetAttr::default().with_mtime(SetTime::Now);
     let a = block_on(fs.setattr(&ROOT, f, &sa)).unwrap();
     assert!(a.attr.mtime.sec > 2000);
-    assert_eq!(a.attr.atime, Timespec { sec: 1000, nsec: 5 });
+    assert_eq!(a.attr.atime, Timespec::new(1000, 5));
     // Owner -1 = unchanged.
-    let a = block_on(fs.setattr(&ROOT, f, &SetAttr { gid: Some(77), ..SetAttr::default() })).unwrap();
+    let a = block_on(fs.setattr(&ROOT, f, &SetAttr::default().with_gid(77))).unwrap();
     assert_eq!((a.attr.uid, a.attr.gid), (1234, 77));
     // Truncate through an open handle.
     let o = block_on(fs.open(&ROOT, f, libc::O_RDWR as u32)).unwrap();
-    let a = block_on(fs.setattr(&ROOT, f, &SetAttr { size: Some(0), fh: Some(o.fh), ..SetAttr::default() })).unwrap();
+    let a = block_on(fs.setattr(&ROOT, f, &SetAttr::default().with_size(0).with_fh(o.fh))).unwrap();
     assert_eq!(a.attr.size, 0);
     block_on(fs.release(&ROOT, f, o.fh, 0)).unwrap();
 
@@ -378,9 +377,9 @@ fn symlinks_never_followed() {
     let s = block_on(fs.symlink(&ROOT, NodeId::ROOT, &c("s"), &c("../../etc/shadow"))).unwrap();
     assert_eq!(block_on(fs.readlink(&ROOT, s.nodeid)).unwrap(), b"../../etc/shadow");
     // chmod on a symlink is not possible; chown and times are.
-    let sa = SetAttr { mode: Some(0o700), ..SetAttr::default() };
+    let sa = SetAttr::default().with_mode(0o700);
     assert_eq!(block_on(fs.setattr(&ROOT, s.nodeid, &sa)).unwrap_err(), Errno::EOPNOTSUPP);
-    let sa = SetAttr { uid: Some(5), mtime: Some(SetTime::At(Timespec { sec: 99, nsec: 0 })), ..SetAttr::default() };
+    let sa = SetAttr::default().with_uid(5).with_mtime(SetTime::At(Timespec::new(99, 0)));
     let a = block_on(fs.setattr(&ROOT, s.nodeid, &sa)).unwrap();
     assert_eq!((a.attr.uid, a.attr.mtime.sec), (5, 99));
     assert_eq!(std::fs::metadata("/etc/shadow").map(|m| m.uid()).unwrap_or(0), 0);
@@ -448,7 +447,7 @@ fn creation_with_supplementary_group() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(found);
-    let ctx = Context { uid: 65534, gid: 65534, pid: child.id() };
+    let ctx = Context::new(65534, 65534, child.id());
     let r = block_on(fs.mkdir(&ctx, grp, &c("x"), libc::S_IFDIR | 0o700, 0));
     child.kill().ok();
     child.wait().ok();
@@ -480,7 +479,7 @@ fn without_default_permissions() {
     block_on(fs.access(&NOBODY, public, libc::R_OK as u32)).unwrap();
     assert_eq!(block_on(fs.access(&NOBODY, public, libc::W_OK as u32)).unwrap_err(), Errno::EACCES);
     block_on(fs.access(&ROOT, secret, libc::W_OK as u32)).unwrap();
-    let sa = SetAttr { mode: Some(0o777), ..SetAttr::default() };
+    let sa = SetAttr::default().with_mode(0o777);
     assert_eq!(block_on(fs.setattr(&NOBODY, public, &sa)).unwrap_err(), Errno::EPERM);
     assert_eq!(block_on(fs.unlink(&NOBODY, NodeId::ROOT, &c("public"))).unwrap_err(), Errno::EACCES);
     assert_eq!(block_on(fs.opendir(&NOBODY, closed, 0)).unwrap_err(), Errno::EACCES);
@@ -753,7 +752,7 @@ fn suid_cleared_on_unprivileged_truncate_and_kill_flag() {
     std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o6755)).unwrap();
     let s = node(&fs, NodeId::ROOT, "s");
     // Truncate by root keeps the bits.
-    let sa = SetAttr { size: Some(3), ..SetAttr::default() };
+    let sa = SetAttr::default().with_size(3);
     let a = block_on(fs.setattr(&ROOT, s, &sa)).unwrap();
     assert_eq!(a.attr.mode & 0o7777, 0o6755);
     // By the (unprivileged) owner they go.
@@ -766,14 +765,15 @@ fn suid_cleared_on_unprivileged_truncate_and_kill_flag() {
     // WriteFlags::kill_suidgid.
     std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o6755)).unwrap();
     let o = block_on(fs.open(&ROOT, s, libc::O_RDWR as u32)).unwrap();
-    let wf = WriteFlags { kill_suidgid: true, ..WriteFlags::default() };
+    let mut wf = WriteFlags::default();
+    wf.kill_suidgid = true;
     block_on(fs.write(&ROOT, s, o.fh, 0, b"x", wf)).unwrap();
     let a = block_on(fs.getattr(&ROOT, s, Some(o.fh))).unwrap();
     assert_eq!(a.attr.mode & 0o7777, 0o755);
     block_on(fs.release(&ROOT, s, o.fh, 0)).unwrap();
     // SetAttr::kill_suidgid.
     std::fs::set_permissions(p.join("s"), std::fs::Permissions::from_mode(0o4755)).unwrap();
-    let sa = SetAttr { uid: Some(65534), kill_suidgid: true, ..SetAttr::default() };
+    let sa = SetAttr::default().with_uid(65534).with_kill_suidgid(true);
     let a = block_on(fs.setattr(&ROOT, s, &sa)).unwrap();
     assert_eq!(a.attr.mode & 0o7777, 0o755);
 }

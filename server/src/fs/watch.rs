@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -177,7 +177,7 @@ impl WriteIgnores {
     }
 
     /// Passthrough open `fh` of `node` for writing, through descriptor `file`.
-    pub(crate) fn opened(&self, fh: u64, node: u64, file: RawFd) {
+    pub(crate) fn opened(&self, fh: u64, node: u64, file: BorrowedFd<'_>) {
         let mut guard = self.writers.lock().unwrap_or_else(|e| e.into_inner());
         let (w, handles) = &mut *guard;
         if !handles.insert(fh) {
@@ -188,7 +188,7 @@ impl WriteIgnores {
         if n.0 == 1 {
             n.1 = ctime(file);
             let flags = FAN_MARK_ADD | FAN_MARK_IGNORED_MASK | FAN_MARK_IGNORED_SURV_MODIFY;
-            if let Err(e) = self.mark(flags, file) {
+            if let Err(e) = self.mark(flags, file.as_raw_fd()) {
                 log::debug!("FAN_MODIFY ignore mark for node {node} not set: {e}");
             }
         }
@@ -196,7 +196,7 @@ impl WriteIgnores {
 
     /// The release of open `fh`; true when it was the last writing open of `node` and the
     /// backing inode changed meanwhile (the caller then invalidates the inode's attributes).
-    pub(crate) fn closed(&self, fh: u64, node: u64, file: RawFd) -> bool {
+    pub(crate) fn closed(&self, fh: u64, node: u64, file: BorrowedFd<'_>) -> bool {
         let mut guard = self.writers.lock().unwrap_or_else(|e| e.into_inner());
         let (w, handles) = &mut *guard;
         if !handles.remove(&fh) {
@@ -209,7 +209,7 @@ impl WriteIgnores {
         }
         let before = n.1;
         w.remove(&node);
-        if let Err(e) = self.mark(FAN_MARK_REMOVE | FAN_MARK_IGNORED_MASK, file) {
+        if let Err(e) = self.mark(FAN_MARK_REMOVE | FAN_MARK_IGNORED_MASK, file.as_raw_fd()) {
             log::debug!("FAN_MODIFY ignore mark for node {node} not removed: {e}");
         }
         before.is_none() || ctime(file) != before
@@ -217,15 +217,8 @@ impl WriteIgnores {
 }
 
 /// The inode change time of open file `fd`.
-fn ctime(fd: RawFd) -> Option<(i64, i64)> {
-    // SAFETY: stat is plain data; fstat fills it for a valid descriptor.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and output buffer.
-    if unsafe { libc::fstat(fd, &mut st) } == 0 {
-        Some((st.st_ctime, st.st_ctime_nsec))
-    } else {
-        None
-    }
+fn ctime(fd: BorrowedFd<'_>) -> Option<(i64, i64)> {
+    rustix::fs::fstat(fd).ok().map(|st| (st.st_ctime, st.st_ctime_nsec as i64))
 }
 
 /// One invalidation to send.
@@ -249,22 +242,20 @@ pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelC
         // Sleep until the first event, then let the coalescing window fill before reading: a
         // storm of changes (the server's own, above all) costs one wake-up per window instead
         // of one per event.
-        let mut pfd = libc::pollfd { fd: watch.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r <= 0 {
+        let mut pfd = [rustix::event::PollFd::new(&watch.fd, rustix::event::PollFlags::IN)];
+        if rustix::event::poll(&mut pfd, None).unwrap_or(0) == 0 {
             continue;
         }
         std::thread::sleep(COALESCE);
         loop {
             let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(buf.as_mut_slice());
-            // SAFETY: reading into our buffer from a nonblocking fd.
-            let n = unsafe { libc::read(watch.fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
-            if n <= 0 {
-                break;
-            }
-            parse_events(&bytes[..n as usize], own_pid, &inodes, &mut pending);
-            if (n as usize) < bytes.len() / 2 {
+            // Non-blocking: EAGAIN once drained.
+            let n = match rustix::io::read(&watch.fd, &mut *bytes) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            parse_events(&bytes[..n], own_pid, &inodes, &mut pending);
+            if n < bytes.len() / 2 {
                 break;
             }
         }
