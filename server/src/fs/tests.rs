@@ -1107,7 +1107,7 @@ fn directory_xattr_by_descriptor_matches_the_proc_path() {
     let dir = tempfile::Builder::new().prefix("ringfs-xattr-dir").tempdir_in("/tmp").unwrap();
     let d = CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
     sys::xattr::set(&d, &c("user.k"), b"value", 0).unwrap();
-    let fd = sys::openat(libc::AT_FDCWD, &d, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0).unwrap();
+    let fd = sys::openat(rustix::fs::CWD, &d, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0).unwrap();
     let fd = fd.as_raw_fd();
     let by_path = |name: &CStr, buf: &mut [u8]| sys::xattr::get(&sys::proc_path(fd), name, buf);
     for name in [c("user.k"), c("user.missing"), c("system.posix_acl_default")] {
