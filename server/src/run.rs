@@ -210,6 +210,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         attr_timeout: cache.attr_timeout,
         negative_timeout: cache.negative_timeout,
         default_permissions: cfg.default_permissions,
+        lsm_labels: cfg.lsm_labels,
         passthrough: cfg.offload.passthrough,
         passthrough_exclude: cfg.offload.exclude_patterns(),
         // With the watch, external changes invalidate the page cache explicitly, and

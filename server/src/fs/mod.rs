@@ -79,6 +79,12 @@ impl std::hash::Hasher for FastHasher {
     }
 }
 
+/// True for the extended attributes that carry an LSM's security label (SELinux, Smack,
+/// AppArmor): the names hidden by [`FsConfig::lsm_labels`] = false.
+fn is_lsm_label(name: &[u8]) -> bool {
+    name == b"security.selinux" || name == b"security.apparmor" || name.starts_with(b"security.SMACK64")
+}
+
 /// [`FastHasher`] as a map's hasher.
 pub(crate) type IdHash = std::hash::BuildHasherDefault<FastHasher>;
 
@@ -111,6 +117,13 @@ pub struct FsConfig {
     /// backing file system supports ACLs; without it, the kernel checks mode bits only and
     /// ACL entries that grant or deny access are ignored through the mount.
     pub posix_acl: bool,
+    /// Show and store the backing files' LSM security labels (`security.selinux`,
+    /// `security.SMACK64*`, `security.apparmor`). When false the mount has no labels: reading,
+    /// writing or removing one answers EOPNOTSUPP (as a file system without label support,
+    /// which label readers such as `ls -l` remember for the whole device instead of asking
+    /// per file) and listings omit them; the backing files keep theirs.
+    /// `security.capability` and the other `security.*` names are not affected.
+    pub lsm_labels: bool,
     /// The mount's `noatime`: the backing directory is reached through a private bind mount
     /// with MOUNT_ATTR_NOATIME, so no access (passthrough reads included: the kernel opens its
     /// backing files on the server's mount) updates access times; backing files and
@@ -148,6 +161,7 @@ impl Default for FsConfig {
             passthrough_exclude: Vec::new(),
             keep_cache: false,
             posix_acl: true,
+            lsm_labels: true,
             export_handles: 65536,
             private_mounts: true,
             handle_state: None,
@@ -947,6 +961,15 @@ impl PassthroughFs {
         })
     }
 
+    /// EOPNOTSUPP for the names this mount does not have (LSM labels with
+    /// [`FsConfig::lsm_labels`] off).
+    fn check_xattr_name(&self, name: &CStr) -> Result<()> {
+        if !self.cfg.lsm_labels && is_lsm_label(name.to_bytes()) {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        Ok(())
+    }
+
     fn do_listxattr(&self, ctx: &Context, node: NodeId, size: u32) -> Result<XattrReply> {
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
@@ -968,12 +991,14 @@ impl PassthroughFs {
                 Err(e) => return Err(e),
             }
         })?;
-        if ctx.uid != 0 {
+        let hide_trusted = ctx.uid != 0;
+        let hide_labels = !self.cfg.lsm_labels;
+        if hide_trusted || hide_labels {
             // trusted.* names are visible to CAP_SYS_ADMIN only; the server has it, the
             // caller (as far as we know) does not.
             let mut filtered = Vec::with_capacity(buf.len());
             for name in buf.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-                if !name.starts_with(b"trusted.") {
+                if !(hide_trusted && name.starts_with(b"trusted.")) && !(hide_labels && is_lsm_label(name)) {
                     filtered.extend_from_slice(name);
                     filtered.push(0);
                 }
@@ -1547,6 +1572,7 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {
+        self.check_xattr_name(name)?;
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
         // Setting an access ACL clears set-gid when the caller is neither in the file's group nor
@@ -1573,6 +1599,7 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn getxattr(&self, ctx: &Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
+        self.check_xattr_name(name)?;
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
         if size == 0 {
@@ -1590,6 +1617,7 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn removexattr(&self, ctx: &Context, node: NodeId, name: &CStr) -> Result<()> {
+        self.check_xattr_name(name)?;
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
         self.as_caller(ctx, false, || sys::xattr::remove(&p, name))
