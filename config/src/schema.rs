@@ -102,6 +102,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("cache.negative_timeout", Kind::Seconds),
     key("cache.coherence", Kind::Keyword(CoherenceMode::NAMES)),
     key("cache.readdirplus", Kind::Keyword(ReaddirplusMode::NAMES)),
+    key("cache.opendir_requests", Kind::Bool),
     key("fuse.max_write", Kind::Int { min: 4096, max: SIXTEEN_MIB, step: 4096 }),
     key("fuse.max_readahead", int(0, SIXTEEN_MIB)),
     key("fuse.max_background", int(1, 65535)),

@@ -267,6 +267,8 @@ fn option_values_by_type() {
     assert!(!with_opts("default_permissions=0").unwrap().default_permissions);
     assert!(!with_opts("default_permissions=false").unwrap().default_permissions);
     assert!(!with_opts("lsm_labels=false").unwrap().lsm_labels);
+    assert!(!Config::default().cache.opendir_requests);
+    assert!(with_opts("opendir_requests").unwrap().cache.opendir_requests);
 }
 
 #[test]

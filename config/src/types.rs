@@ -166,6 +166,13 @@ pub struct CacheConfig {
     /// `readdirplus`: whether directory listings carry every entry's attributes
     /// (READDIRPLUS, which fills the kernel's entry cache). Default `"always"`.
     pub readdirplus: ReaddirplusMode,
+    /// `opendir_requests`: send OPENDIR and RELEASEDIR for every directory opened. Default
+    /// `false`: with `coherence = "watch"` and `default_permissions` (where the server has
+    /// nothing to check or remember at OPENDIR), directories open without a round trip
+    /// (zero-message opendir: listings name the directory and the offset, and the kernel keeps
+    /// cached listings across opens as it does with the watch anyway). Otherwise, or when the
+    /// kernel lacks zero-message opendir, the requests are sent.
+    pub opendir_requests: bool,
 }
 
 impl Default for CacheConfig {
@@ -176,6 +183,7 @@ impl Default for CacheConfig {
             negative_timeout: Duration::from_secs(3600),
             coherence: CoherenceMode::default(),
             readdirplus: ReaddirplusMode::default(),
+            opendir_requests: false,
         }
     }
 }

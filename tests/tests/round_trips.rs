@@ -177,3 +177,136 @@ fn ls_l_without_lsm_labels_asks_each_name_once_and_acls_still_hold() {
     let acl = run(Command::new("getfacl").args(["-c", "-n"]).arg(&f2));
     assert!(!acl.contains(&format!("user:{NOBODY_UID}")), "getfacl through the mount after the backing change:\n{acl}");
 }
+
+/// Names in `dir` as listed by readdir (sorted, without `.` and `..`).
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A backing tree `t` of 20 directories of 30 files and `big` and `big2` of 1500 files (many listing
+/// chunks), `t/private` mode 0700.
+fn dir_tree() -> tempfile::TempDir {
+    let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+    std::fs::set_permissions(src.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    for d in 0..20 {
+        let dir = src.path().join(format!("t/d{d}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for i in 0..30 {
+            std::fs::write(dir.join(format!("f{i}")), b"").expect("create");
+        }
+    }
+    for b in ["big", "big2"] {
+        let dir = src.path().join(b);
+        std::fs::create_dir(&dir).expect("mkdir");
+        for i in 0..1500 {
+            std::fs::write(dir.join(format!("a-fairly-long-file-name-{i:05}")), b"").expect("create");
+        }
+    }
+    let private = src.path().join("t/private");
+    std::fs::create_dir(&private).expect("mkdir");
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    src
+}
+
+/// OPENDIR and RELEASEDIR requests sent by a `find` of the mount's `t`.
+fn find_opendirs(m: &mut Server) -> (f64, f64) {
+    let before = m.scrape();
+    let out = run(Command::new("find").arg(m.mountpoint.join("t")));
+    assert_eq!(out.lines().count(), 1 + 21 + 20 * 30, "find listed:\n{out}");
+    // RELEASEDIR is sent in the background after close: wait for all of them.
+    let opened = requests(&m.scrape(), "opendir") - requests(&before, "opendir");
+    let mut after = m.scrape();
+    wait_until(Duration::from_secs(5), || {
+        after = m.scrape();
+        requests(&after, "releasedir") - requests(&before, "releasedir") >= opened
+    });
+    (opened, requests(&after, "releasedir") - requests(&before, "releasedir"))
+}
+
+/// Directories open without OPENDIR/RELEASEDIR by default (zero-message opendir, with the watch
+/// and default_permissions): `find` over 21 directories sends one OPENDIR (answered ENOSYS, after
+/// which the kernel sends none) instead of 21 OPENDIRs and 21 RELEASEDIRs. Listings stay exact
+/// (also of directories read in many chunks, two at a time), the kernel still checks who may
+/// list a directory, fsync and file-attribute ioctls on directory descriptors still work, and a
+/// backing-side change still shows through.
+#[test]
+fn directories_open_without_round_trips_and_listings_stay_exact() {
+    if !require("directories_open_without_round_trips_and_listings_stay_exact", false, &[]) {
+        return;
+    }
+    // With the requests (the old behaviour), for comparison.
+    let src = dir_tree();
+    let source = src.path().to_path_buf();
+    let mut m = Server::ringfs_on(&source, "metrics_addr=127.0.0.1:0,opendir_requests", vec![src]);
+    let (opened, released) = find_opendirs(&mut m);
+    assert!(opened >= 21.0 && released >= 21.0, "opendir_requests: {opened} OPENDIRs, {released} RELEASEDIRs");
+    drop(m);
+
+    let src = dir_tree();
+    let source = src.path().to_path_buf();
+    let mut m = Server::ringfs_on(&source, "metrics_addr=127.0.0.1:0,allow_other", vec![src]);
+    let (opened, released) = find_opendirs(&mut m);
+    assert!(opened <= 1.0 && released == 0.0, "default: {opened} OPENDIRs, {released} RELEASEDIRs for 21 directories");
+    let (opened, released) = find_opendirs(&mut m);
+    assert!(opened == 0.0 && released == 0.0, "second find: {opened} OPENDIRs, {released} RELEASEDIRs");
+
+    // Two large directories listed in alternation (each many READDIRPLUS chunks with fh 0).
+    let (a, b) = (m.mountpoint.join("big"), m.mountpoint.join("big2"));
+    let mut ia = std::fs::read_dir(&a).expect("read_dir");
+    let mut ib = std::fs::read_dir(&b).expect("read_dir");
+    let (mut la, mut lb) = (Vec::new(), Vec::new());
+    loop {
+        let x = ia.next().map(|e| e.expect("entry").file_name());
+        let y = ib.next().map(|e| e.expect("entry").file_name());
+        if x.is_none() && y.is_none() {
+            break;
+        }
+        la.extend(x);
+        lb.extend(y);
+    }
+    la.sort();
+    lb.sort();
+    let want: Vec<std::ffi::OsString> = names(&source.join("big")).into_iter().map(Into::into).collect();
+    assert_eq!(la.len(), 1500);
+    assert_eq!(la, want, "big listed through the mount");
+    assert_eq!(lb, want, "big2 listed through the mount");
+
+    // The kernel checks who may list a directory: nobody may not list a 0700 one.
+    let private = c(&m.mountpoint.join("t/private"));
+    let listed = as_user(NOBODY_UID, NOBODY_GID, move || {
+        // SAFETY: open/close of a NUL-terminated path in the forked child.
+        let fd = unsafe { libc::open(private.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        if fd < 0 {
+            return errno();
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        0
+    });
+    assert_eq!(listed, libc::EACCES, "nobody opened a 0700 directory for listing");
+
+    // fsync and file-attribute ioctls of a directory descriptor (fh 0 at the server).
+    let d = std::fs::File::open(m.mountpoint.join("t/d1")).expect("open dir");
+    d.sync_all().expect("fsync of a directory");
+    run(Command::new("chattr").arg("+A").arg(m.mountpoint.join("t/d1")));
+    let flags = run(Command::new("lsattr").arg("-d").arg(source.join("t/d1")));
+    assert!(flags.split_whitespace().next().is_some_and(|f| f.contains('A')), "lsattr of the backing dir: {flags}");
+    drop(d);
+
+    // A backing-side change shows in the next listing.
+    let d2 = m.mountpoint.join("t/d2");
+    assert_eq!(names(&d2).len(), 30);
+    std::fs::write(source.join("t/d2/new"), b"").expect("create natively");
+    std::fs::remove_file(source.join("t/d2/f0")).expect("remove natively");
+    let shown = wait_until(Duration::from_secs(5), || {
+        let n = names(&d2);
+        n.contains(&"new".to_owned()) && !n.contains(&"f0".to_owned())
+    });
+    assert!(shown, "backing-side changes not in the listing: {:?}", names(&d2));
+    assert_eq!(names(&d2), names(&source.join("t/d2")));
+}
