@@ -32,6 +32,7 @@ fn defaults() {
     assert_eq!(c.mountpoint, PathBuf::new());
     assert!(!c.allow_other);
     assert!(c.default_permissions);
+    assert!(c.lsm_labels);
     assert!(!c.ro);
     assert_eq!(c.fsname, "");
     assert_eq!(c.subtype, "ringfs");
@@ -265,6 +266,9 @@ fn option_values_by_type() {
     assert!(with_opts("allow_other=yes").unwrap().allow_other);
     assert!(!with_opts("default_permissions=0").unwrap().default_permissions);
     assert!(!with_opts("default_permissions=false").unwrap().default_permissions);
+    assert!(!with_opts("lsm_labels=false").unwrap().lsm_labels);
+    assert!(!Config::default().cache.opendir_requests);
+    assert!(with_opts("opendir_requests").unwrap().cache.opendir_requests);
 }
 
 #[test]

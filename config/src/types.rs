@@ -38,6 +38,15 @@ pub struct Config {
     /// skip checks the server cannot make (cached path walks, device nodes,
     /// FIFOs).
     pub default_permissions: bool,
+    /// `lsm_labels`: show and store the backing files' LSM security labels
+    /// (`security.selinux`, `security.SMACK64*`, `security.apparmor`). Default `true`.
+    /// `false` makes the mount a file system without labels: reading, setting or removing one
+    /// answers EOPNOTSUPP and listings omit them (the backing files keep theirs), so label
+    /// readers such as `ls -l` (which asks `security.selinux` of every name) stop asking
+    /// after the first file: one GETXATTR round trip less per name. For hosts where no
+    /// label-based LSM reads labels through this mount and nobody copies labels through it.
+    /// `security.capability` and other `security.*` names are unaffected.
+    pub lsm_labels: bool,
     /// `ro`: mount read-only. Default `false`.
     pub ro: bool,
     /// `fsname`: the device name shown in /proc/mounts. Default `""`, which
@@ -73,6 +82,7 @@ impl Default for Config {
             mountpoint: PathBuf::new(),
             allow_other: false,
             default_permissions: true,
+            lsm_labels: true,
             ro: false,
             fsname: String::new(),
             subtype: "ringfs".to_owned(),
@@ -156,6 +166,13 @@ pub struct CacheConfig {
     /// `readdirplus`: whether directory listings carry every entry's attributes
     /// (READDIRPLUS, which fills the kernel's entry cache). Default `"always"`.
     pub readdirplus: ReaddirplusMode,
+    /// `opendir_requests`: send OPENDIR and RELEASEDIR for every directory opened. Default
+    /// `false`: with `coherence = "watch"` and `default_permissions` (where the server has
+    /// nothing to check or remember at OPENDIR), directories open without a round trip
+    /// (zero-message opendir: listings name the directory and the offset, and the kernel keeps
+    /// cached listings across opens as it does with the watch anyway). Otherwise, or when the
+    /// kernel lacks zero-message opendir, the requests are sent.
+    pub opendir_requests: bool,
 }
 
 impl Default for CacheConfig {
@@ -166,6 +183,7 @@ impl Default for CacheConfig {
             negative_timeout: Duration::from_secs(3600),
             coherence: CoherenceMode::default(),
             readdirplus: ReaddirplusMode::default(),
+            opendir_requests: false,
         }
     }
 }
@@ -497,6 +515,7 @@ struct ConfigFile {
     mountpoint: String,
     allow_other: bool,
     default_permissions: bool,
+    lsm_labels: bool,
     ro: bool,
     nosuid: bool,
     nodev: bool,
@@ -529,6 +548,7 @@ impl From<Config> for ConfigFile {
             mountpoint: c.mountpoint.to_string_lossy().into_owned(),
             allow_other: c.allow_other,
             default_permissions: c.default_permissions,
+            lsm_labels: c.lsm_labels,
             ro: c.ro,
             nosuid: c.mount_flags.nosuid,
             nodev: c.mount_flags.nodev,
@@ -556,6 +576,7 @@ impl From<ConfigFile> for Config {
             mountpoint: f.mountpoint.into(),
             allow_other: f.allow_other,
             default_permissions: f.default_permissions,
+            lsm_labels: f.lsm_labels,
             ro: f.ro,
             fsname: f.fsname,
             subtype: f.subtype,

@@ -729,6 +729,14 @@ pub struct ConnInfo {
     pub flock_locks: bool,
     /// The kernel checks permissions itself (`default_permissions` mount option).
     pub default_permissions: bool,
+    /// The kernel supports zero-message opendir (it offered FUSE_NO_OPENDIR_SUPPORT; nothing
+    /// is replied): once [`FileSystem::opendir`] answers `ENOSYS`, it sends no more OPENDIR or
+    /// RELEASEDIR, keeps every directory's listing cached across opens (as if each open had
+    /// answered `cache_dir` and `keep_cache`), and every later request on an open directory
+    /// (READDIR, READDIRPLUS, FSYNCDIR, file-attribute ioctls) carries fh 0. Only for a file
+    /// system that checks no permission at OPENDIR (the kernel checks them with
+    /// `default_permissions`).
+    pub no_opendir_support: bool,
     /// Maximum write size the kernel will send.
     pub max_write: u32,
     /// Maximum read size the kernel will ask for.

@@ -177,6 +177,7 @@ pub fn negotiate(arg: &FuseInitIn, p: &InitParams) -> Result<Negotiated, Errno> 
         posix_locks: false,
         flock_locks: false,
         default_permissions: p.default_permissions,
+        no_opendir_support: offered.contains(InitFlags::NO_OPENDIR_SUPPORT),
         max_write,
         max_read: max_pages as u32 * 4096,
     };

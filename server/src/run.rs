@@ -201,11 +201,14 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         attr_timeout: cache.attr_timeout,
         negative_timeout: cache.negative_timeout,
         default_permissions: cfg.default_permissions,
+        lsm_labels: cfg.lsm_labels,
         passthrough: cfg.offload.passthrough,
         passthrough_exclude: cfg.offload.exclude_patterns(),
         // With the watch, external changes invalidate the page cache explicitly, and
         // auto_inval_data catches size/mtime changes: cached data may outlive an open.
         keep_cache: watch.is_some(),
+        // The kernel keeps listings of directories opened without OPENDIR: only with the watch.
+        zero_message_opendir: !cfg.cache.opendir_requests && watch.is_some(),
         noatime: cfg.mount_flags.noatime,
         strictatime: cfg.mount_flags.strictatime,
         nodiratime: cfg.mount_flags.nodiratime,

@@ -71,8 +71,14 @@ fn walk(buf: &[u8], f: &mut dyn FnMut(&DirEntry<'_>) -> bool) -> (usize, Option<
 }
 
 impl DirStream {
-    fn new() -> DirStream {
+    /// A stream at the start of a freshly opened directory.
+    pub(crate) fn new() -> DirStream {
         DirStream { pending: Vec::new(), pending_at: 0, pos: 0 }
+    }
+
+    /// Cookie of the next entry the stream returns.
+    pub(crate) fn pos(&self) -> u64 {
+        self.pos
     }
 
     /// Positions the stream at cookie `offset` (seeking the backing directory if needed).
@@ -276,6 +282,69 @@ impl HandleTable {
     }
 
     /// Number of open handles.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+    }
+}
+
+/// Directory streams parked between listing requests, for directories the kernel opens without
+/// OPENDIR (zero-message opendir: every READDIR/READDIRPLUS comes with fh 0 and names only the
+/// node and the cookie to resume from). The stream a chunk leaves behind waits here under
+/// (node, cookie of its next entry), so the next chunk of the same listing continues on the same
+/// backing descriptor instead of opening and seeking again, and the final, empty chunk costs no
+/// open. Bounded: [`PARKED_SHARDS`] x [`PARKED_PER_SHARD`] streams (one descriptor each); the
+/// oldest of a full shard is closed (a later chunk of its listing then reopens and seeks).
+pub(crate) struct ParkedStreams {
+    shards: Box<[ParkedShard]>,
+}
+
+/// Shards of [`ParkedStreams`].
+const PARKED_SHARDS: usize = 16;
+/// Streams per shard of [`ParkedStreams`].
+const PARKED_PER_SHARD: usize = 8;
+
+/// A parked stream: (node, cookie of its next entry, descriptor, stream).
+type Parked = (u64, u64, OwnedFd, DirStream);
+
+/// One shard, on cache lines of its own; oldest first.
+#[repr(align(128))]
+struct ParkedShard(Mutex<Vec<Parked>>);
+
+impl ParkedStreams {
+    /// No streams.
+    pub(crate) fn new() -> ParkedStreams {
+        ParkedStreams {
+            shards: (0..PARKED_SHARDS).map(|_| ParkedShard(Mutex::new(Vec::with_capacity(PARKED_PER_SHARD)))).collect(),
+        }
+    }
+
+    fn shard(&self, node: u64) -> MutexGuard<'_, Vec<Parked>> {
+        self.shards[(node % PARKED_SHARDS as u64) as usize].0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the stream of `node` whose next entry is at cookie `offset`, if one is parked.
+    pub(crate) fn take(&self, node: u64, offset: u64) -> Option<(OwnedFd, DirStream)> {
+        let mut s = self.shard(node);
+        let i = s.iter().position(|p| p.0 == node && p.1 == offset)?;
+        let (_, _, fd, stream) = s.remove(i);
+        Some((fd, stream))
+    }
+
+    /// Parks `stream` (reading `fd` of `node`) until the chunk that resumes at its position.
+    pub(crate) fn park(&self, node: u64, fd: OwnedFd, stream: DirStream) {
+        let pos = stream.pos();
+        let old = {
+            let mut s = self.shard(node);
+            let old = if s.len() >= PARKED_PER_SHARD { Some(s.remove(0)) } else { None };
+            s.push((node, pos, fd, stream));
+            old
+        };
+        // Closed outside the lock.
+        drop(old);
+    }
+
+    /// Number of parked streams.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
     }

@@ -81,6 +81,12 @@ impl std::hash::Hasher for FastHasher {
     }
 }
 
+/// True for the extended attributes that carry an LSM's security label (SELinux, Smack,
+/// AppArmor): the names hidden by [`FsConfig::lsm_labels`] = false.
+fn is_lsm_label(name: &[u8]) -> bool {
+    name == b"security.selinux" || name == b"security.apparmor" || name.starts_with(b"security.SMACK64")
+}
+
 /// [`FastHasher`] as a map's hasher.
 pub(crate) type IdHash = std::hash::BuildHasherDefault<FastHasher>;
 
@@ -113,6 +119,18 @@ pub struct FsConfig {
     /// backing file system supports ACLs; without it, the kernel checks mode bits only and
     /// ACL entries that grant or deny access are ignored through the mount.
     pub posix_acl: bool,
+    /// Show and store the backing files' LSM security labels (`security.selinux`,
+    /// `security.SMACK64*`, `security.apparmor`). When false the mount has no labels: reading,
+    /// writing or removing one answers EOPNOTSUPP (as a file system without label support,
+    /// which label readers such as `ls -l` remember for the whole device instead of asking
+    /// per file) and listings omit them; the backing files keep theirs.
+    /// `security.capability` and the other `security.*` names are not affected.
+    pub lsm_labels: bool,
+    /// Open directories without OPENDIR/RELEASEDIR round trips (zero-message opendir) when the
+    /// kernel supports it and checks permissions itself (`default_permissions`): the kernel then
+    /// keeps every directory's cached listing across opens, so this needs the watch (as
+    /// `keep_cache`). Listing chunks arrive with fh 0 and read through parked streams.
+    pub zero_message_opendir: bool,
     /// The mount's `noatime`: the backing directory is reached through a private bind mount
     /// with MOUNT_ATTR_NOATIME, so no access (passthrough reads included: the kernel opens its
     /// backing files on the server's mount) updates access times; backing files and
@@ -150,6 +168,8 @@ impl Default for FsConfig {
             passthrough_exclude: Vec::new(),
             keep_cache: false,
             posix_acl: true,
+            lsm_labels: true,
+            zero_message_opendir: false,
             export_handles: 65536,
             private_mounts: true,
             handle_state: None,
@@ -195,6 +215,10 @@ pub struct PassthroughFs {
     /// The root (opened O_RDONLY) and device of the mount on which passthrough backing files
     /// are registered, which the watch ignores for FAN_MODIFY (see [`writes_mount`]).
     writes_mount: Option<(OwnedFd, u64)>,
+    /// Zero-message opendir is in effect (see [`FsConfig::zero_message_opendir`]).
+    no_opendir: AtomicBool,
+    /// Directory streams between the chunks of listings made without a handle (fh 0).
+    parked: handles::ParkedStreams,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -409,6 +433,8 @@ impl PassthroughFs {
             cfg,
             inodes,
             handles: HandleTable::new(),
+            no_opendir: AtomicBool::new(false),
+            parked: handles::ParkedStreams::new(),
             proc_fd,
             no_fchmodat2: AtomicBool::new(false),
             writeback: AtomicBool::new(false),
@@ -810,6 +836,12 @@ impl PassthroughFs {
 
     /// The open handle a file-attribute ioctl came with; it must belong to `node`.
     fn fileattr_handle(&self, node: NodeId, fh: FileHandle) -> Result<std::sync::Arc<handles::Handle>> {
+        if fh.0 == 0 && self.no_opendir.load(Ordering::Relaxed) {
+            // A directory opened without OPENDIR (files always have a handle).
+            let fd = std::sync::Arc::new(self.open_dir(node)?);
+            let kind = handles::HandleKind::Dir(fd, std::sync::Mutex::new(handles::DirStream::new()));
+            return Ok(std::sync::Arc::new(handles::Handle { node: node.0, kind }));
+        }
         let h = self.handle_fd(fh)?;
         if h.node != node.0 {
             return Err(Errno::EBADF);
@@ -900,34 +932,111 @@ impl PassthroughFs {
         Ok(self.attr_out(&st))
     }
 
-    fn do_readdirplus(&self, ctx: &Context, fh: FileHandle, offset: u64, out: &mut DirPlusBuffer<'_>) -> Result<()> {
-        let h = self.handle_fd(fh)?;
-        let (fd, mut s) = h.dir()?;
+    /// Runs `read` on the directory stream of `fh`, or, for fh 0 under zero-message opendir, on
+    /// the parked stream of `node` (or a freshly opened one), which is parked again afterwards
+    /// unless `read` took no entry (the end of the listing). `read` returns the entries taken.
+    fn with_dir(
+        &self,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        read: &mut dyn FnMut(BorrowedFd<'_>, &mut handles::DirStream) -> Result<usize>,
+    ) -> Result<()> {
+        if fh.0 != 0 || !self.no_opendir.load(Ordering::Relaxed) {
+            let h = self.handle_fd(fh)?;
+            let (fd, mut s) = h.dir()?;
+            return read(fd, &mut s).map(drop);
+        }
+        // No stream parked at this offset: open the directory (`read` seeks to the offset).
+        let (fd, mut s) = match self.parked.take(node.0, offset) {
+            Some(p) => p,
+            None => (self.open_dir(node)?, handles::DirStream::new()),
+        };
+        if read(fd.as_fd(), &mut s)? > 0 {
+            self.parked.park(node.0, fd, s);
+        }
+        Ok(())
+    }
+
+    /// A new descriptor for reading directory `node`, opened as the server (zero-message
+    /// opendir: the kernel checked the opener's permission).
+    fn open_dir(&self, node: NodeId) -> Result<OwnedFd> {
+        let (fd, kind) = self.inodes.get(node.0)?;
+        if kind != libc::S_IFDIR {
+            return Err(Errno::ENOTDIR);
+        }
+        let noatime = if self.cfg.noatime { libc::O_NOATIME } else { 0 };
+        self.reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | noatime)
+    }
+
+    fn do_readdirplus(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        out: &mut DirPlusBuffer<'_>,
+    ) -> Result<()> {
+        self.with_dir(node, fh, offset, &mut |fd, s| self.readdirplus_chunk(ctx, fd, s, offset, out))
+    }
+
+    fn readdirplus_chunk(
+        &self,
+        ctx: &Context,
+        fd: BorrowedFd<'_>,
+        s: &mut handles::DirStream,
+        offset: u64,
+        out: &mut DirPlusBuffer<'_>,
+    ) -> Result<usize> {
+        let mut took = 0usize;
         s.read(fd, offset, &mut |e| {
-            let kind = e.kind as u32;
-            let name = e.name.to_bytes();
-            let bare = Entry::new(NodeId(0), 0, FileAttr::new(e.ino, kind << 12), Duration::ZERO, Duration::ZERO);
-            if is_dot(name) {
-                return out.add(&bare, e.off, kind, name);
-            }
-            if !out.fits(name) {
-                return false;
-            }
-            match self.lookup_at(ctx, fd.as_raw_fd(), e.name) {
-                Ok((id, st)) => {
-                    let entry = self.entry(id, &st);
-                    if !out.add(&entry, e.off, kind, name) {
-                        self.inodes.forget(id, 1);
-                        return false;
-                    }
-                    true
+            let taken = self.readdirplus_entry(ctx, fd.as_raw_fd(), e, out);
+            took += usize::from(taken);
+            taken
+        })?;
+        Ok(took)
+    }
+
+    /// Offers one entry to a READDIRPLUS reply; false when it does not fit (kept for the next).
+    fn readdirplus_entry(
+        &self,
+        ctx: &Context,
+        fd: RawFd,
+        e: &handles::DirEntry<'_>,
+        out: &mut DirPlusBuffer<'_>,
+    ) -> bool {
+        let kind = e.kind as u32;
+        let name = e.name.to_bytes();
+        let bare = Entry::new(NodeId(0), 0, FileAttr::new(e.ino, kind << 12), Duration::ZERO, Duration::ZERO);
+        if is_dot(name) {
+            return out.add(&bare, e.off, kind, name);
+        }
+        if !out.fits(name) {
+            return false;
+        }
+        match self.lookup_at(ctx, fd, e.name) {
+            Ok((id, st)) => {
+                let entry = self.entry(id, &st);
+                if !out.add(&entry, e.off, kind, name) {
+                    self.inodes.forget(id, 1);
+                    return false;
                 }
-                // Removed meanwhile: skip it.
-                Err(err) if err == Errno::ENOENT => true,
-                // Cannot look it up (permissions, fd limits...): name it without a node.
-                Err(_) => out.add(&bare, e.off, kind, name),
+                true
             }
-        })
+            // Removed meanwhile: skip it.
+            Err(err) if err == Errno::ENOENT => true,
+            // Cannot look it up (permissions, fd limits...): name it without a node.
+            Err(_) => out.add(&bare, e.off, kind, name),
+        }
+    }
+
+    /// EOPNOTSUPP for the names this mount does not have (LSM labels with
+    /// [`FsConfig::lsm_labels`] off).
+    fn check_xattr_name(&self, name: &CStr) -> Result<()> {
+        if !self.cfg.lsm_labels && is_lsm_label(name.to_bytes()) {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        Ok(())
     }
 
     fn do_listxattr(&self, ctx: &Context, node: NodeId, size: u32) -> Result<XattrReply> {
@@ -951,12 +1060,15 @@ impl PassthroughFs {
                 Err(e) => return Err(e),
             }
         })?;
-        if ctx.uid != 0 {
+        let hide_trusted = ctx.uid != 0;
+        let hide_labels = !self.cfg.lsm_labels;
+        if hide_trusted || hide_labels {
             // trusted.* names are visible to CAP_SYS_ADMIN only; the server has it, the
             // caller (as far as we know) does not.
             let mut filtered = Vec::with_capacity(buf.len());
             for name in buf.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-                if !name.starts_with(b"trusted.") {
+                let hidden = (hide_trusted && name.starts_with(b"trusted.")) || (hide_labels && is_lsm_label(name));
+                if !hidden {
                     filtered.extend_from_slice(name);
                     filtered.push(0);
                 }
@@ -980,6 +1092,12 @@ impl FileSystem for PassthroughFs {
 
     fn init(&self, conn: &mut ConnInfo) -> Result<()> {
         self.default_permissions.store(conn.default_permissions, Ordering::Relaxed);
+        // OPENDIR checks no permission with default_permissions (the kernel did): without it,
+        // the server's open as the caller is the check, and the round trip stays.
+        self.no_opendir.store(
+            self.cfg.zero_message_opendir && conn.default_permissions && conn.no_opendir_support,
+            Ordering::Relaxed,
+        );
         conn.passthrough &= self.cfg.passthrough;
         self.writeback.store(conn.writeback_cache, Ordering::Relaxed);
         self.passthrough.set_enabled(conn.passthrough);
@@ -1399,6 +1517,10 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn opendir(&self, ctx: &Context, node: NodeId, _flags: u32) -> Result<Opened> {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // The kernel stops sending OPENDIR/RELEASEDIR for the whole mount.
+            return Err(Errno::ENOSYS);
+        }
         let (fd, kind) = self.inodes.get(node.0)?;
         if kind != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
@@ -1431,25 +1553,31 @@ impl FileSystem for PassthroughFs {
     async fn readdir(
         &self,
         _ctx: &Context,
-        _node: NodeId,
+        node: NodeId,
         fh: FileHandle,
         offset: u64,
         out: &mut DirBuffer<'_>,
     ) -> Result<()> {
-        let h = self.handle_fd(fh)?;
-        let (fd, mut s) = h.dir()?;
-        s.read(fd, offset, &mut |e| out.add(e.ino, e.off, e.kind as u32, e.name.to_bytes()))
+        self.with_dir(node, fh, offset, &mut |fd, s| {
+            let mut took = 0usize;
+            s.read(fd, offset, &mut |e| {
+                let added = out.add(e.ino, e.off, e.kind as u32, e.name.to_bytes());
+                took += usize::from(added);
+                added
+            })?;
+            Ok(took)
+        })
     }
 
     async fn readdirplus(
         &self,
         ctx: &Context,
-        _node: NodeId,
+        node: NodeId,
         fh: FileHandle,
         offset: u64,
         out: &mut DirPlusBuffer<'_>,
     ) -> Result<()> {
-        self.do_readdirplus(ctx, fh, offset, out)
+        self.do_readdirplus(ctx, node, fh, offset, out)
     }
 
     async fn releasedir(&self, _ctx: &Context, _node: NodeId, fh: FileHandle) -> Result<()> {
@@ -1460,6 +1588,10 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn fsyncdir(&self, ctx: &Context, node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
+        if fh.0 == 0 && self.no_opendir.load(Ordering::Relaxed) {
+            let fd = self.open_dir(node)?;
+            return Ok(uring_transport::io::fsync(fd.as_fd(), datasync).await?);
+        }
         self.fsync(ctx, node, fh, datasync).await
     }
 
@@ -1480,6 +1612,7 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn setxattr(&self, ctx: &Context, node: NodeId, name: &CStr, value: &[u8], flags: u32) -> Result<()> {
+        self.check_xattr_name(name)?;
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
         // Setting an access ACL clears set-gid when the caller is neither in the file's group nor
@@ -1505,6 +1638,7 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn getxattr(&self, ctx: &Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
+        self.check_xattr_name(name)?;
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
         if size == 0 {
@@ -1522,6 +1656,7 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn removexattr(&self, ctx: &Context, node: NodeId, name: &CStr) -> Result<()> {
+        self.check_xattr_name(name)?;
         let (fd, _) = self.inodes.get(node.0)?;
         let p = sys::proc_path(fd.as_raw_fd());
         self.as_caller(ctx, false, || sys::xattr::remove(&p, name))

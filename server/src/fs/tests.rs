@@ -1121,3 +1121,70 @@ fn directory_xattr_by_descriptor_matches_the_proc_path() {
     assert_eq!(sys::xattr::get_dir(fd, &c("user.k"), &mut [0u8; 2]), Err(Errno::ERANGE));
     assert_eq!(sys::xattr::get_dir(fd, &c("user.missing"), &mut []), Err(Errno::ENODATA));
 }
+
+/// Zero-message opendir: OPENDIR answers ENOSYS, and listings with fh 0 read through parked
+/// streams: each chunk continues where the last one stopped (no entry lost or repeated, also
+/// with two listings interleaved and one restarted from an earlier cookie), the final empty
+/// chunk closes the stream, and the parked descriptors stay bounded.
+#[test]
+fn zero_message_opendir_lists_through_parked_streams() {
+    let (dir, fs) = setup_with(|c| c.zero_message_opendir = true);
+    let mut conn = conn_info();
+    conn.no_opendir_support = true;
+    fs.init(&mut conn).unwrap();
+    for d in ["a", "b"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+        for i in 0..40 {
+            std::fs::write(dir.path().join(format!("{d}/f{i:02}")), b"").unwrap();
+        }
+    }
+    let (a, b) = (node(&fs, NodeId::ROOT, "a"), node(&fs, NodeId::ROOT, "b"));
+    assert_eq!(block_on(fs.opendir(&ROOT, a, 0)).unwrap_err(), Errno::ENOSYS);
+    // One chunk of about three entries of `node` from `off`: (entries, next cookie).
+    let chunk = |node: NodeId, off: u64| {
+        let mut buf = vec![0u8; 3 * direntplus_size(3) + 8];
+        let mut db = DirPlusBuffer::new(&mut buf);
+        block_on(fs.readdirplus(&ROOT, node, FileHandle(0), off, &mut db)).unwrap();
+        let n = db.len();
+        let v = parse_direntplus(&buf[..n]);
+        let next = v.last().map_or(off, |e| e.1);
+        (v.into_iter().map(|e| e.2).collect::<Vec<_>>(), next)
+    };
+    let (mut la, mut lb) = (Vec::new(), Vec::new());
+    let (mut oa, mut ob) = (0, 0);
+    let mut restart = None;
+    loop {
+        let (ea, na) = chunk(a, oa);
+        let (eb, nb) = chunk(b, ob);
+        if la.len() > 20 && restart.is_none() {
+            restart = Some((oa, ea.clone()));
+        }
+        if ea.is_empty() && eb.is_empty() {
+            break;
+        }
+        la.extend(ea);
+        lb.extend(eb);
+        (oa, ob) = (na, nb);
+    }
+    for l in [&mut la, &mut lb] {
+        l.sort();
+        let want: Vec<Vec<u8>> = [b".".to_vec(), b"..".to_vec()]
+            .into_iter()
+            .chain((0..40).map(|i| format!("f{i:02}").into_bytes()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(*l, want);
+    }
+    // Both listings ended: their streams are closed.
+    assert_eq!(fs.parked.len(), 0);
+    // Restarting from an earlier cookie (no parked stream there) reads the same entries.
+    let (off, want) = restart.unwrap();
+    assert_eq!(chunk(a, off).0, want);
+    // Many listings left unfinished: the parked streams stay bounded.
+    for _ in 0..100 {
+        chunk(a, 0);
+    }
+    // One node: one shard.
+    assert!(fs.parked.len() <= 8, "{} parked streams", fs.parked.len());
+}
