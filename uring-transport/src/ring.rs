@@ -20,7 +20,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -334,7 +334,56 @@ pub(crate) struct QueueParams<F> {
     pub dev_counts: Arc<super::session::SessionStats>,
     /// Called when the queue cannot go on (ring failure): aborts the connection.
     pub on_failure: Arc<dyn Fn() + Send + Sync>,
+    /// Set (with a wake-up through `wake_fd`) when the queue must hand over: stop taking
+    /// requests, answer those taken, then end (see [`Queue::start_drain`]).
+    pub drain: Arc<AtomicBool>,
+    /// When given, the queue registers its ring entries (or opens its reads) and then waits
+    /// for the gate to open before it handles any request (a server taking over a mount
+    /// registers while the previous one still serves).
+    pub gate: Option<Arc<Gate>>,
 }
+
+/// A one-shot gate: queue threads wait on it until it is opened (or closed for good).
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: std::sync::Mutex<Option<bool>>,
+    cond: std::sync::Condvar,
+    /// Queues that have registered their entries (io_uring) or started (classic channel).
+    arrived: AtomicUsize,
+}
+
+impl Gate {
+    /// Queues that reached the gate.
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::Acquire)
+    }
+
+    /// Opens the gate (`true`: serve) or closes it for good (`false`: end).
+    pub fn open(&self, serve: bool) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(serve);
+        self.cond.notify_all();
+    }
+
+    /// Waits until the gate is opened or closed; true when opened.
+    pub fn wait(&self) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(serve) = *g {
+                return serve;
+            }
+            g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// `IORING_ENTER_GETEVENTS`: an enter that runs deferred task work.
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// A draining FUSE-over-io_uring queue ends after this long without a new request and with
+/// none in flight (the kernel has no way to take ring entries back but closing the ring, so
+/// the queue waits until requests have moved to the next server's entries; see
+/// docs/reliability.md, "Live upgrade").
+const RING_QUIET: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// A queue's ring.
 type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
@@ -417,6 +466,11 @@ struct Queue<'p, F> {
     dispatcher: Rc<Dispatcher<F>>,
     /// Slots whose channel still works.
     live: usize,
+    /// Handing over: no new receive is armed (classic channel), or the queue ends once quiet
+    /// (io_uring).
+    draining: bool,
+    /// When the last request arrived (io_uring drain).
+    last_request: std::time::Instant,
 }
 
 impl<'p, F: FileSystem> Queue<'p, F> {
@@ -465,6 +519,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             early_interrupts: Vec::new(),
             dispatcher: Rc::new(p.dispatcher.clone()),
             live: p.depth,
+            draining: false,
+            last_request: std::time::Instant::now(),
         };
         for i in 0..p.depth {
             if let SlotBufs::Ring { header, payload, iov, .. } = &mut q.slots[i].bufs {
@@ -482,6 +538,11 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// (Re)arms slot `i`'s receive operation: REGISTER of the ring entry, or a READ of the
     /// queue's /dev/fuse clone.
     fn arm(&mut self, i: usize) -> io::Result<()> {
+        if self.draining && matches!(self.p.channel, QueueChannel::Dev { .. }) {
+            // Handing over: this slot reads no more.
+            self.kill_slot(i);
+            return Ok(());
+        }
         let sqe: squeue::Entry128 = match (&mut self.slots[i].bufs, &self.p.channel) {
             (SlotBufs::Ring { iov, .. }, QueueChannel::Ring { .. }) => {
                 uring_cmd(u::CMD_REGISTER, self.p.qid as u16, 0, Some(iov.as_ptr())).user_data(i as u64)
@@ -524,10 +585,34 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 self.push(&sqe)?;
             }
             let want = if self.ready.is_empty() { 1 } else { 0 };
-            if want == 1 {
+            if want == 1 && !self.draining {
                 self.busy_poll()?;
             }
-            match self.ring.submit_and_wait(want) {
+            let waited = if self.draining && matches!(self.p.channel, QueueChannel::Ring { .. }) {
+                // The replies (COMMIT_AND_FETCH) go out before the queue may end.
+                match self.ring.submit() {
+                    Ok(_) => {}
+                    Err(e) if transient(&e) => {}
+                    Err(e) => return Err(e),
+                }
+                if self.ring_quiet() {
+                    // Run the kernel's deferred task work (a request it sent to one of our
+                    // entries becomes a completion only then) and look once more.
+                    // SAFETY: io_uring_enter with no submissions, no wait and no argument.
+                    let ran = unsafe {
+                        self.ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+                    };
+                    if ran.is_ok() && self.ring.completion().is_empty() && !self.ring.submission().taskrun() {
+                        return Ok(());
+                    }
+                }
+                let ts = types::Timespec::from(std::time::Duration::from_millis(1));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if transient(&e) => {}
                 Err(e) => return Err(e),
@@ -545,7 +630,11 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                         if self.p.stop.load(Ordering::Acquire) {
                             return Ok(());
                         }
-                        self.arm_eventfd(Completion::Stop)?;
+                        if self.p.drain.load(Ordering::Acquire) {
+                            self.start_drain()?;
+                        } else {
+                            self.arm_eventfd(Completion::Stop)?;
+                        }
                     }
                     Completion::Interrupts => self.on_interrupts()?,
                     Completion::Doorbell => {
@@ -574,6 +663,33 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             }
         }
         Ok(())
+    }
+
+    /// Hand-over: stop taking requests and end once those taken are answered. Classic channel:
+    /// the reads in flight are cancelled (a read that already took a request completes with it
+    /// and is served) and no slot reads again; the queue ends when every slot has written its
+    /// last reply. FUSE over io_uring: an entry cannot be taken back from the kernel except by
+    /// closing the ring, which loses a request dispatched to it meanwhile, so the queue keeps
+    /// serving and ends when nothing is in flight and no request came for [`RING_QUIET`] (by
+    /// then the kernel sends this queue's requests to the next server's newer entries).
+    fn start_drain(&mut self) -> io::Result<()> {
+        if self.draining {
+            return Ok(());
+        }
+        self.draining = true;
+        self.last_request = std::time::Instant::now();
+        if let QueueChannel::Dev { fd, .. } = &self.p.channel {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd.as_raw_fd())).all())
+                .build()
+                .user_data(crate::io::CANCEL_TAG);
+            self.push(&cancel.into())?;
+        }
+        Ok(())
+    }
+
+    /// A draining io_uring queue with nothing in flight and no request for [`RING_QUIET`].
+    fn ring_quiet(&self) -> bool {
+        self.slots.iter().all(|s| s.task.is_none()) && self.last_request.elapsed() >= RING_QUIET
     }
 
     /// Busy polling: after a request, watch the rings in user space for a while before
@@ -682,6 +798,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             }
             return Ok(false);
         }
+        self.last_request = std::time::Instant::now();
         let s = &mut self.slots[i];
         match start_task(s, res as usize, &self.dispatcher, self.p) {
             Started::Task => {
@@ -802,6 +919,21 @@ impl<F> Drop for Queue<'_, F> {
             let task = s.task.take();
             let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(task)));
         }
+        // A ring queue that handed over has its entries registered with the kernel, which gives
+        // them back only when the ring goes away. Closing the ring would leave that to the
+        // ring's exit work (a kernel worker, some time later), and a request the kernel sends
+        // to one of those entries meanwhile would fail (ECANCELED). So the ring and every
+        // buffer it may write are kept (leaked), and the queue thread exits: the kernel then
+        // cancels the entries this thread registered synchronously, in the thread's exit.
+        let handed_over = self.draining && matches!(self.p.channel, QueueChannel::Ring { .. });
+        if handed_over {
+            crate::io::uninstall(false);
+            std::mem::forget(std::mem::take(&mut self.slots));
+            for b in [&mut self.wake_buf, &mut self.inbox_buf, &mut self.bell_buf] {
+                std::mem::forget(std::mem::replace(b, Box::new([0; 8])));
+            }
+            return;
+        }
         let clean = self.drain(DRAIN_LIMIT);
         // SAFETY: the ring is dropped exactly once, here, and not used afterwards; it goes
         // before the buffers it may write into.
@@ -838,7 +970,26 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// this queue would wait forever.
 pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     pin_to_cpu(p.qid);
+    let ring = matches!(p.channel, QueueChannel::Ring { .. });
+    if let (Some(gate), false) = (&p.gate, ring) {
+        // Classic channel: a read armed now would take a request from the previous server.
+        gate.arrived.fetch_add(1, Ordering::AcqRel);
+        if !gate.wait() {
+            return Ok(());
+        }
+    }
     let mut q = Queue::new(&p)?;
+    if let (Some(gate), true) = (&p.gate, ring) {
+        // The entries are registered now (the kernel may queue requests on them: they wait
+        // here until the gate opens).
+        q.ring.submit()?;
+        gate.arrived.fetch_add(1, Ordering::AcqRel);
+        if !gate.wait() {
+            q.draining = true;
+            drop(q);
+            return Ok(());
+        }
+    }
     let served = std::panic::catch_unwind(AssertUnwindSafe(|| q.serve()));
     let result = match served {
         Ok(r) => r,
