@@ -59,6 +59,8 @@ pub enum Command {
         mountpoint: PathBuf,
         /// The binary to start (default: the running server's executable path, as now installed).
         binary: Option<PathBuf>,
+        /// Upgrade an io_uring mount although a request in flight may fail (ECANCELED).
+        force: bool,
     },
     /// Print a document generated from this command line ([`man_page`], [`completions`]) and
     /// exit 0.
@@ -199,6 +201,12 @@ enum Sub {
         /// upgrade that replaced it is picked up).
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+
+        /// On a FUSE-over-io_uring mount, upgrade anyway: this kernel cannot take ring entries
+        /// back, and a request in flight may then fail with ECANCELED (rare). The classic
+        /// channel needs no such flag.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the manual page (roff, section 8) generated from this command line.
     Man,
@@ -256,7 +264,7 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
             let config = load(Some(&file), None, None, &options)?;
             Ok(Command::CheckConfig { config })
         }
-        Some(Sub::Upgrade { mountpoint, binary }) => Ok(Command::Upgrade { mountpoint, binary }),
+        Some(Sub::Upgrade { mountpoint, binary, force }) => Ok(Command::Upgrade { mountpoint, binary, force }),
         Some(Sub::Man) => Ok(Command::Print { text: man_page() }),
         Some(Sub::Completions { shell }) => Ok(Command::Print { text: completions(shell) }),
         None => {

@@ -48,8 +48,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Upgrade { mountpoint, binary } => {
-            match server::upgrade::request(&mountpoint, binary.as_deref(), std::time::Duration::from_secs(120)) {
+        Command::Upgrade { mountpoint, binary, force } => {
+            match server::upgrade::request(&mountpoint, binary.as_deref(), force, std::time::Duration::from_secs(120)) {
                 Ok(line) => {
                     println!("{line}");
                     ExitCode::SUCCESS

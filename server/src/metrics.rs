@@ -222,11 +222,7 @@ pub fn render(s: &Sources) -> String {
         "gauge",
         "Time from the start of the last upgrade's drain to the new server serving (0: none yet).",
     );
-    let _ = writeln!(
-        out,
-        "ringfs_upgrade_last_pause_seconds {}",
-        ld(&crate::upgrade::LAST_PAUSE_US) as f64 / 1e6
-    );
+    let _ = writeln!(out, "ringfs_upgrade_last_pause_seconds {}", ld(&crate::upgrade::LAST_PAUSE_US) as f64 / 1e6);
     header(&mut out, "ringfs_server_read_bytes_total", "counter", "Bytes read by the server for READ requests.");
     let _ = writeln!(out, "ringfs_server_read_bytes_total {}", ld(&s.dispatch.op(opcode::READ).bytes_out));
     header(&mut out, "ringfs_server_write_bytes_total", "counter", "Bytes written by the server for WRITE requests.");

@@ -329,7 +329,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                 session.open_gate(false);
                 return Err(tk.refuse("the queues did not start"));
             }
-            let (state, fds, t0) = match tk.ready_and_receive() {
+            let (state, fds, t0) = match tk.ready_and_receive(&session.round_fds()) {
                 Ok(x) => x,
                 Err(e) => {
                     session.open_gate(false);
@@ -454,12 +454,16 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             dev,
             fs.clone(),
             crate::metrics::listener_fd(),
+            session.stats().uring,
         )
         .map_err(|e| format!("setting up live upgrades: {e}"))?,
     );
     let control_path = crate::upgrade::control_path(&mountpoint);
     if let Err(e) = crate::upgrade::serve_control(&control_path, upgrader.clone(), control_listener) {
-        log::warn!("no control socket at {} (`ringfs upgrade` unavailable; SIGHUP still upgrades): {e}", control_path.display());
+        log::warn!(
+            "no control socket at {} (`ringfs upgrade` unavailable; SIGHUP still upgrades): {e}",
+            control_path.display()
+        );
     }
     let finished = Arc::new(AtomicBool::new(false));
     {
@@ -559,7 +563,7 @@ fn signal_thread(
         }
         log::info!("SIGHUP: upgrading to the installed binary");
         let upgrader = upgrader.clone();
-        let _ = std::thread::Builder::new().name("ringfs-upgrade".into()).spawn(move || upgrader.upgrade(None));
+        let _ = std::thread::Builder::new().name("ringfs-upgrade".into()).spawn(move || upgrader.upgrade(None, false));
     }
     log::info!("signal {sig}: unmounting {}", mountpoint.display());
     crate::service::stopping(&format!("signal {sig}: unmounting {}", mountpoint.display()));

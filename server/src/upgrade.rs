@@ -194,6 +194,12 @@ pub enum Verdict {
     Resume,
 }
 
+/// What the upgrade thread hears while the session drains.
+enum DrainMsg {
+    /// Every queue ended: the state can be taken.
+    Drained,
+}
+
 /// The old server's side of an upgrade.
 pub struct Upgrader {
     control: Arc<uring_transport::Control>,
@@ -202,11 +208,16 @@ pub struct Upgrader {
     dev: u64,
     fs: Arc<PassthroughFs>,
     metrics_listener: Option<OwnedFd>,
+    /// The session serves FUSE over io_uring.
+    uring: bool,
+    /// The next server's registration-round eventfds (asked, done per io_uring queue).
+    round_fds: Arc<Mutex<Vec<OwnedFd>>>,
     /// The control socket's listener (handed over too, so no `ringfs upgrade` finds no one).
     control_listener: Mutex<Option<OwnedFd>>,
     busy: Mutex<()>,
-    /// Main thread → upgrade thread: the session drained.
-    drained: (Mutex<mpsc::Sender<()>>, Mutex<mpsc::Receiver<()>>),
+    /// Main thread and queues → upgrade thread: the session drained, or a draining io_uring
+    /// queue asks for a registration round.
+    drained: (Mutex<mpsc::Sender<DrainMsg>>, Mutex<mpsc::Receiver<DrainMsg>>),
     /// Upgrade thread → main thread: what to do next.
     verdict: (Mutex<mpsc::Sender<Verdict>>, Mutex<mpsc::Receiver<Verdict>>),
 }
@@ -220,9 +231,20 @@ impl Upgrader {
         dev: u64,
         fs: Arc<PassthroughFs>,
         metrics_listener: Option<OwnedFd>,
+        uring: bool,
     ) -> io::Result<Upgrader> {
-        let (dtx, drx) = mpsc::channel();
+        let (dtx, drx) = mpsc::channel::<DrainMsg>();
         let (vtx, vrx) = mpsc::channel();
+        let round_fds: Arc<Mutex<Vec<OwnedFd>>> = Arc::default();
+        let fds = round_fds.clone();
+        control.set_round_hook(Arc::new(move |qid| {
+            let g = fds.lock().unwrap_or_else(|e| e.into_inner());
+            let (asked, done) = (g.get(2 * qid)?, g.get(2 * qid + 1)?);
+            let one = 1u64;
+            // SAFETY: writing 8 bytes to the next server's eventfd.
+            unsafe { libc::write(asked.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            Some(done.as_raw_fd())
+        }));
         Ok(Upgrader {
             control,
             fuse_fd: fuse_fd.try_clone_to_owned()?,
@@ -230,6 +252,8 @@ impl Upgrader {
             dev,
             fs,
             metrics_listener,
+            uring,
+            round_fds,
             control_listener: Mutex::new(None),
             busy: Mutex::new(()),
             drained: (Mutex::new(dtx), Mutex::new(drx)),
@@ -240,7 +264,7 @@ impl Upgrader {
     /// Called by the main thread when its session returned `Drained`: hands the state over and
     /// says whether to exit or to serve again.
     pub fn on_drained(&self) -> Verdict {
-        let _ = self.drained.0.lock().unwrap_or_else(|e| e.into_inner()).send(());
+        let _ = self.drained.0.lock().unwrap_or_else(|e| e.into_inner()).send(DrainMsg::Drained);
         self.verdict.1.lock().unwrap_or_else(|e| e.into_inner()).recv().unwrap_or(Verdict::Resume)
     }
 
@@ -250,10 +274,23 @@ impl Upgrader {
 
     /// Runs one upgrade to the binary at `binary` (default: this process's executable as now
     /// installed). Returns the new server's pid and the pause, or why not. Blocks.
-    pub fn upgrade(&self, binary: Option<PathBuf>) -> Result<(u32, Duration), String> {
+    ///
+    /// On FUSE over io_uring the hand-over is refused unless `force`: the kernel cannot retire
+    /// a ring entry, so a request it gives one of the old server's entries while they are torn
+    /// down fails with ECANCELED (rare; docs/reliability.md, "Live upgrade").
+    pub fn upgrade(&self, binary: Option<PathBuf>, force: bool) -> Result<(u32, Duration), String> {
         let Ok(_one) = self.busy.try_lock() else {
             return Err("failed: an upgrade is already running".into());
         };
+        if self.uring && !force {
+            UPGRADES_REFUSED.fetch_add(1, Ordering::Relaxed);
+            let e = "refused: the mount uses FUSE over io_uring, where this kernel cannot take ring entries back \
+                     without a small chance of failing a request in flight (ECANCELED); use the classic channel \
+                     (transport=dev-fuse) for upgrades that never fail a system call, or `ringfs upgrade --force`"
+                .to_string();
+            log::warn!("upgrade: {e}");
+            return Err(e);
+        }
         let r = self.run(binary);
         match &r {
             Ok((pid, pause)) => log::info!("upgrade: pid {pid} serves now (pause {:.1} ms)", pause.as_secs_f64() * 1e3),
@@ -327,7 +364,9 @@ impl Upgrader {
         hello.extend_from_slice(&flags.to_le_bytes());
         send_msg(&ours, &hello, &hello_fds).map_err(|e| fail(format!("sending to pid {pid}: {e}")))?;
         match recv_msg(&ours, PEER_TIMEOUT) {
-            Ok((m, _)) if m == b"READY" => {}
+            Ok((m, fds)) if m == b"READY" => {
+                *self.round_fds.lock().unwrap_or_else(|e| e.into_inner()) = fds;
+            }
             Ok((m, _)) if m.starts_with(b"REFUSE:") => {
                 return Err(refuse(format!("pid {pid}: {}", String::from_utf8_lossy(&m[7..]))));
             }
@@ -341,8 +380,13 @@ impl Upgrader {
         // From here the connection is handed over or this server serves again.
         let started = Instant::now();
         let t0 = monotonic_ns();
+        // Stale messages of an earlier attempt.
+        while self.drained.1.lock().unwrap_or_else(|e| e.into_inner()).try_recv().is_ok() {}
         self.control.drain();
-        let _ = self.drained.1.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        while !matches!(self.drained.1.lock().unwrap_or_else(|e| e.into_inner()).recv(), Ok(DrainMsg::Drained) | Err(_))
+        {
+        }
+        log::debug!("upgrade: drained in {:?}", started.elapsed());
         let sent = self.send_state(&ours, t0);
         let answer = sent.and_then(|()| recv_msg(&ours, PEER_TIMEOUT));
         match answer {
@@ -484,8 +528,9 @@ impl Takeover {
 
     /// Says the queues are set up, then receives the state and its descriptors. Returns them
     /// and the instant the old server started draining (CLOCK_MONOTONIC ns).
-    pub fn ready_and_receive(&self) -> Result<(Vec<u8>, Vec<OwnedFd>, u64), String> {
-        send_msg(&self.sock, b"READY", &[]).map_err(|e| format!("hand-over socket: {e}"))?;
+    /// `round_fds`: the registration-round eventfds of the queues, for the old server.
+    pub fn ready_and_receive(&self, round_fds: &[RawFd]) -> Result<(Vec<u8>, Vec<OwnedFd>, u64), String> {
+        send_msg(&self.sock, b"READY", round_fds).map_err(|e| format!("hand-over socket: {e}"))?;
         let mut state = Vec::new();
         let mut fds = Vec::new();
         loop {
@@ -517,7 +562,7 @@ impl Takeover {
 }
 
 /// Serves `ringfs upgrade` requests on the mount's control socket (one line in, one line out:
-/// `upgrade [BINARY]` → `ok PID PAUSE_US` or `refused: ...`/`failed: ...`).
+/// `upgrade force|safe [BINARY]` → `ok PID PAUSE_US` or `refused: ...`/`failed: ...`).
 /// `inherited`: the listener the previous server handed over (a live upgrade), used as it is.
 pub fn serve_control(path: &Path, upgrader: Arc<Upgrader>, inherited: Option<OwnedFd>) -> io::Result<()> {
     let listener = match inherited {
@@ -570,12 +615,14 @@ fn handle_client(mut conn: UnixStream, upgrader: &Upgrader) -> bool {
     if std::io::BufReader::new(&conn).read_line(&mut line).is_err() {
         return false;
     }
-    let mut words = line.trim_end().splitn(2, ' ');
-    let (reply, done) = match (words.next(), words.next()) {
-        (Some("upgrade"), bin) => match upgrader.upgrade(bin.filter(|b| !b.is_empty()).map(PathBuf::from)) {
-            Ok((pid, pause)) => (format!("ok {pid} {}", pause.as_micros()), true),
-            Err(e) => (e, false),
-        },
+    let mut words = line.trim_end().splitn(3, ' ');
+    let (reply, done) = match (words.next(), words.next(), words.next()) {
+        (Some("upgrade"), Some(force), bin) => {
+            match upgrader.upgrade(bin.filter(|b| !b.is_empty()).map(PathBuf::from), force == "force") {
+                Ok((pid, pause)) => (format!("ok {pid} {}", pause.as_micros()), true),
+                Err(e) => (e, false),
+            }
+        }
         _ => ("failed: unknown request".into(), false),
     };
     let _ = writeln!(conn, "{reply}");
@@ -584,7 +631,7 @@ fn handle_client(mut conn: UnixStream, upgrader: &Upgrader) -> bool {
 
 /// `ringfs upgrade MOUNTPOINT [--binary PATH]`: asks the server of the mount to upgrade and
 /// prints its answer. Ok with the line on success.
-pub fn request(mountpoint: &Path, binary: Option<&Path>, timeout: Duration) -> Result<String, String> {
+pub fn request(mountpoint: &Path, binary: Option<&Path>, force: bool, timeout: Duration) -> Result<String, String> {
     use std::io::{BufRead, Write};
     let mp = std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let path = control_path(&mp);
@@ -595,7 +642,8 @@ pub fn request(mountpoint: &Path, binary: Option<&Path>, timeout: Duration) -> R
         Some(b) => std::fs::canonicalize(b).map_err(|e| format!("{}: {e}", b.display()))?,
         None => PathBuf::new(),
     };
-    writeln!(conn, "upgrade {}", bin.display()).map_err(|e| e.to_string())?;
+    let force = if force { "force" } else { "safe" };
+    writeln!(conn, "upgrade {force} {}", bin.display()).map_err(|e| e.to_string())?;
     let mut line = String::new();
     std::io::BufReader::new(&conn).read_line(&mut line).map_err(|e| format!("waiting for the server: {e}"))?;
     let line = line.trim_end().to_string();

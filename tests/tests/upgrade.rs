@@ -42,10 +42,13 @@ fn pid_alive(pid: u32) -> bool {
         .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
-/// `ringfs upgrade MOUNTPOINT [--binary B]`: Ok((new pid, pause µs)) or the error line.
-fn upgrade(m: &Mount, binary: Option<&Path>) -> Result<(u32, u64), String> {
+/// `ringfs upgrade MOUNTPOINT [--binary B] [--force]`: Ok((new pid, pause µs)) or the error line.
+fn upgrade(m: &Mount, binary: Option<&Path>, force: bool) -> Result<(u32, u64), String> {
     let mut cmd = Command::new(ringfs_bin());
     cmd.arg("upgrade").arg(&m.mountpoint);
+    if force {
+        cmd.arg("--force");
+    }
     if let Some(b) = binary {
         cmd.arg("--binary").arg(b);
     }
@@ -234,7 +237,8 @@ fn scrape(addr: &str) -> String {
 }
 
 fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
@@ -280,7 +284,7 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
             x.store(0, Ordering::Relaxed);
         }
         let old = cur.pid;
-        let (pid, pause_us) = match upgrade(&m, None) {
+        let (pid, pause_us) = match upgrade(&m, None, false) {
             Ok(x) => x,
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
@@ -336,14 +340,62 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
     assert!(!m.is_mounted(), "the last server did not unmount at SIGTERM");
 }
 
+/// FUSE over io_uring: a plain upgrade is refused (the kernel cannot take ring entries back
+/// without a chance of failing a request in flight; docs/reliability.md), the server goes on.
 #[test]
-fn upgrade_uring_passthrough() {
-    upgrades_under_load("upgrade_uring_passthrough", "uring", true);
+fn upgrade_uring_is_refused_without_force() {
+    let test = "upgrade_uring_is_refused_without_force";
+    if !require(test, true) {
+        return;
+    }
+    let m = Mount::start(&["transport=uring", "metrics_addr=127.0.0.1:0"]);
+    let _cur = Current { pid: m.pid(), m: &m };
+    std::fs::write(m.path("f"), b"kept").expect("write");
+    let err = upgrade(&m, None, false).expect_err("refused on io_uring");
+    assert!(err.contains("refused") && err.contains("io_uring") && err.contains("--force"), "{err}");
+    assert!(pid_alive(m.pid()));
+    assert_eq!(std::fs::read(m.path("f")).expect("read"), b"kept");
+    let text = scrape(&metrics_addr(&m).expect("metrics address"));
+    assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"refused\"}"), Some(1.0), "{text}");
 }
 
+/// FUSE over io_uring with `--force`, with files held open but no request racing the
+/// hand-over: the connection, its queues (new ring entries registered by each new process),
+/// the open files and the passthrough backing ids move on, five times over.
 #[test]
-fn upgrade_uring_served() {
-    upgrades_under_load("upgrade_uring_served", "uring", false);
+fn upgrade_uring_forced_with_files_held_open() {
+    let test = "upgrade_uring_forced_with_files_held_open";
+    if !require(test, true) {
+        return;
+    }
+    for passthrough in ["passthrough=true", "passthrough=false"] {
+        let m = Mount::start(&["transport=uring", passthrough]);
+        let mut cur = Current { pid: m.pid(), m: &m };
+        let mut f = std::fs::OpenOptions::new().create(true).read(true).write(true).open(m.path("held")).expect("open");
+        let dir = std::fs::File::open(&m.mountpoint).expect("open dir");
+        for round in 0..5u8 {
+            use std::io::{Read, Seek};
+            f.write_all(&[round; 4096]).expect("write through the held descriptor");
+            f.sync_all().expect("fsync");
+            let (pid, _) = upgrade(&m, None, true).unwrap_or_else(|e| panic!("upgrade {round}: {e}\n{}", m.log()));
+            let old = cur.pid;
+            cur.pid = pid;
+            assert!(wait_until(Duration::from_secs(10), || !pid_alive(old)), "old server {old} still running");
+            f.seek(std::io::SeekFrom::Start(4096 * u64::from(round))).expect("seek");
+            let mut back = [0u8; 4096];
+            f.read_exact(&mut back).expect("read through the held descriptor after the upgrade");
+            assert_eq!(back, [round; 4096]);
+            f.seek(std::io::SeekFrom::End(0)).expect("seek end");
+            // SAFETY: fstat on a valid descriptor (a request on the directory handle).
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut st) }, 0);
+            assert!(std::fs::read_dir(&m.mountpoint).expect("list").count() >= 1);
+        }
+        assert_eq!(std::fs::metadata(m.backing("held")).expect("backing").len(), 5 * 4096);
+        drop(f);
+        drop(dir);
+        drop(cur);
+    }
 }
 
 #[test]
@@ -364,7 +416,7 @@ fn a_state_version_the_new_server_cannot_read_is_refused() {
     if !require(test, false) {
         return;
     }
-    let m = Mount::start(&["metrics_addr=127.0.0.1:0"]);
+    let m = Mount::start(&["transport=dev-fuse", "metrics_addr=127.0.0.1:0"]);
     let mut cur = Current { pid: m.pid(), m: &m };
     std::fs::write(m.path("f"), b"before").expect("write");
     let held = std::fs::File::open(m.path("f")).expect("open");
@@ -373,7 +425,7 @@ fn a_state_version_the_new_server_cannot_read_is_refused() {
     std::fs::write(&wrapper, format!("#!/bin/sh\nRINGFS_STATE_VERSION=0 exec {} \"$@\"\n", ringfs_bin().display()))
         .expect("write wrapper");
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let err = upgrade(&m, Some(&wrapper)).expect_err("the upgrade must be refused");
+    let err = upgrade(&m, Some(&wrapper), false).expect_err("the upgrade must be refused");
     assert!(err.contains("refused") && err.contains("state version 1"), "{err}");
     assert!(pid_alive(m.pid()), "the old server must keep serving");
     assert!(m.is_mounted());
@@ -387,7 +439,7 @@ fn a_state_version_the_new_server_cannot_read_is_refused() {
     assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"refused\"}"), Some(1.0), "{text}");
     assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"ok\"}"), Some(0.0));
     // And a real upgrade still works afterwards.
-    let (pid, _) = upgrade(&m, None).expect("upgrade after a refusal");
+    let (pid, _) = upgrade(&m, None, false).expect("upgrade after a refusal");
     cur.pid = pid;
     assert_eq!(std::fs::read(m.path("g")).expect("read through the new server"), b"after");
     drop(held);

@@ -5,7 +5,7 @@
 //! requests to whichever thread is free, and write replies back on the same fd.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -19,7 +19,9 @@ use zerocopy::IntoBytes;
 use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
 use crate::notify::{Channel, NotifyStats};
-use crate::ring::{possible_cpus, run_queue, Gate, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal};
+use crate::ring::{
+    possible_cpus, run_queue, Gate, InterruptInbox, QueueChannel, QueueParams, QueueStats, RoundHook, StopSignal,
+};
 
 /// Which channel carries requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,12 +141,18 @@ pub enum Ended {
 }
 
 /// Asks a serving session to hand over (from any thread).
-#[derive(Debug)]
 pub struct Control {
     drain: Arc<AtomicBool>,
+    round_hook: std::sync::Mutex<Option<Arc<RoundHook>>>,
     stop: StopSignal,
     reader_wake: OwnedFd,
     queues: usize,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("drain", &self.drain).field("queues", &self.queues).finish_non_exhaustive()
+    }
 }
 
 impl Control {
@@ -156,6 +164,7 @@ impl Control {
         }
         Ok(Control {
             drain: Arc::new(AtomicBool::new(false)),
+            round_hook: std::sync::Mutex::new(None),
             stop: StopSignal::new()?,
             // SAFETY: fresh descriptor we own.
             reader_wake: unsafe { crate::mount::owned(fd) },
@@ -173,6 +182,15 @@ impl Control {
         let one = 1u64;
         // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
         unsafe { libc::write(self.reader_wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Sets how a draining io_uring queue asks the next server for a registration round:
+    /// `hook(qid)` writes the next server's round eventfd of that queue (see
+    /// [`Session::round_fds`]) and returns its done eventfd (without blocking). Without a hook, a draining
+    /// io_uring queue ends after a quiet spell instead, which can lose a request to the race
+    /// documented in docs/reliability.md. Takes effect at the next [`Session::serve`].
+    pub fn set_round_hook(&self, hook: Arc<RoundHook>) {
+        *self.round_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     fn reset(&self) {
@@ -359,7 +377,7 @@ impl<F: FileSystem> Session<F> {
             init_in: arg,
             init_out: payload.to_vec(),
             control: Arc::new(Control::new(queues)?),
-            gate: Some(Arc::new(Gate::default())),
+            gate: Some(Arc::new(Gate::new(queues)?)),
             mounted,
             dispatcher: Dispatcher::new(fs),
             bufsize,
@@ -385,6 +403,12 @@ impl<F: FileSystem> Session<F> {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         true
+    }
+
+    /// The registration-round eventfds of an adopted session's queues, (asked, done) per queue
+    /// in order, to hand to the previous server (see [`Control::set_round_hook`]).
+    pub fn round_fds(&self) -> Vec<RawFd> {
+        self.gate.as_ref().map_or_else(Vec::new, |g| g.round_fds())
     }
 
     /// Lets the queues of an adopted session ([`Session::adopt`]) handle requests (`true`), or
@@ -501,6 +525,7 @@ impl<F: FileSystem> Session<F> {
                 on_failure: on_failure.clone(),
                 drain: self.control.drain.clone(),
                 gate: self.gate.clone(),
+                register_round: self.control.round_hook.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             };
             let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
                 let r = run_queue(params);
@@ -597,7 +622,8 @@ fn worker<F: FileSystem>(
         if pfd[1].revents != 0 {
             return;
         }
-        if pfd[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 && pfd[0].revents & libc::POLLIN == 0 {
+        if pfd[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 && pfd[0].revents & libc::POLLIN == 0
+        {
             return;
         }
         if pfd[0].revents & libc::POLLIN == 0 {
