@@ -563,7 +563,11 @@ fn signal_thread(
         }
         log::info!("SIGHUP: upgrading to the installed binary");
         let upgrader = upgrader.clone();
-        let _ = std::thread::Builder::new().name("ringfs-upgrade".into()).spawn(move || upgrader.upgrade(None, false));
+        let _ = std::thread::Builder::new().name("ringfs-upgrade".into()).spawn(move || {
+            if upgrader.upgrade(None, false).is_ok() {
+                upgrader.handed_over();
+            }
+        });
     }
     log::info!("signal {sig}: unmounting {}", mountpoint.display());
     crate::service::stopping(&format!("signal {sig}: unmounting {}", mountpoint.display()));

@@ -268,12 +268,19 @@ impl Upgrader {
         self.verdict.1.lock().unwrap_or_else(|e| e.into_inner()).recv().unwrap_or(Verdict::Resume)
     }
 
+    /// After a successful [`upgrade`](Self::upgrade), once its caller has been answered: lets
+    /// the main thread stand the watchdog down and exit.
+    pub fn handed_over(&self) {
+        self.tell_main(Verdict::HandedOver);
+    }
+
     fn tell_main(&self, v: Verdict) {
         let _ = self.verdict.0.lock().unwrap_or_else(|e| e.into_inner()).send(v);
     }
 
     /// Runs one upgrade to the binary at `binary` (default: this process's executable as now
-    /// installed). Returns the new server's pid and the pause, or why not. Blocks.
+    /// installed). Returns the new server's pid and the pause, or why not. Blocks. On success the
+    /// caller must call [`handed_over`](Self::handed_over) (this process then exits).
     ///
     /// On FUSE over io_uring the hand-over is refused unless `force`: the kernel cannot retire
     /// a ring entry, so a request it gives one of the old server's entries while they are torn
@@ -394,7 +401,7 @@ impl Upgrader {
                 let pause = started.elapsed();
                 UPGRADES_OK.fetch_add(1, Ordering::Relaxed);
                 LAST_PAUSE_US.store(pause.as_micros() as u64, Ordering::Relaxed);
-                self.tell_main(Verdict::HandedOver);
+                // The main thread exits at `handed_over`: after the caller has answered.
                 Ok((pid, pause))
             }
             other => {
@@ -447,6 +454,9 @@ fn current_exe() -> io::Result<PathBuf> {
     Ok(PathBuf::from(unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(s) }))
 }
 
+/// HELLO's fields: state version, (device, ok, refused, failed), INIT request, INIT reply, flags.
+type HelloFields = (u32, [u64; 4], Vec<u8>, Vec<u8>, u32);
+
 /// What the old server handed over first.
 pub struct Hello {
     /// The mount's /dev/fuse descriptor.
@@ -485,7 +495,7 @@ impl Takeover {
     pub fn hello(&self) -> Result<Hello, String> {
         let (m, mut fds) = recv_msg(&self.sock, PEER_TIMEOUT).map_err(|e| format!("hand-over socket: {e}"))?;
         let mut b = m.as_slice();
-        let parse = |b: &mut &[u8]| -> io::Result<(u32, [u64; 4], Vec<u8>, Vec<u8>, u32)> {
+        let parse = |b: &mut &[u8]| -> io::Result<HelloFields> {
             if take(b, 5)? != b"HELLO" {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "not a HELLO"));
             }
@@ -626,6 +636,10 @@ fn handle_client(mut conn: UnixStream, upgrader: &Upgrader) -> bool {
         _ => ("failed: unknown request".into(), false),
     };
     let _ = writeln!(conn, "{reply}");
+    let _ = conn.flush();
+    if done {
+        upgrader.handed_over();
+    }
     done
 }
 

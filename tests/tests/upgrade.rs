@@ -111,7 +111,7 @@ const BLOCKS: u64 = 64;
 
 fn block(file: usize, blk: u64, gen: u64) -> Vec<u8> {
     let mut v = vec![0u8; BLOCK];
-    let mut x = (file as u64 + 1) * 0x9e37_79b9_7f4a_7c15 ^ blk.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ gen;
+    let mut x = ((file as u64 + 1) * 0x9e37_79b9_7f4a_7c15) ^ blk.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ gen;
     for b in v.iter_mut() {
         x ^= x << 13;
         x ^= x >> 7;
@@ -278,11 +278,13 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
     let n = upgrades();
     for round in 0..n {
         // Every client is busy before the upgrade (and made progress since the last one).
-        let before = ops(&rep);
-        assert!(wait_until(Duration::from_secs(20), || all_advanced(&rep, &before, 5)), "clients stalled");
         for x in &rep.max_us {
             x.store(0, Ordering::Relaxed);
         }
+        let before = ops(&rep);
+        assert!(wait_until(Duration::from_secs(20), || all_advanced(&rep, &before, 5)), "clients stalled");
+        // The longest operation in a stretch without an upgrade (the machine's own noise).
+        let baseline = rep.max_us.iter().map(|x| x.swap(0, Ordering::Relaxed)).max().unwrap_or(0);
         let old = cur.pid;
         let (pid, pause_us) = match upgrade(&m, None, false) {
             Ok(x) => x,
@@ -303,7 +305,9 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
             m.log()
         );
         let stall = rep.max_us.iter().map(|x| x.load(Ordering::Relaxed)).max().unwrap_or(0);
-        println!("UPGRADE transport={transport} passthrough={passthrough} round={round} pause_us={pause_us} max_stall_us={stall}");
+        println!(
+            "UPGRADE transport={transport} passthrough={passthrough} round={round} pause_us={pause_us} max_stall_us={stall} baseline_us={baseline}"
+        );
         let failures = rep.failures.lock().unwrap().clone();
         assert!(failures.is_empty(), "client failures after upgrade {round}: {failures:?}\nserver log:\n{}", m.log());
     }
@@ -371,7 +375,13 @@ fn upgrade_uring_forced_with_files_held_open() {
     for passthrough in ["passthrough=true", "passthrough=false"] {
         let m = Mount::start(&["transport=uring", passthrough]);
         let mut cur = Current { pid: m.pid(), m: &m };
-        let mut f = std::fs::OpenOptions::new().create(true).read(true).write(true).open(m.path("held")).expect("open");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(m.path("held"))
+            .expect("open");
         let dir = std::fs::File::open(&m.mountpoint).expect("open dir");
         for round in 0..5u8 {
             use std::io::{Read, Seek};
