@@ -324,6 +324,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     // only once our io_uring entries are registered (see `upgrade`).
     let takeover_done = takeover.map(|tk| {
         let (fs, session) = (fs.clone(), session.clone());
+        let mountpoint_s = mountpoint.display().to_string();
         std::thread::spawn(move || -> Result<(), RunError> {
             if !session.wait_queues_at_gate(Duration::from_secs(10)) {
                 session.open_gate(false);
@@ -342,6 +343,9 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                 return Err(tk.refuse(e));
             }
             session.open_gate(true);
+            // Before the old server exits (it waits for RESUMED): systemd must not see the
+            // service's main process gone.
+            crate::service::new_main_process(&format!("serving {} (taken over by a live upgrade)", mountpoint_s));
             tk.resumed(t0);
             log::info!(
                 "took over from the previous server: {} open handles, {} descriptors, {} bytes of state, pause {:.1} ms",
