@@ -191,7 +191,7 @@ enum Sub {
         options: OptionArgs,
     },
     /// Hand a mount over to a new server process without unmounting it (live upgrade): open
-    /// files stay open, no system call fails. SIGHUP to the server does the same.
+    /// files stay open; on the classic channel no system call fails. SIGHUP to the server does the same.
     Upgrade {
         /// The mount point of a running ringfs server.
         #[arg(value_name = "MOUNTPOINT")]
