@@ -52,6 +52,16 @@ pub enum Command {
         /// The validated configuration.
         config: config::Config,
     },
+    /// Ask the server of a mount to hand it over to a new server process (live upgrade) and
+    /// print the outcome.
+    Upgrade {
+        /// The mount.
+        mountpoint: PathBuf,
+        /// The binary to start (default: the running server's executable path, as now installed).
+        binary: Option<PathBuf>,
+        /// Upgrade an io_uring mount although a request in flight may fail (ECANCELED).
+        force: bool,
+    },
     /// Print a document generated from this command line ([`man_page`], [`completions`]) and
     /// exit 0.
     Print {
@@ -180,6 +190,24 @@ enum Sub {
         #[command(flatten)]
         options: OptionArgs,
     },
+    /// Hand a mount over to a new server process without unmounting it (live upgrade): open
+    /// files stay open; on the classic channel no system call fails. SIGHUP to the server does the same.
+    Upgrade {
+        /// The mount point of a running ringfs server.
+        #[arg(value_name = "MOUNTPOINT")]
+        mountpoint: PathBuf,
+
+        /// Start this binary (default: the server's own executable path, re-read, so a package
+        /// upgrade that replaced it is picked up).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+
+        /// On a FUSE-over-io_uring mount, upgrade anyway: this kernel cannot take ring entries
+        /// back, and a request in flight may then fail with ECANCELED (rare). The classic
+        /// channel needs no such flag.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the manual page (roff, section 8) generated from this command line.
     Man,
     /// Print a shell completion script for SHELL.
@@ -236,6 +264,7 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
             let config = load(Some(&file), None, None, &options)?;
             Ok(Command::CheckConfig { config })
         }
+        Some(Sub::Upgrade { mountpoint, binary, force }) => Ok(Command::Upgrade { mountpoint, binary, force }),
         Some(Sub::Man) => Ok(Command::Print { text: man_page() }),
         Some(Sub::Completions { shell }) => Ok(Command::Print { text: completions(shell) }),
         None => {

@@ -4,3 +4,4 @@ pub mod fs;
 pub mod metrics;
 pub mod run;
 pub mod service;
+pub mod upgrade;

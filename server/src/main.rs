@@ -46,6 +46,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Upgrade { mountpoint, binary, force } => {
+            match server::upgrade::request(&mountpoint, binary.as_deref(), force, std::time::Duration::from_secs(120)) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringfs: upgrade {}: {e}", mountpoint.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Print { text } => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -196,6 +196,29 @@ pub fn render(s: &Sources) -> String {
         ld(&s.session.panics),
         ld(&s.session.failed_queues)
     );
+    header(
+        &mut out,
+        "ringfs_upgrades_total",
+        "counter",
+        "Live upgrades of this mount's server, by result (carried from server to server).",
+    );
+    {
+        use crate::upgrade::{UPGRADES_FAILED, UPGRADES_OK, UPGRADES_REFUSED};
+        let _ = writeln!(
+            out,
+            "ringfs_upgrades_total{{result=\"ok\"}} {}\nringfs_upgrades_total{{result=\"refused\"}} {}\nringfs_upgrades_total{{result=\"failed\"}} {}",
+            ld(&UPGRADES_OK),
+            ld(&UPGRADES_REFUSED),
+            ld(&UPGRADES_FAILED)
+        );
+    }
+    header(
+        &mut out,
+        "ringfs_upgrade_last_pause_seconds",
+        "gauge",
+        "Time from the start of the last upgrade's drain to the new server serving (0: none yet).",
+    );
+    let _ = writeln!(out, "ringfs_upgrade_last_pause_seconds {}", ld(&crate::upgrade::LAST_PAUSE_US) as f64 / 1e6);
     header(&mut out, "ringfs_server_read_bytes_total", "counter", "Bytes read by the server for READ requests.");
     let _ = writeln!(out, "ringfs_server_read_bytes_total {}", ld(&s.dispatch.op(opcode::READ).bytes_out));
     header(&mut out, "ringfs_server_write_bytes_total", "counter", "Bytes written by the server for WRITE requests.");
@@ -496,5 +519,15 @@ fn kernel_stats(out: &mut String, s: &Sources) {
 /// Binds the endpoint and serves it from a thread (see [`http`]). A failed bind is logged, not
 /// fatal: the mount matters more than its metrics.
 pub fn start(addr: SocketAddr, sources: Sources) -> Option<SocketAddr> {
-    http::start(addr, sources)
+    http::start(addr, sources, None)
+}
+
+/// Like [`start`], on the listener a previous server of this mount handed over (live upgrade).
+pub fn start_on(addr: SocketAddr, sources: Sources, listener: std::os::fd::OwnedFd) -> Option<SocketAddr> {
+    http::start(addr, sources, Some(std::net::TcpListener::from(listener)))
+}
+
+/// A duplicate of the metrics listener, to hand to the next server (live upgrade).
+pub fn listener_fd() -> Option<std::os::fd::OwnedFd> {
+    http::LISTENER.get().and_then(|l| l.try_clone().ok())
 }

@@ -159,6 +159,14 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
     }
     raise_fd_limit();
+    // Started by the running server of this mount for a live upgrade: take its connection over
+    // instead of mounting (in the foreground: the old server's caller is long gone).
+    let takeover = crate::upgrade::Takeover::from_env();
+    let hello = match &takeover {
+        Some(t) => Some(t.hello()?),
+        None => None,
+    };
+    let background = background && takeover.is_none();
     let mut ready_pipe = if background { Some(daemonize()?) } else { None };
     let mut watchdog = Watchdog::spawn(&mountpoint, background).map_err(|e| format!("starting the watchdog: {e}"))?;
     let sigset = block_signals();
@@ -231,27 +239,6 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         }
     }
 
-    let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
-    let mut opts = MountOptions::new(mountpoint.clone());
-    opts.fsname = fsname.replace(',', "_");
-    opts.subtype = cfg.subtype.clone();
-    opts.allow_other = cfg.allow_other;
-    opts.default_permissions = cfg.default_permissions;
-    opts.read_only = cfg.ro;
-    opts.nosuid = cfg.mount_flags.nosuid;
-    opts.nodev = cfg.mount_flags.nodev;
-    opts.noexec = cfg.mount_flags.noexec;
-    opts.noatime = cfg.mount_flags.noatime;
-    opts.strictatime = cfg.mount_flags.strictatime;
-    opts.nodiratime = cfg.mount_flags.nodiratime;
-    opts.max_read = cfg.fuse.max_write;
-    let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;
-    let dev = mounted.dev();
-    // Before the first request: from now on a backing name leading into this mount is refused.
-    fs.set_mount_dev(dev);
-    if let Err(e) = watchdog.mounted(dev) {
-        log::warn!("watchdog not told about the mount: {e}");
-    }
     let mut init = InitParams::default();
     init.max_write = cfg.fuse.max_write;
     init.max_readahead = cfg.fuse.max_readahead;
@@ -272,15 +259,101 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     };
     session_cfg.queue_depth = cfg.transport.queue_depth as usize;
     session_cfg.busy_poll = std::time::Duration::from_micros(cfg.transport.busy_poll_us);
-    let session = match Session::init(mounted, fs.clone(), &session_cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = mount::unmount(&mountpoint);
-            return Err(e.to_string());
+    let mut metrics_listener = None;
+    let mut control_listener = None;
+    let (session, dev) = match hello {
+        Some(hello) => {
+            let tk = takeover.as_ref().ok_or("takeover without its socket")?;
+            let dev = hello.dev;
+            metrics_listener = hello.metrics_listener;
+            control_listener = hello.control_listener;
+            fs.set_mount_dev(dev);
+            let adopted = Session::adopt(
+                hello.fuse_fd,
+                dev,
+                mountpoint.clone(),
+                fs.clone(),
+                &session_cfg,
+                &hello.init_in,
+                &hello.init_out,
+            );
+            match adopted {
+                Ok(s) => (s, dev),
+                Err(e) => return Err(tk.refuse(&e.to_string())),
+            }
+        }
+        None => {
+            let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
+            let mut opts = MountOptions::new(mountpoint.clone());
+            opts.fsname = fsname.replace(',', "_");
+            opts.subtype = cfg.subtype.clone();
+            opts.allow_other = cfg.allow_other;
+            opts.default_permissions = cfg.default_permissions;
+            opts.read_only = cfg.ro;
+            opts.nosuid = cfg.mount_flags.nosuid;
+            opts.nodev = cfg.mount_flags.nodev;
+            opts.noexec = cfg.mount_flags.noexec;
+            opts.noatime = cfg.mount_flags.noatime;
+            opts.strictatime = cfg.mount_flags.strictatime;
+            opts.nodiratime = cfg.mount_flags.nodiratime;
+            opts.max_read = cfg.fuse.max_write;
+            let mounted = mount::mount(&opts).map_err(|e| e.to_string())?;
+            let dev = mounted.dev();
+            // Before the first request: from now on a backing name leading into this mount is refused.
+            fs.set_mount_dev(dev);
+            match Session::init(mounted, fs.clone(), &session_cfg) {
+                Ok(s) => (s, dev),
+                Err(e) => {
+                    let _ = mount::unmount(&mountpoint);
+                    return Err(e.to_string());
+                }
+            }
         }
     };
+    let session = Arc::new(session);
+    if let Err(e) = watchdog.mounted(dev) {
+        log::warn!("watchdog not told about the mount: {e}");
+    }
+    // A takeover: the queues wait at their gate until the state is in; the old server drains
+    // only once our io_uring entries are registered (see `upgrade`).
+    let takeover_done = takeover.map(|tk| {
+        let (fs, session) = (fs.clone(), session.clone());
+        let mountpoint_s = mountpoint.display().to_string();
+        std::thread::spawn(move || -> Result<(), RunError> {
+            if !session.wait_queues_at_gate(Duration::from_secs(10)) {
+                session.open_gate(false);
+                return Err(tk.refuse("the queues did not start"));
+            }
+            let (state, fds, t0) = match tk.ready_and_receive(&session.round_fds()) {
+                Ok(x) => x,
+                Err(e) => {
+                    session.open_gate(false);
+                    return Err(e);
+                }
+            };
+            let nfds = fds.len();
+            if let Err(e) = fs.import_live(&state, fds) {
+                session.open_gate(false);
+                return Err(tk.refuse(e));
+            }
+            session.open_gate(true);
+            // Before the old server exits (it waits for RESUMED): systemd must not see the
+            // service's main process gone.
+            crate::service::new_main_process(&format!("serving {} (taken over by a live upgrade)", mountpoint_s));
+            tk.resumed(t0);
+            log::info!(
+                "took over from the previous server: {} open handles, {} descriptors, {} bytes of state, pause {:.1} ms",
+                fs.open_handles(),
+                nfds,
+                state.len(),
+                crate::upgrade::LAST_PAUSE_US.load(Ordering::Relaxed) as f64 / 1e3
+            );
+            Ok(())
+        })
+    });
     log::info!(
-        "mounted {} on {} (dev {}:{}, transport {})",
+        "{} {} on {} (dev {}:{}, transport {})",
+        if takeover_done.is_some() { "taking over" } else { "mounted" },
         source.display(),
         mountpoint.display(),
         libc::major(dev),
@@ -352,7 +425,10 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             mountpoint: mountpoint.display().to_string(),
             started,
         };
-        crate::metrics::start(addr, sources);
+        match metrics_listener.take() {
+            Some(l) => crate::metrics::start_on(addr, sources, l),
+            None => crate::metrics::start(addr, sources),
+        };
     }
     let transport = if session.stats().uring { "io_uring" } else { "/dev/fuse" };
     let passthrough = if session.conn().passthrough { ", passthrough" } else { "" };
@@ -368,16 +444,65 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         let _ = p.write_all(b"O");
     }
 
+    let upgrader = Arc::new(
+        crate::upgrade::Upgrader::new(
+            session.control(),
+            session.fuse_fd(),
+            session.init_record(),
+            dev,
+            fs.clone(),
+            crate::metrics::listener_fd(),
+            session.stats().uring,
+        )
+        .map_err(|e| format!("setting up live upgrades: {e}"))?,
+    );
+    let control_path = crate::upgrade::control_path(&mountpoint);
+    if let Err(e) = crate::upgrade::serve_control(&control_path, upgrader.clone(), control_listener) {
+        log::warn!(
+            "no control socket at {} (`ringfs upgrade` unavailable; SIGHUP still upgrades): {e}",
+            control_path.display()
+        );
+    }
     let finished = Arc::new(AtomicBool::new(false));
     {
         let mountpoint = mountpoint.clone();
         let finished = finished.clone();
+        let upgrader = upgrader.clone();
         std::thread::Builder::new()
             .name("ringfs-signals".into())
-            .spawn(move || signal_thread(sigset, &mountpoint, dev, &finished))
+            .spawn(move || signal_thread(sigset, &mountpoint, dev, &finished, &upgrader))
             .map_err(|e| format!("starting the signal thread: {e}"))?;
     }
-    let result = session.run();
+    let mut takeover_done = takeover_done;
+    let result = loop {
+        let served = session.serve();
+        if let Some(t) = takeover_done.take() {
+            // The first round of a takeover: it ends at once if the state was not taken in.
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("the takeover thread panicked".into()),
+            }
+        }
+        match served {
+            Ok(uring_transport::Ended::Drained) => match upgrader.on_drained() {
+                crate::upgrade::Verdict::HandedOver => {
+                    // The next server owns the mount (and the control socket) now.
+                    watchdog.done();
+                    log::info!("handed {} over to the next server; exiting", mountpoint.display());
+                    std::process::exit(0);
+                }
+                crate::upgrade::Verdict::Resume => {
+                    log::info!("serving {} again", mountpoint.display());
+                    continue;
+                }
+            },
+            Ok(uring_transport::Ended::Gone) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    session.finish();
+    let _ = std::fs::remove_file(&control_path);
     crate::service::stopping(&format!("{} unmounted", mountpoint.display()));
     finished.store(true, Ordering::SeqCst);
     // The mount is gone (unmounted by us, by the user, or aborted): tell the watchdog to stand down.
@@ -409,17 +534,36 @@ fn unprivileged_note(reopens_by_handle: bool, watching: bool) -> String {
     note
 }
 
-/// Takes SIGINT/SIGTERM/SIGHUP: unmounts, then makes sure the process ends within
+/// Takes SIGHUP (a live upgrade to the binary now installed, see `upgrade`; the thread goes on
+/// waiting) and SIGINT/SIGTERM: unmounts, then makes sure the process ends within
 /// [`SHUTDOWN_GRACE`]. The kernel normally hangs up the connection at the unmount (or, for a
 /// mount detached while busy, when its last user leaves); it does not when another mount
 /// namespace holds a copy of the mount (`unshare -m` while mounted), and the server would then
 /// wait in /dev/fuse until that namespace goes away. So whatever the unmount reported, a
 /// connection still up after the grace period is aborted through fusectl.
-fn signal_thread(set: libc::sigset_t, mountpoint: &Path, dev: u64, finished: &AtomicBool) {
+fn signal_thread(
+    set: libc::sigset_t,
+    mountpoint: &Path,
+    dev: u64,
+    finished: &AtomicBool,
+    upgrader: &Arc<crate::upgrade::Upgrader>,
+) {
     let mut sig = 0;
-    // SAFETY: set is a valid signal set blocked in this thread.
-    if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-        return;
+    loop {
+        // SAFETY: set is a valid signal set blocked in this thread.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        if sig != libc::SIGHUP {
+            break;
+        }
+        log::info!("SIGHUP: upgrading to the installed binary");
+        let upgrader = upgrader.clone();
+        let _ = std::thread::Builder::new().name("ringfs-upgrade".into()).spawn(move || {
+            if upgrader.upgrade(None, false).is_ok() {
+                upgrader.handed_over();
+            }
+        });
     }
     log::info!("signal {sig}: unmounting {}", mountpoint.display());
     crate::service::stopping(&format!("signal {sig}: unmounting {}", mountpoint.display()));

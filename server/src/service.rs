@@ -19,6 +19,12 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// Tells the service manager this process is the service's main process now (`MAINPID=`, a
+/// live upgrade; the unit needs `NotifyAccess=all`), and that it serves.
+pub fn new_main_process(status: &str) {
+    send(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready, NotifyState::Status(status)]);
+}
+
 /// Tells the service manager the server is shutting down (`STOPPING=1`).
 pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);

@@ -15,4 +15,4 @@ pub mod session;
 pub mod watchdog;
 
 pub use mount::{MountOptions, Mounted};
-pub use session::{Session, SessionConfig, SessionStats, TransportMode};
+pub use session::{Control, Ended, Session, SessionConfig, SessionStats, TransportMode};

@@ -73,6 +73,11 @@ pub struct Mounted {
 }
 
 impl Mounted {
+    /// A mount served before by another process, which handed over its /dev/fuse descriptor.
+    pub fn from_parts(fd: OwnedFd, mountpoint: PathBuf, dev: u64) -> Mounted {
+        Mounted { fd, mountpoint, dev }
+    }
+
     /// The mount point.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint

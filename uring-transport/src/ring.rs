@@ -20,7 +20,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -316,7 +316,131 @@ pub(crate) struct QueueParams<F> {
     pub dev_counts: Arc<super::session::SessionStats>,
     /// Called when the queue cannot go on (ring failure): aborts the connection.
     pub on_failure: Arc<dyn Fn() + Send + Sync>,
+    /// Set (with a wake-up through `wake_fd`) when the queue must hand over: stop taking
+    /// requests, answer those taken, then end (see [`Queue::start_drain`]).
+    pub drain: Arc<AtomicBool>,
+    /// When given, the queue registers its ring entries (or opens its reads) and then waits
+    /// for the gate to open before it handles any request (a server taking over a mount
+    /// registers while the previous one still serves).
+    pub gate: Option<Arc<Gate>>,
+    /// Hand-over of an io_uring queue: asks the next server to register a batch of entries on
+    /// this queue after this queue's last reply, then writes 1 to the given eventfd (see
+    /// [`Queue::start_drain`]). None: the queue waits for quiet instead.
+    pub register_round: Option<Arc<RoundHook>>,
 }
+
+/// Asks the next server for a registration round on queue `qid`; returns the eventfd that
+/// becomes readable when the round is done (None: no round possible).
+pub type RoundHook = dyn Fn(usize) -> Option<RawFd> + Send + Sync;
+
+/// A one-shot gate: the queues of a server taking over a mount wait on it until it is opened
+/// (or closed for good). While they wait, io_uring queues answer registration rounds: the
+/// previous server writes a queue's `round` eventfd, the queue registers a few more entries and
+/// writes its `done` eventfd (see [`Queue::start_round`]).
+#[derive(Debug)]
+pub struct Gate {
+    state: std::sync::Mutex<Option<bool>>,
+    cond: std::sync::Condvar,
+    /// Written when the gate opens or closes (so a queue can poll it with its round eventfd).
+    opened: OwnedFd,
+    /// Queues that have registered their entries (io_uring) or started (classic channel).
+    arrived: AtomicUsize,
+    /// Per queue: (round asked, round done) eventfds.
+    rounds: Vec<(OwnedFd, OwnedFd)>,
+}
+
+fn blocking_eventfd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?)
+}
+
+fn eventfd_write(fd: RawFd) {
+    let one = 1u64;
+    // SAFETY: writing 8 bytes from a valid u64.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+impl Gate {
+    /// A closed gate for `queues` queues.
+    pub fn new(queues: usize) -> io::Result<Gate> {
+        Ok(Gate {
+            state: std::sync::Mutex::new(None),
+            cond: std::sync::Condvar::new(),
+            opened: blocking_eventfd()?,
+            arrived: AtomicUsize::new(0),
+            rounds: (0..queues).map(|_| Ok((blocking_eventfd()?, blocking_eventfd()?))).collect::<io::Result<_>>()?,
+        })
+    }
+
+    /// Queues that reached the gate.
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::Acquire)
+    }
+
+    /// The (round asked, round done) eventfds of every queue, to hand to the previous server.
+    pub fn round_fds(&self) -> Vec<RawFd> {
+        self.rounds.iter().flat_map(|(a, d)| [a.as_raw_fd(), d.as_raw_fd()]).collect()
+    }
+
+    /// Opens the gate (`true`: serve) or closes it for good (`false`: end).
+    pub fn open(&self, serve: bool) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(serve);
+        eventfd_write(self.opened.as_raw_fd());
+        self.cond.notify_all();
+    }
+
+    fn state(&self) -> Option<bool> {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the gate is opened or closed; true when opened.
+    pub fn wait(&self) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(serve) = *g {
+                return serve;
+            }
+            g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits until the gate opens or closes (`Some`), or a registration round is asked of
+    /// queue `qid` (`None`; the request is consumed).
+    fn wait_or_round(&self, qid: usize) -> Option<bool> {
+        loop {
+            if let Some(serve) = self.state() {
+                return Some(serve);
+            }
+            let Some((asked, _)) = self.rounds.get(qid) else { return Some(self.wait()) };
+            let mut pfd = [
+                libc::pollfd { fd: asked.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.opened.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two valid pollfds.
+            unsafe { libc::poll(pfd.as_mut_ptr(), 2, 1000) };
+            if pfd[0].revents & libc::POLLIN != 0 {
+                let mut v = 0u64;
+                // SAFETY: reading 8 bytes into a valid u64.
+                unsafe { libc::read(asked.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                return None;
+            }
+        }
+    }
+
+    fn round_done(&self, qid: usize) {
+        if let Some((_, done)) = self.rounds.get(qid) {
+            eventfd_write(done.as_raw_fd());
+        }
+    }
+}
+
+/// `IORING_ENTER_GETEVENTS`: an enter that runs deferred task work.
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// A draining FUSE-over-io_uring queue ends after this long without a new request and with
+/// none in flight (the kernel has no way to take ring entries back but closing the ring, so
+/// the queue waits until requests have moved to the next server's entries; see
+/// docs/reliability.md, "Live upgrade").
+const RING_QUIET: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// A queue's ring.
 type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
@@ -325,6 +449,15 @@ type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
 const INBOX_TAG: u64 = u64::MAX - 2;
 /// user_data tag for the doorbell's eventfd read (a task woken on another thread).
 const BELL_TAG: u64 = u64::MAX - 3;
+/// user_data tag for the eventfd read that ends a registration round (io_uring hand-over).
+const ROUND_TAG: u64 = u64::MAX - 4;
+
+/// Registration rounds a draining io_uring queue asks for before it falls back to waiting for
+/// quiet.
+const MAX_ROUNDS: u32 = 64;
+
+/// Entries a server taking over adds to a queue in registration rounds, in queue depths.
+const MAX_EXTRA_DEPTHS: usize = 16;
 
 /// What a completion on a queue's ring is about: one kind per source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,6 +468,8 @@ enum Completion {
     Interrupts,
     /// A task was woken on another thread.
     Doorbell,
+    /// The next server finished a registration round (hand-over).
+    Round,
     /// A cancellation finished (its target completes on its own).
     Cancelled,
     /// A backing operation of the reactor completed: (operation slot, result).
@@ -351,6 +486,7 @@ impl Completion {
             WAKE_TAG => Completion::Stop,
             INBOX_TAG => Completion::Interrupts,
             BELL_TAG => Completion::Doorbell,
+            ROUND_TAG => Completion::Round,
             crate::io::CANCEL_TAG => Completion::Cancelled,
             t if t & crate::io::IO_TAG != 0 => Completion::Io((t & !crate::io::IO_TAG) as usize, res),
             t if t & WRITE_BIT != 0 => Completion::Written((t & !WRITE_BIT) as usize, res),
@@ -401,9 +537,74 @@ struct Queue<'p, F> {
     live: usize,
     /// When this queue last finished a request (busy polling).
     last_request: std::time::Instant,
+    /// Handing over: no new receive is armed (classic channel), or the queue ends once quiet
+    /// (io_uring).
+    draining: bool,
+    /// When the last request arrived (io_uring drain).
+    last_arrival: std::time::Instant,
+    /// io_uring drain: a registration round of the next server is under way.
+    round_pending: bool,
+    /// io_uring drain: a request arrived since the round was asked for.
+    dirty: bool,
+    /// io_uring drain: rounds asked for so far.
+    rounds: u32,
+    /// io_uring drain: where the end of a round is read.
+    round_buf: Box<[u8; 8]>,
+}
+
+/// Switches the calling thread to SCHED_FIFO (priority 1) or back to SCHED_OTHER.
+fn set_realtime(on: bool) {
+    let param = libc::sched_param { sched_priority: i32::from(on) };
+    let policy = if on { libc::SCHED_FIFO } else { libc::SCHED_OTHER };
+    // SAFETY: pid 0 is the calling thread; param is valid.
+    unsafe { libc::sched_setscheduler(0, policy, &param) };
+}
+
+/// A slot with its buffers for queue `p` (index `idx`).
+fn new_slot<F>(p: &QueueParams<F>, idx: usize, ready: &Arc<ReadyList>) -> Slot {
+    Slot {
+        bufs: match &p.channel {
+            QueueChannel::Ring { .. } => SlotBufs::Ring {
+                header: AlignedBox::new(u::REQ_HEADER_SZ, 64),
+                payload: AlignedBox::new(p.payload_size, 4096),
+                scratch: AlignedBox::new(SCRATCH_SIZE, 4096),
+                iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2],
+                via_scratch: false,
+            },
+            QueueChannel::Dev { bufsize, .. } => SlotBufs::Dev {
+                input: AlignedBox::new(*bufsize, 4096),
+                output: AlignedBox::new(16 + p.payload_size + 4096, 4096),
+                reply_len: 0,
+            },
+        },
+        live: true,
+        task: None,
+        unique: 0,
+        opcode: 0,
+        pid: 0,
+        interrupted: false,
+        waker: Waker::from(Arc::new(EntryWaker { idx, ready: ready.clone() })),
+    }
 }
 
 impl<'p, F: FileSystem> Queue<'p, F> {
+    /// Adds `n` ring entries and registers them (a registration round of a server taking over).
+    fn add_entries(&mut self, n: usize) -> io::Result<()> {
+        for _ in 0..n {
+            let i = self.slots.len();
+            let mut slot = new_slot(self.p, i, &self.ready);
+            if let SlotBufs::Ring { header, payload, iov, .. } = &mut slot.bufs {
+                iov[0] = libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() };
+                iov[1] = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+            }
+            self.slots.push(slot);
+            self.live += 1;
+            self.arm(i)?;
+        }
+        self.ring.submit()?;
+        Ok(())
+    }
+
     fn new(p: &'p QueueParams<F>) -> io::Result<Queue<'p, F>> {
         let sq = ((p.depth + 4) * 2).next_power_of_two() as u32;
         let ring = new_ring(sq)?;
@@ -411,31 +612,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             ring.submitter().register_files(&[*fuse_fd])?;
         }
         let ready = Arc::new(ReadyList::new()?);
-        let slots = (0..p.depth)
-            .map(|idx| Slot {
-                bufs: match &p.channel {
-                    QueueChannel::Ring { .. } => SlotBufs::Ring {
-                        header: AlignedBox::new(u::REQ_HEADER_SZ, 64),
-                        payload: AlignedBox::new(p.payload_size, 4096),
-                        scratch: AlignedBox::new(SCRATCH_SIZE, 4096),
-                        iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2],
-                        via_scratch: false,
-                    },
-                    QueueChannel::Dev { bufsize, .. } => SlotBufs::Dev {
-                        input: AlignedBox::new(*bufsize, 4096),
-                        output: AlignedBox::new(16 + p.payload_size + 4096, 4096),
-                        reply_len: 0,
-                    },
-                },
-                live: true,
-                task: None,
-                unique: 0,
-                opcode: 0,
-                pid: 0,
-                interrupted: false,
-                waker: Waker::from(Arc::new(EntryWaker { idx, ready: ready.clone() })),
-            })
-            .collect();
+        let slots = (0..p.depth).map(|idx| new_slot(p, idx, &ready)).collect();
         crate::io::install(ring.as_raw_fd());
         let mut q = Queue {
             p,
@@ -450,6 +627,12 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             last_request: std::time::Instant::now(),
             dispatcher: Rc::new(p.dispatcher.clone()),
             live: p.depth,
+            draining: false,
+            last_arrival: std::time::Instant::now(),
+            round_pending: false,
+            dirty: false,
+            rounds: 0,
+            round_buf: Box::new([0; 8]),
         };
         for i in 0..p.depth {
             if let SlotBufs::Ring { header, payload, iov, .. } = &mut q.slots[i].bufs {
@@ -467,6 +650,11 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// (Re)arms slot `i`'s receive operation: REGISTER of the ring entry, or a READ of the
     /// queue's /dev/fuse clone.
     fn arm(&mut self, i: usize) -> io::Result<()> {
+        if self.draining && matches!(self.p.channel, QueueChannel::Dev { .. }) {
+            // Handing over: this slot reads no more.
+            self.kill_slot(i);
+            return Ok(());
+        }
         let sqe: squeue::Entry128 = match (&mut self.slots[i].bufs, &self.p.channel) {
             (SlotBufs::Ring { iov, .. }, QueueChannel::Ring { .. }) => {
                 uring_cmd(u::CMD_REGISTER, self.p.qid as u16, 0, Some(iov.as_ptr())).user_data(i as u64)
@@ -509,15 +697,47 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 self.push(&sqe)?;
             }
             let want = if self.ready.is_empty() { 1 } else { 0 };
-            if want == 1 {
+            if want == 1 && !self.draining {
                 self.busy_poll()?;
             }
-            match self.ring.submit_and_wait(want) {
+            let waited = if self.draining && matches!(self.p.channel, QueueChannel::Ring { .. }) {
+                // The replies (COMMIT_AND_FETCH) go out before anything else.
+                match self.ring.submit() {
+                    Ok(_) => {}
+                    Err(e) if transient(&e) => {}
+                    Err(e) => return Err(e),
+                }
+                let idle = self.slots.iter().all(|s| s.task.is_none());
+                match self.p.register_round.clone() {
+                    Some(hook) if self.rounds < MAX_ROUNDS => {
+                        if idle && !self.round_pending {
+                            self.start_round(&hook)?;
+                        }
+                    }
+                    _ => {
+                        if self.ring_quiet() && self.ring_empty_after_tw() {
+                            log::warn!(
+                                "queue {}: handed over after a quiet spell ({} registration rounds)",
+                                self.p.qid,
+                                self.rounds
+                            );
+                            return Ok(());
+                        }
+                    }
+                }
+                let ts = types::Timespec::from(std::time::Duration::from_millis(1));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if transient(&e) => {}
                 Err(e) => return Err(e),
             }
             self.p.stats.submits.fetch_add(1, Ordering::Relaxed);
+            let mut round_ended = false;
             cqes.clear();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             self.outstanding -= cqes.len().min(self.outstanding);
@@ -530,13 +750,21 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                         if self.p.stop.load(Ordering::Acquire) {
                             return Ok(());
                         }
-                        self.arm_eventfd(Completion::Stop)?;
+                        if self.p.drain.load(Ordering::Acquire) {
+                            self.start_drain()?;
+                        } else {
+                            self.arm_eventfd(Completion::Stop)?;
+                        }
                     }
                     Completion::Interrupts => self.on_interrupts()?,
                     Completion::Doorbell => {
                         // Cleared before the list is taken below (see `ReadyList`).
                         self.ready.rung.store(false, Ordering::SeqCst);
                         self.arm_eventfd(Completion::Doorbell)?;
+                    }
+                    Completion::Round => {
+                        self.round_pending = false;
+                        round_ended = true;
                     }
                     Completion::Cancelled => {}
                     Completion::Io(op, res) => {
@@ -554,11 +782,71 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             for i in woken.drain(..) {
                 self.poll_task(i)?;
             }
+            if round_ended && !self.dirty && self.slots.iter().all(|s| s.task.is_none()) && self.ring_empty_after_tw() {
+                // The next server's entries came after our last reply and no request reached
+                // us since: the kernel sends this queue's requests to them now.
+                log::debug!("queue {}: handed over after {} registration rounds", self.p.qid, self.rounds);
+                return Ok(());
+            }
             if crate::io::take_injected_failure() {
                 return Err(io::Error::other("failure injected by the file system (test hook)"));
             }
         }
         Ok(())
+    }
+
+    /// Hand-over: stop taking requests and end once those taken are answered. Classic channel:
+    /// the reads in flight are cancelled (a read that already took a request completes with it
+    /// and is served) and no slot reads again; the queue ends when every slot has written its
+    /// last reply. FUSE over io_uring: an entry cannot be taken back from the kernel except by
+    /// closing the ring, which loses a request dispatched to it meanwhile, so the queue keeps
+    /// serving and ends when nothing is in flight and no request came for [`RING_QUIET`] (by
+    /// then the kernel sends this queue's requests to the next server's newer entries).
+    fn start_drain(&mut self) -> io::Result<()> {
+        if self.draining {
+            return Ok(());
+        }
+        self.draining = true;
+        self.last_arrival = std::time::Instant::now();
+        if let QueueChannel::Dev { fd, .. } = &self.p.channel {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd.as_raw_fd())).all())
+                .build()
+                .user_data(crate::io::CANCEL_TAG);
+            self.push(&cancel.into())?;
+        }
+        Ok(())
+    }
+
+    /// Asks the next server to register a batch of entries on this queue now, after this
+    /// queue's last reply: from then on the kernel prefers those entries to ours (it takes the
+    /// entry made available last). When the round ends with no request having reached this
+    /// queue meanwhile, none can any more (unless every newer entry is busy), and the queue ends.
+    fn start_round(&mut self, hook: &Arc<RoundHook>) -> io::Result<()> {
+        self.rounds += 1;
+        let Some(fd) = hook(self.p.qid) else {
+            // No round possible: wait for quiet instead.
+            self.rounds = MAX_ROUNDS;
+            return Ok(());
+        };
+        let sqe = opcode::Read::new(types::Fd(fd), self.round_buf.as_mut_ptr(), 8).build().user_data(ROUND_TAG);
+        self.dirty = false;
+        self.round_pending = true;
+        self.push(&sqe.into())?;
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Runs the kernel's deferred task work (a request it gave one of our entries becomes a
+    /// completion only then); true when no completion is waiting afterwards.
+    fn ring_empty_after_tw(&mut self) -> bool {
+        // SAFETY: io_uring_enter with no submissions, no wait and no argument.
+        let ran = unsafe { self.ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None) };
+        ran.is_ok() && self.ring.completion().is_empty() && !self.ring.submission().taskrun()
+    }
+
+    /// A draining io_uring queue with nothing in flight and no request for [`RING_QUIET`].
+    fn ring_quiet(&self) -> bool {
+        self.slots.iter().all(|s| s.task.is_none()) && self.last_arrival.elapsed() >= RING_QUIET
     }
 
     /// Busy polling: after a request, watch the rings in user space for a while before
@@ -667,6 +955,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             }
             return Ok(false);
         }
+        self.last_arrival = std::time::Instant::now();
+        self.dirty = true;
         let s = &mut self.slots[i];
         match start_task(s, res as usize, &self.dispatcher, self.p) {
             Started::Task => {
@@ -787,6 +1077,24 @@ impl<F> Drop for Queue<'_, F> {
             let task = s.task.take();
             let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(task)));
         }
+        // A ring queue that handed over has its entries registered with the kernel, which gives
+        // them back only when the ring goes away (the exit of the thread that registered them
+        // does not cancel them: an entry left so would take requests that then fail with
+        // ECANCELED). So the ring is closed now, and the kernel cancels the entries in the
+        // ring's exit work; the registration rounds put the next server's entries before ours,
+        // so none of ours is chosen meanwhile. The buffers are kept (leaked): nothing waits for
+        // the kernel to let go of them.
+        let handed_over = self.draining && matches!(self.p.channel, QueueChannel::Ring { .. });
+        if handed_over {
+            // SAFETY: the ring is dropped exactly once, here, and not used afterwards.
+            unsafe { ManuallyDrop::drop(&mut self.ring) };
+            crate::io::uninstall(false);
+            std::mem::forget(std::mem::take(&mut self.slots));
+            for b in [&mut self.wake_buf, &mut self.inbox_buf, &mut self.bell_buf, &mut self.round_buf] {
+                std::mem::forget(std::mem::replace(b, Box::new([0; 8])));
+            }
+            return;
+        }
         let clean = self.drain(DRAIN_LIMIT);
         // SAFETY: the ring is dropped exactly once, here, and not used afterwards; it goes
         // before the buffers it may write into.
@@ -823,7 +1131,47 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// this queue would wait forever.
 pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
     pin_to_cpu(p.qid);
+    let ring = matches!(p.channel, QueueChannel::Ring { .. });
+    if let (Some(gate), false) = (&p.gate, ring) {
+        // Classic channel: a read armed now would take a request from the previous server.
+        gate.arrived.fetch_add(1, Ordering::AcqRel);
+        if !gate.wait() {
+            return Ok(());
+        }
+    }
     let mut q = Queue::new(&p)?;
+    if let (Some(gate), true) = (&p.gate, ring) {
+        // The entries are registered now (the kernel may queue requests on them: they wait
+        // here until the gate opens).
+        q.ring.submit()?;
+        gate.arrived.fetch_add(1, Ordering::AcqRel);
+        // A round must register before the caller the previous server just answered (often on
+        // this CPU) sends its next request: while waiting here the thread runs real-time, so its
+        // wake-up preempts that caller. Best effort (refused without CAP_SYS_NICE).
+        set_realtime(true);
+        let waited = loop {
+            match gate.wait_or_round(p.qid) {
+                Some(serve) => break Ok(serve),
+                None => {
+                    // Registered after the previous server's last reply on this queue: these
+                    // entries come first now (see `Queue::start_round`).
+                    // As many as the queue's depth (callers that may arrive at once), up to a
+                    // bound on what the rounds of one hand-over add.
+                    let n = if q.slots.len() < p.depth * (1 + MAX_EXTRA_DEPTHS) { p.depth } else { 0 };
+                    if let Err(e) = q.add_entries(n) {
+                        break Err(e);
+                    }
+                    gate.round_done(p.qid);
+                }
+            }
+        };
+        set_realtime(false);
+        if !waited? {
+            q.draining = true;
+            drop(q);
+            return Ok(());
+        }
+    }
     let served = std::panic::catch_unwind(AssertUnwindSafe(|| q.serve()));
     let result = match served {
         Ok(r) => r,

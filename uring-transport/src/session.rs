@@ -5,7 +5,7 @@
 //! requests to whichever thread is free, and write replies back on the same fd.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -20,7 +20,8 @@ use crate::executor::block_on;
 use crate::mount::{clone_fd, Mounted};
 use crate::notify::{Channel, NotifyStats};
 use crate::ring::{
-    possible_cpus, run_queue, AlignedBox, InterruptInbox, QueueChannel, QueueParams, QueueStats, StopSignal,
+    possible_cpus, run_queue, AlignedBox, Gate, InterruptInbox, QueueChannel, QueueParams, QueueStats, RoundHook,
+    StopSignal,
 };
 
 /// Which channel carries requests.
@@ -122,6 +123,80 @@ pub struct Session<F> {
     stats: Arc<SessionStats>,
     channel: Arc<Channel>,
     conn: ConnInfo,
+    /// The kernel's INIT request and our reply, as sent (a server taking over checks that it
+    /// would answer the same).
+    init_in: protocol::abi::FuseInitIn,
+    init_out: Vec<u8>,
+    control: Arc<Control>,
+    gate: Option<Arc<Gate>>,
+}
+
+/// How a call of [`Session::serve`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The connection is gone (unmounted or aborted).
+    Gone,
+    /// [`Control::drain`] was called: every request taken has been answered and no queue
+    /// takes new ones; the connection is still up (another server may take it over, or
+    /// [`Session::serve`] may be called again).
+    Drained,
+}
+
+/// Asks a serving session to hand over (from any thread).
+pub struct Control {
+    drain: Arc<AtomicBool>,
+    round_hook: std::sync::Mutex<Option<Arc<RoundHook>>>,
+    stop: StopSignal,
+    reader_wake: OwnedFd,
+    queues: usize,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("drain", &self.drain).field("queues", &self.queues).finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    fn new(queues: usize) -> io::Result<Control> {
+        let reader_wake =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)?;
+        Ok(Control {
+            drain: Arc::new(AtomicBool::new(false)),
+            round_hook: std::sync::Mutex::new(None),
+            stop: StopSignal::new()?,
+            reader_wake,
+            queues,
+        })
+    }
+
+    /// Stops taking requests: [`Session::serve`] returns [`Ended::Drained`] once every request
+    /// taken is answered. The classic channel stops at once (its reads are cancelled); an io_uring
+    /// queue ends when nothing is in flight and no request came for a short while (the kernel
+    /// cannot take ring entries back: see docs/reliability.md).
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::Release);
+        self.stop.wake(self.queues);
+        let one = 1u64;
+        // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.reader_wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Sets how a draining io_uring queue asks the next server for a registration round:
+    /// `hook(qid)` writes the next server's round eventfd of that queue (see
+    /// [`Session::round_fds`]) and returns its done eventfd (without blocking). Without a hook, a draining
+    /// io_uring queue ends after a quiet spell instead, which can lose a request to the race
+    /// documented in docs/reliability.md. Takes effect at the next [`Session::serve`].
+    pub fn set_round_hook(&self, hook: Arc<RoundHook>) {
+        *self.round_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    fn reset(&self) {
+        self.drain.store(false, Ordering::Release);
+        let mut v = 0u64;
+        // SAFETY: reading 8 bytes into a valid u64 (non-blocking; nothing to read is fine).
+        unsafe { libc::read(self.reader_wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
 }
 
 /// Alignment of the /dev/fuse reader's buffers: request structs are read in place.
@@ -218,6 +293,10 @@ impl<F: FileSystem> Session<F> {
         }
         let queues = if uring { possible_cpus() } else { cfg.workers.max(1) };
         Ok(Session {
+            init_in: arg,
+            init_out: payload.to_vec(),
+            control: Arc::new(Control::new(queues)?),
+            gate: None,
             mounted,
             dispatcher: Dispatcher::new(fs),
             bufsize,
@@ -229,6 +308,103 @@ impl<F: FileSystem> Session<F> {
             channel,
             conn: negotiated.conn.clone(),
         })
+    }
+
+    /// Takes over a connection another server initialised and handed over (its /dev/fuse
+    /// descriptor, the kernel's INIT request and the reply that server sent). No INIT is
+    /// exchanged: the negotiation is run again from `init_in` and must give exactly `init_out`
+    /// (else `InvalidData`: the kernel keeps the first server's answer, which this build would
+    /// not honour). The queues wait for [`Session::open_gate`] before handling requests.
+    pub fn adopt(
+        fd: OwnedFd,
+        dev: u64,
+        mountpoint: std::path::PathBuf,
+        fs: Arc<F>,
+        cfg: &SessionConfig,
+        init_in: &[u8],
+        init_out: &[u8],
+    ) -> io::Result<Session<F>> {
+        use zerocopy::FromBytes;
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        let arg = protocol::abi::FuseInitIn::read_from_bytes(init_in).map_err(|_| bad("malformed INIT record"))?;
+        let bufsize = cfg.init.max_write.max(128 * 1024) as usize + 8192;
+        let mut params = cfg.init.clone();
+        params.over_io_uring = cfg.transport != TransportMode::DevFuse;
+        let mut negotiated =
+            init::negotiate(&arg, &params).map_err(|_| bad("the kernel's INIT is not acceptable to this build"))?;
+        let mounted = Mounted::from_parts(fd, mountpoint, dev);
+        let channel = Channel::start(dup_fd(&mounted.fd)?)?;
+        fs.attach_kernel(channel.clone());
+        fs.init(&mut negotiated.conn).map_err(|e| io::Error::other(format!("file system refused INIT: {e}")))?;
+        init::apply_conn(&mut negotiated);
+        let payload = negotiated.out.as_bytes();
+        if payload != init_out {
+            return Err(bad("this build (or configuration) would answer INIT differently than the running server did"));
+        }
+        let uring = negotiated.flags.contains(InitFlags::OVER_IO_URING);
+        let outsize = 16 + negotiated.conn.max_read.max(negotiated.conn.max_write) as usize + 8192;
+        let payload_size = (negotiated.conn.max_read.max(negotiated.conn.max_write) as usize).max(8192);
+        let queues = if uring { possible_cpus() } else { cfg.workers.max(1) };
+        Ok(Session {
+            init_in: arg,
+            init_out: payload.to_vec(),
+            control: Arc::new(Control::new(queues)?),
+            gate: Some(Arc::new(Gate::new(queues)?)),
+            mounted,
+            dispatcher: Dispatcher::new(fs),
+            bufsize,
+            outsize,
+            payload_size,
+            queue_depth: cfg.queue_depth.clamp(1, 1024),
+            busy_poll: if uring { cfg.busy_poll } else { std::time::Duration::ZERO },
+            stats: Arc::new(SessionStats::new(uring, queues)),
+            channel,
+            conn: negotiated.conn.clone(),
+        })
+    }
+
+    /// Waits (up to `limit`) until every queue of an adopted session being served has reached
+    /// its gate: io_uring entries registered with the kernel, classic-channel threads started.
+    pub fn wait_queues_at_gate(&self, limit: std::time::Duration) -> bool {
+        let Some(g) = &self.gate else { return true };
+        let start = std::time::Instant::now();
+        while g.arrived() < self.stats.queues.len() {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// The registration-round eventfds of an adopted session's queues, (asked, done) per queue
+    /// in order, to hand to the previous server (see [`Control::set_round_hook`]).
+    pub fn round_fds(&self) -> Vec<RawFd> {
+        self.gate.as_ref().map_or_else(Vec::new, |g| g.round_fds())
+    }
+
+    /// Lets the queues of an adopted session ([`Session::adopt`]) handle requests (`true`), or
+    /// makes them end (`false`).
+    pub fn open_gate(&self, serve: bool) {
+        if let Some(g) = &self.gate {
+            g.open(serve);
+        }
+    }
+
+    /// The kernel's INIT request and the reply this session sent (for [`Session::adopt`]).
+    pub fn init_record(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.init_in.as_bytes().to_vec(), self.init_out.clone())
+    }
+
+    /// The mount's /dev/fuse descriptor (to hand to the next server).
+    pub fn fuse_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.mounted.fd.as_fd()
+    }
+
+    /// The hand-over control of this session.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
     }
 
     /// The session's counters.
@@ -263,7 +439,25 @@ impl<F: FileSystem> Session<F> {
     /// clone of the session fd through io_uring. In io_uring mode the session fd itself is read
     /// by one more thread for what the kernel keeps on /dev/fuse (FORGET, INTERRUPT).
     pub fn run(self) -> io::Result<()> {
-        let waker = StopSignal::new()?;
+        let served = self.serve();
+        self.finish();
+        served.map(|_| ())
+    }
+
+    /// Ends a session that [`serve`](Self::serve) is done with: stops the notifier and tells
+    /// the file system (`destroy`). Not for a session that handed over: its file system's state
+    /// lives on in the next server.
+    pub fn finish(&self) {
+        self.channel.stop();
+        self.dispatcher.fs().destroy();
+    }
+
+    /// Serves requests until the connection goes away ([`Ended::Gone`]) or [`Control::drain`]
+    /// was called and every request taken is answered ([`Ended::Drained`]; `serve` may be
+    /// called again to go on serving).
+    pub fn serve(&self) -> io::Result<Ended> {
+        self.control.reset();
+        let waker = &self.control.stop;
         let stop = Arc::new(AtomicBool::new(false));
         let nqueues = self.stats.queues.len();
         let interrupts: Arc<Vec<InterruptInbox>> =
@@ -299,6 +493,9 @@ impl<F: FileSystem> Session<F> {
                 interrupts: interrupts.clone(),
                 dev_counts: self.stats.clone(),
                 on_failure: on_failure.clone(),
+                drain: self.control.drain.clone(),
+                gate: self.gate.clone(),
+                register_round: self.control.round_hook.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             };
             let h = std::thread::Builder::new().name(format!("ringfs-q{qid}")).spawn(move || {
                 let r = run_queue(params);
@@ -310,10 +507,25 @@ impl<F: FileSystem> Session<F> {
             handles.push(h);
         }
         if self.stats.uring {
-            // FORGET, BATCH_FORGET and INTERRUPT still arrive on /dev/fuse.
-            worker(&self.mounted.fd, &self.dispatcher, &self.stats, &interrupts, self.bufsize, self.outsize);
-            stop.store(true, Ordering::Release);
-            waker.wake(handles.len());
+            // FORGET, BATCH_FORGET and INTERRUPT still arrive on /dev/fuse. Non-blocking, so
+            // the reader never sleeps in read(2) where a hand-over could not wake it.
+            set_nonblocking(&self.mounted.fd)?;
+            let serve = self.gate.as_ref().is_none_or(|g| g.wait());
+            if serve {
+                worker(
+                    &self.mounted.fd,
+                    &self.control.reader_wake,
+                    &self.dispatcher,
+                    &self.stats,
+                    &interrupts,
+                    self.bufsize,
+                    self.outsize,
+                );
+            }
+            if !self.control.drain.load(Ordering::Acquire) {
+                stop.store(true, Ordering::Release);
+                waker.wake(handles.len());
+            }
         }
         let mut failure = None;
         for h in handles {
@@ -323,9 +535,10 @@ impl<F: FileSystem> Session<F> {
                 Err(_) => failure = failure.or(Some(io::Error::other("a queue thread panicked"))),
             }
         }
-        self.channel.stop();
-        self.dispatcher.fs().destroy();
-        failure.map_or(Ok(()), Err)
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(if self.control.drain.load(Ordering::Acquire) { Ended::Drained } else { Ended::Gone })
     }
 }
 
@@ -346,8 +559,10 @@ pub fn uring_unavailable_reason() -> String {
 /// The fuse module parameter that switches FUSE over io_uring on.
 pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
+#[allow(clippy::too_many_arguments)]
 fn worker<F: FileSystem>(
     fd: &OwnedFd,
+    wake: &OwnedFd,
     d: &Dispatcher<F>,
     stats: &SessionStats,
     interrupts: &[InterruptInbox],
@@ -358,6 +573,27 @@ fn worker<F: FileSystem>(
     let mut outbuf = AlignedBox::new(outsize, DEV_BUF_ALIGN);
     let out = outbuf.as_mut_slice();
     loop {
+        // Sleep until a request or a hand-over (which must find this thread out of read(2):
+        // the next server reads the same descriptor).
+        let mut pfd = [
+            libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfd structs.
+        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            continue;
+        }
+        if pfd[1].revents != 0 {
+            return;
+        }
+        if pfd[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 && pfd[0].revents & libc::POLLIN == 0
+        {
+            return;
+        }
+        if pfd[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
         let buf = inbuf.as_mut_slice();
         let n = match read_fd(fd, buf) {
             Ok(n) => n,

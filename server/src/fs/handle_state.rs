@@ -89,7 +89,7 @@ fn prune(dir: &Path) {
     }
 }
 
-fn encode(s: &HandleState) -> Vec<u8> {
+pub(crate) fn encode(s: &HandleState) -> Vec<u8> {
     let mut out = Vec::with_capacity(56 + s.nodes.len() * 24);
     out.extend_from_slice(MAGIC);
     for w in [s.root_key.0, s.root_key.1, s.gen_key[0], s.gen_key[1], s.next_id, s.nodes.len() as u64] {
@@ -103,7 +103,7 @@ fn encode(s: &HandleState) -> Vec<u8> {
     out
 }
 
-fn decode(mut b: &[u8]) -> Option<HandleState> {
+pub(crate) fn decode(mut b: &[u8]) -> Option<HandleState> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
             return None;

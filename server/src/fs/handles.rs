@@ -281,6 +281,30 @@ impl HandleTable {
         self.shard(fh).remove(&fh)
     }
 
+    /// Every open handle: (fh, handle) (live upgrade).
+    pub(crate) fn export(&self) -> Vec<(u64, Arc<Handle>)> {
+        let mut all = Vec::new();
+        for sh in self.shards.iter() {
+            let g = sh.0.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(g.iter().map(|(&fh, h)| (fh, h.clone())));
+        }
+        all
+    }
+
+    /// Registers a handle a previous server gave out, under the same number (live upgrade;
+    /// before any request is served). Numbers given out later are above every imported one. A
+    /// directory's stream is re-positioned at its next read.
+    pub(crate) fn import(&self, fh: u64, node: u64, dir: bool, fd: Arc<OwnedFd>) {
+        let kind = if dir {
+            HandleKind::Dir(fd, Mutex::new(DirStream { pending: Vec::new(), pending_at: 0, pos: u64::MAX }))
+        } else {
+            HandleKind::File(fd)
+        };
+        self.shard(fh).insert(fh, Arc::new(Handle { node, kind }));
+        let above = (fh / FH_BLOCK + 1) * FH_BLOCK;
+        self.next.fetch_max(above, Ordering::Relaxed);
+    }
+
     /// Number of open handles.
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()

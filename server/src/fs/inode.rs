@@ -322,6 +322,17 @@ pub(crate) struct InodeTable {
     gen_key: [AtomicU64; 2],
 }
 
+/// One inode the kernel holds, as handed to the next server at a live upgrade.
+pub(crate) struct LiveNode {
+    pub(crate) id: u64,
+    pub(crate) key: (u64, u64),
+    pub(crate) kind: u32,
+    pub(crate) lookups: u64,
+    pub(crate) handle: Option<Vec<u8>>,
+    /// The pinned descriptor of a node without a handle (sent along).
+    pub(crate) fd: Option<InodeFd>,
+}
+
 /// What a later server of the same mount needs so that file handles given out by this one
 /// still resolve: the generation key, the next node id, and (node id, backing file handle)
 /// of the inodes to remember, most recently used first.
@@ -454,6 +465,69 @@ impl InodeTable {
             next_id: g.next_id,
             nodes,
         }
+    }
+
+    /// The inodes the kernel holds references to (live upgrade): id, backing key, file type,
+    /// lookup count, file handle; and, for those without a handle, their pinned descriptor.
+    pub(crate) fn export_live(&self) -> Vec<LiveNode> {
+        let g = self.read();
+        g.nodes
+            .iter()
+            .filter(|(_, n)| !n.permanent)
+            .map(|(&id, n)| LiveNode {
+                id,
+                key: n.key,
+                kind: n.kind,
+                lookups: n.lookups.load(Ordering::Relaxed),
+                handle: n.handle.as_ref().map(|h| h.to_vec()),
+                fd: if n.handle.is_none() { n.fd.clone() } else { None },
+            })
+            .collect()
+    }
+
+    /// Takes over the inodes a previous server of this mount exported with
+    /// [`export_live`](Self::export_live), under their node ids, before any request is served.
+    /// A node without a handle must come with its descriptor (else it is skipped: EINVAL).
+    pub(crate) fn import_live(&self, nodes: Vec<LiveNode>) -> Result<()> {
+        let mut g = self.write();
+        let mut garbage = Garbage::new();
+        for n in nodes {
+            if n.id <= NodeId::ROOT.0 || g.nodes.contains_key(&n.id) {
+                return Err(Errno::EINVAL);
+            }
+            if n.handle.is_none() && n.fd.is_none() {
+                return Err(Errno::EINVAL);
+            }
+            let handle: Option<Arc<[u8]>> = n.handle.map(Arc::from);
+            g.retired.remove(&n.id);
+            if let Some(h) = &handle {
+                g.retired_by_handle.remove(h);
+                g.by_handle.insert(h.clone(), n.id);
+            }
+            g.by_key.insert(n.key, n.id);
+            g.next_id = g.next_id.max(n.id + 1);
+            g.nodes.insert(
+                n.id,
+                Inode {
+                    key: n.key,
+                    kind: n.kind,
+                    handle,
+                    lookups: AtomicU64::new(n.lookups),
+                    opens: 0,
+                    fd: n.fd,
+                    cached: false,
+                    in_clock: false,
+                    referenced: AtomicBool::new(false),
+                    permanent: false,
+                },
+            );
+            if g.nodes.get(&n.id).is_some_and(|x| x.fd.is_some() && x.handle.is_some()) {
+                g.make_evictable(n.id, &mut garbage);
+            }
+        }
+        drop(g);
+        drop(garbage);
+        Ok(())
     }
 
     /// Takes over a previous server's [`HandleState`] (before any request is served): its

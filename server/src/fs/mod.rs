@@ -24,6 +24,7 @@ pub mod handle_state;
 mod handles;
 mod inode;
 mod inotify;
+pub mod live_state;
 pub mod passthrough;
 mod sys;
 #[cfg(test)]

@@ -180,6 +180,29 @@ impl Passthrough {
     }
 
     /// An open of `node` was released.
+    /// Every inode's passthrough state: (node, backing id or 0 when served by the server, opens)
+    /// (live upgrade: backing ids belong to the connection, so the next server keeps them).
+    pub(crate) fn export(&self) -> Vec<(u64, i32, u64)> {
+        let mut all = Vec::new();
+        for sh in self.inodes.0.iter() {
+            let g = sh.0.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(g.iter().map(|(&node, st)| {
+                let id = match st.mode {
+                    Mode::Passthrough(id) => id,
+                    Mode::Cached => 0,
+                };
+                (node, id, st.opens)
+            }));
+        }
+        all
+    }
+
+    /// Takes over one inode's state from [`export`](Self::export) of the previous server.
+    pub(crate) fn import(&self, node: u64, backing_id: i32, opens: u64) {
+        let mode = if backing_id > 0 { Mode::Passthrough(backing_id) } else { Mode::Cached };
+        self.inodes.of(node).lock().unwrap_or_else(|e| e.into_inner()).insert(node, State { mode, opens });
+    }
+
     pub(crate) fn release(&self, node: u64) {
         let Ok(mut map) = self.inodes.of(node).lock() else { return };
         let Some(st) = map.get_mut(&node) else { return };

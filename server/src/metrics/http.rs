@@ -50,16 +50,27 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Content type of the text exposition format.
 const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// The listening socket, kept to hand to the next server at a live upgrade.
+pub(crate) static LISTENER: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+
 /// Binds `addr` and serves `/metrics` from a thread of its own. `None` (logged) when the
 /// address cannot be bound or the thread cannot start: the mount matters more than its metrics.
-pub fn start(addr: SocketAddr, sources: Sources) -> Option<SocketAddr> {
-    let listener = match StdListener::bind(addr) {
+/// `inherited`: the listener a previous server of the mount handed over (not bound again).
+pub fn start(addr: SocketAddr, sources: Sources, inherited: Option<StdListener>) -> Option<SocketAddr> {
+    let bound = match inherited {
+        Some(l) => Ok(l),
+        None => StdListener::bind(addr),
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             log::warn!("metrics endpoint disabled: cannot listen on {addr}: {e} (set metrics.addr)");
             return None;
         }
     };
+    if let Ok(dup) = listener.try_clone() {
+        let _ = LISTENER.set(std::os::fd::OwnedFd::from(dup));
+    }
     let local = listener.local_addr().ok()?;
     let runtime = listener
         .set_nonblocking(true)

@@ -1,0 +1,170 @@
+//! The file system's part of a live upgrade: what the next server process of the same mount
+//! needs to answer the kernel's requests as this one would. The kernel holds node ids (with
+//! lookup counts), open handles (fh values) and passthrough backing ids; all three are carried
+//! over, with the descriptors of open handles (and of inodes without a file handle) sent along
+//! by the caller over a unix socket, so an open file keeps its very open file description
+//! (offset, flags, even when the file was deleted meanwhile).
+//!
+//! Format (little-endian), version 1 (the outer frame in `crate::upgrade` carries the version):
+//! the handle state (`handle_state::encode`: keys, next node id, remembered handles) as u32
+//! length + bytes; live node count (u64), then per node: id, dev, ino (u64), file type (u32),
+//! lookups (u64), handle flag (u8) [+ u32 length + bytes], descriptor flag (u8); handle count
+//! (u64), then per handle: fh, node (u64), directory flag (u8); passthrough count (u64), then per
+//! inode: node (u64), backing id (i32, 0 = served), opens (u64). Descriptors travel in order:
+//! those of the nodes with the flag, then one per handle.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use super::handle_state;
+use super::inode::LiveNode;
+use super::PassthroughFs;
+
+/// A decoding failure (the caller refuses the upgrade with it).
+pub type DecodeError = &'static str;
+
+/// Upper bounds on counts read from a state (64-bit counts from a peer are not trusted).
+const MAX_COUNT: u64 = 1 << 26;
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err("truncated state");
+        }
+        let (h, t) = self.0.split_at(n);
+        self.0 = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "truncated state")?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "truncated state")?))
+    }
+    fn count(&mut self) -> Result<u64, DecodeError> {
+        let n = self.u64()?;
+        if n > MAX_COUNT {
+            return Err("count out of range");
+        }
+        Ok(n)
+    }
+}
+
+impl PassthroughFs {
+    /// The state to hand to the next server, and the descriptors to send with it. Call only
+    /// while no request is being served (the session drained).
+    pub fn export_live(&self) -> (Vec<u8>, Vec<Arc<OwnedFd>>) {
+        let mut out = Vec::new();
+        let mut fds = Vec::new();
+        let hs = handle_state::encode(&self.inodes.export());
+        out.extend_from_slice(&(hs.len() as u32).to_le_bytes());
+        out.extend_from_slice(&hs);
+        let nodes = self.inodes.export_live();
+        out.extend_from_slice(&(nodes.len() as u64).to_le_bytes());
+        for n in nodes {
+            for w in [n.id, n.key.0, n.key.1] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            out.extend_from_slice(&n.kind.to_le_bytes());
+            out.extend_from_slice(&n.lookups.to_le_bytes());
+            match &n.handle {
+                Some(h) => {
+                    out.push(1);
+                    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+                    out.extend_from_slice(h);
+                }
+                None => out.push(0),
+            }
+            match n.fd {
+                Some(fd) => {
+                    out.push(1);
+                    fds.push(fd);
+                }
+                None => out.push(0),
+            }
+        }
+        let handles = self.handles.export();
+        out.extend_from_slice(&(handles.len() as u64).to_le_bytes());
+        for (fh, h) in handles {
+            out.extend_from_slice(&fh.to_le_bytes());
+            out.extend_from_slice(&h.node.to_le_bytes());
+            let (dir, fd) = match &h.kind {
+                super::handles::HandleKind::File(fd) => (0u8, fd.clone()),
+                super::handles::HandleKind::Dir(fd, _) => (1u8, fd.clone()),
+            };
+            out.push(dir);
+            fds.push(fd);
+        }
+        let pt = self.passthrough.export();
+        out.extend_from_slice(&(pt.len() as u64).to_le_bytes());
+        for (node, id, opens) in pt {
+            out.extend_from_slice(&node.to_le_bytes());
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&opens.to_le_bytes());
+        }
+        (out, fds)
+    }
+
+    /// Takes over the state [`export_live`](Self::export_live) of the previous server gave,
+    /// with its descriptors, before any request is served.
+    pub fn import_live(&self, state: &[u8], fds: Vec<OwnedFd>) -> Result<(), DecodeError> {
+        let mut r = Reader(state);
+        let mut fds = fds.into_iter();
+        let hs_len = r.u32()? as usize;
+        let hs = handle_state::decode(r.take(hs_len)?).ok_or("malformed handle state")?;
+        if hs.root_key != self.inodes.root_key() {
+            return Err("the state is of another backing directory");
+        }
+        // Refused only without export support (no remembered handles to carry); the live
+        // nodes below are taken over either way.
+        let _ = self.inodes.import(&hs);
+        let count = r.count()?;
+        let mut nodes = Vec::with_capacity(count.min(1 << 16) as usize);
+        for _ in 0..count {
+            let (id, dev, ino) = (r.u64()?, r.u64()?, r.u64()?);
+            let kind = r.u32()?;
+            let lookups = r.u64()?;
+            let handle = if r.u8()? == 1 {
+                let len = r.u32()? as usize;
+                if len > 256 {
+                    return Err("file handle too long");
+                }
+                Some(r.take(len)?.to_vec())
+            } else {
+                None
+            };
+            let fd = if r.u8()? == 1 { Some(Arc::new(fds.next().ok_or("descriptor missing")?)) } else { None };
+            nodes.push(LiveNode { id, key: (dev, ino), kind, lookups, handle, fd });
+        }
+        self.inodes.import_live(nodes).map_err(|_| "node table not accepted")?;
+        let count = r.count()?;
+        for _ in 0..count {
+            let (fh, node) = (r.u64()?, r.u64()?);
+            let dir = r.u8()? == 1;
+            let fd = Arc::new(fds.next().ok_or("descriptor missing")?);
+            self.inodes.pin_open(node, &fd);
+            self.handles.import(fh, node, dir, fd);
+        }
+        let count = r.count()?;
+        for _ in 0..count {
+            let node = r.u64()?;
+            let id = r.u32()? as i32;
+            let opens = r.u64()?;
+            self.passthrough.import(node, id, opens);
+        }
+        if !r.0.is_empty() {
+            return Err("trailing bytes in state");
+        }
+        Ok(())
+    }
+
+    /// Open handles (for logs and tests of the upgrade).
+    pub fn open_handles(&self) -> usize {
+        self.handles.len()
+    }
+}

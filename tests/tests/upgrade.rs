@@ -1,0 +1,541 @@
+//! Live upgrade (`ringfs upgrade MOUNTPOINT`): the mount is handed to a new server process while
+//! clients keep files open and keep reading, writing, fsyncing and changing names. No system
+//! call may fail, no byte may change, the mount may never be absent, and afterwards the old
+//! server is gone and a new one serves. Both channels, passthrough on and off.
+//!
+//! Each upgrade prints one `UPGRADE` line (the server's pause and the longest stall any client
+//! operation saw across it); `scripts/upgrade-pause.sh` runs many and reports p50/p99.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::{ringfs_bin, wait_until, Mount};
+
+/// Upgrades per test (`RINGFS_UPGRADES` overrides, for the pause measurement).
+fn upgrades() -> usize {
+    std::env::var("RINGFS_UPGRADES").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+}
+
+fn uring_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").is_ok_and(|v| v.trim() == "Y")
+}
+
+fn require(test: &str, uring: bool) -> bool {
+    if !tests::require_root_fuse(test) {
+        return false;
+    }
+    if uring && !uring_enabled() {
+        return tests::skip(test, "FUSE over io_uring is off (/sys/module/fuse/parameters/enable_uring)");
+    }
+    true
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped by its parent) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// `ringfs upgrade MOUNTPOINT [--binary B] [--force]`: Ok((new pid, pause µs)) or the error line.
+fn upgrade(m: &Mount, binary: Option<&Path>, force: bool) -> Result<(u32, u64), String> {
+    let mut cmd = Command::new(ringfs_bin());
+    cmd.arg("upgrade").arg(&m.mountpoint);
+    if force {
+        cmd.arg("--force");
+    }
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = cmd.output().expect("run ringfs upgrade");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!("{}{}", stdout, String::from_utf8_lossy(&out.stderr)));
+    }
+    let w: Vec<&str> = stdout.split_whitespace().collect();
+    match w.as_slice() {
+        ["ok", pid, pause] => Ok((pid.parse().expect("pid"), pause.parse().expect("pause"))),
+        _ => Err(format!("unexpected answer: {stdout}")),
+    }
+}
+
+/// Ends whatever server serves the mount now (the test's own child is long gone after an
+/// upgrade), and waits for the mount to go.
+struct Current<'a> {
+    pid: u32,
+    m: &'a Mount,
+}
+
+impl Drop for Current<'_> {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server process.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        wait_until(Duration::from_secs(10), || !self.m.is_mounted());
+    }
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Report {
+    failures: Mutex<Vec<String>>,
+    ops: Vec<AtomicU64>,
+    /// Longest operation (µs) per client since the last reset.
+    max_us: Vec<AtomicU64>,
+}
+
+impl Report {
+    fn fail(&self, what: String) {
+        self.failures.lock().unwrap().push(what);
+    }
+    fn done(&self, client: usize, start: Instant) {
+        self.ops[client].fetch_add(1, Ordering::Relaxed);
+        self.max_us[client].fetch_max(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = 64;
+
+fn block(file: usize, blk: u64, gen: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK];
+    let mut x = ((file as u64 + 1) * 0x9e37_79b9_7f4a_7c15) ^ blk.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ gen;
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    v
+}
+
+/// A client that holds one file open for the whole test: writes a block, reads it back, fsyncs
+/// every 8th write; keeps a model of the file's contents (generation per block).
+fn file_client(id: usize, path: PathBuf, stop: Arc<AtomicBool>, rep: Arc<Report>) -> Vec<u64> {
+    let mut gens = vec![0u64; BLOCKS as usize];
+    // SAFETY: plain open(2) with a valid C string.
+    let fd = unsafe { libc::open(c(&path).as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o644) };
+    if fd < 0 {
+        rep.fail(format!("client {id}: open {}: errno {}", path.display(), errno()));
+        return gens;
+    }
+    let mut n = 0u64;
+    let mut buf = vec![0u8; BLOCK];
+    while !stop.load(Ordering::Relaxed) {
+        let blk = (n * 7 + id as u64) % BLOCKS;
+        let gen = n + 1;
+        let data = block(id, blk, gen);
+        let t = Instant::now();
+        // SAFETY: valid buffer and descriptor.
+        let w = unsafe { libc::pwrite(fd, data.as_ptr().cast(), BLOCK, (blk * BLOCK as u64) as i64) };
+        if w != BLOCK as isize {
+            rep.fail(format!("client {id}: pwrite = {w}, errno {}", errno()));
+            break;
+        }
+        gens[blk as usize] = gen;
+        // SAFETY: as above.
+        let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), BLOCK, (blk * BLOCK as u64) as i64) };
+        if r != BLOCK as isize || buf != data {
+            rep.fail(format!("client {id}: pread = {r} (errno {}) or data differs at block {blk}", errno()));
+            break;
+        }
+        // SAFETY: valid descriptor.
+        if n % 8 == 7 && unsafe { libc::fsync(fd) } != 0 {
+            rep.fail(format!("client {id}: fsync errno {}", errno()));
+            break;
+        }
+        rep.done(id, t);
+        n += 1;
+    }
+    // SAFETY: our descriptor.
+    if unsafe { libc::close(fd) } != 0 {
+        rep.fail(format!("client {id}: close errno {}", errno()));
+    }
+    gens
+}
+
+/// Names change all the time: create + write + fsync + close, stat, rename, list, unlink, mkdir,
+/// rmdir; plus open/read/close of a file that stays.
+fn meta_client(id: usize, dir: PathBuf, stop: Arc<AtomicBool>, rep: Arc<Report>) {
+    let mut n = 0u64;
+    let keep = dir.join("keep");
+    if let Err(e) = std::fs::write(&keep, b"kept") {
+        rep.fail(format!("meta: write keep: {e}"));
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let a = dir.join(format!("a{n}"));
+        let b = dir.join(format!("b{n}"));
+        let sub = dir.join(format!("d{n}"));
+        let step = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&a)?;
+            f.write_all(&n.to_le_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::metadata(&a)?;
+            std::fs::rename(&a, &b)?;
+            if std::fs::read(&b)? != n.to_le_bytes() {
+                return Err(std::io::Error::other("renamed file's contents differ"));
+            }
+            let listed = std::fs::read_dir(&dir)?.count();
+            if listed < 2 {
+                return Err(std::io::Error::other(format!("listing shows {listed} entries")));
+            }
+            std::fs::create_dir(&sub)?;
+            std::fs::remove_dir(&sub)?;
+            std::fs::remove_file(&b)?;
+            if std::fs::read(&keep)? != b"kept" {
+                return Err(std::io::Error::other("kept file differs"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = step {
+            rep.fail(format!("meta client, round {n}: {e}"));
+            break;
+        }
+        rep.done(id, t);
+        n += 1;
+    }
+}
+
+/// Watches that the mount is never absent (read from mountinfo, which makes no FUSE request).
+fn mount_watch(mp: PathBuf, stop: Arc<AtomicBool>, rep: Arc<Report>) {
+    while !stop.load(Ordering::Relaxed) {
+        if tests::mounted_fstype(&mp).is_none() {
+            rep.fail("the mount was absent".into());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn metrics_addr(m: &Mount) -> Option<String> {
+    let log = m.log();
+    log.lines().find_map(|l| l.split("listening on http://").nth(1).map(|r| r.trim_end_matches("/metrics").to_string()))
+}
+
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read metrics");
+    text
+}
+
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
+    if !require(test, transport == "uring") {
+        return;
+    }
+    let pt = format!("passthrough={passthrough}");
+    let tr = format!("transport={transport}");
+    let m = Mount::start(&[&tr, &pt, "metrics_addr=127.0.0.1:0"]);
+    let mut cur = Current { pid: m.pid(), m: &m };
+    let files = 3;
+    std::fs::create_dir(m.path("meta")).expect("mkdir meta");
+    let rep = Arc::new(Report {
+        failures: Mutex::new(Vec::new()),
+        ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+        max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..files {
+        let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
+        writers.push(std::thread::spawn(move || file_client(i, p, s, r)));
+    }
+    let meta = {
+        let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
+        std::thread::spawn(move || meta_client(files, d, s, r))
+    };
+    let watch = {
+        let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
+        std::thread::spawn(move || mount_watch(mp, s, r))
+    };
+    let ops = |rep: &Report| rep.ops.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>();
+    let all_advanced = |rep: &Report, before: &[u64], by: u64| {
+        rep.ops.iter().zip(before).all(|(o, b)| o.load(Ordering::Relaxed) >= b + by)
+            || !rep.failures.lock().unwrap().is_empty()
+    };
+    let n = upgrades();
+    for round in 0..n {
+        // Every client is busy before the upgrade (and made progress since the last one).
+        for x in &rep.max_us {
+            x.store(0, Ordering::Relaxed);
+        }
+        let before = ops(&rep);
+        assert!(wait_until(Duration::from_secs(20), || all_advanced(&rep, &before, 5)), "clients stalled");
+        // The longest operation in a stretch without an upgrade (the machine's own noise).
+        let baseline = rep.max_us.iter().map(|x| x.swap(0, Ordering::Relaxed)).max().unwrap_or(0);
+        let old = cur.pid;
+        let (pid, pause_us) = match upgrade(&m, None, false) {
+            Ok(x) => x,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                panic!("upgrade {round} failed: {e}\nserver log:\n{}", m.log());
+            }
+        };
+        cur.pid = pid;
+        assert_ne!(pid, old);
+        assert!(wait_until(Duration::from_secs(10), || !pid_alive(old)), "old server {old} still running");
+        assert!(pid_alive(pid), "new server {pid} not running");
+        // Ops blocked across the hand-over have finished once every client did two more.
+        let after = ops(&rep);
+        assert!(
+            wait_until(Duration::from_secs(20), || all_advanced(&rep, &after, 2)),
+            "clients stalled after upgrade {round}:\n{}",
+            m.log()
+        );
+        let stall = rep.max_us.iter().map(|x| x.load(Ordering::Relaxed)).max().unwrap_or(0);
+        println!(
+            "UPGRADE transport={transport} passthrough={passthrough} round={round} pause_us={pause_us} max_stall_us={stall} baseline_us={baseline}"
+        );
+        let failures = rep.failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "client failures after upgrade {round}: {failures:?}\nserver log:\n{}", m.log());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let models: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().expect("client")).collect();
+    meta.join().expect("meta client");
+    watch.join().expect("mount watch");
+    let failures = rep.failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
+    // Every byte written is there, through the mount and in the backing file.
+    for (i, gens) in models.iter().enumerate() {
+        for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
+            let data = std::fs::read(&via).expect("read back");
+            for (blk, &gen) in gens.iter().enumerate() {
+                if gen == 0 {
+                    continue;
+                }
+                let at = blk * BLOCK;
+                assert_eq!(
+                    &data[at..at + BLOCK],
+                    &block(i, blk as u64, gen)[..],
+                    "{}: block {blk} differs",
+                    via.display()
+                );
+            }
+        }
+    }
+    // The last server counts every upgrade of this mount.
+    let addr = metrics_addr(&m).expect("metrics address in the log");
+    let text = scrape(&addr);
+    assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"ok\"}"), Some(n as f64), "metrics:\n{text}");
+    assert!(sample(&text, "ringfs_upgrade_last_pause_seconds").is_some_and(|p| p > 0.0));
+    drop(cur);
+    assert!(!m.is_mounted(), "the last server did not unmount at SIGTERM");
+}
+
+/// FUSE over io_uring: a plain upgrade is refused (the kernel cannot take ring entries back
+/// without a chance of failing a request in flight; docs/reliability.md), the server goes on.
+#[test]
+fn upgrade_uring_is_refused_without_force() {
+    let test = "upgrade_uring_is_refused_without_force";
+    if !require(test, true) {
+        return;
+    }
+    let m = Mount::start(&["transport=uring", "metrics_addr=127.0.0.1:0"]);
+    let _cur = Current { pid: m.pid(), m: &m };
+    std::fs::write(m.path("f"), b"kept").expect("write");
+    let err = upgrade(&m, None, false).expect_err("refused on io_uring");
+    assert!(err.contains("refused") && err.contains("io_uring") && err.contains("--force"), "{err}");
+    assert!(pid_alive(m.pid()));
+    assert_eq!(std::fs::read(m.path("f")).expect("read"), b"kept");
+    let text = scrape(&metrics_addr(&m).expect("metrics address"));
+    assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"refused\"}"), Some(1.0), "{text}");
+}
+
+/// FUSE over io_uring with `--force`, with files held open but no request racing the
+/// hand-over: the connection, its queues (new ring entries registered by each new process),
+/// the open files and the passthrough backing ids move on, five times over.
+#[test]
+fn upgrade_uring_forced_with_files_held_open() {
+    let test = "upgrade_uring_forced_with_files_held_open";
+    if !require(test, true) {
+        return;
+    }
+    for passthrough in ["passthrough=true", "passthrough=false"] {
+        let m = Mount::start(&["transport=uring", passthrough]);
+        let mut cur = Current { pid: m.pid(), m: &m };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(m.path("held"))
+            .expect("open");
+        let dir = std::fs::File::open(&m.mountpoint).expect("open dir");
+        for round in 0..5u8 {
+            use std::io::{Read, Seek};
+            f.write_all(&[round; 4096]).expect("write through the held descriptor");
+            f.sync_all().expect("fsync");
+            let (pid, _) = upgrade(&m, None, true).unwrap_or_else(|e| panic!("upgrade {round}: {e}\n{}", m.log()));
+            let old = cur.pid;
+            cur.pid = pid;
+            assert!(wait_until(Duration::from_secs(10), || !pid_alive(old)), "old server {old} still running");
+            f.seek(std::io::SeekFrom::Start(4096 * u64::from(round))).expect("seek");
+            let mut back = [0u8; 4096];
+            f.read_exact(&mut back).expect("read through the held descriptor after the upgrade");
+            assert_eq!(back, [round; 4096]);
+            f.seek(std::io::SeekFrom::End(0)).expect("seek end");
+            // SAFETY: fstat on a valid descriptor (a request on the directory handle).
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(&dir), &mut st) }, 0);
+            assert!(std::fs::read_dir(&m.mountpoint).expect("list").count() >= 1);
+        }
+        assert_eq!(std::fs::metadata(m.backing("held")).expect("backing").len(), 5 * 4096);
+        drop(f);
+        drop(dir);
+        drop(cur);
+    }
+}
+
+#[test]
+fn upgrade_dev_fuse_passthrough() {
+    upgrades_under_load("upgrade_dev_fuse_passthrough", "dev-fuse", true);
+}
+
+#[test]
+fn upgrade_dev_fuse_served() {
+    upgrades_under_load("upgrade_dev_fuse_served", "dev-fuse", false);
+}
+
+/// A new binary that cannot read the running server's state version refuses it; the old server
+/// never stopped serving and goes on (its open files too), and counts the refusal.
+#[test]
+fn a_state_version_the_new_server_cannot_read_is_refused() {
+    let test = "a_state_version_the_new_server_cannot_read_is_refused";
+    if !require(test, false) {
+        return;
+    }
+    let m = Mount::start(&["transport=dev-fuse", "metrics_addr=127.0.0.1:0"]);
+    let mut cur = Current { pid: m.pid(), m: &m };
+    std::fs::write(m.path("f"), b"before").expect("write");
+    let held = std::fs::File::open(m.path("f")).expect("open");
+    // An "older build": one that reads no state version.
+    let wrapper = m.scratch().join("old-ringfs");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nRINGFS_STATE_VERSION=0 exec {} \"$@\"\n", ringfs_bin().display()))
+        .expect("write wrapper");
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let err = upgrade(&m, Some(&wrapper), false).expect_err("the upgrade must be refused");
+    assert!(err.contains("refused") && err.contains("state version 1"), "{err}");
+    assert!(pid_alive(m.pid()), "the old server must keep serving");
+    assert!(m.is_mounted());
+    use std::io::Read;
+    let mut s = String::new();
+    (&held).read_to_string(&mut s).expect("read the held file");
+    assert_eq!(s, "before");
+    std::fs::write(m.path("g"), b"after").expect("write after the refusal");
+    assert_eq!(std::fs::read(m.backing("g")).expect("backing"), b"after");
+    let text = scrape(&metrics_addr(&m).expect("metrics address"));
+    assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"refused\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"ok\"}"), Some(0.0));
+    // And a real upgrade still works afterwards.
+    let (pid, _) = upgrade(&m, None, false).expect("upgrade after a refusal");
+    cur.pid = pid;
+    assert_eq!(std::fs::read(m.path("g")).expect("read through the new server"), b"after");
+    drop(held);
+    drop(cur);
+}
+
+/// fio with `--verify=crc32c --verify_fatal=1` (4 KiB random buffered writes, then 128 KiB
+/// sequential O_DIRECT writes, in turn) runs through five upgrades of a classic-channel mount,
+/// passthrough on and off: every fio run exits 0 with no error and reads back what it wrote.
+#[test]
+fn fio_verify_through_upgrades() {
+    let test = "fio_verify_through_upgrades";
+    if !require(test, false) {
+        return;
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        tests::skip(test, "fio is not installed");
+        return;
+    }
+    for passthrough in ["passthrough=true", "passthrough=false"] {
+        let m = Mount::start(&["transport=dev-fuse", passthrough]);
+        let mut cur = Current { pid: m.pid(), m: &m };
+        let stop = Arc::new(AtomicBool::new(false));
+        let runs = Arc::new(AtomicU64::new(0));
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let fio = {
+            let (dir, stop, runs, failures) = (m.path(""), stop.clone(), runs.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (rw, bs, direct) = if n % 2 == 0 { ("randwrite", "4k", 0) } else { ("write", "128k", 1) };
+                    let out = Command::new("fio")
+                        .arg("--name=upg")
+                        .arg(format!("--directory={}", dir.display()))
+                        .arg(format!("--rw={rw}"))
+                        .arg(format!("--bs={bs}"))
+                        .arg(format!("--direct={direct}"))
+                        .args(["--size=8M", "--numjobs=2", "--ioengine=psync", "--verify=crc32c", "--do_verify=1"])
+                        .args(["--verify_fatal=1", "--verify_state_save=0", "--group_reporting=1"])
+                        .args(["--output-format=terse", "--terse-version=3"])
+                        .output();
+                    match out {
+                        Ok(o) => {
+                            let text = String::from_utf8_lossy(&o.stdout).to_string();
+                            let line = text.lines().find(|l| l.starts_with("3;")).unwrap_or("");
+                            let error = line.split(';').nth(4).unwrap_or("?");
+                            if !o.status.success() || error != "0" {
+                                failures.lock().unwrap().push(format!(
+                                    "fio {rw} {bs} direct={direct}: {} error={error}\n{}{}",
+                                    o.status,
+                                    text,
+                                    String::from_utf8_lossy(&o.stderr)
+                                ));
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("fio: {e}"));
+                            return;
+                        }
+                    }
+                    n += 1;
+                    runs.store(n, Ordering::Relaxed);
+                }
+            })
+        };
+        for round in 0..5 {
+            // Each upgrade lands in the middle of a run (one started since the last upgrade).
+            let seen = runs.load(Ordering::Relaxed);
+            assert!(
+                wait_until(Duration::from_secs(120), || runs.load(Ordering::Relaxed) > seen
+                    || !failures.lock().unwrap().is_empty()),
+                "fio made no progress"
+            );
+            let (pid, _) = upgrade(&m, None, false).unwrap_or_else(|e| panic!("upgrade {round}: {e}\n{}", m.log()));
+            cur.pid = pid;
+        }
+        let seen = runs.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(120), || {
+            runs.load(Ordering::Relaxed) > seen || !failures.lock().unwrap().is_empty()
+        });
+        stop.store(true, Ordering::Relaxed);
+        fio.join().expect("fio thread");
+        let failures = failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "{passthrough}: {failures:?}\nserver log:\n{}", m.log());
+        assert!(runs.load(Ordering::Relaxed) >= 6, "fio ran {} times", runs.load(Ordering::Relaxed));
+        drop(cur);
+    }
+}
