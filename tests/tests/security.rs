@@ -355,7 +355,7 @@ fn posix_acls_grant_deny_and_inherit_as_on_the_backing_file_system() {
     // inode invalidation drops it).
     setfacl(&["-m", &format!("u:{NOBODY_UID}:---")], &m.backing("denied"));
     assert!(
-        tests::wait_until(Duration::from_secs(2), || as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY))
+        tests::wait_until(Duration::from_secs(10), || as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY))
             == libc::EACCES),
         "an ACL set on the backing file is enforced through the mount"
     );

@@ -137,7 +137,7 @@ fn without_kernel_uring_auto_falls_back_and_uring_refuses() {
 fn slow_backing_case(transport: &str) {
     // ringfs over a file system whose reads take 5 s: a read of the slow file must not delay a
     // stat and a read of another file served by the same core.
-    let slow = Server::slow("auto", 5000);
+    let mut slow = Server::slow("auto", 5000);
     let mut m = Server::ringfs_on(
         &slow.mountpoint,
         &format!(
@@ -158,7 +158,8 @@ fn slow_backing_case(transport: &str) {
         let _ = f.read(&mut buf);
         start.elapsed()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The slow read is stuck in the backing file system (ringfs's read of it is in flight there).
+    slow.wait_log_count("slow: read delayed", 0, "the slow read");
     let fast_path = mnt.join("fast");
     let fast = on_cpu(0, move || {
         let start = Instant::now();
@@ -201,10 +202,13 @@ fn slow_backing_file_stalls_only_its_request_dev_fuse() {
 }
 
 fn interrupt_case(transport: &str) {
-    let slow = Server::slow(transport, 5000);
+    let mut slow = Server::slow(transport, 5000);
     let path = slow.mountpoint.join("slowlookup");
     let mut child = std::process::Command::new("stat").arg(&path).spawn().expect("spawn stat");
-    std::thread::sleep(Duration::from_millis(500));
+    // The lookup must have reached the file system: a fatal signal that lands while the kernel
+    // is still handing the request to an io_uring queue is not turned into an INTERRUPT (the
+    // caller then waits for the answer).
+    slow.wait_log_count("slow: lookup delayed", 0, "the slow lookup");
     let start = Instant::now();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -325,7 +329,7 @@ extern "C" fn ignore_signal(_: libc::c_int) {}
 /// but must not fail it: local file systems never return EINTR from stat or mkdir, so the
 /// server lets the request finish and the caller gets its answer.
 fn handled_signal_case(transport: &str) {
-    let slow = Server::slow(transport, 1500);
+    let mut slow = Server::slow(transport, 1500);
     let path = slow.mountpoint.join("slowlookup");
     // SAFETY: installs a handler that does nothing, without SA_RESTART (so the kernel would
     // report EINTR if the request ended with it).
@@ -344,7 +348,8 @@ fn handled_signal_case(transport: &str) {
         (r.map(|m| m.ino()), start.elapsed())
     });
     let tid = rx.recv().expect("tid");
-    std::thread::sleep(Duration::from_millis(300));
+    // Signals sent before the lookup is in flight would prove nothing.
+    slow.wait_log_count("slow: lookup delayed", 0, "the slow lookup");
     for _ in 0..3 {
         // SAFETY: signalling a thread of our own process; its handler does nothing.
         unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };

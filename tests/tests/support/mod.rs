@@ -89,6 +89,7 @@ pub struct Server {
     pub mountpoint: PathBuf,
     pub source: PathBuf,
     child: Option<Child>,
+    pid: u32,
     stderr: mpsc::Receiver<String>,
     log: Vec<String>,
     _dirs: Vec<tempfile::TempDir>,
@@ -106,8 +107,9 @@ fn spawn(mut cmd: Command, mountpoint: PathBuf, source: PathBuf, fstype: &str, d
             }
         }
     });
-    let mut s = Server { mountpoint, source, child: Some(child), stderr: rx, log: Vec::new(), _dirs: dirs };
-    let ok = wait_until(Duration::from_secs(10), || {
+    let pid = child.id();
+    let mut s = Server { mountpoint, source, child: Some(child), pid, stderr: rx, log: Vec::new(), _dirs: dirs };
+    let ok = wait_until(Duration::from_secs(30), || {
         s.drain();
         mounted_at(&s.mountpoint).is_some_and(|t| t == fstype)
     });
@@ -189,6 +191,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Whether the server process still runs.
     pub fn server_alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
@@ -213,10 +220,26 @@ impl Server {
         self.log.join("\n")
     }
 
+    /// How many lines of the server's stderr so far contain `text`.
+    pub fn log_count(&mut self, text: &str) -> usize {
+        self.drain();
+        self.log.iter().filter(|l| l.contains(text)).count()
+    }
+
+    /// Waits (up to 30 s) until more than `before` lines of the server's stderr contain `text`:
+    /// for the `slow` example, `"slow: lookup delayed"` or `"slow: read delayed"` says that a
+    /// delayed request has reached it. Panics naming `what` if none comes.
+    pub fn wait_log_count(&mut self, text: &str, before: usize, what: &str) {
+        if !wait_until(Duration::from_secs(30), || self.log_count(text) > before) {
+            let log = self.log();
+            panic!("{what} never reached {} (no new {text:?} line):\n{log}", self.mountpoint.display());
+        }
+    }
+
     /// The metrics address the server logged.
     pub fn metrics_addr(&mut self) -> String {
         let mut addr = None;
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(30), || {
             self.drain();
             addr = self.log.iter().find_map(|l| {
                 l.split("listening on http://").nth(1).map(|r| r.trim_end_matches("/metrics").to_string())
