@@ -304,7 +304,9 @@ const BUDGET_TRIALS: usize = 5;
 fn within_budget(what: &str, mut trial: impl FnMut(usize) -> Option<Duration>) {
     let mut over = Vec::new();
     for k in 0..BUDGET_TRIALS {
-        match trial(k) {
+        let t = trial(k);
+        eprintln!("{what}: trial {k}: {t:?} net of CPU waits");
+        match t {
             None => panic!("{what} (trial {k}) never showed through the mount"),
             Some(t) if t <= BUDGET => return,
             Some(t) => over.push(t),
@@ -433,6 +435,7 @@ fn coherence_case(extra: &str) {
     let mut p99s = Vec::new();
     for round in 0..BUDGET_TRIALS {
         let p = coherence_round(&src, &mnt, m.pid(), round, limit);
+        eprintln!("coherence ({extra}): round {round}: p99 {p:?} net of CPU waits");
         if p <= BUDGET {
             return;
         }
