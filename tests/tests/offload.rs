@@ -230,7 +230,7 @@ fn repeated_stats_are_answered_by_the_kernel() {
     std::fs::write(m.source.join("s"), b"x").expect("write");
     // The create and write are changes on the backing directory: their invalidations (which
     // would cost a LOOKUP and a GETATTR) must be out before counting.
-    sentinel.settle();
+    sentinel.settle(&mut m);
     let p = m.mountpoint.join("s");
     std::fs::metadata(&p).expect("first stat");
     // A cache drop (another test of this binary writes drop_caches) makes the kernel forget
@@ -322,6 +322,8 @@ struct Sentinel {
     through_mount: std::path::PathBuf,
     _open: std::fs::File,
     mode: u32,
+    /// `ringfs_invalidations_total` before each change and once it was counted (for messages).
+    history: Vec<(f64, f64)>,
 }
 
 impl Sentinel {
@@ -331,16 +333,23 @@ impl Sentinel {
         std::fs::set_permissions(&backing, std::fs::Permissions::from_mode(0o644)).expect("chmod sentinel");
         let through_mount = m.mountpoint.join(".sentinel");
         let _open = std::fs::File::open(&through_mount).expect("open sentinel through the mount");
-        Sentinel { backing, through_mount, _open, mode: 0o644 }
+        Sentinel { backing, through_mount, _open, mode: 0o644, history: Vec::new() }
     }
 
     /// Waits until the watch has handled every change made on the backing directory before the
     /// call and its invalidations have reached the kernel (and are counted): two changes of the
-    /// sentinel's mode, each waited for through the mount. Invalidations go out in batches in
-    /// order, so the second one's showing means the batch holding the first (and anything
-    /// before) is all out. Costs two invalidations, counted in `ringfs_invalidations_total`.
-    fn settle(&mut self) {
+    /// sentinel's mode, each waited for through the mount and in `ringfs_invalidations_total`.
+    /// Invalidations go out in batches in order, so the second one's showing means the batch
+    /// holding the first (and anything before) is all out. Costs two invalidations, counted in
+    /// `ringfs_invalidations_total`.
+    ///
+    /// A change can show through the mount before its own invalidation was sent (the kernel
+    /// fetched the sentinel's attributes again for another reason: seen once in a full run
+    /// under heavy load, which then counted one invalidation short); so each step also waits
+    /// for the counter to move past its value before the change.
+    fn settle(&mut self, m: &mut Server) {
         for _ in 0..2 {
+            let counted = metric(&m.scrape(), "ringfs_invalidations_total");
             self.mode = if self.mode == 0o644 { 0o640 } else { 0o644 };
             std::fs::set_permissions(&self.backing, std::fs::Permissions::from_mode(self.mode))
                 .expect("chmod sentinel");
@@ -349,6 +358,13 @@ impl Sentinel {
                 std::fs::metadata(&self.through_mount).is_ok_and(|md| md.mode() & 0o777 == mode)
             });
             assert!(shown, "the sentinel's mode change on the backing directory never showed through the mount");
+            let now = std::cell::Cell::new(counted);
+            let sent = wait_until(Duration::from_secs(10), || {
+                now.set(metric(&m.scrape(), "ringfs_invalidations_total"));
+                now.get() > counted
+            });
+            assert!(sent, "the sentinel's invalidation was never counted");
+            self.history.push((counted, now.get()));
         }
     }
 }
@@ -512,7 +528,7 @@ fn writes_through_passthrough_stay_coherent() {
     let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open rw");
     // The creating open's release is asynchronous: let it and anything it causes land first.
     assert!(wait_until(Duration::from_secs(30), || requests(&m.scrape(), "release") >= 1.0), "release not served");
-    sentinel.settle();
+    sentinel.settle(&mut m);
     let inval_before = metric(&m.scrape(), "ringfs_invalidations_total");
     for i in 0..2000u64 {
         f.write_all(&[b'x'; 512]).expect("write");
@@ -520,11 +536,15 @@ fn writes_through_passthrough_stay_coherent() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    sentinel.settle();
+    sentinel.settle(&mut m);
     let text = m.scrape();
     assert_eq!(requests(&text, "write"), 0.0, "writes went through passthrough: {text}");
     let inval = metric(&text, "ringfs_invalidations_total") - inval_before - 2.0;
-    assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
+    assert_eq!(
+        inval, 0.0,
+        "the mount's own passthrough writes caused {inval} invalidations (sentinel: {:?})",
+        sentinel.history
+    );
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2000 * 512);
 
     // Another process appends directly to the backing file while the mount holds it open (the
@@ -584,7 +604,7 @@ fn own_passthrough_writes_send_no_invalidations() {
     }
     // The creates above are changes on the backing directory: their invalidations must be out
     // before counting starts.
-    sentinel.settle();
+    sentinel.settle(&mut m);
     let before = m.scrape();
     for i in 0..n {
         let f = std::fs::OpenOptions::new().write(true).open(m.mountpoint.join(format!("f{i}"))).expect("open");
@@ -600,12 +620,16 @@ fn own_passthrough_writes_send_no_invalidations() {
         requests(&m.scrape(), "release") - requests(&before, "release") >= n as f64
     });
     assert!(released, "releases not served");
-    sentinel.settle();
+    sentinel.settle(&mut m);
     let after = m.scrape();
     assert_eq!(requests(&after, "open") - requests(&before, "open"), n as f64, "{after}");
     assert_eq!(requests(&after, "write") - requests(&before, "write"), 0.0, "writes reached the server");
     let inval = metric(&after, "ringfs_invalidations_total") - metric(&before, "ringfs_invalidations_total") - 2.0;
-    assert_eq!(inval, 0.0, "the mount's own passthrough writes caused {inval} invalidations");
+    assert_eq!(
+        inval, 0.0,
+        "the mount's own passthrough writes caused {inval} invalidations (sentinel: {:?})",
+        sentinel.history
+    );
     let getattrs = requests(&after, "getattr") - requests(&before, "getattr");
     assert!(getattrs <= n as f64, "{getattrs} GETATTRs for {n} stats after writes");
 
@@ -655,7 +679,7 @@ fn find_after_readdirplus_sends_no_lookups() {
                 // The directory's creation is a change on the backing directory: had its
                 // invalidation come late, it would drop the directory's dentry (and every name
                 // below it) during the walk.
-                sentinel.settle();
+                sentinel.settle(&mut m);
                 std::fs::metadata(m.mountpoint.join(format!("d{k}"))).expect("stat d");
                 let before = m.scrape();
                 let names: Vec<_> = std::fs::read_dir(m.mountpoint.join(format!("d{k}")))
