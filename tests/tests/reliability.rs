@@ -902,7 +902,8 @@ fn hung_backing_case(test: &str, transport: &str) {
     let ((), quick) = timed(|| {
         assert_eq!(fs::read(m.path("fast")).expect("read fast"), b"0123456789abcdef");
     });
-    assert!(quick < Duration::from_secs(1), "{test}: read of fast took {quick:?} after the interrupts");
+    // A wedged mount would keep it for the backing delay (6 s).
+    assert!(quick < Duration::from_secs(2), "{test}: read of fast took {quick:?} after the interrupts");
     let mut last = String::new();
     assert!(
         wait_until(DELAY + Duration::from_secs(3), || {
