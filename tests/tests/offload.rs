@@ -252,20 +252,9 @@ fn repeated_stats_are_answered_by_the_kernel() {
 }
 
 /// How long the threads a change on the backing directory travels through (the server's
-/// watch, notify and queue threads, and the calling thread) have waited for a CPU so far
-/// (schedstat's run delay), or None where the kernel does not keep schedstats.
+/// watch, notify and queue threads, and the calling thread) have waited for a CPU so far.
 fn cpu_wait(pid: u32) -> Option<Duration> {
-    let delay = |p: &std::path::Path| -> Option<u64> {
-        std::fs::read_to_string(p).ok()?.split_whitespace().nth(1)?.parse().ok()
-    };
-    let mut ns = delay(std::path::Path::new("/proc/thread-self/schedstat"))?;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if ["ringfs-watch", "ringfs-notify", "ringfs-q"].iter().any(|n| comm.starts_with(n)) {
-            ns += delay(&t.path().join("schedstat")).unwrap_or(0);
-        }
-    }
-    Some(Duration::from_nanos(ns))
+    support::cpu_wait(pid, &["ringfs-watch", "ringfs-notify", "ringfs-q"])
 }
 
 /// Polls `f` until it holds (or `timeout` passes); returns how long that took, less the time

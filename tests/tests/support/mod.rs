@@ -328,6 +328,32 @@ pub fn on_cpu<T: Send + 'static>(cpu: usize, f: impl FnOnce() -> T + Send + 'sta
     })
 }
 
+/// How long the calling thread and the threads of process `pid` whose names start with one of
+/// `names` have waited for a CPU so far (schedstat's run delay), or None where the kernel keeps
+/// no schedstats. Timing bounds subtract what this grew by over a measurement: on a loaded
+/// machine the scheduler's delays are not the server's.
+pub fn cpu_wait(pid: u32, names: &[&str]) -> Option<Duration> {
+    let delay = |p: &Path| -> Option<u64> { std::fs::read_to_string(p).ok()?.split_whitespace().nth(1)?.parse().ok() };
+    let mut ns = delay(Path::new("/proc/thread-self/schedstat"))?;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if names.iter().any(|n| comm.starts_with(n)) {
+            ns += delay(&t.path().join("schedstat")).unwrap_or(0);
+        }
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+/// How often the kernel's caches were dropped on this machine so far (`drop_slab` in
+/// /proc/vmstat: every `echo 2|3 > /proc/sys/vm/drop_caches`, by any process). A test that
+/// needs the kernel to keep what it cached checks that this did not move meanwhile.
+pub fn cache_drops() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("drop_slab ").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
+}
+
 /// Online CPUs.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
