@@ -511,7 +511,9 @@ fn failed_queue_case(transport: &str) {
     let err = std::fs::read(mnt.join("now")).expect_err("the aborted mount still answers");
     assert!(start.elapsed() < Duration::from_secs(5), "a new caller waited {:?}", start.elapsed());
     assert!(aborted(err.raw_os_error()), "{err}");
-    let status = server.wait_exit(Duration::from_secs(10)).expect("the server did not exit after the abort");
+    let Some(status) = server.wait_exit(Duration::from_secs(10)) else {
+        panic!("{transport}: the server did not exit within 10 s of the abort; its log:\n{}", server.log());
+    };
     assert!(!status.success(), "{transport}: a failed queue must end the server with an error");
     let log = server.log();
     assert!(log.contains("aborting the connection"), "{transport}: abort not logged:\n{log}");
