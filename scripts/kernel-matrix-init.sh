@@ -32,11 +32,12 @@ while read -r m; do
     insmod "/modules/$m" || say "insmod $m failed"
 done </modules/order
 say "modules loaded: $(tr '\n' ' ' </modules/order)"
-# The virtio-9p device may show up a moment after its driver loads.
+# The virtio-9p device may show up a moment after its driver loads (up to 30 s: a slow or
+# emulated guest).
 i=0
 until mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /root 2>/dev/null; do
     i=$((i + 1))
-    [ "$i" -lt 50 ] || finish "cannot mount the host's root (9p hostroot)"
+    [ "$i" -lt 300 ] || finish "cannot mount the host's root (9p hostroot)"
     sleep 0.1
 done
 r=/root

@@ -99,7 +99,8 @@ server_pids() {
 check "the server runs inside the chroot" test -n "$(server_pids)"
 check "umount" in_root umount /mnt/data
 server_gone() {
-    for _ in $(seq 100); do
+    # Up to 30 s: the server exits once the kernel has let go of the connection.
+    for _ in $(seq 300); do
         [ -z "$(server_pids)" ] && return 0
         sleep 0.1
     done

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 pub const FSTYPE: &str = "fuse.ringfs";
 
 /// How long [`Mount::start`] waits for the mount to appear.
-pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long [`Mount::terminate`] waits for the server to exit after SIGTERM.
 pub const TERM_TIMEOUT: Duration = Duration::from_secs(10);

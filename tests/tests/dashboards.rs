@@ -919,31 +919,41 @@ fn recording_rules_agree_with_the_attribution_scenario() {
     let Some(tools) = require_tools(test, &["prometheus"]) else {
         return;
     };
-    let src = tempfile::tempdir_in("/tmp").expect("tempdir");
-    attribution::prepare_source(src.path());
-    let source = src.path().to_path_buf();
-    let mut mount =
-        Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
-    let metrics_addr = mount.metrics_addr();
-    if !mount.log().contains("eBPF accounting attached") {
-        let why = mount.log();
-        if in_ci() {
-            panic!("{test}: eBPF accounting is not available under CI:\n{why}");
+    // The phases count on the kernel keeping what it cached: a cache drop anywhere on the
+    // machine meanwhile (another test, a benchmark) voids the run, which is made again on a
+    // fresh mount and Prometheus.
+    let mut attempt = 0;
+    let (mut mount, prom, before, phases) = loop {
+        attempt += 1;
+        let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+        attribution::prepare_source(src.path());
+        let source = src.path().to_path_buf();
+        let mut mount =
+            Server::ringfs_on(&source, &format!("{},metrics_addr=127.0.0.1:0", attribution::OPTIONS), vec![src]);
+        let metrics_addr = mount.metrics_addr();
+        if !mount.log().contains("eBPF accounting attached") {
+            let why = mount.log();
+            if in_ci() {
+                panic!("{test}: eBPF accounting is not available under CI:\n{why}");
+            }
+            eprintln!("SKIP {test}: eBPF accounting unavailable:\n{why}");
+            return;
         }
-        eprintln!("SKIP {test}: eBPF accounting unavailable:\n{why}");
-        return;
-    }
-    let prom = Prometheus::start(&tools[0], &metrics_addr, &mount.mountpoint);
-    // Prometheus has the counters at 0 before the scenario starts.
-    let scraped = |prom: &Prometheus, n: f64| {
-        support::wait_until(Duration::from_secs(30), || {
-            prom.value(&format!("count_over_time(up{{job=\"{JOB}\"}}[5m])"), now()).is_some_and(|v| v >= n)
-        })
+        let prom = Prometheus::start(&tools[0], &metrics_addr, &mount.mountpoint);
+        // Prometheus has the counters at 0 before the scenario starts.
+        let scraped = support::wait_until(Duration::from_secs(30), || {
+            prom.value(&format!("count_over_time(up{{job=\"{JOB}\"}}[5m])"), now()).is_some_and(|v| v >= 2.0)
+        });
+        assert!(scraped, "Prometheus did not scrape {metrics_addr}");
+        let before = attribution::Counters::parse(&mount.scrape());
+        let mnt = mount.mountpoint.clone();
+        let drops = support::cache_drops();
+        let phases = attribution::run(&mnt, || attribution::Counters::parse(&mount.scrape()));
+        if support::cache_drops() == drops || attempt == 3 {
+            break (mount, prom, before, phases);
+        }
+        eprintln!("{test}: the kernel's caches were dropped during the scenario: run {attempt} voided");
     };
-    assert!(scraped(&prom, 2.0), "Prometheus did not scrape {metrics_addr}");
-    let before = attribution::Counters::parse(&mount.scrape());
-    let mnt = mount.mountpoint.clone();
-    let phases = attribution::run(&mnt, || attribution::Counters::parse(&mount.scrape()));
     let problems: Vec<String> =
         phases.iter().flat_map(|p| p.problems.iter().map(move |e| format!("{}: {e}", p.name))).collect();
     assert!(problems.is_empty(), "the scenario does not match its ground truth:\n{}", problems.join("\n"));

@@ -84,14 +84,26 @@ fn attribution_scenario_matches_ground_truth() {
     }
     let mut failures = Vec::new();
     for transport in transports {
-        let src = tempfile::tempdir_in("/tmp").expect("tempdir");
-        attribution::prepare_source(src.path());
-        let source = src.path().to_path_buf();
-        let opts = format!("{},transport={transport},metrics_addr=127.0.0.1:0", attribution::OPTIONS);
-        let mut m = Server::ringfs_on(&source, &opts, vec![src]);
-        attached(&mut m);
-        let mnt = m.mountpoint.clone();
-        let phases = attribution::run(&mnt, || attribution::Counters::parse(&m.scrape()));
+        // The phases count on the kernel keeping what it cached: a cache drop anywhere on the
+        // machine meanwhile (another test, a benchmark) voids the run, which is made again on a
+        // fresh mount.
+        let mut attempt = 0;
+        let (mut m, phases) = loop {
+            attempt += 1;
+            let src = tempfile::tempdir_in("/tmp").expect("tempdir");
+            attribution::prepare_source(src.path());
+            let source = src.path().to_path_buf();
+            let opts = format!("{},transport={transport},metrics_addr=127.0.0.1:0", attribution::OPTIONS);
+            let mut m = Server::ringfs_on(&source, &opts, vec![src]);
+            attached(&mut m);
+            let mnt = m.mountpoint.clone();
+            let drops = support::cache_drops();
+            let phases = attribution::run(&mnt, || attribution::Counters::parse(&m.scrape()));
+            if support::cache_drops() == drops || attempt == 3 {
+                break (m, phases);
+            }
+            eprintln!("{transport}: the kernel's caches were dropped during the scenario: run {attempt} voided");
+        };
         for p in &phases {
             eprintln!("{transport}: phase {}:\n{}", p.name, p.delta.describe());
             for problem in &p.problems {
@@ -152,7 +164,7 @@ fn without_demand_tracing_requests_are_untraced_or_background() {
     let releases =
         |text: &str| metric(text, "ringfs_kernel_fallback_requests_total{class=\"background\",op=\"release\"}");
     assert!(
-        support::wait_until(std::time::Duration::from_secs(5), || releases(&m.scrape()) >= 10.0),
+        support::wait_until(std::time::Duration::from_secs(30), || releases(&m.scrape()) >= 10.0),
         "RELEASE not charged to background:\n{}",
         m.scrape()
     );
@@ -182,18 +194,35 @@ fn kernel_fallbacks_equal_server_requests() {
     }
     std::fs::create_dir(m.mountpoint.join("d")).expect("mkdir");
     assert_eq!(std::fs::read_dir(&m.mountpoint).expect("readdir").count(), 21);
-    // Quiescent: let background requests (RELEASE, FORGET) settle before comparing.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let text = m.scrape();
+    let ops = [
+        "lookup",
+        "create",
+        "write",
+        "read",
+        "rename",
+        "mkdir",
+        "open",
+        "release",
+        "readdirplus",
+        "readdir",
+        "getattr",
+    ];
+    let server = |text: &str, op: &str| metric(text, &format!("ringfs_requests_total{{op=\"{op}\"}}"));
+    let kernel = |text: &str, op: &str| metric(text, &format!("ringfs_kernel_fallbacks_total{{op=\"{op}\"}}"));
+    // Background requests (the RELEASEs of the 40 opens, sent after close returned) may still be
+    // on their way: compare once they are all served and the two sides agree (a count that
+    // never matches fails at the deadline).
+    let mut text = m.scrape();
+    support::wait_until(std::time::Duration::from_secs(30), || {
+        text = m.scrape();
+        server(&text, "release") >= 40.0 && ops.iter().all(|op| kernel(&text, op) == server(&text, op))
+    });
     for op in ["create", "write", "read", "rename", "mkdir"] {
-        let server = metric(&text, &format!("ringfs_requests_total{{op=\"{op}\"}}"));
-        assert!(server > 0.0, "the workload did not send {op} to the server:\n{text}");
+        assert!(server(&text, op) > 0.0, "the workload did not send {op} to the server:\n{text}");
     }
-    for op in
-        ["lookup", "create", "write", "read", "rename", "mkdir", "open", "release", "readdirplus", "readdir", "getattr"]
-    {
-        let server = metric(&text, &format!("ringfs_requests_total{{op=\"{op}\"}}"));
-        let kernel = metric(&text, &format!("ringfs_kernel_fallbacks_total{{op=\"{op}\"}}"));
+    assert!(server(&text, "release") >= 40.0, "the 40 RELEASEs were never served:\n{text}");
+    for op in ops {
+        let (server, kernel) = (server(&text, op), kernel(&text, op));
         assert_eq!(kernel, server, "{op}: kernel saw {kernel} requests sent, the server counted {server}\n{text}");
     }
 }

@@ -121,9 +121,12 @@ fn rename_race_never_reaches_outside() {
         })
     };
     let paths = ["a/b/name", "b/name", "a/b/../../../secret", "a/b/../../secret", "b/../../secret", "a/b/x/../name"];
+    // Path opens by the readers, and those that read a file.
+    let (attempted, read) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let readers: Vec<_> = (0..2)
         .map(|i| {
             let stop = stop.clone();
+            let (attempted, read) = (attempted.clone(), read.clone());
             let mnt = m.mountpoint.clone();
             std::thread::spawn(move || {
                 let (mut attempts, mut reads) = (0usize, 0usize);
@@ -132,9 +135,11 @@ fn rename_race_never_reaches_outside() {
                     let rel = paths[n % paths.len()];
                     n += 1;
                     attempts += 1;
+                    attempted.fetch_add(1, Ordering::Relaxed);
                     if let Ok(data) = fs::read(mnt.join(rel)) {
                         assert_ne!(data, SECRET, "read the secret beside the backing dir through mnt/{rel}");
                         reads += 1;
+                        read.fetch_add(1, Ordering::Relaxed);
                     }
                     // Directory-fd relative opens, too.
                     if let Ok(d) = fs::File::open(mnt.join("a/b")) {
@@ -155,10 +160,15 @@ fn rename_race_never_reaches_outside() {
             })
         })
         .collect();
+    // Three seconds of racing, and on a slow machine until the race has provably run (the
+    // counts asserted below), for at most a minute.
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tests::wait_until(Duration::from_secs(60), || {
+        start.elapsed() >= Duration::from_secs(3)
+            && flips.load(Ordering::Relaxed) > 100
+            && attempted.load(Ordering::Relaxed) > 100
+            && read.load(Ordering::Relaxed) > 0
+    });
     stop.store(true, Ordering::Relaxed);
     flipper.join().unwrap();
     let (attempts, reads) =
@@ -355,7 +365,7 @@ fn posix_acls_grant_deny_and_inherit_as_on_the_backing_file_system() {
     // inode invalidation drops it).
     setfacl(&["-m", &format!("u:{NOBODY_UID}:---")], &m.backing("denied"));
     assert!(
-        tests::wait_until(Duration::from_secs(2), || as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY))
+        tests::wait_until(Duration::from_secs(10), || as_user(NOBODY_UID, NOBODY_GID, open(&denied, libc::O_RDONLY))
             == libc::EACCES),
         "an ACL set on the backing file is enforced through the mount"
     );

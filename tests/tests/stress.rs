@@ -83,7 +83,7 @@ fn run_stressors(test: &str, opts: &[&str]) {
     }
     assert!(failed.is_empty(), "{test}: stressors failed through the mount:\n{}", failed.join("\n"));
     // stress-ng removes what it made: the mount and the backing directory agree on that.
-    assert!(tests::wait_until(Duration::from_secs(2), || fs::read_dir(m.path("stress")).unwrap().count() == 0));
+    assert!(tests::wait_until(Duration::from_secs(10), || fs::read_dir(m.path("stress")).unwrap().count() == 0));
     assert_eq!(fs::read_dir(m.backing("stress")).unwrap().count(), 0);
 }
 

@@ -4,7 +4,10 @@
 //!
 //! The delay is an io_uring timeout on the serving queue (`uring_transport::io::sleep`), so
 //! other requests on the same core keep completing, and an interrupted read ends at once
-//! with EINTR. `slow MOUNTPOINT [dev-fuse|uring|auto]`; `umount MOUNTPOINT` ends it.
+//! with EINTR. Each delayed request prints `slow: <op> delayed` on stderr when it starts
+//! waiting, so that a test knows the request has reached the file system (a signal sent to the
+//! caller before that proves nothing). `slow MOUNTPOINT [dev-fuse|uring|auto]`;
+//! `umount MOUNTPOINT` ends it.
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -44,6 +47,7 @@ impl FileSystem for Slow {
             _ => return Err(Errno::ENOENT),
         };
         if node == NodeId(4) {
+            eprintln!("slow: lookup delayed");
             uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
         }
         let t = Duration::ZERO;
@@ -63,6 +67,7 @@ impl FileSystem for Slow {
 
     async fn read(&self, _: &Context, node: NodeId, _: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
         if node == NodeId(2) {
+            eprintln!("slow: read delayed");
             uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
         }
         let data = TEXT.get(offset as usize..).unwrap_or(&[]);

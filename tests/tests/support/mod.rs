@@ -89,6 +89,7 @@ pub struct Server {
     pub mountpoint: PathBuf,
     pub source: PathBuf,
     child: Option<Child>,
+    pid: u32,
     stderr: mpsc::Receiver<String>,
     log: Vec<String>,
     _dirs: Vec<tempfile::TempDir>,
@@ -106,8 +107,9 @@ fn spawn(mut cmd: Command, mountpoint: PathBuf, source: PathBuf, fstype: &str, d
             }
         }
     });
-    let mut s = Server { mountpoint, source, child: Some(child), stderr: rx, log: Vec::new(), _dirs: dirs };
-    let ok = wait_until(Duration::from_secs(10), || {
+    let pid = child.id();
+    let mut s = Server { mountpoint, source, child: Some(child), pid, stderr: rx, log: Vec::new(), _dirs: dirs };
+    let ok = wait_until(Duration::from_secs(30), || {
         s.drain();
         mounted_at(&s.mountpoint).is_some_and(|t| t == fstype)
     });
@@ -189,6 +191,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Whether the server process still runs.
     pub fn server_alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
@@ -213,10 +220,26 @@ impl Server {
         self.log.join("\n")
     }
 
+    /// How many lines of the server's stderr so far contain `text`.
+    pub fn log_count(&mut self, text: &str) -> usize {
+        self.drain();
+        self.log.iter().filter(|l| l.contains(text)).count()
+    }
+
+    /// Waits (up to 30 s) until more than `before` lines of the server's stderr contain `text`:
+    /// for the `slow` example, `"slow: lookup delayed"` or `"slow: read delayed"` says that a
+    /// delayed request has reached it. Panics naming `what` if none comes.
+    pub fn wait_log_count(&mut self, text: &str, before: usize, what: &str) {
+        if !wait_until(Duration::from_secs(30), || self.log_count(text) > before) {
+            let log = self.log();
+            panic!("{what} never reached {} (no new {text:?} line):\n{log}", self.mountpoint.display());
+        }
+    }
+
     /// The metrics address the server logged.
     pub fn metrics_addr(&mut self) -> String {
         let mut addr = None;
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(30), || {
             self.drain();
             addr = self.log.iter().find_map(|l| {
                 l.split("listening on http://").nth(1).map(|r| r.trim_end_matches("/metrics").to_string())
@@ -303,6 +326,32 @@ pub fn on_cpu<T: Send + 'static>(cpu: usize, f: impl FnOnce() -> T + Send + 'sta
         }
         f()
     })
+}
+
+/// How long the calling thread and the threads of process `pid` whose names start with one of
+/// `names` have waited for a CPU so far (schedstat's run delay), or None where the kernel keeps
+/// no schedstats. Timing bounds subtract what this grew by over a measurement: on a loaded
+/// machine the scheduler's delays are not the server's.
+pub fn cpu_wait(pid: u32, names: &[&str]) -> Option<Duration> {
+    let delay = |p: &Path| -> Option<u64> { std::fs::read_to_string(p).ok()?.split_whitespace().nth(1)?.parse().ok() };
+    let mut ns = delay(Path::new("/proc/thread-self/schedstat"))?;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if names.iter().any(|n| comm.starts_with(n)) {
+            ns += delay(&t.path().join("schedstat")).unwrap_or(0);
+        }
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+/// How often the kernel's caches were dropped on this machine so far (`drop_slab` in
+/// /proc/vmstat: every `echo 2|3 > /proc/sys/vm/drop_caches`, by any process). A test that
+/// needs the kernel to keep what it cached checks that this did not move meanwhile.
+pub fn cache_drops() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("drop_slab ").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
 }
 
 /// Online CPUs.
