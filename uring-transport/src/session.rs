@@ -282,8 +282,6 @@ impl<F: FileSystem> Session<F> {
             negotiated.conn.writeback_cache,
             negotiated.conn.posix_acl
         );
-        let outsize = 16 + negotiated.conn.max_read.max(negotiated.conn.max_write) as usize + 8192;
-        let payload_size = (negotiated.conn.max_read.max(negotiated.conn.max_write) as usize).max(8192);
         if uring {
             log::info!("transport: FUSE over io_uring, {} queues x {} entries", possible_cpus(), cfg.queue_depth);
         } else if cfg.transport == TransportMode::Auto {
@@ -291,17 +289,36 @@ impl<F: FileSystem> Session<F> {
         } else {
             log::info!("transport: classic /dev/fuse channel (configured)");
         }
+        let init_out = payload.to_vec();
+        Session::assemble(mounted, fs, cfg, channel, arg, init_out, &negotiated, false)
+    }
+
+    /// The session for a negotiated connection (`gated`: its queues wait for
+    /// [`Session::open_gate`]).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        mounted: Mounted,
+        fs: Arc<F>,
+        cfg: &SessionConfig,
+        channel: Arc<Channel>,
+        init_in: protocol::abi::FuseInitIn,
+        init_out: Vec<u8>,
+        negotiated: &init::Negotiated,
+        gated: bool,
+    ) -> io::Result<Session<F>> {
+        let uring = negotiated.flags.contains(InitFlags::OVER_IO_URING);
+        let largest = negotiated.conn.max_read.max(negotiated.conn.max_write) as usize;
         let queues = if uring { possible_cpus() } else { cfg.workers.max(1) };
         Ok(Session {
-            init_in: arg,
-            init_out: payload.to_vec(),
+            init_in,
+            init_out,
             control: Arc::new(Control::new(queues)?),
-            gate: None,
+            gate: if gated { Some(Arc::new(Gate::new(queues)?)) } else { None },
             mounted,
             dispatcher: Dispatcher::new(fs),
-            bufsize,
-            outsize,
-            payload_size,
+            bufsize: cfg.init.max_write.max(128 * 1024) as usize + 8192,
+            outsize: 16 + largest + 8192,
+            payload_size: largest.max(8192),
             queue_depth: cfg.queue_depth.clamp(1, 1024),
             busy_poll: if uring { cfg.busy_poll } else { std::time::Duration::ZERO },
             stats: Arc::new(SessionStats::new(uring, queues)),
@@ -327,7 +344,6 @@ impl<F: FileSystem> Session<F> {
         use zerocopy::FromBytes;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
         let arg = protocol::abi::FuseInitIn::read_from_bytes(init_in).map_err(|_| bad("malformed INIT record"))?;
-        let bufsize = cfg.init.max_write.max(128 * 1024) as usize + 8192;
         let mut params = cfg.init.clone();
         params.over_io_uring = cfg.transport != TransportMode::DevFuse;
         let mut negotiated =
@@ -341,26 +357,8 @@ impl<F: FileSystem> Session<F> {
         if payload != init_out {
             return Err(bad("this build (or configuration) would answer INIT differently than the running server did"));
         }
-        let uring = negotiated.flags.contains(InitFlags::OVER_IO_URING);
-        let outsize = 16 + negotiated.conn.max_read.max(negotiated.conn.max_write) as usize + 8192;
-        let payload_size = (negotiated.conn.max_read.max(negotiated.conn.max_write) as usize).max(8192);
-        let queues = if uring { possible_cpus() } else { cfg.workers.max(1) };
-        Ok(Session {
-            init_in: arg,
-            init_out: payload.to_vec(),
-            control: Arc::new(Control::new(queues)?),
-            gate: Some(Arc::new(Gate::new(queues)?)),
-            mounted,
-            dispatcher: Dispatcher::new(fs),
-            bufsize,
-            outsize,
-            payload_size,
-            queue_depth: cfg.queue_depth.clamp(1, 1024),
-            busy_poll: if uring { cfg.busy_poll } else { std::time::Duration::ZERO },
-            stats: Arc::new(SessionStats::new(uring, queues)),
-            channel,
-            conn: negotiated.conn.clone(),
-        })
+        let init_out = payload.to_vec();
+        Session::assemble(mounted, fs, cfg, channel, arg, init_out, &negotiated, true)
     }
 
     /// Waits (up to `limit`) until every queue of an adopted session being served has reached
