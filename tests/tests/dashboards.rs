@@ -99,6 +99,8 @@ const KNOWN_FAMILIES: &[&str] = &[
     "ringfs_kernel_write_bytes_total",
     "ringfs_passthrough_read_bytes_total",
     "ringfs_passthrough_write_bytes_total",
+    "ringfs_upgrades_total",
+    "ringfs_upgrade_last_pause_seconds",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "process_open_fds",
