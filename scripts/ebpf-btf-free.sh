@@ -7,23 +7,23 @@
 set -eu
 cd "$(dirname "$0")/.."
 target=${1:-target/btf-free}
-main_obj=$(ls -t target/release/build/bpf-programs-*/out/ringfs.bpf.o 2>/dev/null | head -n1 || true)
+main_obj=$(ls -t target/release/build/ringfs-bpf-*/out/ringfs.bpf.o 2>/dev/null | head -n1 || true)
 
 echo "== building with /sys/kernel/btf hidden (CARGO_TARGET_DIR=$target)"
 unshare -m sh -euc '
 	mount -t tmpfs none /sys/kernel/btf
 	if [ -n "$(ls -A /sys/kernel/btf)" ]; then echo "/sys/kernel/btf still visible" >&2; exit 1; fi
-	CARGO_TARGET_DIR="$1" cargo test --release -p bpf-programs --no-run 2>&1
+	CARGO_TARGET_DIR="$1" cargo test --release -p ringfs-bpf --no-run 2>&1
 ' sh "$target" | tee "$target.build.log" | grep -E "^(warning|error)|eBPF programs not built" && {
 	echo "FAIL: the build warned (stub object?), see $target.build.log" >&2
 	exit 1
 }
-obj=$(ls -t "$target"/release/build/bpf-programs-*/out/ringfs.bpf.o | head -n1)
+obj=$(ls -t "$target"/release/build/ringfs-bpf-*/out/ringfs.bpf.o | head -n1)
 [ -s "$obj" ] || { echo "FAIL: $obj is empty (stub)" >&2; exit 1; }
 echo "== object: $obj ($(stat -c %s "$obj") bytes)"
 
 echo "== loading it on this kernel"
-if ! CARGO_TARGET_DIR="$target" cargo test --release -p bpf-programs -- --test-threads=1 >"$target.test.log" 2>&1; then
+if ! CARGO_TARGET_DIR="$target" cargo test --release -p ringfs-bpf -- --test-threads=1 >"$target.test.log" 2>&1; then
 	tail -n 30 "$target.test.log" >&2
 	echo "FAIL: the object built without BTF did not load or count, see $target.test.log" >&2
 	exit 1

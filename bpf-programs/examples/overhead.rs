@@ -24,7 +24,7 @@ impl Instant {
     }
 }
 
-use bpf_programs::{Accounting, AccountingOptions};
+use ringfs_bpf::{Accounting, AccountingOptions};
 
 fn workload(iters: u32) -> Duration {
     let f = std::fs::File::open("/dev/zero").expect("open /dev/zero");

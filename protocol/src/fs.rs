@@ -1095,7 +1095,7 @@ pub trait FileSystem: Send + Sync + 'static {
     /// or ([`LockKind::Unlock`]) drops `owner`'s lock on the range, splitting its existing
     /// ranges as POSIX requires. A conflict answers `EAGAIN` when `wait` is false; with `wait`
     /// (SETLKW), wait for the lock without blocking the queue thread (await something), and
-    /// answer `EINTR` when that wait is interrupted (an awaited `uring_transport::io::sleep`
+    /// answer `EINTR` when that wait is interrupted (an awaited `ringfs_transport::io::sleep`
     /// then returns `ECANCELED`). Only called after opting in with [`ConnInfo::posix_locks`].
     async fn setlk(
         &self,

@@ -23,10 +23,10 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use protocol::abi::{self, opcode, FuseInHeader};
-use protocol::dispatch::{Dispatcher, Outcome};
-use protocol::request::{op_header_size, parse, parse_header, parse_parts, parse_split, Operation, Request};
-use protocol::*;
+use ringfs_protocol::abi::{self, opcode, FuseInHeader};
+use ringfs_protocol::dispatch::{Dispatcher, Outcome};
+use ringfs_protocol::request::{op_header_size, parse, parse_header, parse_parts, parse_split, Operation, Request};
+use ringfs_protocol::*;
 use zerocopy::{FromBytes, IntoBytes};
 
 const HEADER: usize = size_of::<FuseInHeader>();
@@ -134,18 +134,18 @@ fn weird_errno(seed: u64) -> Errno {
 }
 
 impl FileSystem for Eager {
-    async fn lookup(&self, _: &protocol::Context, parent: NodeId, name: &CStr) -> Result<Entry> {
+    async fn lookup(&self, _: &ringfs_protocol::Context, parent: NodeId, name: &CStr) -> Result<Entry> {
         if name.to_bytes().len() % 11 == 3 {
             return Err(weird_errno(parent.0));
         }
         Ok(entry(parent))
     }
-    async fn getattr(&self, _: &protocol::Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
+    async fn getattr(&self, _: &ringfs_protocol::Context, node: NodeId, _: Option<FileHandle>) -> Result<AttrOut> {
         Ok(AttrOut::new(attr(node), Duration::from_secs(u64::MAX / 2)))
     }
     async fn statx(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         node: NodeId,
         _: Option<FileHandle>,
         _: u32,
@@ -156,29 +156,37 @@ impl FileSystem for Eager {
         sx.mask = mask;
         Ok((sx, Duration::ZERO))
     }
-    async fn setattr(&self, _: &protocol::Context, node: NodeId, _: &SetAttr) -> Result<AttrOut> {
+    async fn setattr(&self, _: &ringfs_protocol::Context, node: NodeId, _: &SetAttr) -> Result<AttrOut> {
         Ok(AttrOut::new(attr(node), Duration::ZERO))
     }
-    async fn readlink(&self, _: &protocol::Context, node: NodeId) -> Result<Vec<u8>> {
+    async fn readlink(&self, _: &ringfs_protocol::Context, node: NodeId) -> Result<Vec<u8>> {
         // Sometimes longer than the reply buffer.
         Ok(vec![b'l'; (node.0 % (2 * OUT as u64)) as usize])
     }
-    async fn symlink(&self, _: &protocol::Context, parent: NodeId, _: &CStr, _: &CStr) -> Result<Entry> {
+    async fn symlink(&self, _: &ringfs_protocol::Context, parent: NodeId, _: &CStr, _: &CStr) -> Result<Entry> {
         Ok(entry(parent))
     }
-    async fn mknod(&self, _: &protocol::Context, parent: NodeId, _: &CStr, _: u32, _: u32, _: u32) -> Result<Entry> {
+    async fn mknod(
+        &self,
+        _: &ringfs_protocol::Context,
+        parent: NodeId,
+        _: &CStr,
+        _: u32,
+        _: u32,
+        _: u32,
+    ) -> Result<Entry> {
         Ok(entry(parent))
     }
-    async fn mkdir(&self, _: &protocol::Context, parent: NodeId, _: &CStr, _: u32, _: u32) -> Result<Entry> {
+    async fn mkdir(&self, _: &ringfs_protocol::Context, parent: NodeId, _: &CStr, _: u32, _: u32) -> Result<Entry> {
         Ok(entry(parent))
     }
-    async fn unlink(&self, _: &protocol::Context, parent: NodeId, _: &CStr) -> Result<()> {
+    async fn unlink(&self, _: &ringfs_protocol::Context, parent: NodeId, _: &CStr) -> Result<()> {
         Err(weird_errno(parent.0))
     }
-    async fn link(&self, _: &protocol::Context, node: NodeId, _: NodeId, _: &CStr) -> Result<Entry> {
+    async fn link(&self, _: &ringfs_protocol::Context, node: NodeId, _: NodeId, _: &CStr) -> Result<Entry> {
         Ok(entry(node))
     }
-    async fn open(&self, _: &protocol::Context, node: NodeId, flags: u32) -> Result<Opened> {
+    async fn open(&self, _: &ringfs_protocol::Context, node: NodeId, flags: u32) -> Result<Opened> {
         let mut options = OpenOptions::default();
         options.direct_io = flags & 1 != 0;
         options.backing_id = node.0 as i32;
@@ -186,7 +194,7 @@ impl FileSystem for Eager {
     }
     async fn create(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         parent: NodeId,
         _: &CStr,
         _: u32,
@@ -195,12 +203,19 @@ impl FileSystem for Eager {
     ) -> Result<(Entry, Opened)> {
         Ok((entry(parent), Opened::new(FileHandle(7), OpenOptions::default())))
     }
-    async fn tmpfile(&self, _: &protocol::Context, parent: NodeId, _: u32, _: u32, _: u32) -> Result<(Entry, Opened)> {
+    async fn tmpfile(
+        &self,
+        _: &ringfs_protocol::Context,
+        parent: NodeId,
+        _: u32,
+        _: u32,
+        _: u32,
+    ) -> Result<(Entry, Opened)> {
         Ok((entry(parent), Opened::new(FileHandle(8), OpenOptions::default())))
     }
     async fn read(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         _: NodeId,
         _: FileHandle,
         offset: u64,
@@ -212,7 +227,7 @@ impl FileSystem for Eager {
     }
     async fn write(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         _: NodeId,
         _: FileHandle,
         _: u64,
@@ -221,20 +236,20 @@ impl FileSystem for Eager {
     ) -> Result<usize> {
         Ok(data.len() * 2 + 1)
     }
-    async fn flush(&self, _: &protocol::Context, node: NodeId, _: FileHandle, _: u64) -> Result<()> {
+    async fn flush(&self, _: &ringfs_protocol::Context, node: NodeId, _: FileHandle, _: u64) -> Result<()> {
         Err(weird_errno(node.0))
     }
-    async fn fsync(&self, _: &protocol::Context, _: NodeId, _: FileHandle, _: bool) -> Result<()> {
+    async fn fsync(&self, _: &ringfs_protocol::Context, _: NodeId, _: FileHandle, _: bool) -> Result<()> {
         Ok(())
     }
-    async fn opendir(&self, _: &protocol::Context, node: NodeId, _: u32) -> Result<Opened> {
+    async fn opendir(&self, _: &ringfs_protocol::Context, node: NodeId, _: u32) -> Result<Opened> {
         let mut options = OpenOptions::default();
         options.cache_dir = true;
         Ok(Opened::new(FileHandle(node.0), options))
     }
     async fn readdir(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         node: NodeId,
         _: FileHandle,
         offset: u64,
@@ -251,7 +266,7 @@ impl FileSystem for Eager {
     }
     async fn readdirplus(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         node: NodeId,
         _: FileHandle,
         offset: u64,
@@ -265,17 +280,17 @@ impl FileSystem for Eager {
         }
         Ok(())
     }
-    async fn statfs(&self, _: &protocol::Context, node: NodeId) -> Result<StatFs> {
+    async fn statfs(&self, _: &ringfs_protocol::Context, node: NodeId) -> Result<StatFs> {
         let mut st = StatFs::default();
         st.blocks = node.0;
         st.bsize = u32::MAX;
         st.namelen = 255;
         Ok(st)
     }
-    async fn setxattr(&self, _: &protocol::Context, _: NodeId, _: &CStr, _: &[u8], _: u32) -> Result<()> {
+    async fn setxattr(&self, _: &ringfs_protocol::Context, _: NodeId, _: &CStr, _: &[u8], _: u32) -> Result<()> {
         Ok(())
     }
-    async fn getxattr(&self, _: &protocol::Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
+    async fn getxattr(&self, _: &ringfs_protocol::Context, node: NodeId, name: &CStr, size: u32) -> Result<XattrReply> {
         // Ignores `size` on purpose: sometimes larger than asked, sometimes larger than `out`.
         let n = (name.to_bytes().len() as u64 * 997 + node.0) % (2 * OUT as u64);
         if size == 0 && node.0 % 2 == 0 {
@@ -283,24 +298,32 @@ impl FileSystem for Eager {
         }
         Ok(XattrReply::Data(vec![b'v'; n as usize]))
     }
-    async fn listxattr(&self, _: &protocol::Context, node: NodeId, size: u32) -> Result<XattrReply> {
+    async fn listxattr(&self, _: &ringfs_protocol::Context, node: NodeId, size: u32) -> Result<XattrReply> {
         Ok(XattrReply::Data(vec![0; (node.0 % (size as u64 + 2)) as usize]))
     }
-    async fn removexattr(&self, _: &protocol::Context, node: NodeId, _: &CStr) -> Result<()> {
+    async fn removexattr(&self, _: &ringfs_protocol::Context, node: NodeId, _: &CStr) -> Result<()> {
         Err(weird_errno(node.0))
     }
-    async fn access(&self, _: &protocol::Context, _: NodeId, _: u32) -> Result<()> {
+    async fn access(&self, _: &ringfs_protocol::Context, _: NodeId, _: u32) -> Result<()> {
         Ok(())
     }
-    async fn fallocate(&self, _: &protocol::Context, _: NodeId, _: FileHandle, _: u64, _: u64, _: u32) -> Result<()> {
+    async fn fallocate(
+        &self,
+        _: &ringfs_protocol::Context,
+        _: NodeId,
+        _: FileHandle,
+        _: u64,
+        _: u64,
+        _: u32,
+    ) -> Result<()> {
         Ok(())
     }
-    async fn lseek(&self, _: &protocol::Context, _: NodeId, _: FileHandle, offset: u64, _: u32) -> Result<u64> {
+    async fn lseek(&self, _: &ringfs_protocol::Context, _: NodeId, _: FileHandle, offset: u64, _: u32) -> Result<u64> {
         Ok(offset.wrapping_mul(3))
     }
     async fn copy_file_range(
         &self,
-        _: &protocol::Context,
+        _: &ringfs_protocol::Context,
         _: NodeId,
         _: FileHandle,
         _: u64,

@@ -16,7 +16,7 @@
 //! FUSE programs; `ringfs mount` stays in the foreground unless `-b`.
 //!
 //! This layer reads the config file; merging and validation are the
-//! `config` crate's ([`config::build`]): file < positional arguments < `-o`.
+//! `config` crate's ([`ringfs_config::build`]): file < positional arguments < `-o`.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -31,7 +31,7 @@ pub enum Command {
     /// Mount and serve.
     Mount {
         /// The validated configuration.
-        config: config::Config,
+        config: ringfs_config::Config,
         /// Detach from the terminal once mounted.
         background: bool,
         /// Switch on FUSE over io_uring in the kernel (`enable_uring` module parameter, global
@@ -44,13 +44,13 @@ pub enum Command {
         /// The mount to change.
         mountpoint: PathBuf,
         /// The flags it gets.
-        flags: uring_transport::mount::RemountFlags,
+        flags: ringfs_transport::mount::RemountFlags,
     },
-    /// Print the effective configuration ([`config::to_toml_string`]) and
+    /// Print the effective configuration ([`ringfs_config::to_toml_string`]) and
     /// exit 0.
     CheckConfig {
         /// The validated configuration.
-        config: config::Config,
+        config: ringfs_config::Config,
     },
     /// Ask the server of a mount to hand it over to a new server process (live upgrade) and
     /// print the outcome.
@@ -303,7 +303,7 @@ fn is_remount(options: &OptionArgs) -> bool {
 }
 
 fn remount(mountpoint: PathBuf, options: &OptionArgs) -> Command {
-    let flags = uring_transport::mount::RemountFlags::from_options(&options.options.join(","));
+    let flags = ringfs_transport::mount::RemountFlags::from_options(&options.options.join(","));
     Command::Remount { mountpoint, flags }
 }
 
@@ -313,7 +313,7 @@ fn load(
     source: Option<PathBuf>,
     mountpoint: Option<PathBuf>,
     options: &OptionArgs,
-) -> Result<config::Config, CliError> {
+) -> Result<ringfs_config::Config, CliError> {
     let text = match file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -323,10 +323,10 @@ fn load(
     };
     let mut pairs = Vec::new();
     for list in &options.options {
-        let parsed = config::parse_mount_options(list).map_err(|e| CliError::usage(e.to_string()))?;
+        let parsed = ringfs_config::parse_mount_options(list).map_err(|e| CliError::usage(e.to_string()))?;
         pairs.extend(parsed);
     }
-    config::build(text.as_deref(), source.as_deref(), mountpoint.as_deref(), &pairs).map_err(|e| {
+    ringfs_config::build(text.as_deref(), source.as_deref(), mountpoint.as_deref(), &pairs).map_err(|e| {
         match file {
             // Only a syntax error is certainly in the file; other errors name
             // a key, which may have come from an argument or -o.
@@ -342,7 +342,7 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    use config::TransportMode;
+    use ringfs_config::TransportMode;
 
     use super::*;
 
@@ -375,7 +375,7 @@ mod tests {
         parse_args(std::iter::once("ringfs").chain(args.iter().copied()).map(OsString::from))
     }
 
-    fn mount(args: &[&str]) -> (config::Config, bool) {
+    fn mount(args: &[&str]) -> (ringfs_config::Config, bool) {
         match parse(args) {
             Ok(Command::Mount { config, background, .. }) => (config, background),
             other => panic!("{args:?}: {other:?}"),

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::Remount { mountpoint, flags } => match uring_transport::mount::remount(&mountpoint, &flags) {
+        Command::Remount { mountpoint, flags } => match ringfs_transport::mount::remount(&mountpoint, &flags) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringfs: {e}");
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => {
-            print!("{}", config::to_toml_string(&config));
+            print!("{}", ringfs_config::to_toml_string(&config));
             ExitCode::SUCCESS
         }
         Command::Mount { config, background, enable_uring } => {
@@ -74,8 +74,8 @@ fn main() -> ExitCode {
             // print nothing on a successful mount. A terminal still sees the start-up lines.
             init_logging(if background && !stderr_is_terminal_or_socket() { "error" } else { &level });
             if enable_uring {
-                if let Err(e) = std::fs::write(uring_transport::session::URING_PARAM, b"1") {
-                    eprintln!("ringfs: --enable-uring: cannot write {}: {e}", uring_transport::session::URING_PARAM);
+                if let Err(e) = std::fs::write(ringfs_transport::session::URING_PARAM, b"1") {
+                    eprintln!("ringfs: --enable-uring: cannot write {}: {e}", ringfs_transport::session::URING_PARAM);
                     return ExitCode::FAILURE;
                 }
                 log::info!("FUSE over io_uring switched on in the kernel (--enable-uring)");

@@ -13,10 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use protocol::abi::opcode;
-use protocol::stats::{DispatchStats, LATENCY_BOUNDS_NS};
-use uring_transport::notify::NotifyStats;
-use uring_transport::SessionStats;
+use ringfs_protocol::abi::opcode;
+use ringfs_protocol::stats::{DispatchStats, LATENCY_BOUNDS_NS};
+use ringfs_transport::notify::NotifyStats;
+use ringfs_transport::SessionStats;
 
 use crate::fs::passthrough::{Fallback, PassthroughStats};
 use crate::fs::PassthroughFs;
@@ -26,7 +26,7 @@ pub mod http;
 /// Everything the endpoint reads.
 pub struct Sources {
     /// Kernel-side accounting, when the eBPF programs are attached.
-    pub ebpf: Option<std::sync::Mutex<bpf_programs::Accounting>>,
+    pub ebpf: Option<std::sync::Mutex<ringfs_bpf::Accounting>>,
     /// Dispatcher counters.
     pub dispatch: Arc<DispatchStats>,
     /// Transport counters.
@@ -295,7 +295,7 @@ pub fn render(s: &Sources) -> String {
     let _ = writeln!(out, "ringfs_invalidations_total {}", ld(&s.notify.sent));
     header(&mut out, "ringfs_invalidation_failures_total", "counter", "Cache invalidations the kernel refused.");
     let _ = writeln!(out, "ringfs_invalidation_failures_total {}", ld(&s.notify.failed));
-    let (inline, slow) = uring_transport::io::inline_stats();
+    let (inline, slow) = ringfs_transport::io::inline_stats();
     header(
         &mut out,
         "ringfs_inline_metadata_calls_total",
@@ -317,7 +317,7 @@ pub fn render(s: &Sources) -> String {
 
 /// The kernel-side families (eBPF): what reached the server versus what the kernel answered.
 fn kernel_stats(out: &mut String, s: &Sources) {
-    use bpf_programs::Class;
+    use ringfs_bpf::Class;
     let snap = s.ebpf.as_ref().and_then(|m| m.lock().ok().and_then(|a| a.snapshot().ok()));
     header(out, "ringfs_ebpf_enabled", "gauge", "1 when the eBPF accounting programs are attached.");
     let _ = writeln!(out, "ringfs_ebpf_enabled {}", snap.is_some() as u8);
@@ -385,7 +385,7 @@ fn kernel_stats(out: &mut String, s: &Sources) {
         "histogram",
         "Kernel-side round trip of requests sent to the server (send to end), by operation.",
     );
-    let bounds = bpf_programs::latency_bounds_seconds();
+    let bounds = ringfs_bpf::latency_bounds_seconds();
     for &op in &ops {
         let c = &snap.fallbacks[op as usize];
         let name = opcode::name(op);
@@ -403,8 +403,8 @@ fn kernel_stats(out: &mut String, s: &Sources) {
         );
         let _ = writeln!(out, "ringfs_kernel_request_duration_seconds_count{{op=\"{name}\"}} {cum}");
     }
-    let (read, write) = (bpf_programs::Direction::Read, bpf_programs::Direction::Write);
-    let (mount, pt) = (bpf_programs::DataPath::Mount, bpf_programs::DataPath::Passthrough);
+    let (read, write) = (ringfs_bpf::Direction::Read, ringfs_bpf::Direction::Write);
+    let (mount, pt) = (ringfs_bpf::DataPath::Mount, ringfs_bpf::DataPath::Passthrough);
     header(
         out,
         "ringfs_kernel_fallback_requests_total",
@@ -471,8 +471,8 @@ fn kernel_stats(out: &mut String, s: &Sources) {
     for c in Class::ALL {
         let counts = snap.class(c);
         let always = matches!(c, Class::Read | Class::Write | Class::Mmap | Class::Splice | Class::IoUring);
-        for d in bpf_programs::Direction::ALL {
-            for p in bpf_programs::DataPath::ALL {
+        for d in ringfs_bpf::Direction::ALL {
+            for p in ringfs_bpf::DataPath::ALL {
                 let v = counts.bytes(d, p);
                 if v > 0 || always {
                     let _ = writeln!(

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use config::Config;
-use protocol::init::InitParams;
-use uring_transport::mount::{self, MountOptions};
-use uring_transport::watchdog::Watchdog;
-use uring_transport::{Session, SessionConfig, TransportMode};
+use ringfs_config::Config;
+use ringfs_protocol::init::InitParams;
+use ringfs_transport::mount::{self, MountOptions};
+use ringfs_transport::watchdog::Watchdog;
+use ringfs_transport::{Session, SessionConfig, TransportMode};
 
 use crate::fs::{FsConfig, PassthroughFs};
 
@@ -172,17 +172,17 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let sigset = block_signals();
 
     let mut cache = cfg.cache.clone();
-    let watch = if cache.coherence != config::CoherenceMode::Ttl {
-        let fan = if cache.coherence == config::CoherenceMode::Watch && !privileged {
+    let watch = if cache.coherence != ringfs_config::CoherenceMode::Ttl {
+        let fan = if cache.coherence == ringfs_config::CoherenceMode::Watch && !privileged {
             Err(io::Error::other("FAN_MARK_FILESYSTEM needs CAP_SYS_ADMIN"))
-        } else if cache.coherence == config::CoherenceMode::Watch {
+        } else if cache.coherence == ringfs_config::CoherenceMode::Watch {
             crate::fs::watch::Watch::new(&source)
         } else {
             Err(io::Error::other("cache.coherence = \"inotify\""))
         };
         let w = fan.or_else(|fan_err| {
             crate::fs::watch::Watch::inotify(&source).inspect(|_| {
-                if cache.coherence == config::CoherenceMode::Watch && privileged {
+                if cache.coherence == ringfs_config::CoherenceMode::Watch && privileged {
                     log::info!("fanotify unavailable ({fan_err}); watching the backing directories with inotify");
                 }
             })
@@ -234,7 +234,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let started = Instant::now();
     if cfg.transport.inline_metadata {
         match inline_metadata_safe(&source) {
-            Ok(()) => uring_transport::io::set_inline_metadata(true),
+            Ok(()) => ringfs_transport::io::set_inline_metadata(true),
             Err(why) => log::info!("metadata calls go through io_uring worker threads: {why}"),
         }
     }
@@ -248,14 +248,14 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     init.passthrough = cfg.offload.passthrough && !cfg.fuse.writeback_cache;
     init.over_io_uring = false;
     init.default_permissions = cfg.default_permissions;
-    init.readdirplus_auto = cfg.cache.readdirplus == config::ReaddirplusMode::Auto;
+    init.readdirplus_auto = cfg.cache.readdirplus == ringfs_config::ReaddirplusMode::Auto;
     let mut session_cfg = SessionConfig::default();
     session_cfg.workers = worker_count(cfg.transport.workers);
     session_cfg.init = init;
     session_cfg.transport = match cfg.transport.mode {
-        config::TransportMode::Auto => TransportMode::Auto,
-        config::TransportMode::Uring => TransportMode::Uring,
-        config::TransportMode::DevFuse => TransportMode::DevFuse,
+        ringfs_config::TransportMode::Auto => TransportMode::Auto,
+        ringfs_config::TransportMode::Uring => TransportMode::Uring,
+        ringfs_config::TransportMode::DevFuse => TransportMode::DevFuse,
     };
     session_cfg.queue_depth = cfg.transport.queue_depth as usize;
     session_cfg.busy_poll = std::time::Duration::from_micros(cfg.transport.busy_poll_us);
@@ -368,13 +368,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         }
     }
     let ebpf = if cfg.ebpf.enable {
-        let opts = bpf_programs::AccountingOptions {
+        let opts = ringfs_bpf::AccountingOptions {
             dev,
             mountpoint: mountpoint.clone(),
             demand_tracing: cfg.ebpf.demand_tracing,
             tracepoint_overrides: Vec::new(),
         };
-        match bpf_programs::Accounting::load(&opts) {
+        match ringfs_bpf::Accounting::load(&opts) {
             Ok(a) => {
                 // One line per piece this kernel cannot give, naming it and why.
                 for p in a.programs() {
@@ -440,7 +440,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     if let Some(mut p) = ready_pipe.take() {
         // Whoever started us (mount(8), a script's `$(...)`) may wait for end-of-file on our
         // standard descriptors, which would otherwise come only at unmount.
-        uring_transport::watchdog::detach_stdio();
+        ringfs_transport::watchdog::detach_stdio();
         let _ = p.write_all(b"O");
     }
 
@@ -485,7 +485,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             }
         }
         match served {
-            Ok(uring_transport::Ended::Drained) => match upgrader.on_drained() {
+            Ok(ringfs_transport::Ended::Drained) => match upgrader.on_drained() {
                 crate::upgrade::Verdict::HandedOver => {
                     // The next server owns the mount (and the control socket) now.
                     watchdog.done();
@@ -497,7 +497,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                     continue;
                 }
             },
-            Ok(uring_transport::Ended::Gone) => break Ok(()),
+            Ok(ringfs_transport::Ended::Gone) => break Ok(()),
             Err(e) => break Err(e),
         }
     };

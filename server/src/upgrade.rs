@@ -11,7 +11,7 @@
 //!    differently; else it opens the backing directory, starts its queues behind a gate (io_uring
 //!    entries are registered: the kernel may queue requests on them, which wait) and answers
 //!    `READY`.
-//! 2. The old server drains ([`uring_transport::Control::drain`]): it takes no new request and
+//! 2. The old server drains ([`ringfs_transport::Control::drain`]): it takes no new request and
 //!    answers every request it took. Then it sends its file-system state
 //!    ([`PassthroughFs::export_live`]) in `S` chunks, the descriptors in `F` batches, and `E` with
 //!    the instant (CLOCK_MONOTONIC) it started draining.
@@ -202,7 +202,7 @@ enum DrainMsg {
 
 /// The old server's side of an upgrade.
 pub struct Upgrader {
-    control: Arc<uring_transport::Control>,
+    control: Arc<ringfs_transport::Control>,
     fuse_fd: OwnedFd,
     init: (Vec<u8>, Vec<u8>),
     dev: u64,
@@ -225,7 +225,7 @@ pub struct Upgrader {
 impl Upgrader {
     /// The upgrader of a serving session.
     pub fn new(
-        control: Arc<uring_transport::Control>,
+        control: Arc<ringfs_transport::Control>,
         fuse_fd: BorrowedFd<'_>,
         init: (Vec<u8>, Vec<u8>),
         dev: u64,

@@ -129,7 +129,7 @@ fn build_ringfs(profile_dir: &Path) {
     let profile = profile_dir.file_name().and_then(OsStr::to_str).unwrap_or("debug");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
     // The server binary, and the example file systems some tests mount (`slow`, `hello`).
-    for targets in [&["-p", "server", "--bin", "ringfs"][..], &["-p", "uring-transport", "--examples"][..]] {
+    for targets in [&["-p", "server", "--bin", "ringfs"][..], &["-p", "ringfs-transport", "--examples"][..]] {
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet"]).args(targets).current_dir(workspace).env("CARGO_TARGET_DIR", target_dir);
         match profile {

@@ -316,9 +316,9 @@ fn every_program_is_attached_and_reported() {
     attached(&mut m);
     let text = m.scrape();
     let series: Vec<&str> = text.lines().filter(|l| l.starts_with("ringfs_ebpf_program_attached{")).collect();
-    let expected = bpf_programs::PROGRAMS.len();
+    let expected = ringfs_bpf::PROGRAMS.len();
     assert_eq!(series.len(), expected, "{text}");
-    for p in bpf_programs::PROGRAMS {
+    for p in ringfs_bpf::PROGRAMS {
         let name = format!("ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\"}}", p.name, p.tracepoint);
         assert_eq!(metric(&text, &name), 1.0, "{name}\n{}", m.log());
     }

@@ -7,9 +7,9 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::*;
-use uring_transport::mount::{mount, MountOptions};
-use uring_transport::{Session, SessionConfig};
+use ringfs_protocol::*;
+use ringfs_transport::mount::{mount, MountOptions};
+use ringfs_transport::{Session, SessionConfig};
 
 const TEXT: &[u8] = b"hello from ringfs\n";
 const FILE: NodeId = NodeId(2);
@@ -81,7 +81,7 @@ fn main() -> std::io::Result<()> {
     opts.noexec = true;
     let mounted = mount(&opts)?;
     let mut cfg = SessionConfig::default();
-    cfg.transport = uring_transport::TransportMode::Auto;
+    cfg.transport = ringfs_transport::TransportMode::Auto;
     cfg.queue_depth = 4;
     cfg.busy_poll = std::time::Duration::ZERO;
     let session = Session::init(mounted, Arc::new(Hello), &cfg)?;

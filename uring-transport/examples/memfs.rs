@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use protocol::*;
-use uring_transport::mount::{mount, MountOptions};
-use uring_transport::{Session, SessionConfig, TransportMode};
+use ringfs_protocol::*;
+use ringfs_transport::mount::{mount, MountOptions};
+use ringfs_transport::{Session, SessionConfig, TransportMode};
 
 /// How long the kernel may cache names and attributes. Every change goes through this server,
 /// so a positive timeout is safe on one mount.
@@ -674,8 +674,8 @@ impl FileSystem for MemFs {
                     // SETLKW: try again a little later. The sleep runs on the queue's ring (the
                     // thread serves other requests meanwhile); when the caller is interrupted
                     // (a signal) it fails with ECANCELED, and the caller gets EINTR.
-                    if uring_transport::io::interrupted()
-                        || uring_transport::io::sleep(Duration::from_millis(2)).await.is_err()
+                    if ringfs_transport::io::interrupted()
+                        || ringfs_transport::io::sleep(Duration::from_millis(2)).await.is_err()
                     {
                         return Err(Errno::EINTR);
                     }

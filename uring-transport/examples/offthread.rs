@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use protocol::*;
-use uring_transport::mount::{mount, MountOptions};
-use uring_transport::{Session, SessionConfig, TransportMode};
+use ringfs_protocol::*;
+use ringfs_transport::mount::{mount, MountOptions};
+use ringfs_transport::{Session, SessionConfig, TransportMode};
 
 const TEXT: &[u8] = b"0123456789abcdef";
 
@@ -152,7 +152,7 @@ impl FileSystem for OffThread {
             return Err(Errno::ENOENT);
         }
         if name.to_bytes() == b"die" {
-            uring_transport::io::fail_this_queue();
+            ringfs_transport::io::fail_this_queue();
             return Err(Errno::ENOENT);
         }
         let k = NAMES.iter().position(|n| *n == name.to_bytes()).ok_or(Errno::ENOENT)?;

@@ -2,7 +2,7 @@
 //! milliseconds (default 3000), a name `slowlookup` whose every lookup takes as long, and a
 //! file `fast` answered at once.
 //!
-//! The delay is an io_uring timeout on the serving queue (`uring_transport::io::sleep`), so
+//! The delay is an io_uring timeout on the serving queue (`ringfs_transport::io::sleep`), so
 //! other requests on the same core keep completing, and an interrupted read ends at once
 //! with EINTR. Each delayed request prints `slow: <op> delayed` on stderr when it starts
 //! waiting, so that a test knows the request has reached the file system (a signal sent to the
@@ -13,9 +13,9 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::*;
-use uring_transport::mount::{mount, MountOptions};
-use uring_transport::{Session, SessionConfig, TransportMode};
+use ringfs_protocol::*;
+use ringfs_transport::mount::{mount, MountOptions};
+use ringfs_transport::{Session, SessionConfig, TransportMode};
 
 const TEXT: &[u8] = b"0123456789abcdef";
 
@@ -48,7 +48,7 @@ impl FileSystem for Slow {
         };
         if node == NodeId(4) {
             eprintln!("slow: lookup delayed");
-            uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
+            ringfs_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
         }
         let t = Duration::ZERO;
         Ok(Entry::new(node, 0, attr(node), t, t))
@@ -68,7 +68,7 @@ impl FileSystem for Slow {
     async fn read(&self, _: &Context, node: NodeId, _: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize> {
         if node == NodeId(2) {
             eprintln!("slow: read delayed");
-            uring_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
+            ringfs_transport::io::sleep(self.delay).await.map_err(|_| Errno::EINTR)?;
         }
         let data = TEXT.get(offset as usize..).unwrap_or(&[]);
         let n = data.len().min(buf.len());

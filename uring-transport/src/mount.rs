@@ -550,7 +550,7 @@ pub fn clone_fd(master: &OwnedFd) -> io::Result<OwnedFd> {
     let fd = open_dev_fuse()?;
     let mut id: u32 = master.as_raw_fd() as u32;
     // SAFETY: FUSE_DEV_IOC_CLONE reads a u32 fd number from the pointer.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), protocol::abi::ioctl::DEV_IOC_CLONE as _, &mut id) };
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), ringfs_protocol::abi::ioctl::DEV_IOC_CLONE as _, &mut id) };
     if rc != 0 {
         return Err(err("FUSE_DEV_IOC_CLONE".into(), io::Error::last_os_error()));
     }

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use protocol::abi::{
+use ringfs_protocol::abi::{
     ioctl, notify, FuseBackingMap, FuseNotifyDeleteOut, FuseNotifyInvalEntryOut, FuseNotifyInvalInodeOut, FuseOutHeader,
 };
-use protocol::{Errno, KernelChannel, NodeId};
+use ringfs_protocol::{Errno, KernelChannel, NodeId};
 use zerocopy::IntoBytes;
 
 enum Notification {

@@ -25,10 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use protocol::abi::{uring as u, FuseInHeader, FuseOutHeader, FuseUringCmdReq, FuseUringEntInOut};
-use protocol::dispatch::{Dispatcher, Outcome};
-use protocol::request;
-use protocol::FileSystem;
+use ringfs_protocol::abi::{uring as u, FuseInHeader, FuseOutHeader, FuseUringCmdReq, FuseUringEntInOut};
+use ringfs_protocol::dispatch::{Dispatcher, Outcome};
+use ringfs_protocol::request;
+use ringfs_protocol::FileSystem;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// A zeroed heap buffer with a chosen alignment, owned by one queue thread.
@@ -336,7 +336,7 @@ pub type RoundHook = dyn Fn(usize) -> Option<RawFd> + Send + Sync;
 /// A one-shot gate: the queues of a server taking over a mount wait on it until it is opened
 /// (or closed for good). While they wait, io_uring queues answer registration rounds: the
 /// previous server writes a queue's `round` eventfd, the queue registers a few more entries and
-/// writes its `done` eventfd (see [`Queue::start_round`]).
+/// writes its `done` eventfd (see `Queue::start_round`).
 #[derive(Debug)]
 pub struct Gate {
     state: std::sync::Mutex<Option<bool>>,
@@ -993,7 +993,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 log::error!(
                     "queue {}: the file system panicked serving {} (unique {}): {}; answered EIO",
                     self.p.qid,
-                    protocol::abi::opcode::name(s.opcode),
+                    ringfs_protocol::abi::opcode::name(s.opcode),
                     s.unique,
                     panic_message(&*panic)
                 );
@@ -1194,7 +1194,7 @@ pub(crate) fn run_queue<F: FileSystem>(p: QueueParams<F>) -> io::Result<()> {
 /// itself among them, cancelling its backing call). A process stuck on a hung file system can
 /// then still die promptly.
 fn honours_interrupt(s: &Slot) -> bool {
-    s.opcode == protocol::abi::opcode::SETLKW || caller_gives_up(s.pid)
+    s.opcode == ringfs_protocol::abi::opcode::SETLKW || caller_gives_up(s.pid)
 }
 
 /// True when thread `pid` has SIGKILL pending or is an io_uring worker (read from /proc; false
@@ -1286,7 +1286,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             s.unique = h.unique;
             s.opcode = h.opcode;
             s.pid = h.pid;
-            if h.opcode == protocol::abi::opcode::INTERRUPT {
+            if h.opcode == ringfs_protocol::abi::opcode::INTERRUPT {
                 if let Ok(req) = request::parse(data) {
                     if let request::Operation::Interrupt { arg } = req.op {
                         for inbox in p.interrupts.iter() {
@@ -1313,11 +1313,13 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
                     },
                     Err(err) => {
                         d.stats().malformed.fetch_add(1, Ordering::Relaxed);
-                        let no_reply =
-                            matches!(h.opcode, protocol::abi::opcode::FORGET | protocol::abi::opcode::BATCH_FORGET);
+                        let no_reply = matches!(
+                            h.opcode,
+                            ringfs_protocol::abi::opcode::FORGET | ringfs_protocol::abi::opcode::BATCH_FORGET
+                        );
                         log::warn!(
                             "malformed {} request (unique {}): {err}",
-                            protocol::abi::opcode::name(h.opcode),
+                            ringfs_protocol::abi::opcode::name(h.opcode),
                             h.unique
                         );
                         if no_reply {

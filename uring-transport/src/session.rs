@@ -9,11 +9,11 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use protocol::abi::{opcode, FuseInHeader, FuseOutHeader, InitFlags};
-use protocol::dispatch::{Dispatcher, Outcome};
-use protocol::init::{self, InitParams};
-use protocol::request::{self, Operation};
-use protocol::{ConnInfo, FileSystem};
+use ringfs_protocol::abi::{opcode, FuseInHeader, FuseOutHeader, InitFlags};
+use ringfs_protocol::dispatch::{Dispatcher, Outcome};
+use ringfs_protocol::init::{self, InitParams};
+use ringfs_protocol::request::{self, Operation};
+use ringfs_protocol::{ConnInfo, FileSystem};
 use zerocopy::IntoBytes;
 
 use crate::executor::block_on;
@@ -125,7 +125,7 @@ pub struct Session<F> {
     conn: ConnInfo,
     /// The kernel's INIT request and our reply, as sent (a server taking over checks that it
     /// would answer the same).
-    init_in: protocol::abi::FuseInitIn,
+    init_in: ringfs_protocol::abi::FuseInitIn,
     init_out: Vec<u8>,
     control: Arc<Control>,
     gate: Option<Arc<Gate>>,
@@ -301,7 +301,7 @@ impl<F: FileSystem> Session<F> {
         fs: Arc<F>,
         cfg: &SessionConfig,
         channel: Arc<Channel>,
-        init_in: protocol::abi::FuseInitIn,
+        init_in: ringfs_protocol::abi::FuseInitIn,
         init_out: Vec<u8>,
         negotiated: &init::Negotiated,
         gated: bool,
@@ -343,7 +343,8 @@ impl<F: FileSystem> Session<F> {
     ) -> io::Result<Session<F>> {
         use zerocopy::FromBytes;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-        let arg = protocol::abi::FuseInitIn::read_from_bytes(init_in).map_err(|_| bad("malformed INIT record"))?;
+        let arg =
+            ringfs_protocol::abi::FuseInitIn::read_from_bytes(init_in).map_err(|_| bad("malformed INIT record"))?;
         let mut params = cfg.init.clone();
         params.over_io_uring = cfg.transport != TransportMode::DevFuse;
         let mut negotiated =
@@ -416,7 +417,7 @@ impl<F: FileSystem> Session<F> {
     }
 
     /// The dispatcher's per-operation counters.
-    pub fn dispatch_stats(&self) -> Arc<protocol::stats::DispatchStats> {
+    pub fn dispatch_stats(&self) -> Arc<ringfs_protocol::stats::DispatchStats> {
         self.dispatcher.stats().clone()
     }
 

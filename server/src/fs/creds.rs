@@ -6,7 +6,7 @@
 
 use std::marker::PhantomData;
 
-use protocol::{Errno, Result};
+use ringfs_protocol::{Errno, Result};
 
 /// Switches the calling thread's fsuid/fsgid (and optionally its supplementary groups) and
 /// restores root credentials when dropped.
@@ -106,12 +106,12 @@ pub(crate) fn personality(uid: u32, gid: u32) -> Option<u16> {
         }
         if cache.len() >= MAX_PERSONALITIES {
             for (_, id) in cache.drain() {
-                uring_transport::io::unregister_personality(id);
+                ringfs_transport::io::unregister_personality(id);
             }
         }
         let id = {
             let _guard = CredGuard::switch(uid, gid);
-            uring_transport::io::register_personality()
+            ringfs_transport::io::register_personality()
         };
         match id {
             Ok(id) => {

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use protocol::{Errno, Result};
+use ringfs_protocol::{Errno, Result};
 
 use super::sys;
 use super::IdHash;

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use protocol::{Errno, NodeId, Result};
+use ringfs_protocol::{Errno, NodeId, Result};
 
 use super::{sys, IdHash};
 

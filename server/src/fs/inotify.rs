@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use protocol::KernelChannel;
+use ringfs_protocol::KernelChannel;
 
 use super::inode::{DirHooks, InodeTable};
 use super::watch::{flush, Inval, COALESCE};
@@ -113,8 +113,8 @@ impl DirHooks for Inotify {
 /// Runs the inotify watch: registers the hooks and the root's watch, then turns events into
 /// coalesced invalidations until the process exits.
 pub(crate) fn run(fd: &OwnedFd, ino: &Arc<Inotify>, inodes: &Arc<InodeTable>, kernel: &dyn KernelChannel) {
-    if let Ok((root, _)) = inodes.get(protocol::NodeId::ROOT.0) {
-        ino.add(protocol::NodeId::ROOT.0, root.as_raw_fd());
+    if let Ok((root, _)) = inodes.get(ringfs_protocol::NodeId::ROOT.0) {
+        ino.add(ringfs_protocol::NodeId::ROOT.0, root.as_raw_fd());
     }
     let mut buf = vec![0u64; 8192];
     let mut pending: HashSet<Inval> = HashSet::new();

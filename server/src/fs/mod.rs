@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use rustix::fs::{AtFlags, Mode, SeekFrom};
 
-use protocol::{
+use ringfs_protocol::{
     AttrOut, ConnInfo, Context, DirBuffer, DirPlusBuffer, Entry, Errno, FileAttr, FileHandle, FileSystem, FsXattr,
     NodeId, OpenOptions, Opened, Result, SetAttr, SetTime, StatFs, StatxAttr, WriteFlags, XattrReply,
 };
@@ -628,7 +628,7 @@ impl PassthroughFs {
 
     /// [`lookup_at`](Self::lookup_at) through the queue's io_uring (server credentials).
     async fn lookup_at_ring(&self, dir: RawFd, name: &CStr) -> Result<(u64, libc::stat)> {
-        let fd = match uring_transport::io::openat2(
+        let fd = match ringfs_transport::io::openat2(
             dir,
             name,
             libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
@@ -649,7 +649,7 @@ impl PassthroughFs {
     /// metadata calls through its ring right now; `None`: create synchronously under the
     /// caller's credentials (inline metadata, off the queues, or no personality available).
     fn ring_creator(&self, ctx: &Context) -> Option<u16> {
-        if !uring_transport::io::metadata_on_ring() {
+        if !ringfs_transport::io::metadata_on_ring() {
             return None;
         }
         creds::personality(ctx.uid, ctx.gid)
@@ -1087,7 +1087,7 @@ impl PassthroughFs {
 }
 
 impl FileSystem for PassthroughFs {
-    fn attach_kernel(&self, kernel: std::sync::Arc<dyn protocol::KernelChannel>) {
+    fn attach_kernel(&self, kernel: std::sync::Arc<dyn ringfs_protocol::KernelChannel>) {
         self.passthrough.attach(kernel);
     }
 
@@ -1253,7 +1253,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         if let Some(p) = self.ring_creator(ctx) {
-            match uring_transport::io::symlinkat_as(target, pfd.as_fd(), name, p).await {
+            match ringfs_transport::io::symlinkat_as(target, pfd.as_fd(), name, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
@@ -1288,7 +1288,7 @@ impl FileSystem for PassthroughFs {
         let (pfd, _) = self.inodes.get(parent.0)?;
         let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
         if let Some(p) = self.ring_creator(ctx) {
-            match uring_transport::io::mkdirat_as(pfd.as_fd(), name, mode & 0o7777, p).await {
+            match ringfs_transport::io::mkdirat_as(pfd.as_fd(), name, mode & 0o7777, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
@@ -1304,7 +1304,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         if self.kernel_checks() {
-            return Ok(uring_transport::io::unlinkat(pfd.as_fd(), name, 0).await?);
+            return Ok(ringfs_transport::io::unlinkat(pfd.as_fd(), name, 0).await?);
         }
         self.as_caller(ctx, false, || sys::rx(rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty())))
     }
@@ -1313,7 +1313,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         if self.kernel_checks() {
-            return Ok(uring_transport::io::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR).await?);
+            return Ok(ringfs_transport::io::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR).await?);
         }
         self.as_caller(ctx, false, || sys::rx(rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR)))
     }
@@ -1332,7 +1332,7 @@ impl FileSystem for PassthroughFs {
         let (ofd, _) = self.inodes.get(parent.0)?;
         let (nfd, _) = self.inodes.get(new_parent.0)?;
         if self.kernel_checks() {
-            return Ok(uring_transport::io::renameat2(ofd.as_fd(), name, nfd.as_fd(), new_name, flags).await?);
+            return Ok(ringfs_transport::io::renameat2(ofd.as_fd(), name, nfd.as_fd(), new_name, flags).await?);
         }
         self.as_caller(ctx, false, || sys::renameat2(ofd.as_fd(), name, nfd.as_fd(), new_name, flags))
     }
@@ -1343,14 +1343,14 @@ impl FileSystem for PassthroughFs {
         let (pfd, _) = self.inodes.get(new_parent.0)?;
         let src = sys::proc_path(fd.as_raw_fd());
         // Through the ring: as the server when the kernel checked permissions, else as the caller.
-        let creator = match (uring_transport::io::metadata_on_ring(), self.kernel_checks()) {
+        let creator = match (ringfs_transport::io::metadata_on_ring(), self.kernel_checks()) {
             (false, _) => None,
             (true, true) => Some(0),
             (true, false) => self.ring_creator(ctx),
         };
         if let Some(p) = creator {
             let flags = libc::AT_SYMLINK_FOLLOW;
-            match uring_transport::io::linkat_as(None, &src, pfd.as_fd(), new_name, flags, p).await {
+            match ringfs_transport::io::linkat_as(None, &src, pfd.as_fd(), new_name, flags, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), new_name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
                 Err(_) => {}
@@ -1377,7 +1377,7 @@ impl FileSystem for PassthroughFs {
         let file = if self.kernel_checks() {
             // Through the queue's ring: opening may block on the backing file (NFS, devices).
             let name = sys::fd_name(fd.as_raw_fd());
-            uring_transport::io::openat2(self.proc_fd.as_raw_fd(), &name, flags, 0, 0).await?
+            ringfs_transport::io::openat2(self.proc_fd.as_raw_fd(), &name, flags, 0, 0).await?
         } else {
             // As the caller, O_NOATIME needs ownership of the file (EPERM otherwise).
             match self.as_caller(ctx, false, || self.reopen(fd.as_raw_fd(), flags)) {
@@ -1415,7 +1415,7 @@ impl FileSystem for PassthroughFs {
             | if self.cfg.noatime { libc::O_NOATIME } else { 0 };
         if let Some(p) = self.ring_creator(ctx) {
             let (dir, mode) = (pfd.as_raw_fd(), mode & 0o7777);
-            match uring_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
+            match ringfs_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
                 Ok(file) => return self.created_open(ctx, file, flags as i32, true),
                 // A mount point: checked by the synchronous path below.
                 Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
@@ -1447,7 +1447,7 @@ impl FileSystem for PassthroughFs {
             | libc::O_TMPFILE
             | libc::O_CLOEXEC;
         if let Some(p) = self.ring_creator(ctx) {
-            match uring_transport::io::openat2_as(pfd.as_raw_fd(), c".", oflags, mode & 0o7777, 0, p).await {
+            match ringfs_transport::io::openat2_as(pfd.as_raw_fd(), c".", oflags, mode & 0o7777, 0, p).await {
                 // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
                 Ok(file) => return self.created_open(ctx, file, flags as i32, false),
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
@@ -1463,7 +1463,7 @@ impl FileSystem for PassthroughFs {
         let h = self.handle_fd(fh)?;
         // On an io_uring queue thread this is an SQE on the queue's ring, which keeps a
         // duplicate of the descriptor until it completes.
-        Ok(uring_transport::io::pread(h.file_borrowed()?, buf, offset).await?)
+        Ok(ringfs_transport::io::pread(h.file_borrowed()?, buf, offset).await?)
     }
 
     async fn write(
@@ -1481,7 +1481,7 @@ impl FileSystem for PassthroughFs {
             self.attr_changed(node.0);
         }
         // On an O_APPEND descriptor a positioned write appends, as the open asked for.
-        Ok(uring_transport::io::pwrite(h.file_borrowed()?, data, offset).await?)
+        Ok(ringfs_transport::io::pwrite(h.file_borrowed()?, data, offset).await?)
     }
 
     async fn flush(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _lock_owner: u64) -> Result<()> {
@@ -1514,7 +1514,7 @@ impl FileSystem for PassthroughFs {
 
     async fn fsync(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
         let h = self.handle_fd(fh)?;
-        Ok(uring_transport::io::fsync(h.borrowed_fd(), datasync).await?)
+        Ok(ringfs_transport::io::fsync(h.borrowed_fd(), datasync).await?)
     }
 
     async fn opendir(&self, ctx: &Context, node: NodeId, _flags: u32) -> Result<Opened> {
@@ -1591,7 +1591,7 @@ impl FileSystem for PassthroughFs {
     async fn fsyncdir(&self, ctx: &Context, node: NodeId, fh: FileHandle, datasync: bool) -> Result<()> {
         if fh.0 == 0 && self.no_opendir.load(Ordering::Relaxed) {
             let fd = self.open_dir(node)?;
-            return Ok(uring_transport::io::fsync(fd.as_fd(), datasync).await?);
+            return Ok(ringfs_transport::io::fsync(fd.as_fd(), datasync).await?);
         }
         self.fsync(ctx, node, fh, datasync).await
     }
@@ -1679,7 +1679,7 @@ impl FileSystem for PassthroughFs {
     ) -> Result<()> {
         let h = self.handle_fd(fh)?;
         let fd = h.file_borrowed()?;
-        uring_transport::io::fallocate(fd, mode as i32, offset, length).await?;
+        ringfs_transport::io::fallocate(fd, mode as i32, offset, length).await?;
         // fallocate by an unprivileged caller clears set-id bits natively; FALLOCATE carries no
         // kill flag and runs as the server, so clear them here.
         if ctx.uid != 0 && self.kill_suidgid(ctx, fd)? {

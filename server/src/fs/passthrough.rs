@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use protocol::KernelChannel;
+use ringfs_protocol::KernelChannel;
 
 /// How the opens of one inode are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

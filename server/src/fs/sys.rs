@@ -7,7 +7,7 @@ use std::ffi::CStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use protocol::{Errno, Result};
+use ringfs_protocol::{Errno, Result};
 use rustix::fs::{Mode, OFlags};
 
 /// Converts a rustix result (the kernel's errno on failure) into a result.
@@ -59,7 +59,7 @@ pub(crate) const RESOLVE_CROSSING: u64 = RESOLVE_STRICT & !libc::RESOLVE_NO_XDEV
 
 /// openat2(2), blocking, with the transport's retry rule for `EAGAIN`.
 pub(crate) fn openat2(dir: RawFd, name: &CStr, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd> {
-    Ok(uring_transport::io::openat2_blocking(dir, name, flags, mode, resolve)?)
+    Ok(ringfs_transport::io::openat2_blocking(dir, name, flags, mode, resolve)?)
 }
 
 /// The device number (`st_dev`) of what `fd` refers to, without asking its file system for
@@ -122,9 +122,13 @@ pub(crate) fn stat_from_statx(x: &libc::statx) -> libc::stat {
 
 /// fstat through the queue's io_uring (a plain syscall off the queues).
 pub(crate) async fn fstat_async(fd: std::os::fd::BorrowedFd<'_>) -> Result<libc::stat> {
-    let x =
-        uring_transport::io::statx(fd, EMPTY, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW, libc::STATX_BASIC_STATS)
-            .await?;
+    let x = ringfs_transport::io::statx(
+        fd,
+        EMPTY,
+        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        libc::STATX_BASIC_STATS,
+    )
+    .await?;
     Ok(stat_from_statx(&x))
 }
 
@@ -380,10 +384,10 @@ pub(crate) mod xattr {
 
 /// `FS_JOURNAL_DATA_FL`: ext4 data journalling (`chattr +j`), guarded by CAP_SYS_RESOURCE.
 pub(crate) const FS_JOURNAL_DATA_FL: u32 = 0x0000_4000;
-const FS_IOC_GETFLAGS: libc::c_ulong = protocol::abi::fileattr::GETFLAGS as libc::c_ulong;
-const FS_IOC_SETFLAGS: libc::c_ulong = protocol::abi::fileattr::SETFLAGS as libc::c_ulong;
-const FS_IOC_FSGETXATTR: libc::c_ulong = protocol::abi::fileattr::FSGETXATTR as libc::c_ulong;
-const FS_IOC_FSSETXATTR: libc::c_ulong = protocol::abi::fileattr::FSSETXATTR as libc::c_ulong;
+const FS_IOC_GETFLAGS: libc::c_ulong = ringfs_protocol::abi::fileattr::GETFLAGS as libc::c_ulong;
+const FS_IOC_SETFLAGS: libc::c_ulong = ringfs_protocol::abi::fileattr::SETFLAGS as libc::c_ulong;
+const FS_IOC_FSGETXATTR: libc::c_ulong = ringfs_protocol::abi::fileattr::FSGETXATTR as libc::c_ulong;
+const FS_IOC_FSSETXATTR: libc::c_ulong = ringfs_protocol::abi::fileattr::FSSETXATTR as libc::c_ulong;
 
 /// `struct fsxattr` as the ioctls take it.
 #[repr(C)]
@@ -414,11 +418,11 @@ pub(crate) fn set_inode_flags(fd: RawFd, flags: u32) -> Result<()> {
 }
 
 /// `FS_IOC_FSGETXATTR` on an open descriptor.
-pub(crate) fn get_fsxattr(fd: RawFd) -> Result<protocol::FsXattr> {
+pub(crate) fn get_fsxattr(fd: RawFd) -> Result<ringfs_protocol::FsXattr> {
     let mut x = RawFsxattr::default();
     // SAFETY: FS_IOC_FSGETXATTR fills a `struct fsxattr`, which `RawFsxattr` is.
     cvt(unsafe { libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut x) })?;
-    let mut out = protocol::FsXattr::default();
+    let mut out = ringfs_protocol::FsXattr::default();
     out.xflags = x.xflags;
     out.extsize = x.extsize;
     out.nextents = x.nextents;
@@ -428,7 +432,7 @@ pub(crate) fn get_fsxattr(fd: RawFd) -> Result<protocol::FsXattr> {
 }
 
 /// `FS_IOC_FSSETXATTR` on an open descriptor.
-pub(crate) fn set_fsxattr(fd: RawFd, a: &protocol::FsXattr) -> Result<()> {
+pub(crate) fn set_fsxattr(fd: RawFd, a: &ringfs_protocol::FsXattr) -> Result<()> {
     let x = RawFsxattr {
         xflags: a.xflags,
         extsize: a.extsize,

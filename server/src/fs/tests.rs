@@ -9,9 +9,9 @@ use std::path::Path;
 use std::pin::pin;
 use std::task::{Context as TaskCx, Poll, Waker};
 
-use protocol::abi::{FuseDirent, FuseDirentplus, FuseEntryOut};
-use protocol::reply::{dirent_size, direntplus_size};
-use protocol::Timespec;
+use ringfs_protocol::abi::{FuseDirent, FuseDirentplus, FuseEntryOut};
+use ringfs_protocol::reply::{dirent_size, direntplus_size};
+use ringfs_protocol::Timespec;
 
 /// Drives a future that never actually waits.
 fn block_on<F: Future>(f: F) -> F::Output {

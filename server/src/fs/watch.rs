@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::{KernelChannel, NodeId};
+use ringfs_protocol::{KernelChannel, NodeId};
 
 use super::inode::InodeTable;
 

@@ -46,7 +46,7 @@ pub fn require(test: &str, needs_uring: bool, examples: &[&str]) -> bool {
     }
     for e in examples {
         if !example_bin(e).exists() {
-            missing.push(format!("{} missing (cargo build -p uring-transport --examples)", example_bin(e).display()));
+            missing.push(format!("{} missing (cargo build -p ringfs-transport --examples)", example_bin(e).display()));
         }
     }
     if needs_uring && !uring_enabled() {
