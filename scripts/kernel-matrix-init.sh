@@ -47,6 +47,17 @@ mount -t devtmpfs devtmpfs $r/dev
 mkdir -p $r/dev/pts $r/dev/shm 2>/dev/null
 mount -t devpts devpts $r/dev/pts 2>/dev/null
 mount -t tmpfs tmpfs $r/dev/shm
+# The checkout (and the binary) may live under a directory covered below (a clone in /tmp):
+# held aside now by a bind mount and put back at the same path once the cover is in place.
+keep=""
+for p in "${smoke%/scripts/*}" "${bin%/*}"; do
+    case "$p" in
+        /tmp/* | /run/* | /var/tmp/* | /var/lib/ringfs/*) ;;
+        *) continue ;;
+    esac
+    n=$(echo "$keep" | wc -w)
+    mkdir -p "/keep/$n" && mount -o bind "$r$p" "/keep/$n" && keep="$keep $p"
+done
 # A scratch disk (the integration tests' /tmp) when the matrix gave one; tmpfs otherwise.
 if [ -b /dev/vda ] && mount -t ext4 /dev/vda $r/tmp; then
     chmod 1777 $r/tmp
@@ -55,6 +66,11 @@ fi
 for d in /tmp /run /var/tmp /var/lib/ringfs; do
     [ "$d" = /tmp ] && grep -q " $r/tmp ext4 " /proc/mounts && continue
     [ -d "$r$d" ] && mount -t tmpfs -o mode=1777 tmpfs "$r$d"
+done
+n=0
+for p in $keep; do
+    mkdir -p "$r$p" && mount -o bind "/keep/$n" "$r$p" || say "cannot put $p back"
+    n=$((n + 1))
 done
 mount -t tracefs tracefs $r/sys/kernel/tracing 2>/dev/null || say "no tracefs"
 mount -t bpf bpf $r/sys/fs/bpf 2>/dev/null
