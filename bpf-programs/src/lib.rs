@@ -15,6 +15,7 @@
 //! verification loses that piece only; [`Accounting::programs`] names every piece and why it is
 //! missing. Loading needs CAP_BPF/CAP_PERFMON (root) and the kernel's BTF; when nothing can be
 //! attached the result is a [`BpfError`] that says why, and callers run without accounting.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::fmt;
 use std::path::Path;
@@ -785,6 +786,7 @@ mod tests {
 
     /// Root with BPF and BTF, or a printed reason to skip (a failure with CI=true).
     fn can_load() -> bool {
+        // SAFETY: geteuid has no preconditions.
         let why = if unsafe { libc::geteuid() } != 0 {
             "not root"
         } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {

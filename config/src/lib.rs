@@ -10,6 +10,7 @@
 //! **Architecture Invariant:** this crate is pure. It does not touch the file
 //! system (not even to canonicalize a path), read the environment, log, or
 //! start anything; callers pass in the text and arguments they have read.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod error;
 mod options;

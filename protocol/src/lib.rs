@@ -12,6 +12,7 @@
 //! counters, [`stats`]. `abi`, `request`, `reply` and `dispatch` are the transport's internals
 //! (the kernel ABI and its encoding): public for `uring-transport` and the ringfs server, hidden
 //! from the documentation and not part of the API a file system may rely on.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 #[doc(hidden)]
 pub mod abi;

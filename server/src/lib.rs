@@ -1,4 +1,5 @@
 //! ringfs server library: the passthrough file system and the pieces of the binary.
+#![deny(clippy::undocumented_unsafe_blocks)]
 pub mod cli;
 pub mod fs;
 pub mod metrics;

@@ -1,4 +1,5 @@
 //! `ringfs`: mount a backing directory through FUSE.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::process::ExitCode;
 
