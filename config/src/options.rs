@@ -175,8 +175,8 @@ fn convert(kind: Kind, value: &str) -> Value {
 
 fn parse_bool(value: &str) -> Option<bool> {
     match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Some(true),
-        "false" | "0" | "no" => Some(false),
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
         _ => None,
     }
 }
@@ -232,10 +232,10 @@ mod tests {
 
     #[test]
     fn bools() {
-        for t in ["true", "1", "yes", "YES"] {
+        for t in ["true", "1", "yes", "YES", "on"] {
             assert_eq!(parse_bool(t), Some(true));
         }
-        for f in ["false", "0", "no"] {
+        for f in ["false", "0", "no", "off"] {
             assert_eq!(parse_bool(f), Some(false));
         }
         assert_eq!(parse_bool("maybe"), None);

@@ -88,6 +88,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("allow_other", Kind::Bool),
     key("default_permissions", Kind::Bool),
     key("lsm_labels", Kind::Bool),
+    key("failover", Kind::Bool),
     key("ro", Kind::Bool),
     key("nosuid", Kind::Bool),
     key("noatime", Kind::Bool),

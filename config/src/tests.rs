@@ -458,7 +458,7 @@ fn value_errors_name_their_key() {
         ),
         ("offload.passthrough = 1", "", "offload.passthrough", "must be true or false, got 1"),
         ("metrics.addr = \"localhost\"", "metrics_addr=localhost", "metrics.addr", "must be an address with a port"),
-        ("ebpf.enable = \"on\"", "enable=on", "ebpf.enable", r#"must be true or false, got "on""#),
+        ("ebpf.enable = \"sure\"", "enable=sure", "ebpf.enable", r#"must be true or false, got "sure""#),
         (
             "log.level = \"verbose\"",
             "level=verbose",

@@ -47,6 +47,13 @@ pub struct Config {
     /// label-based LSM reads labels through this mount and nobody copies labels through it.
     /// `security.capability` and other `security.*` names are unaffected.
     pub lsm_labels: bool,
+    /// `failover`: crash failover. The watchdog process holds the mount's connection and, when
+    /// the server dies (SIGKILL, panic, OOM kill), starts a new server that takes the connection
+    /// and the state over; the kernel resends the requests the dead server had taken
+    /// (`FUSE_NOTIFY_RESEND`, Linux 6.9+). Classic /dev/fuse channel only: on FUSE over io_uring,
+    /// or on a kernel without resend, the watchdog unmounts lazily as without it (said at
+    /// start-up). Default `false` (docs/reliability.md, "Crash failover", says why).
+    pub failover: bool,
     /// `ro`: mount read-only. Default `false`.
     pub ro: bool,
     /// `fsname`: the device name shown in /proc/mounts. Default `""`, which
@@ -83,6 +90,7 @@ impl Default for Config {
             allow_other: false,
             default_permissions: true,
             lsm_labels: true,
+            failover: false,
             ro: false,
             fsname: String::new(),
             subtype: "ringfs".to_owned(),
@@ -516,6 +524,7 @@ struct ConfigFile {
     allow_other: bool,
     default_permissions: bool,
     lsm_labels: bool,
+    failover: bool,
     ro: bool,
     nosuid: bool,
     nodev: bool,
@@ -549,6 +558,7 @@ impl From<Config> for ConfigFile {
             allow_other: c.allow_other,
             default_permissions: c.default_permissions,
             lsm_labels: c.lsm_labels,
+            failover: c.failover,
             ro: c.ro,
             nosuid: c.mount_flags.nosuid,
             nodev: c.mount_flags.nodev,
@@ -577,6 +587,7 @@ impl From<ConfigFile> for Config {
             allow_other: f.allow_other,
             default_permissions: f.default_permissions,
             lsm_labels: f.lsm_labels,
+            failover: f.failover,
             ro: f.ro,
             fsname: f.fsname,
             subtype: f.subtype,

@@ -241,7 +241,18 @@ impl<F: FileSystem> Dispatcher<F> {
         // Ends the in-flight record however the request ends: a reply, a panic in the file
         // system (caught by the queue), or the task dropped at a forced stop.
         let in_flight = InFlightGuard::enter(&self.stats);
-        let outcome = self.serve(req, out).await;
+        let mut outcome = self.serve(req, out).await;
+        if req.header.unique & abi::UNIQUE_RESEND != 0 {
+            self.stats.resent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Outcome::Reply { error, .. } = outcome {
+                if error == -libc::EEXIST || error == -libc::ENOENT {
+                    if let Some(o) = self.already_done(req, out, -error).await {
+                        self.stats.resent_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        outcome = o;
+                    }
+                }
+            }
+        }
         let op = req.header.opcode;
         let (error, len) = match outcome {
             Outcome::Reply { error, len } => (error, len),
@@ -255,6 +266,43 @@ impl<F: FileSystem> Dispatcher<F> {
         self.stats.record(op, error, start.elapsed(), bytes_in, bytes_out);
         drop(in_flight);
         outcome
+    }
+
+    /// A resent request (the server that took it first died: crash failover) that failed with
+    /// `errno` as its first attempt would have succeeded: if that first attempt had already
+    /// taken effect (the name it created exists, the name it removed or renamed is gone), the
+    /// answer the caller was owed. `None`: the error stands.
+    ///
+    /// The check is by outcome, not by proof: another process that created or removed the
+    /// same name while the mount was failing over would be taken for the first attempt.
+    async fn already_done(&self, req: &Request<'_>, out: &mut [u8], errno: i32) -> Option<Outcome> {
+        let fs = &*self.fs;
+        let ctx = context(req);
+        let node = NodeId(req.header.nodeid);
+        match (&req.op, errno) {
+            (
+                Operation::Mkdir { name, .. }
+                | Operation::Mknod { name, .. }
+                | Operation::Symlink { name, .. }
+                | Operation::Link { name, .. },
+                libc::EEXIST,
+            ) => Some(entry_reply(out, fs.lookup(&ctx, node, name).await)),
+            (Operation::Create { arg, name }, libc::EEXIST) if arg.flags as i32 & libc::O_EXCL != 0 => {
+                let flags = arg.flags & !(libc::O_EXCL as u32);
+                Some(create_reply(out, fs.create(&ctx, node, name, arg.mode, arg.umask, flags).await))
+            }
+            (Operation::Unlink { .. } | Operation::Rmdir { .. }, libc::ENOENT) => Some(Outcome::ok(0)),
+            (Operation::Rename { newdir, newname, .. }, libc::ENOENT) => {
+                // Done if the new name exists (the reference the lookup took is given back).
+                let e = fs.lookup(&ctx, NodeId(*newdir), newname).await.ok()?;
+                if e.nodeid.0 == 0 {
+                    return None;
+                }
+                fs.forget(e.nodeid, 1);
+                Some(Outcome::ok(0))
+            }
+            _ => None,
+        }
     }
 
     async fn serve(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {

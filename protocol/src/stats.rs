@@ -244,6 +244,11 @@ pub struct DispatchStats {
     slots: Box<[OnceLock<Box<Slot>>]>,
     /// Requests whose arguments could not be parsed (rare; a shared atomic).
     pub malformed: AtomicU64,
+    /// Requests the kernel resent (`FUSE_NOTIFY_RESEND` after a crash failover; rare: a
+    /// shared atomic).
+    pub resent: AtomicU64,
+    /// Resent requests whose first attempt had already taken effect (answered as done).
+    pub resent_done: AtomicU64,
     /// Start times of the requests being served.
     pub inflight_starts: InFlight,
 }
@@ -253,6 +258,8 @@ impl Default for DispatchStats {
         DispatchStats {
             slots: (0..=MAX_SLOTS).map(|_| OnceLock::new()).collect(),
             malformed: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            resent_done: AtomicU64::new(0),
             inflight_starts: InFlight::new(),
         }
     }

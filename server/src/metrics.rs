@@ -219,6 +219,56 @@ pub fn render(s: &Sources) -> String {
         "Time from the start of the last upgrade's drain to the new server serving (0: none yet).",
     );
     let _ = writeln!(out, "ringfs_upgrade_last_pause_seconds {}", ld(&crate::upgrade::LAST_PAUSE_US) as f64 / 1e6);
+    {
+        use crate::failover::{FAILOVERS, LAST_PAUSE_US, LOST_HANDLES, MODE, RESENT_BEFORE};
+        header(
+            &mut out,
+            "ringfs_failover_mode",
+            "gauge",
+            "Crash failover in effect (1 for the mode in effect: on, off, or unavailable when asked for).",
+        );
+        let mode = ld(&MODE);
+        for (i, name) in ["off", "on", "unavailable"].iter().enumerate() {
+            let _ = writeln!(out, "ringfs_failover_mode{{mode=\"{name}\"}} {}", u64::from(mode == i as u64));
+        }
+        header(
+            &mut out,
+            "ringfs_failovers_total",
+            "counter",
+            "Crash failovers of this mount: servers started by the watchdog after the previous one died.",
+        );
+        let _ = writeln!(out, "ringfs_failovers_total {}", ld(&FAILOVERS));
+        header(
+            &mut out,
+            "ringfs_failover_resent_requests_total",
+            "counter",
+            "Requests the kernel resent after a failover (taken by a server that died before answering).",
+        );
+        let _ = writeln!(out, "ringfs_failover_resent_requests_total {}", ld(&RESENT_BEFORE) + ld(&s.dispatch.resent));
+        header(
+            &mut out,
+            "ringfs_failover_resent_done_total",
+            "counter",
+            "Resent requests found already done by the dead server (a name created or removed): answered as done.",
+        );
+        let _ = writeln!(out, "ringfs_failover_resent_done_total {}", ld(&s.dispatch.resent_done));
+        header(
+            &mut out,
+            "ringfs_failover_last_pause_seconds",
+            "gauge",
+            "Time from the watchdog finding the last server dead to its successor serving (0: no failover yet).",
+        );
+        let _ = writeln!(out, "ringfs_failover_last_pause_seconds {}", ld(&LAST_PAUSE_US) as f64 / 1e6);
+        header(
+            &mut out,
+            "ringfs_failover_lost_handles_total",
+            "counter",
+            "Open handles a failover could not open again (their file was gone): each answers EIO until closed.",
+        );
+        let _ = writeln!(out, "ringfs_failover_lost_handles_total {}", ld(&LOST_HANDLES));
+        header(&mut out, "ringfs_failover_journal_bytes", "gauge", "Size of the crash-failover journal (0: off).");
+        let _ = writeln!(out, "ringfs_failover_journal_bytes {}", s.fs.journal_bytes());
+    }
     header(&mut out, "ringfs_server_read_bytes_total", "counter", "Bytes read by the server for READ requests.");
     let _ = writeln!(out, "ringfs_server_read_bytes_total {}", ld(&s.dispatch.op(opcode::READ).bytes_out));
     header(&mut out, "ringfs_server_write_bytes_total", "counter", "Bytes written by the server for WRITE requests.");

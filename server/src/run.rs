@@ -30,6 +30,20 @@ fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, RunError> {
     Ok(c)
 }
 
+/// The canonical path of a mount point whose FUSE mount nobody serves (a failover): its
+/// parent canonicalized, its own name kept (the first server checked it).
+fn mount_point_unserved(p: &Path) -> Result<PathBuf, RunError> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| format!("current directory: {e}"))?.join(p)
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(canonical_dir("mount point's directory", parent)?.join(name)),
+        _ => Ok(abs),
+    }
+}
+
 /// Number of worker threads for `configured` (0 = one per online CPU).
 pub fn worker_count(configured: usize) -> usize {
     if configured > 0 {
@@ -145,7 +159,13 @@ fn check_not_nested(source: &Path, mountpoint: &Path) -> Result<(), RunError> {
 /// Mounts `cfg` and serves it until unmounted or signalled.
 pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     let source = canonical_dir("backing directory", &cfg.source)?;
-    let mountpoint = canonical_dir("mount point", &cfg.mountpoint)?;
+    let mountpoint = if std::env::var_os(ringfs_transport::watchdog::FAILOVER_ENV).is_some() {
+        // A failover: the mount is there and nobody serves it yet. Looking at the mount point
+        // itself would wait for an answer only this process can give.
+        mount_point_unserved(&cfg.mountpoint)?
+    } else {
+        canonical_dir("mount point", &cfg.mountpoint)?
+    };
     check_not_nested(&source, &mountpoint)?;
     // Without CAP_SYS_ADMIN (not root): mount through fusermount3, and switch off what needs
     // privilege (named in one log line once the file system is open).
@@ -166,9 +186,15 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         Some(t) => Some(t.hello()?),
         None => None,
     };
-    let background = background && takeover.is_none();
+    // Started by the watchdog after the previous server died (crash failover): take the
+    // connection over from the descriptors it held.
+    let mut handover = crate::failover::Handover::from_env().transpose()?;
+    let background = background && takeover.is_none() && handover.is_none();
     let mut ready_pipe = if background { Some(daemonize()?) } else { None };
-    let mut watchdog = Watchdog::spawn(&mountpoint, background).map_err(|e| format!("starting the watchdog: {e}"))?;
+    let mut watchdog = match handover.as_mut().and_then(|h| h.watchdog.take()) {
+        Some(w) => w,
+        None => Watchdog::spawn(&mountpoint, background).map_err(|e| format!("starting the watchdog: {e}"))?,
+    };
     let sigset = block_signals();
 
     let mut cache = cfg.cache.clone();
@@ -261,8 +287,31 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     session_cfg.busy_poll = std::time::Duration::from_micros(cfg.transport.busy_poll_us);
     let mut metrics_listener = None;
     let mut control_listener = None;
-    let (session, dev) = match hello {
-        Some(hello) => {
+    // A failover: the dead server's queue descriptors (kept until the kernel resent what was
+    // read through them), and when it was found dead.
+    let mut old_clones = Vec::new();
+    let mut died_at: Option<u64> = None;
+    let (session, dev) = match (hello, handover.take()) {
+        (None, Some(h)) => {
+            metrics_listener = h.metrics_listener;
+            control_listener = h.control_listener;
+            old_clones = h.old_clones;
+            fs.set_mount_dev(h.dev);
+            let s =
+                Session::adopt(h.fuse_fd, h.dev, mountpoint.clone(), fs.clone(), &session_cfg, &h.init_in, &h.init_out)
+                    .map_err(|e| format!("failover: taking the connection over: {e}"))?;
+            let r = fs.import_failover(&h.journal).map_err(|e| format!("failover: {e}"))?;
+            crate::failover::LOST_HANDLES.fetch_add(r.lost as u64, Ordering::Relaxed);
+            log::info!(
+                "failover: took the state of the dead server over: {} nodes, {} open handles reopened, {} lost (EIO)",
+                r.nodes,
+                r.handles,
+                r.lost
+            );
+            died_at = Some(h.died_at_ns);
+            (s, h.dev)
+        }
+        (Some(hello), _) => {
             let tk = takeover.as_ref().ok_or("takeover without its socket")?;
             let dev = hello.dev;
             metrics_listener = hello.metrics_listener;
@@ -282,7 +331,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                 Err(e) => return Err(tk.refuse(&e.to_string())),
             }
         }
-        None => {
+        (None, None) => {
             let fsname = if cfg.fsname.is_empty() { source.display().to_string() } else { cfg.fsname.clone() };
             let mut opts = MountOptions::new(mountpoint.clone());
             opts.fsname = fsname.replace(',', "_");
@@ -314,10 +363,20 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     if let Err(e) = watchdog.mounted(dev) {
         log::warn!("watchdog not told about the mount: {e}");
     }
+    let failover_link = failover_setup(&cfg, &session, &fs, &watchdog, dev);
+    if let Some(link) = &failover_link {
+        let l = link.clone();
+        session.set_clone_hook(Arc::new(move |fds| l.set_clones(fds)));
+        // A live upgrade's new server starts its journal once the old state is in (below).
+        if takeover.is_none() {
+            start_journal(&fs, link);
+        }
+    }
     // A takeover: the queues wait at their gate until the state is in; the old server drains
     // only once our io_uring entries are registered (see `upgrade`).
     let takeover_done = takeover.map(|tk| {
         let (fs, session) = (fs.clone(), session.clone());
+        let failover_link = failover_link.clone();
         let mountpoint_s = mountpoint.display().to_string();
         std::thread::spawn(move || -> Result<(), RunError> {
             if !session.wait_queues_at_gate(Duration::from_secs(10)) {
@@ -336,6 +395,9 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                 session.open_gate(false);
                 return Err(tk.refuse(e));
             }
+            if let Some(link) = &failover_link {
+                start_journal(&fs, link);
+            }
             session.open_gate(true);
             // Before the old server exits (it waits for RESUMED): systemd must not see the
             // service's main process gone.
@@ -351,6 +413,34 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             Ok(())
         })
     });
+    // A failover: the queues wait at their gate until the kernel has put the requests the dead
+    // server had taken back in its queue.
+    let failover_done = died_at.map(|died| {
+        let session = session.clone();
+        let mountpoint_s = mountpoint.display().to_string();
+        std::thread::spawn(move || -> Result<(), RunError> {
+            if !session.wait_queues_at_gate(Duration::from_secs(10)) {
+                session.open_gate(false);
+                return Err("failover: the queues did not start".into());
+            }
+            if let Err(e) = session.resend() {
+                log::error!("failover: FUSE_NOTIFY_RESEND failed ({e}): requests the dead server had taken will fail");
+            }
+            // Empty now: closing them ends nothing.
+            drop(old_clones);
+            session.open_gate(true);
+            let pause_us = ringfs_transport::watchdog::monotonic_ns().saturating_sub(died) / 1000;
+            crate::failover::LAST_PAUSE_US.store(pause_us, Ordering::Relaxed);
+            crate::failover::FAILOVERS.fetch_add(1, Ordering::Relaxed);
+            crate::service::new_main_process(&format!("serving {mountpoint_s} (after a crash failover)"));
+            log::info!(
+                "failover: serving {mountpoint_s} again {:.1} ms after the previous server was found dead",
+                pause_us as f64 / 1e3
+            );
+            Ok(())
+        })
+    });
+    let takeover_done = takeover_done.or(failover_done);
     log::info!(
         "{} {} on {} (dev {}:{}, transport {})",
         if takeover_done.is_some() { "taking over" } else { "mounted" },
@@ -463,6 +553,9 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             control_path.display()
         );
     }
+    if let Some(link) = &failover_link {
+        link.set_listeners(crate::metrics::listener_fd(), upgrader.control_listener_fd());
+    }
     let finished = Arc::new(AtomicBool::new(false));
     {
         let mountpoint = mountpoint.clone();
@@ -509,6 +602,56 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     watchdog.done();
     log::info!("unmounted {}", mountpoint.display());
     result.map_err(|e| e.to_string())
+}
+
+/// Decides crash failover for this mount and says at start-up what is in effect; the link to
+/// the watchdog when failover is on.
+fn failover_setup(
+    cfg: &Config,
+    session: &Session<PassthroughFs>,
+    fs: &PassthroughFs,
+    watchdog: &Watchdog,
+    dev: u64,
+) -> Option<Arc<crate::failover::Link>> {
+    use crate::failover::{unavailable, Link, MODE};
+    if !cfg.failover {
+        MODE.store(0, Ordering::Relaxed);
+        log::info!("crash failover: off (failover = false); if the server dies, the watchdog detaches the mount");
+        return None;
+    }
+    if let Some(why) = unavailable(session.stats().uring, session.kernel_resends(), fs.reopens_by_handle()) {
+        MODE.store(2, Ordering::Relaxed);
+        log::warn!("crash failover: unavailable: {why}; if the server dies, the watchdog detaches the mount");
+        return None;
+    }
+    let link = watchdog
+        .link()
+        .and_then(|wd| Link::new(wd, dev, session.init_record(), session.fuse_fd(), session.dispatch_stats()));
+    match link {
+        Ok(l) => {
+            MODE.store(1, Ordering::Relaxed);
+            log::info!(
+                "crash failover: on (classic /dev/fuse channel, FUSE_NOTIFY_RESEND): the watchdog holds the \
+                 connection; if the server dies it starts a new one and the kernel resends the requests in flight"
+            );
+            Some(l)
+        }
+        Err(e) => {
+            MODE.store(2, Ordering::Relaxed);
+            log::warn!("crash failover: unavailable: {e}; if the server dies, the watchdog detaches the mount");
+            None
+        }
+    }
+}
+
+/// Starts the failover journal and hands it to the watchdog.
+fn start_journal(fs: &PassthroughFs, link: &Arc<crate::failover::Link>) {
+    use std::os::fd::AsFd;
+    let l = link.clone();
+    match fs.start_journal(Arc::new(move |fd| l.set_journal(fd))) {
+        Ok(fd) => link.set_journal(fd.as_fd()),
+        Err(e) => log::error!("crash failover: the journal could not be started ({e}); a crash ends the mount"),
+    }
 }
 
 /// The one line a server without root logs: what it switched off, and why.

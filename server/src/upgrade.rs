@@ -261,6 +261,11 @@ impl Upgrader {
         })
     }
 
+    /// A duplicate of the control socket's listener, once serving (for crash failover).
+    pub fn control_listener_fd(&self) -> Option<OwnedFd> {
+        self.control_listener.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|l| l.try_clone().ok())
+    }
+
     /// Called by the main thread when its session returned `Drained`: hands the state over and
     /// says whether to exit or to serve again.
     pub fn on_drained(&self) -> Verdict {

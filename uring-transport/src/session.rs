@@ -129,7 +129,12 @@ pub struct Session<F> {
     init_out: Vec<u8>,
     control: Arc<Control>,
     gate: Option<Arc<Gate>>,
+    clone_hook: std::sync::Mutex<Option<Arc<CloneHook>>>,
 }
+
+/// Called by [`Session::serve`] on the classic channel with the clones its queues are about to
+/// read through, before any of them reads (see [`Session::set_clone_hook`]).
+pub type CloneHook = dyn Fn(&[std::os::fd::BorrowedFd<'_>]) + Send + Sync;
 
 /// How a call of [`Session::serve`] ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,6 +319,7 @@ impl<F: FileSystem> Session<F> {
             init_out,
             control: Arc::new(Control::new(queues)?),
             gate: if gated { Some(Arc::new(Gate::new(queues)?)) } else { None },
+            clone_hook: std::sync::Mutex::new(None),
             mounted,
             dispatcher: Dispatcher::new(fs),
             bufsize: cfg.init.max_write.max(128 * 1024) as usize + 8192,
@@ -388,6 +394,31 @@ impl<F: FileSystem> Session<F> {
         if let Some(g) = &self.gate {
             g.open(serve);
         }
+    }
+
+    /// Sets what [`serve`](Self::serve) calls, on the classic channel, with the descriptors its
+    /// queues read requests through, before the first read (crash failover: a supervisor that
+    /// holds them keeps the requests read through them on the connection, where
+    /// [`resend`](Self::resend) finds them after the server died; requests read through a
+    /// descriptor that closes are ended with ECONNABORTED).
+    pub fn set_clone_hook(&self, hook: Arc<CloneHook>) {
+        *self.clone_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Whether the kernel resends requests on [`resend`](Self::resend) (`FUSE_HAS_RESEND` at
+    /// INIT: protocol 7.40, Linux 6.9+).
+    pub fn kernel_resends(&self) -> bool {
+        let flags = u64::from(self.init_in.flags) | (u64::from(self.init_in.flags2) << 32);
+        flags & InitFlags::HAS_RESEND.bits() != 0
+    }
+
+    /// Sends `FUSE_NOTIFY_RESEND`: the kernel puts every request taken by a reader of this
+    /// connection and not answered yet back in its queue, `unique` marked with
+    /// [`ringfs_protocol::abi::UNIQUE_RESEND`] (also requests this session's own queues are serving:
+    /// call it before they read, i.e. with the gate of an adopted session closed).
+    pub fn resend(&self) -> io::Result<()> {
+        let h = FuseOutHeader { len: 16, error: ringfs_protocol::abi::notify::RESEND, unique: 0 };
+        write_fd(&self.mounted.fd, h.as_bytes()).map(drop)
     }
 
     /// The kernel's INIT request and the reply this session sent (for [`Session::adopt`]).
@@ -471,13 +502,25 @@ impl<F: FileSystem> Session<F> {
                 log::error!("aborting the connection: {e}");
             }
         });
-        for (qid, qstats) in self.stats.queues.iter().enumerate() {
-            let channel = if self.stats.uring {
-                QueueChannel::Ring { fuse_fd: self.mounted.fd.as_raw_fd() }
-            } else {
+        let mut clones = Vec::new();
+        if !self.stats.uring {
+            for _ in 0..nqueues {
                 let fd = clone_fd(&self.mounted.fd)?;
                 set_nonblocking(&fd)?;
-                QueueChannel::Dev { fd, bufsize: self.bufsize }
+                clones.push(fd);
+            }
+            let hook = self.clone_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(hook) = hook {
+                use std::os::fd::AsFd;
+                let fds: Vec<_> = clones.iter().map(|f| f.as_fd()).collect();
+                hook(&fds);
+            }
+        }
+        let mut clones = clones.into_iter();
+        for (qid, qstats) in self.stats.queues.iter().enumerate() {
+            let channel = match clones.next() {
+                None => QueueChannel::Ring { fuse_fd: self.mounted.fd.as_raw_fd() },
+                Some(fd) => QueueChannel::Dev { fd, bufsize: self.bufsize },
             };
             let params = QueueParams {
                 qid,

@@ -225,6 +225,9 @@ pub(crate) struct HandleTable {
     next: AtomicU64,
     /// This table's identity.
     id: u64,
+    /// Handles a dead server gave out that could not be opened again (crash failover): EIO
+    /// until released.
+    lost: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl HandleTable {
@@ -234,6 +237,7 @@ impl HandleTable {
             shards: (0..SHARDS).map(|_| Shard(Mutex::new(HashMap::with_hasher(IdHash::default())))).collect(),
             next: AtomicU64::new(1),
             id: TABLES.fetch_add(1, Ordering::Relaxed),
+            lost: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -271,14 +275,38 @@ impl HandleTable {
         fh
     }
 
-    /// The handle `fh`, or EBADF.
+    /// The handle `fh`, or EBADF (EIO for a handle lost in a crash failover).
     pub(crate) fn get(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.shard(fh).get(&fh).cloned().ok_or(Errno::EBADF)
+        match self.shard(fh).get(&fh) {
+            Some(h) => Ok(h.clone()),
+            None if self.is_lost(fh) => Err(Errno::EIO),
+            None => Err(Errno::EBADF),
+        }
+    }
+
+    fn is_lost(&self, fh: u64) -> bool {
+        let lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        !lost.is_empty() && lost.contains(&fh)
+    }
+
+    /// Marks `fh` as a handle of a dead server that could not be opened again: its requests
+    /// get EIO until the kernel releases it. Numbers given out later are above it.
+    pub(crate) fn mark_lost(&self, fh: u64) {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).insert(fh);
+        let above = (fh / FH_BLOCK + 1) * FH_BLOCK;
+        self.next.fetch_max(above, Ordering::Relaxed);
     }
 
     /// Removes `fh`; its descriptor closes when the last in-flight user drops it.
     pub(crate) fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
-        self.shard(fh).remove(&fh)
+        let h = self.shard(fh).remove(&fh);
+        if h.is_none() {
+            let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+            if !lost.is_empty() {
+                lost.remove(&fh);
+            }
+        }
+        h
     }
 
     /// Every open handle: (fh, handle) (live upgrade).

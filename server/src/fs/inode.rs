@@ -320,6 +320,9 @@ pub(crate) struct InodeTable {
     /// Keys the node generations (see [`InodeTable::generation`]); random, or carried over
     /// from the previous server of this mount ([`InodeTable::import`]).
     gen_key: [AtomicU64; 2],
+    /// The crash-failover journal, when failover is on: told about every node that enters or
+    /// leaves the table.
+    journal: std::sync::OnceLock<Arc<super::journal::Journal>>,
 }
 
 /// One inode the kernel holds, as handed to the next server at a live upgrade.
@@ -431,6 +434,7 @@ impl InodeTable {
             root_key: key,
             reopen_by_handle,
             gen_key: random_key()?.map(AtomicU64::new),
+            journal: std::sync::OnceLock::new(),
         })
     }
 
@@ -552,6 +556,34 @@ impl InodeTable {
             g.retire(*id, Arc::from(handle.as_slice()));
         }
         Ok(())
+    }
+
+    /// Starts telling `journal` about nodes (crash failover); returns the nodes live now
+    /// (id, key, file type, handle), for the journal's first records. Before any request.
+    pub(crate) fn set_journal(&self, journal: Arc<super::journal::Journal>) -> Vec<LiveNode> {
+        let _ = self.journal.set(journal);
+        self.export_live()
+    }
+
+    /// The generation key and the next node id (for a failover journal).
+    pub(crate) fn keys(&self) -> ([u64; 2], u64) {
+        ([self.gen_key[0].load(Ordering::Relaxed), self.gen_key[1].load(Ordering::Relaxed)], self.read().next_id)
+    }
+
+    /// Takes over a dead server's generation key and next node id (crash failover; before any
+    /// request), so its node ids and file handles stay valid and no id is given out twice.
+    pub(crate) fn set_keys(&self, gen_key: [u64; 2], next_id: u64) {
+        self.gen_key[0].store(gen_key[0], Ordering::Relaxed);
+        self.gen_key[1].store(gen_key[1], Ordering::Relaxed);
+        let mut g = self.write();
+        g.next_id = g.next_id.max(next_id);
+    }
+
+    /// Opens node `id` again from its file handle with `flags` (crash failover: the open files
+    /// of a dead server). Root credentials.
+    pub(crate) fn reopen_handle(&self, id: u64, flags: i32) -> Result<OwnedFd> {
+        let handle = self.read().nodes.get(&id).and_then(|n| n.handle.clone()).ok_or(Errno::ESTALE)?;
+        sys::open_by_handle(self.mount_fd.as_raw_fd(), &handle, flags | libc::O_CLOEXEC)
     }
 
     /// True when the backing file system gives file handles (the root has one).
@@ -800,6 +832,10 @@ impl InodeTable {
                     if let Some(h) = h {
                         g.by_handle.insert(h.clone(), id);
                     }
+                    // Under the lock, so that the journal sees a node's life in order.
+                    if let Some(j) = self.journal.get() {
+                        j.node(id, key, kind, h.as_deref());
+                    }
                     g.make_evictable(id, &mut garbage);
                     drop(g);
                     drop(garbage);
@@ -849,6 +885,9 @@ impl InodeTable {
             node.lookups.store(left, Ordering::Relaxed);
             if left > 0 || node.opens > 0 || node.permanent {
                 return;
+            }
+            if let Some(j) = self.journal.get() {
+                j.node_gone(id);
             }
             g.remove(id)
         };
@@ -911,6 +950,9 @@ impl InodeTable {
                 }
             }
             if node.lookups.load(Ordering::Relaxed) == 0 && !node.permanent {
+                if let Some(j) = self.journal.get() {
+                    j.node_gone(id);
+                }
                 g.remove(id)
             } else {
                 g.make_evictable(id, &mut garbage);

@@ -168,3 +168,107 @@ impl PassthroughFs {
         self.handles.len()
     }
 }
+
+/// What a crash failover recovered of the dead server's open handles.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recovered {
+    /// Nodes taken over.
+    pub nodes: usize,
+    /// Open handles opened again by file handle.
+    pub handles: usize,
+    /// Open handles that could not be opened again (their file is gone): EIO until released.
+    pub lost: usize,
+}
+
+impl PassthroughFs {
+    /// Starts the crash-failover journal (failover on): from now on every node the kernel
+    /// learns or forgets and every open and release is written to it; the nodes and handles
+    /// present now are written first. Call before requests are served (at start, or once a
+    /// taken-over state is in). `rearm` gets the journal's new descriptor after each
+    /// compaction. Returns the journal's descriptor (for the watchdog).
+    pub fn start_journal(&self, rearm: Arc<super::journal::Rearm>) -> std::io::Result<OwnedFd> {
+        let (gen, next_id) = self.inodes.keys();
+        let j = super::journal::Journal::create(self.inodes.root_key(), gen, next_id, rearm)?;
+        for n in self.inodes.set_journal(j.clone()) {
+            j.node(n.id, n.key, n.kind, n.handle.as_deref());
+        }
+        let backing: std::collections::HashMap<u64, i32> =
+            self.passthrough.export().into_iter().map(|(node, id, _)| (node, id)).collect();
+        for (fh, h) in self.handles.export() {
+            let (fd, dir) = match &h.kind {
+                super::handles::HandleKind::File(fd) => (fd.clone(), false),
+                super::handles::HandleKind::Dir(fd, _) => (fd.clone(), true),
+            };
+            let flags = rustix::fs::fcntl_getfl(&*fd).map_or(libc::O_RDONLY, |f| f.bits() as i32);
+            let id = if dir { 0 } else { backing.get(&h.node).copied().unwrap_or(0) };
+            j.opened(fh, h.node, flags, dir, id);
+        }
+        let fd = j.fd()?;
+        let _ = self.journal.set(j);
+        Ok(fd)
+    }
+
+    /// Size of the failover journal in bytes (0 when failover is off).
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal.get().map_or(0, |j| j.len())
+    }
+
+    /// Takes over the state of a server that died (crash failover), from its journal, before
+    /// any request is served: its node ids (with its generation key, so file handles and the
+    /// kernel's inodes stay valid; lookup counts are not journaled, so these nodes stay until
+    /// unmount), and its open handles under the same fh values, opened again by file handle
+    /// with the same flags. A handle whose file cannot be opened again (deleted, not reachable
+    /// by handle) answers EIO until the kernel releases it. Passthrough backing ids belong to
+    /// the connection and stay valid.
+    pub fn import_failover(&self, journal: &OwnedFd) -> Result<Recovered, String> {
+        let r = super::journal::replay(journal).map_err(|e| format!("reading the journal: {e}"))?;
+        let Some((root, gen)) = r.key else { return Err("the journal has no key record".into()) };
+        if root != self.inodes.root_key() {
+            return Err("the journal is of another backing directory".into());
+        }
+        if r.torn {
+            log::warn!("failover journal: its last record was torn (the server died writing it); ignored");
+        }
+        self.inodes.set_keys(gen, r.next_id);
+        let nodes: Vec<LiveNode> = r
+            .nodes
+            .into_iter()
+            .filter(|(id, (_, _, h))| *id > 1 && !h.is_empty())
+            .map(|(id, (key, kind, h))| LiveNode { id, key, kind, lookups: 1 << 40, handle: Some(h), fd: None })
+            .collect();
+        let mut out = Recovered { nodes: nodes.len(), ..Recovered::default() };
+        self.inodes.import_live(nodes).map_err(|e| format!("node table not accepted: {e:?}"))?;
+        let mut opens: std::collections::HashMap<u64, (i32, u64)> = std::collections::HashMap::new();
+        for (fh, (node, flags, dir, backing)) in r.handles {
+            let f = if dir {
+                libc::O_RDONLY | libc::O_DIRECTORY
+            } else {
+                flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC)
+            };
+            match self.inodes.reopen_handle(node, f) {
+                Ok(fd) => {
+                    let fd = Arc::new(fd);
+                    self.inodes.pin_open(node, &fd);
+                    self.handles.import(fh, node, dir, fd);
+                    if !dir {
+                        let e = opens.entry(node).or_insert((0, 0));
+                        if backing > 0 {
+                            e.0 = backing;
+                        }
+                        e.1 += 1;
+                    }
+                    out.handles += 1;
+                }
+                Err(e) => {
+                    log::warn!("failover: open handle {fh} of node {node} cannot be opened again ({e:?}): EIO on it");
+                    self.handles.mark_lost(fh);
+                    out.lost += 1;
+                }
+            }
+        }
+        for (node, (backing, n)) in opens {
+            self.passthrough.import(node, backing, n);
+        }
+        Ok(out)
+    }
+}

@@ -24,6 +24,7 @@ pub mod handle_state;
 mod handles;
 mod inode;
 mod inotify;
+pub(crate) mod journal;
 pub mod live_state;
 pub mod passthrough;
 mod sys;
@@ -220,6 +221,8 @@ pub struct PassthroughFs {
     no_opendir: AtomicBool,
     /// Directory streams between the chunks of listings made without a handle (fh 0).
     parked: handles::ParkedStreams,
+    /// The crash-failover journal (failover on): every open and release is written to it.
+    journal: std::sync::OnceLock<std::sync::Arc<journal::Journal>>,
 }
 
 /// File systems whose close(2) does work that may fail (so FLUSH must reach the server).
@@ -436,6 +439,7 @@ impl PassthroughFs {
             handles: HandleTable::new(),
             no_opendir: AtomicBool::new(false),
             parked: handles::ParkedStreams::new(),
+            journal: std::sync::OnceLock::new(),
             proc_fd,
             no_fchmodat2: AtomicBool::new(false),
             writeback: AtomicBool::new(false),
@@ -689,10 +693,20 @@ impl PassthroughFs {
         // file that O_CREAT opened), and writes by its non-root owner must clear that too.
         let backing_id = self.passthrough_open(ctx, id, &file, st.st_mode & libc::S_IFMT, flags);
         let fh = self.handles.insert_file(id, file.clone());
+        self.journal_open(fh, id, &file, false, backing_id);
         self.note_writer(fh, id, &file, backing_id);
         self.inodes.pin_open(id, &file);
         drop(ifd);
         Ok((self.entry(id, &st), Opened::new(FileHandle(fh), self.file_options(backing_id))))
+    }
+
+    /// Writes open `fh` of `node` to the failover journal (failover on): its open flags as
+    /// the backing file has them (what a server after a crash opens it with again).
+    fn journal_open(&self, fh: u64, node: u64, file: &OwnedFd, dir: bool, backing_id: i32) {
+        if let Some(j) = self.journal.get() {
+            let flags = rustix::fs::fcntl_getfl(file.as_fd()).map_or(libc::O_RDONLY, |f| f.bits() as i32);
+            j.opened(fh, node, flags, dir, backing_id);
+        }
     }
 
     /// Registers open `fh` of `node` with the watch's write ignores when it writes through
@@ -1390,6 +1404,7 @@ impl FileSystem for PassthroughFs {
         let backing_id = self.passthrough_open(ctx, node.0, &file, kind, flags);
         let file = std::sync::Arc::new(file);
         let fh = self.handles.insert_file(node.0, file.clone());
+        self.journal_open(fh, node.0, &file, false, backing_id);
         self.note_writer(fh, node.0, &file, backing_id);
         self.inodes.pin_open(node.0, &file);
         drop(fd);
@@ -1495,6 +1510,9 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn release(&self, _ctx: &Context, _node: NodeId, fh: FileHandle, _flags: u32) -> Result<()> {
+        if let Some(j) = self.journal.get() {
+            j.closed(fh.0);
+        }
         if let Some(h) = self.handles.remove(fh.0) {
             if let handles::HandleKind::File(f) = &h.kind {
                 if let Some(w) = self.write_ignores.get() {
@@ -1539,6 +1557,7 @@ impl FileSystem for PassthroughFs {
         // file does): a client holding thousands of directories open costs one descriptor each.
         let dir = std::sync::Arc::new(dir);
         let fh = self.handles.insert_dir(node.0, dir.clone());
+        self.journal_open(fh, node.0, &dir, true, 0);
         self.inodes.pin_open(node.0, &dir);
         drop(fd);
         // With the watch, a directory's cached listing is dropped when the backing directory
@@ -1582,6 +1601,9 @@ impl FileSystem for PassthroughFs {
     }
 
     async fn releasedir(&self, _ctx: &Context, _node: NodeId, fh: FileHandle) -> Result<()> {
+        if let Some(j) = self.journal.get() {
+            j.closed(fh.0);
+        }
         if let Some(h) = self.handles.remove(fh.0) {
             self.inodes.unpin(h.node);
         }
