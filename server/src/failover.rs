@@ -228,7 +228,8 @@ impl Handover {
         let control_listener = if flags & 2 != 0 { Some(next("control listener")?) } else { None };
         let old_clones = (0..nclones).map(|_| next("queue descriptor")).collect::<Result<Vec<_>, _>>()?;
         use crate::upgrade::{UPGRADES_FAILED, UPGRADES_OK, UPGRADES_REFUSED};
-        FAILOVERS.store(w[1], Ordering::Relaxed);
+        // This one included (the count is handed on when this server arms its watchdog).
+        FAILOVERS.store(w[1] + 1, Ordering::Relaxed);
         UPGRADES_OK.store(w[2], Ordering::Relaxed);
         UPGRADES_REFUSED.store(w[3], Ordering::Relaxed);
         UPGRADES_FAILED.store(w[4], Ordering::Relaxed);

@@ -431,7 +431,6 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             session.open_gate(true);
             let pause_us = ringfs_transport::watchdog::monotonic_ns().saturating_sub(died) / 1000;
             crate::failover::LAST_PAUSE_US.store(pause_us, Ordering::Relaxed);
-            crate::failover::FAILOVERS.fetch_add(1, Ordering::Relaxed);
             crate::service::new_main_process(&format!("serving {mountpoint_s} (after a crash failover)"));
             log::info!(
                 "failover: serving {mountpoint_s} again {:.1} ms after the previous server was found dead",

@@ -86,6 +86,9 @@ pub(crate) struct Journal {
     rearm: Arc<Rearm>,
 }
 
+/// A journaled node: backing (dev, ino), file type, file handle.
+pub(crate) type NodeRecord = ((u64, u64), u32, Vec<u8>);
+
 /// What a replay found.
 #[derive(Debug, Default)]
 pub(crate) struct Replayed {
@@ -94,7 +97,7 @@ pub(crate) struct Replayed {
     /// Next node id to give out.
     pub(crate) next_id: u64,
     /// Node id → (dev, ino, file type, file handle).
-    pub(crate) nodes: BTreeMap<u64, ((u64, u64), u32, Vec<u8>)>,
+    pub(crate) nodes: BTreeMap<u64, NodeRecord>,
     /// fh → (node, open flags, directory, backing id).
     pub(crate) handles: BTreeMap<u64, (u64, i32, bool, i32)>,
     /// Records read, and whether the log ended in a torn record.
@@ -135,7 +138,7 @@ impl Journal {
     /// The journal's descriptor (to hand to the watchdog). Stays valid until the next
     /// compaction, which calls the rearm hook with the new one.
     pub(crate) fn fd(&self) -> io::Result<OwnedFd> {
-        Ok(self.lock().fd.as_fd().try_clone_to_owned()?)
+        self.lock().fd.as_fd().try_clone_to_owned()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -1,0 +1,320 @@
+//! Crash failover (`failover=on`, classic channel): the server is killed with SIGKILL again and
+//! again while clients hold files open and keep writing, reading back and fsyncing them, a
+//! metadata loop changes names, and fio verifies what it wrote. The watchdog starts a new
+//! server each time; no system call may fail, no byte may change, the mount may never be
+//! absent.
+//!
+//! Each failover prints one `FAILOVER` line (the pause the new server measured from the
+//! watchdog finding the old one dead, and the longest stall any client operation saw across
+//! it); `RINGFS_FAILOVERS` sets how many (default 5), for the pause measurement.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tests::{wait_until, Mount};
+
+mod support;
+use support::load::*;
+
+fn failovers() -> usize {
+    std::env::var("RINGFS_FAILOVERS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+}
+
+/// The kernel resends requests on FUSE_NOTIFY_RESEND from Linux 6.9 (protocol 7.40).
+fn kernel_resends() -> bool {
+    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u32>().ok());
+    matches!((it.next(), it.next()), (Some(maj), Some(min)) if (maj, min) >= (6, 9))
+}
+
+fn require(test: &str) -> bool {
+    if !tests::require_root_fuse(test) {
+        return false;
+    }
+    if !kernel_resends() {
+        return tests::skip(test, "the kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+)");
+    }
+    true
+}
+
+/// The server serving the mount now, and how many failovers its log shows.
+struct Served<'a> {
+    m: &'a Mount,
+    pid: u32,
+}
+
+impl Served<'_> {
+    fn failovers_logged(&self) -> usize {
+        self.m.log().matches("failover: serving").count()
+    }
+
+    /// The pid the watchdog started last (from its log line).
+    fn last_started(&self) -> Option<u32> {
+        let log = self.m.log();
+        log.lines().rev().find_map(|l| {
+            l.split("started pid ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok())
+        })
+    }
+
+    /// SIGKILL to the current server; waits until its successor serves. Returns the pause
+    /// (ms) the successor logged.
+    fn kill_and_wait(&mut self, round: usize) -> f64 {
+        let before = self.failovers_logged();
+        // SAFETY: kill(2) on the server process.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        assert!(
+            wait_until(Duration::from_secs(30), || self.failovers_logged() > before),
+            "no server took over after SIGKILL {round}; log:\n{}",
+            self.m.log()
+        );
+        let next = self.last_started().expect("the watchdog names the server it started");
+        assert_ne!(next, self.pid);
+        self.pid = next;
+        let log = self.m.log();
+        let line = log.lines().rev().find(|l| l.contains("failover: serving")).unwrap_or("");
+        line.split(" again ").nth(1).and_then(|r| r.split(" ms").next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
+    }
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server process.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        wait_until(Duration::from_secs(10), || !self.m.is_mounted());
+    }
+}
+
+fn failovers_under_load(test: &str, passthrough: bool) {
+    if !require(test) {
+        return;
+    }
+    let pt = format!("passthrough={passthrough}");
+    let m = Mount::start(&["transport=dev-fuse", &pt, "failover=on", "metrics_addr=127.0.0.1:0"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || m.log().contains("crash failover: on")),
+        "start-up must say failover is on:\n{}",
+        m.log()
+    );
+    let mut cur = Served { m: &m, pid: m.pid() };
+    let files = 3;
+    std::fs::create_dir(m.path("meta")).expect("mkdir meta");
+    let rep = Arc::new(Report {
+        failures: Mutex::new(Vec::new()),
+        ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+        max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..files {
+        let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
+        writers.push(std::thread::spawn(move || file_client(i, p, s, r)));
+    }
+    let meta = {
+        let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
+        std::thread::spawn(move || meta_client(files, d, s, r))
+    };
+    let watch = {
+        let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
+        std::thread::spawn(move || mount_watch(mp, s, r))
+    };
+    let ops = |rep: &Report| rep.ops.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>();
+    let all_advanced = |rep: &Report, before: &[u64], by: u64| {
+        rep.ops.iter().zip(before).all(|(o, b)| o.load(Ordering::Relaxed) >= b + by)
+            || !rep.failures.lock().unwrap().is_empty()
+    };
+    let n = failovers();
+    for round in 0..n {
+        for x in &rep.max_us {
+            x.store(0, Ordering::Relaxed);
+        }
+        let before = ops(&rep);
+        assert!(wait_until(Duration::from_secs(30), || all_advanced(&rep, &before, 5)), "clients stalled");
+        let baseline = rep.max_us.iter().map(|x| x.swap(0, Ordering::Relaxed)).max().unwrap_or(0);
+        let old = cur.pid;
+        let pause_ms = cur.kill_and_wait(round);
+        assert!(wait_until(Duration::from_secs(10), || !pid_alive(old)), "killed server {old} still there");
+        let after = ops(&rep);
+        assert!(
+            wait_until(Duration::from_secs(30), || all_advanced(&rep, &after, 2)),
+            "clients stalled after failover {round}:\n{}",
+            m.log()
+        );
+        let stall = rep.max_us.iter().map(|x| x.load(Ordering::Relaxed)).max().unwrap_or(0);
+        println!(
+            "FAILOVER passthrough={passthrough} round={round} pause_ms={pause_ms} max_stall_us={stall} baseline_us={baseline}"
+        );
+        let failures = rep.failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "client failures after failover {round}: {failures:?}\nserver log:\n{}", m.log());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let models: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().expect("client")).collect();
+    meta.join().expect("meta client");
+    watch.join().expect("mount watch");
+    let failures = rep.failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
+    for (i, gens) in models.iter().enumerate() {
+        for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
+            let data = std::fs::read(&via).expect("read back");
+            for (blk, &gen) in gens.iter().enumerate() {
+                if gen == 0 {
+                    continue;
+                }
+                let at = blk * BLOCK;
+                assert_eq!(
+                    &data[at..at + BLOCK],
+                    &block(i, blk as u64, gen)[..],
+                    "{}: block {blk} differs",
+                    via.display()
+                );
+            }
+        }
+    }
+    // The metrics listener was handed on: the same address answers, and counts every failover.
+    let addr = metrics_addr(&m).expect("metrics address in the log");
+    let text = scrape(&addr);
+    assert_eq!(sample(&text, "ringfs_failovers_total"), Some(n as f64), "metrics:\n{text}");
+    assert!(sample(&text, "ringfs_failover_last_pause_seconds").is_some_and(|p| p > 0.0), "{text}");
+    assert_eq!(sample(&text, "ringfs_failover_lost_handles_total"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "ringfs_failover_mode{mode=\"on\"}"), Some(1.0), "{text}");
+    assert!(sample(&text, "ringfs_failover_resent_requests_total").is_some(), "{text}");
+    drop(cur);
+    assert!(!m.is_mounted(), "the last server did not unmount at SIGTERM");
+}
+
+#[test]
+fn failover_dev_fuse_passthrough() {
+    failovers_under_load("failover_dev_fuse_passthrough", true);
+}
+
+#[test]
+fn failover_dev_fuse_served() {
+    failovers_under_load("failover_dev_fuse_served", false);
+}
+
+/// Without `failover=on` nothing changes: SIGKILL detaches the mount (the watchdog's old job),
+/// and start-up says failover is off.
+#[test]
+fn without_failover_sigkill_still_detaches() {
+    let test = "without_failover_sigkill_still_detaches";
+    if !tests::require_root_fuse(test) {
+        return;
+    }
+    let mut m = Mount::start(&["transport=dev-fuse"]);
+    assert!(wait_until(Duration::from_secs(10), || m.log().contains("crash failover: off")), "{}", m.log());
+    m.kill9();
+    assert!(wait_until(Duration::from_secs(5), || !m.is_mounted()), "not detached after SIGKILL:\n{}", m.log());
+}
+
+/// An open file whose backing file is gone cannot be opened again by the new server: that one
+/// descriptor answers EIO, the others (and the mount) go on, and the loss is counted.
+#[test]
+fn a_deleted_open_file_is_lost_alone() {
+    let test = "a_deleted_open_file_is_lost_alone";
+    if !require(test) {
+        return;
+    }
+    let m = Mount::start(&["transport=dev-fuse", "passthrough=false", "failover=on", "metrics_addr=127.0.0.1:0"]);
+    let mut cur = Served { m: &m, pid: m.pid() };
+    std::fs::write(m.path("gone"), b"gone").expect("write");
+    std::fs::write(m.path("kept"), b"kept").expect("write");
+    let gone = std::fs::File::open(m.path("gone")).expect("open gone");
+    let kept = std::fs::File::open(m.path("kept")).expect("open kept");
+    std::fs::remove_file(m.path("gone")).expect("unlink while open");
+    cur.kill_and_wait(0);
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 4];
+    // EIO from its handle, or ESTALE from its inode (the kernel may ask for its attributes first).
+    let e = gone.read_at(&mut b, 0).expect_err("the deleted file's descriptor is lost");
+    assert!(matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ESTALE)), "{e}");
+    kept.read_exact_at(&mut b, 0).expect("the other descriptor goes on");
+    assert_eq!(&b, b"kept");
+    let text = scrape(&metrics_addr(&m).expect("metrics address"));
+    assert_eq!(sample(&text, "ringfs_failover_lost_handles_total"), Some(1.0), "{text}");
+    drop(gone);
+    drop(kept);
+    drop(cur);
+}
+
+/// fio with `--verify=crc32c --verify_fatal=1` (4 KiB random buffered writes, then 128 KiB
+/// sequential O_DIRECT writes, in turn) runs through SIGKILLs of the server, passthrough on
+/// and off: every fio run exits 0 and reads back what it wrote.
+#[test]
+fn fio_verify_through_failovers() {
+    let test = "fio_verify_through_failovers";
+    if !require(test) {
+        return;
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        tests::skip(test, "fio is not installed");
+        return;
+    }
+    for passthrough in ["passthrough=true", "passthrough=false"] {
+        let m = Mount::start(&["transport=dev-fuse", passthrough, "failover=on"]);
+        let mut cur = Served { m: &m, pid: m.pid() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let runs = Arc::new(AtomicU64::new(0));
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let fio = {
+            let (dir, stop, runs, failures) = (m.path(""), stop.clone(), runs.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (rw, bs, direct) = if n % 2 == 0 { ("randwrite", "4k", 0) } else { ("write", "128k", 1) };
+                    let out = Command::new("fio")
+                        .arg("--name=fo")
+                        .arg(format!("--directory={}", dir.display()))
+                        .arg(format!("--rw={rw}"))
+                        .arg(format!("--bs={bs}"))
+                        .arg(format!("--direct={direct}"))
+                        .args(["--size=8M", "--numjobs=2", "--ioengine=psync", "--verify=crc32c", "--do_verify=1"])
+                        .args(["--verify_fatal=1", "--verify_state_save=0", "--group_reporting=1"])
+                        .args(["--output-format=terse", "--terse-version=3"])
+                        .output();
+                    match out {
+                        Ok(o) => {
+                            let text = String::from_utf8_lossy(&o.stdout).to_string();
+                            let line = text.lines().find(|l| l.starts_with("3;")).unwrap_or("");
+                            let error = line.split(';').nth(4).unwrap_or("?");
+                            if !o.status.success() || error != "0" {
+                                failures.lock().unwrap().push(format!(
+                                    "fio {rw} {bs} direct={direct}: {} error={error}\n{}{}",
+                                    o.status,
+                                    text,
+                                    String::from_utf8_lossy(&o.stderr)
+                                ));
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("fio: {e}"));
+                            return;
+                        }
+                    }
+                    n += 1;
+                    runs.store(n, Ordering::Relaxed);
+                }
+            })
+        };
+        for round in 0..3 {
+            let seen = runs.load(Ordering::Relaxed);
+            assert!(
+                wait_until(Duration::from_secs(120), || runs.load(Ordering::Relaxed) > seen
+                    || !failures.lock().unwrap().is_empty()),
+                "fio made no progress"
+            );
+            cur.kill_and_wait(round);
+        }
+        let seen = runs.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(120), || {
+            runs.load(Ordering::Relaxed) > seen || !failures.lock().unwrap().is_empty()
+        });
+        stop.store(true, Ordering::Relaxed);
+        fio.join().expect("fio thread");
+        let failures = failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "{passthrough}: {failures:?}\nserver log:\n{}", m.log());
+        assert!(runs.load(Ordering::Relaxed) >= 4, "fio ran {} times", runs.load(Ordering::Relaxed));
+        drop(cur);
+    }
+}

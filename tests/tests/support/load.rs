@@ -1,0 +1,182 @@
+//! The load the live-upgrade and crash-failover tests run on a mount while its server changes:
+//! clients that hold files open and write, read back and fsync them, a metadata loop, and a
+//! watch that the mount is never absent; plus the metrics scrape of the server's log address.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::Mount;
+
+/// Whether process `pid` runs (a zombie counts as gone).
+pub fn pid_alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped by its parent) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// What the clients saw.
+#[derive(Default)]
+pub struct Report {
+    pub failures: Mutex<Vec<String>>,
+    pub ops: Vec<AtomicU64>,
+    /// Longest operation (µs) per client since the last reset.
+    pub max_us: Vec<AtomicU64>,
+}
+
+impl Report {
+    pub fn fail(&self, what: String) {
+        self.failures.lock().unwrap().push(what);
+    }
+    pub fn done(&self, client: usize, start: Instant) {
+        self.ops[client].fetch_add(1, Ordering::Relaxed);
+        self.max_us[client].fetch_max(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+pub fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+pub const BLOCK: usize = 4096;
+pub const BLOCKS: u64 = 64;
+
+pub fn block(file: usize, blk: u64, gen: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK];
+    let mut x = ((file as u64 + 1) * 0x9e37_79b9_7f4a_7c15) ^ blk.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ gen;
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    v
+}
+
+/// A client that holds one file open for the whole test: writes a block, reads it back, fsyncs
+/// every 8th write; keeps a model of the file's contents (generation per block).
+pub fn file_client(id: usize, path: PathBuf, stop: Arc<AtomicBool>, rep: Arc<Report>) -> Vec<u64> {
+    let mut gens = vec![0u64; BLOCKS as usize];
+    // SAFETY: plain open(2) with a valid C string.
+    let fd = unsafe { libc::open(c(&path).as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o644) };
+    if fd < 0 {
+        rep.fail(format!("client {id}: open {}: errno {}", path.display(), errno()));
+        return gens;
+    }
+    let mut n = 0u64;
+    let mut buf = vec![0u8; BLOCK];
+    while !stop.load(Ordering::Relaxed) {
+        let blk = (n * 7 + id as u64) % BLOCKS;
+        let gen = n + 1;
+        let data = block(id, blk, gen);
+        let t = Instant::now();
+        // SAFETY: valid buffer and descriptor.
+        let w = unsafe { libc::pwrite(fd, data.as_ptr().cast(), BLOCK, (blk * BLOCK as u64) as i64) };
+        if w != BLOCK as isize {
+            rep.fail(format!("client {id}: pwrite = {w}, errno {}", errno()));
+            break;
+        }
+        gens[blk as usize] = gen;
+        // SAFETY: as above.
+        let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), BLOCK, (blk * BLOCK as u64) as i64) };
+        if r != BLOCK as isize || buf != data {
+            rep.fail(format!("client {id}: pread = {r} (errno {}) or data differs at block {blk}", errno()));
+            break;
+        }
+        // SAFETY: valid descriptor.
+        if n % 8 == 7 && unsafe { libc::fsync(fd) } != 0 {
+            rep.fail(format!("client {id}: fsync errno {}", errno()));
+            break;
+        }
+        rep.done(id, t);
+        n += 1;
+    }
+    // SAFETY: our descriptor.
+    if unsafe { libc::close(fd) } != 0 {
+        rep.fail(format!("client {id}: close errno {}", errno()));
+    }
+    gens
+}
+
+/// Names change all the time: create + write + fsync + close, stat, rename, list, unlink, mkdir,
+/// rmdir; plus open/read/close of a file that stays.
+pub fn meta_client(id: usize, dir: PathBuf, stop: Arc<AtomicBool>, rep: Arc<Report>) {
+    let mut n = 0u64;
+    let keep = dir.join("keep");
+    if let Err(e) = std::fs::write(&keep, b"kept") {
+        rep.fail(format!("meta: write keep: {e}"));
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let a = dir.join(format!("a{n}"));
+        let b = dir.join(format!("b{n}"));
+        let sub = dir.join(format!("d{n}"));
+        let step = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&a)?;
+            f.write_all(&n.to_le_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::metadata(&a)?;
+            std::fs::rename(&a, &b)?;
+            if std::fs::read(&b)? != n.to_le_bytes() {
+                return Err(std::io::Error::other("renamed file's contents differ"));
+            }
+            let listed = std::fs::read_dir(&dir)?.count();
+            if listed < 2 {
+                return Err(std::io::Error::other(format!("listing shows {listed} entries")));
+            }
+            std::fs::create_dir(&sub)?;
+            std::fs::remove_dir(&sub)?;
+            std::fs::remove_file(&b)?;
+            if std::fs::read(&keep)? != b"kept" {
+                return Err(std::io::Error::other("kept file differs"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = step {
+            rep.fail(format!("meta client, round {n}: {e}"));
+            break;
+        }
+        rep.done(id, t);
+        n += 1;
+    }
+}
+
+/// Watches that the mount is never absent (read from mountinfo, which makes no FUSE request).
+pub fn mount_watch(mp: PathBuf, stop: Arc<AtomicBool>, rep: Arc<Report>) {
+    while !stop.load(Ordering::Relaxed) {
+        if tests::mounted_fstype(&mp).is_none() {
+            rep.fail("the mount was absent".into());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub fn metrics_addr(m: &Mount) -> Option<String> {
+    let log = m.log();
+    log.lines().find_map(|l| l.split("listening on http://").nth(1).map(|r| r.trim_end_matches("/metrics").to_string()))
+}
+
+pub fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read metrics");
+    text
+}
+
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
