@@ -456,68 +456,87 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             Err(e) => log::warn!("backing-directory watch not started: {e}"),
         }
     }
-    let ebpf = if cfg.ebpf.enable {
-        let opts = ringfs_bpf::AccountingOptions {
-            dev,
-            mountpoint: mountpoint.clone(),
-            demand_tracing: cfg.ebpf.demand_tracing,
-            tracepoint_overrides: Vec::new(),
-        };
-        match ringfs_bpf::Accounting::load(&opts) {
-            Ok(a) => {
-                // One line per piece this kernel cannot give, naming it and why.
-                for p in a.programs() {
-                    if let Some(why) = &p.missing {
-                        log::warn!(
-                            "eBPF program {} not attached ({} not counted): {why}",
-                            p.program.name,
-                            p.program.counts
+    // eBPF accounting and the metrics endpoint. After a crash failover they start once the
+    // queues serve again: loading and verifying the eBPF programs takes 100-200 ms of CPU, which
+    // would add to the clients' pause.
+    let link_metrics = metrics_listener.as_ref().and_then(|l| l.try_clone().ok());
+    let observe = {
+        let (ebpf_cfg, metrics_addr, mountpoint_o) = (cfg.ebpf.clone(), cfg.metrics.addr, mountpoint.clone());
+        let (session_o, fs_o) = (session.clone(), fs.clone());
+        let metrics_listener = metrics_listener.take();
+        move || {
+            let ebpf = if ebpf_cfg.enable {
+                let opts = ringfs_bpf::AccountingOptions {
+                    dev,
+                    mountpoint: mountpoint_o.clone(),
+                    demand_tracing: ebpf_cfg.demand_tracing,
+                    tracepoint_overrides: Vec::new(),
+                };
+                match ringfs_bpf::Accounting::load(&opts) {
+                    Ok(a) => {
+                        // One line per piece this kernel cannot give, naming it and why.
+                        for p in a.programs() {
+                            if let Some(why) = &p.missing {
+                                log::warn!(
+                                    "eBPF program {} not attached ({} not counted): {why}",
+                                    p.program.name,
+                                    p.program.counts
+                                );
+                            }
+                        }
+                        for f in a.features() {
+                            if let Some(why) = &f.missing {
+                                log::info!("eBPF counter {} unavailable: {why}", f.feature);
+                            }
+                        }
+                        let attached = a.programs().iter().filter(|p| p.missing.is_none()).count();
+                        log::info!(
+                            "eBPF accounting attached ({attached} of {} programs; demand tracing {})",
+                            a.programs().len(),
+                            if a.snapshot().is_ok_and(|s| s.demand_tracing) {
+                                "on"
+                            } else if opts.demand_tracing {
+                                "requested but unavailable"
+                            } else {
+                                "off"
+                            }
                         );
+                        Some(std::sync::Mutex::new(a))
+                    }
+                    Err(e) => {
+                        log::warn!("eBPF accounting unavailable, serving without it: {e}");
+                        None
                     }
                 }
-                for f in a.features() {
-                    if let Some(why) = &f.missing {
-                        log::info!("eBPF counter {} unavailable: {why}", f.feature);
-                    }
-                }
-                let attached = a.programs().iter().filter(|p| p.missing.is_none()).count();
-                log::info!(
-                    "eBPF accounting attached ({attached} of {} programs; demand tracing {})",
-                    a.programs().len(),
-                    if a.snapshot().is_ok_and(|s| s.demand_tracing) {
-                        "on"
-                    } else if opts.demand_tracing {
-                        "requested but unavailable"
-                    } else {
-                        "off"
-                    }
-                );
-                Some(std::sync::Mutex::new(a))
-            }
-            Err(e) => {
-                log::warn!("eBPF accounting unavailable, serving without it: {e}");
+            } else {
                 None
+            };
+            if let Some(addr) = metrics_addr {
+                let sources = crate::metrics::Sources {
+                    ebpf,
+                    dispatch: session_o.dispatch_stats(),
+                    session: session_o.stats(),
+                    notify: session_o.notify_stats(),
+                    passthrough: fs_o.passthrough_stats(),
+                    passthrough_enabled: session_o.conn().passthrough,
+                    fs: fs_o.clone(),
+                    mountpoint: mountpoint_o.display().to_string(),
+                    started,
+                };
+                match metrics_listener {
+                    Some(l) => crate::metrics::start_on(addr, sources, l),
+                    None => crate::metrics::start(addr, sources),
+                };
             }
         }
-    } else {
-        None
     };
-    if let Some(addr) = cfg.metrics.addr {
-        let sources = crate::metrics::Sources {
-            ebpf,
-            dispatch: session.dispatch_stats(),
-            session: session.stats(),
-            notify: session.notify_stats(),
-            passthrough: fs.passthrough_stats(),
-            passthrough_enabled: session.conn().passthrough,
-            fs: fs.clone(),
-            mountpoint: mountpoint.display().to_string(),
-            started,
-        };
-        match metrics_listener.take() {
-            Some(l) => crate::metrics::start_on(addr, sources, l),
-            None => crate::metrics::start(addr, sources),
-        };
+    if died_at.is_some() {
+        std::thread::Builder::new()
+            .name("ringfs-observe".into())
+            .spawn(observe)
+            .map_err(|e| format!("starting the metrics thread: {e}"))?;
+    } else {
+        observe();
     }
     let transport = if session.stats().uring { "io_uring" } else { "/dev/fuse" };
     let passthrough = if session.conn().passthrough { ", passthrough" } else { "" };
@@ -540,7 +559,8 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             session.init_record(),
             dev,
             fs.clone(),
-            crate::metrics::listener_fd(),
+            // After a failover the endpoint may still be starting: the listener handed over.
+            link_metrics.as_ref().and_then(|l| l.try_clone().ok()).or_else(crate::metrics::listener_fd),
             session.stats().uring,
         )
         .map_err(|e| format!("setting up live upgrades: {e}"))?,
@@ -553,7 +573,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         );
     }
     if let Some(link) = &failover_link {
-        link.set_listeners(crate::metrics::listener_fd(), upgrader.control_listener_fd());
+        link.set_listeners(link_metrics.or_else(crate::metrics::listener_fd), upgrader.control_listener_fd());
     }
     let finished = Arc::new(AtomicBool::new(false));
     {
