@@ -124,6 +124,12 @@ impl Link {
         self.arm(&p);
     }
 
+    /// Arms the watchdog again with what it holds (after the counters changed).
+    pub fn rearm(&self) {
+        let p = self.lock();
+        self.arm(&p);
+    }
+
     fn arm(&self, p: &Parts) {
         let (Some(journal), Some(clones)) = (&p.journal, &p.clones) else { return };
         use crate::upgrade::{UPGRADES_FAILED, UPGRADES_OK, UPGRADES_REFUSED};

@@ -402,7 +402,12 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             // Before the old server exits (it waits for RESUMED): systemd must not see the
             // service's main process gone.
             crate::service::new_main_process(&format!("serving {} (taken over by a live upgrade)", mountpoint_s));
-            tk.resumed(t0);
+            tk.resumed(t0, || {
+                if let Some(link) = &failover_link {
+                    // The upgrade counters changed: hand the new ones on.
+                    link.rearm();
+                }
+            });
             log::info!(
                 "took over from the previous server: {} open handles, {} descriptors, {} bytes of state, pause {:.1} ms",
                 fs.open_handles(),

@@ -568,10 +568,12 @@ impl Takeover {
         }
     }
 
-    /// Says this server serves now; records the pause.
-    pub fn resumed(&self, t0: u64) {
+    /// Says this server serves now; records the pause. `counted` runs once the counters are
+    /// updated, before the old server (and so the `ringfs upgrade` caller) hears of it.
+    pub fn resumed(&self, t0: u64, counted: impl FnOnce()) {
         UPGRADES_OK.fetch_add(1, Ordering::Relaxed);
         LAST_PAUSE_US.store(monotonic_ns().saturating_sub(t0) / 1000, Ordering::Relaxed);
+        counted();
         let _ = send_msg(&self.sock, b"RESUMED", &[]);
     }
 }

@@ -318,3 +318,57 @@ fn fio_verify_through_failovers() {
         drop(cur);
     }
 }
+
+/// A live upgrade hands the mount to a new server with its own watchdog, armed again: a SIGKILL
+/// of the upgraded server fails over, and the file held open across both goes on.
+#[test]
+fn failover_after_a_live_upgrade() {
+    let test = "failover_after_a_live_upgrade";
+    if !require(test) {
+        return;
+    }
+    let m = Mount::start(&["transport=dev-fuse", "failover=on", "metrics_addr=127.0.0.1:0"]);
+    let mut cur = Served { m: &m, pid: m.pid() };
+    let held = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(m.path("held"));
+    let held = held.expect("open");
+    use std::os::unix::fs::FileExt;
+    held.write_all_at(b"one", 0).expect("write");
+    let out = Command::new(tests::ringfs_bin()).arg("upgrade").arg(&m.mountpoint).output().expect("ringfs upgrade");
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "upgrade: {answer}{}", String::from_utf8_lossy(&out.stderr));
+    cur.pid = answer.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("new pid");
+    // The upgraded server arms its own watchdog once its state is in (its log line).
+    assert!(wait_until(Duration::from_secs(10), || m.log().matches("crash failover: on").count() >= 2), "{}", m.log());
+    held.write_all_at(b"two", 3).expect("write after the upgrade");
+    cur.kill_and_wait(0);
+    held.write_all_at(b"six", 6).expect("write after the failover");
+    held.sync_all().expect("fsync");
+    let mut b = [0u8; 9];
+    held.read_exact_at(&mut b, 0).expect("read back");
+    assert_eq!(&b, b"onetwosix");
+    assert_eq!(std::fs::read(m.backing("held")).expect("backing"), b"onetwosix");
+    let text = scrape(&metrics_addr(&m).expect("metrics address"));
+    assert_eq!(sample(&text, "ringfs_failovers_total"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "ringfs_upgrades_total{result=\"ok\"}"), Some(1.0), "{text}");
+    drop(held);
+    drop(cur);
+}
+
+/// On FUSE over io_uring the kernel cannot resend what a dead server's ring entries had taken:
+/// failover is unavailable, start-up says so, and SIGKILL detaches the mount as before.
+#[test]
+fn failover_on_io_uring_is_unavailable_and_detaches() {
+    let test = "failover_on_io_uring_is_unavailable_and_detaches";
+    if !require(test) {
+        return;
+    }
+    if std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").map_or(true, |v| v.trim() != "Y") {
+        tests::skip(test, "FUSE over io_uring is off (/sys/module/fuse/parameters/enable_uring)");
+        return;
+    }
+    let mut m = Mount::start(&["transport=uring", "failover=on"]);
+    assert!(wait_until(Duration::from_secs(10), || m.log().contains("crash failover: unavailable")), "{}", m.log());
+    assert!(m.log().contains("io_uring"), "{}", m.log());
+    m.kill9();
+    assert!(wait_until(Duration::from_secs(5), || !m.is_mounted()), "not detached after SIGKILL:\n{}", m.log());
+}
