@@ -62,10 +62,12 @@ impl Served<'_> {
     /// (ms) the successor logged.
     fn kill_and_wait(&mut self, round: usize) -> f64 {
         let before = self.failovers_logged();
+        let started = self.m.log().matches("started pid ").count();
         // SAFETY: kill(2) on the server process.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
         assert!(
-            wait_until(Duration::from_secs(30), || self.failovers_logged() > before),
+            wait_until(Duration::from_secs(30), || self.failovers_logged() > before
+                && self.m.log().matches("started pid ").count() > started),
             "no server took over after SIGKILL {round}; log:\n{}",
             self.m.log()
         );

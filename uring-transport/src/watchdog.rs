@@ -316,12 +316,8 @@ fn watch(mut sock: OwnedFd, mountpoint: &Path, target: &CString) -> i32 {
                     None
                 };
                 if let (Some(a), None) = (&armed, &why_not) {
-                    match start_server(a, died) {
+                    match start_server(a, died, mountpoint) {
                         Ok((pid, s)) => {
-                            eprintln!(
-                                "ringfs watchdog: server died; started pid {pid} to take {} over",
-                                mountpoint.display()
-                            );
                             sock = s;
                             child = Some(pid);
                             rearmed = false;
@@ -379,7 +375,7 @@ fn current_exe() -> io::Result<PathBuf> {
 
 /// Starts the server again (same binary path, same arguments) with a socket as descriptor 3,
 /// and hands it what `armed` holds. Returns its pid and our end of the socket.
-fn start_server(armed: &Armed, died: u64) -> io::Result<(libc::pid_t, OwnedFd)> {
+fn start_server(armed: &Armed, died: u64, mountpoint: &Path) -> io::Result<(libc::pid_t, OwnedFd)> {
     let (ours, theirs) = socketpair()?;
     let mut cmd = std::process::Command::new(current_exe()?);
     cmd.args(std::env::args_os().skip(1)).env(FAILOVER_ENV, "3").stdin(std::process::Stdio::null());
@@ -401,6 +397,8 @@ fn start_server(armed: &Armed, died: u64) -> io::Result<(libc::pid_t, OwnedFd)> 
     }
     let child = cmd.spawn()?;
     drop(theirs);
+    // Said before the hand-over: the new server cannot log before it has it.
+    eprintln!("ringfs watchdog: server died; started pid {} to take {} over", child.id(), mountpoint.display());
     let mut msg = Vec::with_capacity(9 + armed.state.len());
     msg.push(b'H');
     msg.extend_from_slice(&died.to_le_bytes());
