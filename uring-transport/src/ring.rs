@@ -613,7 +613,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         }
         let ready = Arc::new(ReadyList::new()?);
         let slots = (0..p.depth).map(|idx| new_slot(p, idx, &ready)).collect();
-        crate::io::install(ring.as_raw_fd());
+        crate::io::install();
         let mut q = Queue {
             p,
             ring: ManuallyDrop::new(ring),
@@ -696,7 +696,10 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             for sqe in crate::io::with(|r| r.take_pending()).unwrap_or_default() {
                 self.push(&sqe)?;
             }
-            let want = if self.ready.is_empty() { 1 } else { 0 };
+            // Personalities the tasks asked for: registered now, when no task holds the ring;
+            // their tasks are woken, so this round does not sleep.
+            crate::io::serve_personalities(&self.ring.submitter());
+            let want = if self.ready.is_empty() && !crate::io::personality_asked() { 1 } else { 0 };
             if want == 1 && !self.draining {
                 self.busy_poll()?;
             }
@@ -737,6 +740,11 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 Err(e) => return Err(e),
             }
             self.p.stats.submits.fetch_add(1, Ordering::Relaxed);
+            if self.ring.submission().is_empty() {
+                // Every SQE that may name a personality given back is submitted (the kernel
+                // took its credentials then): the personalities can go.
+                crate::io::release_personalities(&self.ring.submitter());
+            }
             let mut round_ended = false;
             cqes.clear();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
