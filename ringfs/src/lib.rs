@@ -48,4 +48,6 @@ pub use ringfs_protocol::fs::*;
 pub use ringfs_protocol::{fs, init, stats};
 pub use ringfs_transport::ring::{possible_cpus, QueueStats};
 pub use ringfs_transport::{io, mount, notify, session, watchdog};
-pub use ringfs_transport::{Control, Ended, MountOptions, Mounted, Session, SessionConfig, SessionStats, TransportMode};
+pub use ringfs_transport::{
+    Control, Ended, MountOptions, Mounted, Session, SessionConfig, SessionStats, TransportMode,
+};

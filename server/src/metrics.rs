@@ -119,7 +119,12 @@ pub fn render(s: &Sources) -> String {
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
 
     header(&mut out, "ringfs_build_info", "gauge", "Build information; always 1.");
-    let _ = writeln!(out, "ringfs_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "ringfs_build_info{{version=\"{}\",build=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        crate::BUILD_ID.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    );
     header(&mut out, "ringfs_transport_info", "gauge", "The request transport in use; always 1.");
     let t = if s.session.uring { "io_uring" } else { "dev_fuse" };
     let _ = writeln!(out, "ringfs_transport_info{{transport=\"{t}\"}} 1");

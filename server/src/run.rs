@@ -261,10 +261,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     session_cfg.busy_poll = std::time::Duration::from_micros(cfg.transport.busy_poll_us);
     let mut metrics_listener = None;
     let mut control_listener = None;
+    // The format of the state a takeover receives (announced in HELLO).
+    let mut state_version = crate::upgrade::STATE_VERSION;
     let (session, dev) = match hello {
         Some(hello) => {
             let tk = takeover.as_ref().ok_or("takeover without its socket")?;
             let dev = hello.dev;
+            state_version = hello.version;
             metrics_listener = hello.metrics_listener;
             control_listener = hello.control_listener;
             fs.set_mount_dev(dev);
@@ -332,7 +335,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                 }
             };
             let nfds = fds.len();
-            if let Err(e) = fs.import_live(&state, fds) {
+            if let Err(e) = fs.import_live(state_version, &state, fds) {
                 session.open_gate(false);
                 return Err(tk.refuse(e));
             }
