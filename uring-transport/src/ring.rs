@@ -13,12 +13,10 @@
 //! with io_uring `READ`s and writes the replies with `WRITE`s.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::future::Future;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +27,8 @@ use ringfs_protocol::abi::{uring as u, FuseInHeader, FuseOutHeader, FuseUringCmd
 use ringfs_protocol::dispatch::{Dispatcher, Outcome};
 use ringfs_protocol::request;
 use ringfs_protocol::FileSystem;
+
+use crate::task_cell::TaskCell;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// A zeroed heap buffer with a chosen alignment, owned by one queue thread.
@@ -88,9 +88,6 @@ pub struct QueueStats {
     pub polled: AtomicU64,
 }
 
-/// A request being served: its future, polled on the queue thread until it completes.
-type Task = Pin<Box<dyn Future<Output = (i32, usize)>>>;
-
 /// Where a slot's requests come from.
 enum SlotBufs {
     /// A FUSE-over-io_uring ring entry: header and payload registered with the kernel.
@@ -112,7 +109,9 @@ enum SlotBufs {
 struct Slot {
     bufs: SlotBufs,
     live: bool,
-    task: Option<Task>,
+    /// The request being served: its future, polled on the queue thread until it completes,
+    /// in room the slot keeps from one request to the next.
+    task: TaskCell,
     unique: u64,
     opcode: u32,
     /// Thread id of the caller (from the request header; 0 if outside our pid namespace).
@@ -578,7 +577,7 @@ fn new_slot<F>(p: &QueueParams<F>, idx: usize, ready: &Arc<ReadyList>) -> Slot {
             },
         },
         live: true,
-        task: None,
+        task: TaskCell::new(),
         unique: 0,
         opcode: 0,
         pid: 0,
@@ -707,7 +706,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                     Err(e) if transient(&e) => {}
                     Err(e) => return Err(e),
                 }
-                let idle = self.slots.iter().all(|s| s.task.is_none());
+                let idle = self.slots.iter().all(|s| s.task.is_empty());
                 match self.p.register_round.clone() {
                     Some(hook) if self.rounds < MAX_ROUNDS => {
                         if idle && !self.round_pending {
@@ -782,7 +781,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             for i in woken.drain(..) {
                 self.poll_task(i)?;
             }
-            if round_ended && !self.dirty && self.slots.iter().all(|s| s.task.is_none()) && self.ring_empty_after_tw() {
+            if round_ended && !self.dirty && self.slots.iter().all(|s| s.task.is_empty()) && self.ring_empty_after_tw()
+            {
                 // The next server's entries came after our last reply and no request reached
                 // us since: the kernel sends this queue's requests to them now.
                 log::debug!("queue {}: handed over after {} registration rounds", self.p.qid, self.rounds);
@@ -846,7 +846,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
 
     /// A draining io_uring queue with nothing in flight and no request for [`RING_QUIET`].
     fn ring_quiet(&self) -> bool {
-        self.slots.iter().all(|s| s.task.is_none()) && self.last_arrival.elapsed() >= RING_QUIET
+        self.slots.iter().all(|s| s.task.is_empty()) && self.last_arrival.elapsed() >= RING_QUIET
     }
 
     /// Busy polling: after a request, watch the rings in user space for a while before
@@ -884,7 +884,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// INTERRUPTs arrived in the inbox: cancel the requests this queue serves.
     fn on_interrupts(&mut self) -> io::Result<()> {
         for unique in self.p.interrupts[self.p.qid].take() {
-            match self.slots.iter().position(|s| s.task.is_some() && s.unique == unique) {
+            match self.slots.iter().position(|s| !s.task.is_empty() && s.unique == unique) {
                 Some(i) if honours_interrupt(&self.slots[i]) => self.interrupt_slot(i)?,
                 Some(_) => {}
                 None => self.early_interrupts.push((unique, std::time::Instant::now())),
@@ -980,14 +980,16 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// becomes EIO for that request (counted and logged); the queue goes on.
     fn poll_task(&mut self, i: usize) -> io::Result<()> {
         let s = &mut self.slots[i];
-        let Some(task) = s.task.as_mut() else { return Ok(()) };
+        if s.task.is_empty() {
+            return Ok(());
+        }
         crate::io::with(|r| r.current = Some(i));
         let mut cx = Context::from_waker(&s.waker);
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| s.task.poll(&mut cx)));
         crate::io::with(|r| r.current = None);
         let (error, len) = match polled {
-            Ok(Poll::Pending) => return Ok(()),
-            Ok(Poll::Ready(r)) => r,
+            Ok(None | Some(Poll::Pending)) => return Ok(()),
+            Ok(Some(Poll::Ready(r))) => r,
             Err(panic) => {
                 self.p.dev_counts.panics.fetch_add(1, Ordering::Relaxed);
                 log::error!(
@@ -1002,8 +1004,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         };
         // A panicked task is dropped here too: its in-flight operations go to the reactor, which
         // cancels them and keeps their memory until they complete.
-        let task = s.task.take();
-        if std::panic::catch_unwind(AssertUnwindSafe(move || drop(task))).is_err() {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| s.task.clear())).is_err() {
             log::error!("queue {}: dropping a request's future panicked", self.p.qid);
         }
         self.p.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -1074,8 +1075,7 @@ impl<F> Drop for Queue<'_, F> {
     fn drop(&mut self) {
         // Tasks first: the operations they have in flight move to the reactor.
         for s in &mut self.slots {
-            let task = s.task.take();
-            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(task)));
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| s.task.clear()));
         }
         // A ring queue that handed over has its entries registered with the kernel, which gives
         // them back only when the ring goes away (the exit of the thread that registered them
@@ -1243,7 +1243,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             let payload_len = payload.len();
             let scratch_ptr: *mut u8 = scratch.as_mut_ptr();
             let d = d.clone();
-            let task = async move {
+            s.task.set(move || async move {
                 // SAFETY: the header, payload and scratch buffers belong to this slot, live as
                 // long as the queue, and nothing else touches them until this task completes (the
                 // kernel gave the entry to us; it gets it back only with the COMMIT that follows).
@@ -1271,8 +1271,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
                         (-libc::EIO, 0)
                     }
                 }
-            };
-            s.task = Some(Box::pin(task));
+            });
             Started::Task
         }
         SlotBufs::Dev { input, output, .. } => {
@@ -1300,7 +1299,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             let out_ptr: *mut u8 = output.as_mut_ptr();
             let out_len = output.len();
             let d = d.clone();
-            let task = async move {
+            s.task.set(move || async move {
                 // SAFETY: input and output belong to this slot and are untouched by anything
                 // else until the task completes and its reply is written.
                 let (data, out) = unsafe {
@@ -1329,8 +1328,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
                         }
                     }
                 }
-            };
-            s.task = Some(Box::pin(task));
+            });
             Started::Task
         }
     }
