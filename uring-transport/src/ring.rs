@@ -74,7 +74,8 @@ impl Drop for AlignedBox {
     }
 }
 
-/// Per-queue counters.
+/// Per-queue counters. Only the queue's own thread writes them, with a plain load and store
+/// ([`bump`]: no atomic read-modify-write on the request path); readers load them.
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct QueueStats {
@@ -86,6 +87,14 @@ pub struct QueueStats {
     pub completions: AtomicU64,
     /// Times a brief poll after a request found new work without sleeping.
     pub polled: AtomicU64,
+}
+
+/// Adds `n` to a counter that only the calling thread writes (a [`QueueStats`] field written
+/// by its queue's thread): a relaxed load and store, which readers on other threads see
+/// whole, never torn, and at most a little late.
+#[inline]
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 /// Where a slot's requests come from.
@@ -146,7 +155,19 @@ struct ReadyList {
     list: Mutex<Vec<usize>>,
     bell: OwnedFd,
     rung: AtomicBool,
-    owner: std::thread::ThreadId,
+    /// The owning thread's [`thread_mark`].
+    owner: usize,
+}
+
+thread_local! {
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+/// A number unique to the calling thread while it lives (the address of a thread-local),
+/// cheaper than `std::thread::current().id()`, which clones the thread's shared handle (an
+/// atomic increment and decrement) on every call.
+fn thread_mark() -> usize {
+    THREAD_MARK.with(|m| std::ptr::from_ref(m) as usize)
 }
 
 impl ReadyList {
@@ -156,7 +177,7 @@ impl ReadyList {
             list: Mutex::new(Vec::new()),
             bell: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
             rung: AtomicBool::new(false),
-            owner: std::thread::current().id(),
+            owner: thread_mark(),
         })
     }
 
@@ -164,7 +185,7 @@ impl ReadyList {
         if let Ok(mut v) = self.list.lock() {
             v.push(idx);
         }
-        if std::thread::current().id() != self.owner && !self.rung.swap(true, Ordering::SeqCst) {
+        if thread_mark() != self.owner && !self.rung.swap(true, Ordering::SeqCst) {
             let _ = rustix::io::write(&self.bell, &1u64.to_ne_bytes());
         }
     }
@@ -735,12 +756,12 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 Err(e) if transient(&e) => {}
                 Err(e) => return Err(e),
             }
-            self.p.stats.submits.fetch_add(1, Ordering::Relaxed);
+            bump(&self.p.stats.submits, 1);
             let mut round_ended = false;
             cqes.clear();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             self.outstanding -= cqes.len().min(self.outstanding);
-            self.p.stats.completions.fetch_add(cqes.len() as u64, Ordering::Relaxed);
+            bump(&self.p.stats.completions, cqes.len() as u64);
             for &(tag, res) in &cqes {
                 match Completion::decode(tag, res) {
                     Completion::Stop => {
@@ -870,7 +891,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         }
         loop {
             if self.ring.submission().taskrun() || !self.ring.completion().is_empty() || !self.ready.is_empty() {
-                self.p.stats.polled.fetch_add(1, Ordering::Relaxed);
+                bump(&self.p.stats.polled, 1);
                 return Ok(());
             }
             if last.elapsed() >= poll {
@@ -1007,7 +1028,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         if std::panic::catch_unwind(AssertUnwindSafe(|| s.task.clear())).is_err() {
             log::error!("queue {}: dropping a request's future panicked", self.p.qid);
         }
-        self.p.stats.requests.fetch_add(1, Ordering::Relaxed);
+        bump(&self.p.stats.requests, 1);
         if !self.p.busy_poll.is_zero() {
             // The caller is about to be woken: its next request may follow at once.
             self.last_request = std::time::Instant::now();
