@@ -351,6 +351,13 @@ type Recency = (bool, u64);
 /// Descriptors kept out of the inode table's budget for the rest of the server.
 const FD_RESERVE: usize = 512;
 
+/// Nodes the table's three maps (by id, by key, by handle) hold before their first growth:
+/// each new node is an insert into all three, and a map that grows rehashes every entry it
+/// holds, on the request path and under the exclusive lock. hashbrown rounds this up to 32 768
+/// buckets (room for 28 672 nodes); the bucket arrays (~2.6 MB for nodes, ~0.8 MB for each
+/// index, virtual) are touched only as they fill, apart from their control bytes (32 KiB each).
+const PRESIZED_NODES: usize = 16 * 1024;
+
 /// Cached descriptors are never squeezed below this many.
 const MIN_CACHED: usize = 64;
 
@@ -379,18 +386,18 @@ impl InodeTable {
         let st = sys::fstat(root_fd.as_raw_fd())?;
         let mount_fd = sys::openat(root_fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
-        let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok().map(Arc::<[u8]>::from);
+        let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok();
         // The root's own handle reopened: EPERM without CAP_DAC_READ_SEARCH.
         let reopen_by_handle = handle.as_ref().is_some_and(|h| {
             sys::open_by_handle(mount_fd.as_raw_fd(), h, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC).is_ok()
         });
         let handle = handle.filter(|_| reopen_by_handle);
-        let mut by_handle = HashMap::default();
+        let mut by_handle = HashMap::with_capacity_and_hasher(PRESIZED_NODES, IdHash::default());
         if let Some(h) = &handle {
             by_handle.insert(h.clone(), NodeId::ROOT.0);
         }
         let key = (st.st_dev, st.st_ino);
-        let mut nodes = HashMap::default();
+        let mut nodes = HashMap::with_capacity_and_hasher(PRESIZED_NODES, IdHash::default());
         nodes.insert(
             NodeId::ROOT.0,
             Inode {
@@ -406,7 +413,7 @@ impl InodeTable {
                 permanent: true,
             },
         );
-        let mut by_key = HashMap::default();
+        let mut by_key = HashMap::with_capacity_and_hasher(PRESIZED_NODES, IdHash::default());
         by_key.insert(key, NodeId::ROOT.0);
         Ok(InodeTable {
             inner: RwLock::new(Inner {
@@ -813,7 +820,7 @@ impl InodeTable {
             }
             // Compute the handle without holding the lock, then re-check.
             handle = Some(if reopenable && self.reopen_by_handle && st.st_dev == self.root_dev {
-                sys::name_to_handle(fd.as_raw_fd()).ok().map(Arc::from)
+                sys::name_to_handle(fd.as_raw_fd()).ok()
             } else {
                 None
             });
