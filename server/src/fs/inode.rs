@@ -351,13 +351,6 @@ type Recency = (bool, u64);
 /// Descriptors kept out of the inode table's budget for the rest of the server.
 const FD_RESERVE: usize = 512;
 
-/// Nodes the table's three maps (by id, by key, by handle) hold before their first growth:
-/// each new node is an insert into all three, and a map that grows rehashes every entry it
-/// holds, on the request path and under the exclusive lock. hashbrown rounds this up to 32 768
-/// buckets (room for 28 672 nodes); the bucket arrays (~2.6 MB for nodes, ~0.8 MB for each
-/// index, virtual) are touched only as they fill, apart from their control bytes (32 KiB each).
-const PRESIZED_NODES: usize = 16 * 1024;
-
 /// Cached descriptors are never squeezed below this many.
 const MIN_CACHED: usize = 64;
 
@@ -392,12 +385,12 @@ impl InodeTable {
             sys::open_by_handle(mount_fd.as_raw_fd(), h, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC).is_ok()
         });
         let handle = handle.filter(|_| reopen_by_handle);
-        let mut by_handle = HashMap::with_capacity_and_hasher(PRESIZED_NODES, IdHash::default());
+        let mut by_handle = HashMap::default();
         if let Some(h) = &handle {
             by_handle.insert(h.clone(), NodeId::ROOT.0);
         }
         let key = (st.st_dev, st.st_ino);
-        let mut nodes = HashMap::with_capacity_and_hasher(PRESIZED_NODES, IdHash::default());
+        let mut nodes = HashMap::default();
         nodes.insert(
             NodeId::ROOT.0,
             Inode {
@@ -413,7 +406,7 @@ impl InodeTable {
                 permanent: true,
             },
         );
-        let mut by_key = HashMap::with_capacity_and_hasher(PRESIZED_NODES, IdHash::default());
+        let mut by_key = HashMap::default();
         by_key.insert(key, NodeId::ROOT.0);
         Ok(InodeTable {
             inner: RwLock::new(Inner {
