@@ -1036,9 +1036,9 @@ fn metadata_ops_do_not_allocate_per_request() {
     assert_eq!(readdirplus, 0.0, "{report}");
     // An open needs its handle (and the descriptor's shared owner).
     assert!(open_release <= 2.0, "{report}");
-    // A new node: its file handle (one allocation, shared by the table's two keys; the maps
-    // are pre-sized); the open's two; the created file is the node's descriptor (no O_PATH one
-    // of its own, so no shared owner of one); now and then the retired nodes' map grows.
+    // A new node: its file handle (one allocation, shared by the table's two keys); the open's
+    // two; the created file is the node's descriptor (no O_PATH one of its own, so no shared
+    // owner of one); now and then a map's growth.
     assert!(create < 3.5, "{report}");
 }
 
@@ -1152,8 +1152,8 @@ fn requests_through_the_dispatcher_do_not_allocate() {
     // then a handle-table shard's growth (this test holds all its opens before releasing).
     assert!(create < 4.0, "{report}");
     assert!(last_forget <= 1.0, "{report}");
-    // The new node's shared descriptor owner and file handle.
-    assert!(cold_lookup <= 2.0, "{report}");
+    // The new node's shared descriptor owner and file handle; now and then a map's growth.
+    assert!(cold_lookup < 2.5, "{report}");
     let _ = cold_ids;
 }
 
