@@ -20,7 +20,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (installs packages, creates users, loads modules)"
 
 packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux stress-ng
-    curl qemu-system-x86 busybox-static kmod debootstrap) # curl, qemu, busybox, kmod: scripts/kernel-matrix.sh; debootstrap: scripts/package-test.sh
+    curl qemu-system-x86 busybox-static kmod debootstrap lintian) # curl, qemu, busybox, kmod: scripts/kernel-matrix.sh; debootstrap, lintian: scripts/package-test.sh
 
 missing=()
 for p in "${packages[@]}"; do
