@@ -376,6 +376,10 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             mountpoint: mountpoint.clone(),
             demand_tracing: cfg.ebpf.demand_tracing,
             tracepoint_overrides: Vec::new(),
+            attach: match cfg.ebpf.fuse_attach {
+                ringfs_config::FuseAttach::Auto => ringfs_bpf::Attach::TpBtf,
+                ringfs_config::FuseAttach::RawTp => ringfs_bpf::Attach::RawTp,
+            },
         };
         match ringfs_bpf::Accounting::load(&opts) {
             Ok(a) => {
@@ -386,6 +390,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                             "eBPF program {} not attached ({} not counted): {why}",
                             p.program.name,
                             p.program.counts
+                        );
+                    } else if let (Some(via), Some(why)) = (p.via, &p.tp_btf_refused) {
+                        log::info!(
+                            "eBPF program {} attached as {} to {} (tp_btf: {why})",
+                            p.program.name,
+                            via.as_str(),
+                            p.program.tracepoint
                         );
                     }
                 }
