@@ -1000,6 +1000,78 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
+    /// With demand tracing, the calls a program makes on a directory are counted in their
+    /// classes: the system call table and the pt_regs access of this architecture are right
+    /// (scripts/arm64.sh runs this test on Debian's arm64 kernel under QEMU). Prints what
+    /// attached.
+    #[test]
+    fn demand_tracing_counts_calls_by_class() {
+        if !can_load() {
+            return;
+        }
+        use std::io::{Read, Write};
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ringfs-bpf-classes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("f");
+        std::fs::write(&file, b"0123456789").expect("file");
+        let opts = AccountingOptions {
+            dev: std::fs::metadata(&dir).expect("stat").dev(),
+            mountpoint: dir.clone(),
+            demand_tracing: true,
+            tracepoint_overrides: Vec::new(),
+            attach: Attach::TpBtf,
+        };
+        let acc = Accounting::load(&opts).expect("load");
+        for p in acc.programs() {
+            eprintln!(
+                "{} ({}): {}",
+                p.program.name,
+                p.program.tracepoint,
+                p.missing.as_deref().unwrap_or(p.via.map_or("?", |v| v.as_str()))
+            );
+        }
+        assert!(acc.snapshot().expect("snapshot").demand_tracing, "sys_enter/sys_exit not both attached");
+        let n = 30u64;
+        let want = [
+            Class::Stat,
+            Class::Open,
+            Class::Create,
+            Class::Read,
+            Class::Write,
+            Class::Mkdir,
+            Class::Unlink,
+            Class::Rename,
+            Class::Close,
+        ];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            for i in 0..n {
+                std::fs::metadata(&file).expect("stat");
+                let mut buf = Vec::new();
+                std::fs::File::open(&file).expect("open").read_to_end(&mut buf).expect("read");
+                let new = dir.join(format!("n{i}"));
+                std::fs::File::create(&new).expect("create").write_all(b"x").expect("write");
+                std::fs::rename(&new, dir.join("r")).expect("rename");
+                std::fs::remove_file(dir.join("r")).expect("unlink");
+                std::fs::create_dir(dir.join("d")).expect("mkdir");
+                std::fs::remove_dir(dir.join("d")).expect("rmdir");
+            }
+            let snap = acc.snapshot().expect("snapshot");
+            let short: Vec<String> = want
+                .iter()
+                .filter(|c| snap.class(**c).calls < n)
+                .map(|c| format!("{}: {}", c.as_str(), snap.class(*c).calls))
+                .collect();
+            if short.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "calls not counted in their class (of {n}): {short:?}");
+        }
+        drop(acc);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
     /// The merged vmlinux + split BTF keeps the base's types and adds the module's, with the
     /// module's names (offsets past the base's strings) intact. The split BTF is made here (one
     /// empty struct), as the kernel lays a module's out, since this kernel may have no module
