@@ -331,15 +331,16 @@ fn kernel_stats(out: &mut String, s: &Sources) {
             out,
             "ringfs_ebpf_program_attached",
             "gauge",
-            "1 when the eBPF program is attached, 0 when this kernel cannot take it (the log says why), by program \
-             and tracepoint.",
+            "1 when the eBPF program is attached, 0 when this kernel cannot take it (the log says why), by program, \
+             tracepoint and how it is attached (via: tp_btf, raw_tp, or none).",
         );
         for p in a.programs() {
             let _ = writeln!(
                 out,
-                "ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\"}} {}",
+                "ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\",via=\"{}\"}} {}",
                 p.program.name,
                 p.program.tracepoint,
+                p.via.map_or("none", |v| v.as_str()),
                 p.missing.is_none() as u8
             );
         }

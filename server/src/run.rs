@@ -150,6 +150,9 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     // Without CAP_SYS_ADMIN (not root): mount through fusermount3, and switch off what needs
     // privilege (named in one log line once the file system is open).
     let privileged = mount::can_mount();
+    if !privileged {
+        user_atime_check(&cfg, &source)?;
+    }
     let mut cfg = cfg;
     if !privileged {
         cfg.offload.passthrough = false;
@@ -376,6 +379,10 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             mountpoint: mountpoint.clone(),
             demand_tracing: cfg.ebpf.demand_tracing,
             tracepoint_overrides: Vec::new(),
+            attach: match cfg.ebpf.fuse_attach {
+                ringfs_config::FuseAttach::Auto => ringfs_bpf::Attach::TpBtf,
+                ringfs_config::FuseAttach::RawTp => ringfs_bpf::Attach::RawTp,
+            },
         };
         match ringfs_bpf::Accounting::load(&opts) {
             Ok(a) => {
@@ -386,6 +393,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                             "eBPF program {} not attached ({} not counted): {why}",
                             p.program.name,
                             p.program.counts
+                        );
+                    } else if let (Some(via), Some(why)) = (p.via, &p.tp_btf_refused) {
+                        log::info!(
+                            "eBPF program {} attached as {} to {} (tp_btf: {why})",
+                            p.program.name,
+                            via.as_str(),
+                            p.program.tracepoint
                         );
                     }
                 }
@@ -512,6 +526,35 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     watchdog.done();
     log::info!("unmounted {}", mountpoint.display());
     result.map_err(|e| e.to_string())
+}
+
+/// A user's mount cannot have `strictatime` or `nodiratime` (`mount::user_mount_refuses`):
+/// refused here, before anything is mounted or forked, with what access times will do instead.
+fn user_atime_check(cfg: &Config, source: &Path) -> Result<(), RunError> {
+    let mut opts = MountOptions::new(PathBuf::new());
+    opts.strictatime = cfg.mount_flags.strictatime;
+    opts.nodiratime = cfg.mount_flags.nodiratime;
+    let refused = mount::user_mount_refuses(&opts);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    // The mode the backing directory's own mount gives (what the user gets instead).
+    use rustix::fs::StatVfsMountFlags as F;
+    let backing = match rustix::fs::statvfs(source) {
+        Ok(st) if st.f_flag.contains(F::NOATIME) => "noatime",
+        Ok(st) if st.f_flag.contains(F::RELATIME) => "relatime",
+        Ok(_) => "strictatime",
+        Err(_) => "its own mode",
+    };
+    let words = refused.join(" and ");
+    let (verb, them) = if refused.len() > 1 { ("need", "them") } else { ("needs", "it") };
+    Err(format!(
+        "{words} {verb} root: {} refuses {them} for a user's mount, and the server applies them through a \
+         private bind mount of the backing directory, which needs CAP_SYS_ADMIN. Leave {words} out \
+         (access times then follow the backing directory's mount: {backing}) or mount as root; \
+         noatime works without root",
+        mount::FUSERMOUNT
+    ))
 }
 
 /// The one line a server without root logs: what it switched off, and why.

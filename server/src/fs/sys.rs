@@ -262,8 +262,11 @@ pub(crate) fn renameat2(
 
 /// fchmodat2(fd, "", mode, AT_EMPTY_PATH) (kernel 6.6+); works on O_PATH fds.
 pub(crate) fn fchmod_empty(fd: RawFd, mode: u32) -> Result<()> {
+    // 452 on every architecture (x86_64 and the generic table arm64 uses); the libc crate names
+    // it for x86_64 only.
+    const SYS_FCHMODAT2: libc::c_long = 452;
     // SAFETY: EMPTY is NUL-terminated.
-    let r = unsafe { libc::syscall(libc::SYS_fchmodat2, fd, EMPTY.as_ptr(), mode, libc::AT_EMPTY_PATH) };
+    let r = unsafe { libc::syscall(SYS_FCHMODAT2, fd, EMPTY.as_ptr(), mode, libc::AT_EMPTY_PATH) };
     cvt_long(r).map(drop)
 }
 
