@@ -4,6 +4,8 @@
 # ./ringfs_*.deb` inside (which brings fuse3), then checks what the package promises: the
 # binary where mount(8) finds it, the man page, completions, the systemd unit, the example
 # config, and a real `mount -t fuse.ringfs` through mount.fuse3 that serves a file and unmounts.
+# Before that, `lintian` (on the host) checks the package: any error fails the test; warnings and
+# the pedantic/experimental tags are printed.
 #
 # Needs root, debootstrap and Debian's package archive. The pristine chroot is cached as a
 # tarball in /var/cache/ringfs/ (each run unpacks a fresh copy); RINGFS_CHROOT_CACHE=0 skips
@@ -12,8 +14,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "package-test: run as root (chroot, mounts)" >&2; exit 1; }
 command -v debootstrap >/dev/null || { echo "package-test: debootstrap is missing (scripts/setup.sh installs it)" >&2; exit 1; }
+command -v lintian >/dev/null || { echo "package-test: lintian is missing (scripts/setup.sh installs it)" >&2; exit 1; }
 
 deb=$(scripts/package.sh | tail -n 1)
+# Lintian first: a package Debian's checker rejects fails here, whatever the chroot says.
+echo "package-test: lintian $(basename "$deb")" >&2
+if lintian --fail-on error --pedantic --display-experimental --display-info "$deb" >&2; then
+    lintian_ok=1
+else
+    lintian_ok=0
+fi
 suite=bookworm
 mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
 mirror=${mirror:-http://deb.debian.org/debian}
@@ -73,6 +83,7 @@ check() {
     fi
 }
 
+check "lintian: no errors" test "$lintian_ok" = 1
 check "ringfs is on mount(8)'s PATH" in_root sh -c 'command -v ringfs | grep -qx /usr/sbin/ringfs'
 check "ringfs --version runs" in_root ringfs --version
 check "man page ringfs(8)" in_root sh -c 'zcat /usr/share/man/man8/ringfs.8.gz | grep -q "^.TH ringfs 8"'

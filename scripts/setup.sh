@@ -20,7 +20,10 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (installs packages, creates users, loads modules)"
 
 packages=(fuse3 libfuse3-dev pkg-config clang llvm libbpf-dev bpftool fio prometheus attr acl util-linux stress-ng
-    curl qemu-system-x86 busybox-static kmod debootstrap) # curl, qemu, busybox, kmod: scripts/kernel-matrix.sh; debootstrap: scripts/package-test.sh
+    curl qemu-system-x86 busybox-static kmod debootstrap lintian
+    qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross cpio)
+# curl, qemu-system-x86, busybox, kmod: scripts/kernel-matrix.sh; debootstrap, lintian: scripts/package-test.sh;
+# qemu-system-arm, the aarch64 cross compiler and libc, cpio: scripts/arm64.sh
 
 missing=()
 for p in "${packages[@]}"; do
@@ -45,6 +48,12 @@ if ! { [ -x "$pjd" ] && "$pjd" --version 2>/dev/null | grep -qx "pjdfstest 0.2.2
     command -v cargo >/dev/null 2>&1 || die "cargo not found (install the Rust toolchain first)"
     log "installing pjdfstest 0.2.2"
     cargo install --quiet pjdfstest --version 0.2.2 --locked || die "cargo install pjdfstest failed"
+fi
+
+# The aarch64 Rust target (standard library) for scripts/arm64.sh.
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
+    log "adding the aarch64-unknown-linux-gnu Rust target"
+    rustup target add aarch64-unknown-linux-gnu >/dev/null || die "rustup target add aarch64-unknown-linux-gnu failed"
 fi
 
 # Users for the permission tests and pjdfstest's [dummy_auth] (tests/pjdfstest/pjdfstest.toml).

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the machine (scripts/setup.sh) and runs every check and test: formatting, clippy,
 # unit tests, integration tests on real FUSE mounts (both transports), pjdfstest against native,
-# the kernel matrix (Debian 6.1 and 6.12 under QEMU, and this kernel), the Debian package installed
-# into a fresh Debian chroot.
+# the kernel matrix (Debian 6.1 and 6.12 under QEMU, and this kernel), the eBPF programs on Debian's
+# arm64 kernel (QEMU), the Debian package installed into a fresh Debian chroot.
 # Needs root (mounts). Under CI=true a missing capability (FUSE, io_uring, BPF) fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,9 @@ RINGFS_EXTRA_OPTS=inline_metadata=false cargo test --release -p tests --test ops
 # The kernel matrix: the smoke suite and the ops integration tests on Debian's stock 6.1 and 6.12
 # kernels (under QEMU, about 3 minutes each), the smoke suite on this kernel.
 RINGFS_KMX_TESTS=ops scripts/kernel-matrix.sh
+# The eBPF programs built for aarch64 and run on Debian's stock arm64 kernel under QEMU (about a
+# minute once built): system calls counted in their classes with arm64's numbers and registers.
+scripts/arm64.sh
 # The Debian package: built, installed with apt into a fresh Debian chroot (debootstrap), and
 # used there through mount -t fuse.ringfs.
 scripts/package-test.sh

@@ -84,6 +84,7 @@ fn main() {
         mountpoint: "/nonexistent".into(),
         demand_tracing: demand,
         tracepoint_overrides: Vec::new(),
+        attach: ringfs_bpf::Attach::TpBtf,
     };
     let (base, base_f) = (best_of(5, iters), best_faults(5));
     let (fallback_only, fallback_f) = {

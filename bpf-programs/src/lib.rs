@@ -21,7 +21,7 @@ use std::fmt;
 use std::path::Path;
 
 use aya::maps::PerCpuArray;
-use aya::programs::BtfTracePoint;
+use aya::programs::{BtfTracePoint, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Endianness, Pod};
 use aya_obj::btf::BtfKind;
 
@@ -335,6 +335,10 @@ pub struct Program {
     pub name: &'static str,
     /// The BTF tracepoint (`tp_btf/<tracepoint>`) it attaches to.
     pub tracepoint: &'static str,
+    /// The same program as `raw_tp/<tracepoint>` (its name in the object), tried when the
+    /// `tp_btf` form cannot attach (a tracepoint of the fuse module) or when
+    /// [`AccountingOptions::attach`] asks for it.
+    pub raw_tp: Option<&'static str>,
     /// Only with demand tracing.
     pub demand: bool,
     /// What is lost without it.
@@ -346,44 +350,63 @@ pub const PROGRAMS: [Program; 9] = [
     Program {
         name: "fuse_send",
         tracepoint: "fuse_request_send",
+        raw_tp: Some("fuse_send_raw"),
         demand: false,
         counts: "requests that reached the server (fallbacks) and their causes",
     },
     Program {
         name: "fuse_end",
         tracepoint: "fuse_request_end",
+        raw_tp: Some("fuse_end_raw"),
         demand: false,
         counts: "request round trips, errors and server read bytes",
     },
-    Program { name: "sys_enter", tracepoint: "sys_enter", demand: true, counts: "system calls on the mount" },
-    Program { name: "sys_exit", tracepoint: "sys_exit", demand: true, counts: "system calls on the mount" },
+    Program {
+        name: "sys_enter",
+        tracepoint: "sys_enter",
+        raw_tp: None,
+        demand: true,
+        counts: "system calls on the mount",
+    },
+    Program {
+        name: "sys_exit",
+        tracepoint: "sys_exit",
+        raw_tp: None,
+        demand: true,
+        counts: "system calls on the mount",
+    },
     Program {
         name: "page_fault_user",
         tracepoint: "page_fault_user",
+        raw_tp: None,
         demand: true,
         counts: "page faults on passthrough mappings; new faults",
     },
     Program {
         name: "filemap_map_pages",
         tracepoint: "mm_filemap_map_pages",
+        raw_tp: None,
         demand: true,
         counts: "page faults on mappings of the mount (fault-around)",
     },
     Program {
         name: "filemap_fault",
         tracepoint: "mm_filemap_fault",
+        raw_tp: None,
         demand: true,
         counts: "page faults on mappings of the mount",
     },
     Program {
         name: "uring_submit",
         tracepoint: "io_uring_submit_req",
+        raw_tp: None,
         demand: true,
         counts: "io_uring requests issued inline that fell back",
     },
     Program {
         name: "uring_complete",
         tracepoint: "io_uring_complete",
+        raw_tp: None,
         demand: true,
         counts: "io_uring reads and writes of the mount",
     },
@@ -394,8 +417,34 @@ pub const PROGRAMS: [Program; 9] = [
 pub struct ProgramStatus {
     /// The program.
     pub program: Program,
-    /// `None` when attached, else the reason it is not (one line).
+    /// `None` when attached, else the reason it is not (one line; both forms' reasons when
+    /// the program has a `raw_tp` form).
     pub missing: Option<String>,
+    /// How it is attached: [`Attach::TpBtf`] or [`Attach::RawTp`] (`None` when missing).
+    pub via: Option<Attach>,
+    /// Attached as `raw_tp` because the `tp_btf` form could not be: why (one line).
+    pub tp_btf_refused: Option<String>,
+}
+
+/// How a program is attached to its tracepoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Attach {
+    /// `tp_btf`: typed arguments, found in the kernel's BTF (the default).
+    #[default]
+    TpBtf,
+    /// `raw_tp`: attached by tracepoint name, arguments read by probe reads (CO-RE offsets).
+    /// Reaches tracepoints of modules, which this loader cannot attach `tp_btf` programs to.
+    RawTp,
+}
+
+impl Attach {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attach::TpBtf => "tp_btf",
+            Attach::RawTp => "raw_tp",
+        }
+    }
 }
 
 /// A counter that depends on a kernel type rather than on a program.
@@ -419,6 +468,10 @@ pub struct AccountingOptions {
     /// Tests only: attach program `.0` to tracepoint `.1` instead of its own (a name the
     /// kernel lacks simulates a kernel without that tracepoint). Empty in production.
     pub tracepoint_overrides: Vec<(String, String)>,
+    /// How the programs that have a `raw_tp` form attach: [`Attach::TpBtf`] tries `tp_btf`
+    /// first and falls back to `raw_tp`; [`Attach::RawTp`] uses `raw_tp` directly (tests of
+    /// the fallback, kernels whose `tp_btf` misbehaves). The others are always `tp_btf`.
+    pub attach: Attach,
 }
 
 /// Loaded and attached programs; dropping it detaches them.
@@ -508,6 +561,54 @@ fn one_line(e: &aya::programs::ProgramError) -> String {
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ringfs.bpf.o"));
 const UNAVAILABLE: &str = env!("RINGFS_BPF_UNAVAILABLE");
 
+/// Loads and attaches one `raw_tp` program to `tracepoint` (by name: the kernel finds
+/// tracepoints of modules too); the error is one line naming the cause.
+fn attach_raw(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or("missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load().map_err(|e| format!("loading for raw_tp/{tracepoint}: {}", one_line(&e)))?;
+    p.attach(tracepoint).map_err(|e| match &e {
+        aya::programs::ProgramError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            format!("the kernel has no tracepoint {tracepoint} (raw_tp: {} found none)", s.call)
+        }
+        aya::programs::ProgramError::SyscallError(s) => {
+            format!("attaching to raw_tp/{tracepoint}: {}: {}", s.call, s.io_error)
+        }
+        _ => format!("attaching to raw_tp/{tracepoint}: {}", one_line(&e)),
+    })?;
+    Ok(())
+}
+
+/// Attaches `program` (to `tracepoint`, normally its own): `tp_btf`, or its `raw_tp` form when
+/// that cannot be or `how` says so. Returns how, and why `tp_btf` was not used; the error
+/// names every form tried.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    program: &Program,
+    tracepoint: &str,
+    btf: &Btf,
+    fuse_module: bool,
+    how: Attach,
+) -> Result<(Attach, Option<String>), String> {
+    let tp_btf_refused = if how == Attach::TpBtf || program.raw_tp.is_none() {
+        match attach(ebpf, program.name, tracepoint, btf, fuse_module) {
+            Ok(()) => return Ok((Attach::TpBtf, None)),
+            Err(why) => why,
+        }
+    } else {
+        "raw_tp asked for (ebpf.fuse_attach)".to_string()
+    };
+    let Some(raw) = program.raw_tp else { return Err(tp_btf_refused) };
+    match attach_raw(ebpf, raw, tracepoint) {
+        Ok(()) => Ok((Attach::RawTp, Some(tp_btf_refused))),
+        Err(raw_why) if raw_why.starts_with("the kernel has no tracepoint") => Err(raw_why),
+        Err(raw_why) => Err(format!("tp_btf: {tp_btf_refused}; raw_tp: {raw_why}")),
+    }
+}
+
 /// Loads and attaches one program; the error is one line naming the cause.
 fn attach(ebpf: &mut Ebpf, name: &str, tracepoint: &str, btf: &Btf, fuse_module: bool) -> Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
@@ -581,8 +682,13 @@ impl Accounting {
                 .iter()
                 .find(|(p, _)| p == program.name)
                 .map_or(program.tracepoint, |(_, t)| t.as_str());
-            let missing = attach(&mut ebpf, program.name, tracepoint, &btf, fuse_module).err();
-            programs.push(ProgramStatus { program: *program, missing });
+            let status = match attach_program(&mut ebpf, program, tracepoint, &btf, fuse_module, opts.attach) {
+                Ok((via, tp_btf_refused)) => {
+                    ProgramStatus { program: *program, missing: None, via: Some(via), tp_btf_refused }
+                }
+                Err(why) => ProgramStatus { program: *program, missing: Some(why), via: None, tp_btf_refused: None },
+            };
+            programs.push(status);
         }
         if programs.iter().all(|p| p.missing.is_some()) {
             let why: Vec<String> = programs
@@ -812,6 +918,7 @@ mod tests {
             mountpoint: "/nonexistent".into(),
             demand_tracing: true,
             tracepoint_overrides: Vec::new(),
+            attach: Attach::TpBtf,
         };
         let acc = Accounting::load(&opts).expect("load");
         let missing: Vec<String> = acc
@@ -823,6 +930,31 @@ mod tests {
         assert_eq!(acc.programs().len(), PROGRAMS.len());
         let snap = acc.snapshot().expect("snapshot");
         assert!(snap.demand_tracing && snap.requests_traced);
+    }
+
+    /// Asked for raw_tp, the fuse programs attach that way (the fallback a kernel with FUSE as
+    /// a module gets) and say why not tp_btf; the rest stay tp_btf.
+    #[test]
+    fn fuse_programs_attach_as_raw_tp_when_asked() {
+        if !can_load() {
+            return;
+        }
+        let opts = AccountingOptions {
+            dev: libc::makedev(0, 9999),
+            mountpoint: "/nonexistent".into(),
+            demand_tracing: true,
+            tracepoint_overrides: Vec::new(),
+            attach: Attach::RawTp,
+        };
+        let acc = Accounting::load(&opts).expect("load");
+        for p in acc.programs() {
+            assert_eq!(p.missing, None, "{}", p.program.name);
+            let want = if p.program.raw_tp.is_some() { Attach::RawTp } else { Attach::TpBtf };
+            assert_eq!(p.via, Some(want), "{}", p.program.name);
+            assert_eq!(p.tp_btf_refused.is_some(), want == Attach::RawTp, "{}", p.program.name);
+        }
+        assert_eq!(acc.programs().iter().filter(|p| p.via == Some(Attach::RawTp)).count(), 2);
+        assert!(acc.snapshot().expect("snapshot").requests_traced);
     }
 
     /// A program whose tracepoint the kernel lacks (simulated by a name no kernel has) is the
@@ -843,6 +975,7 @@ mod tests {
             mountpoint: dir.clone(),
             demand_tracing: true,
             tracepoint_overrides: vec![("fuse_send".into(), "ringfs_no_such_tracepoint".into())],
+            attach: Attach::TpBtf,
         };
         let acc = Accounting::load(&opts).expect("load");
         let missing: Vec<(&str, &str)> =
@@ -862,6 +995,78 @@ mod tests {
             }
             assert!(std::time::Instant::now() < deadline, "no stat counted in 20 s");
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(acc);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// With demand tracing, the calls a program makes on a directory are counted in their
+    /// classes: the system call table and the pt_regs access of this architecture are right
+    /// (scripts/arm64.sh runs this test on Debian's arm64 kernel under QEMU). Prints what
+    /// attached.
+    #[test]
+    fn demand_tracing_counts_calls_by_class() {
+        if !can_load() {
+            return;
+        }
+        use std::io::{Read, Write};
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ringfs-bpf-classes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("f");
+        std::fs::write(&file, b"0123456789").expect("file");
+        let opts = AccountingOptions {
+            dev: std::fs::metadata(&dir).expect("stat").dev(),
+            mountpoint: dir.clone(),
+            demand_tracing: true,
+            tracepoint_overrides: Vec::new(),
+            attach: Attach::TpBtf,
+        };
+        let acc = Accounting::load(&opts).expect("load");
+        for p in acc.programs() {
+            eprintln!(
+                "{} ({}): {}",
+                p.program.name,
+                p.program.tracepoint,
+                p.missing.as_deref().unwrap_or(p.via.map_or("?", |v| v.as_str()))
+            );
+        }
+        assert!(acc.snapshot().expect("snapshot").demand_tracing, "sys_enter/sys_exit not both attached");
+        let n = 30u64;
+        let want = [
+            Class::Stat,
+            Class::Open,
+            Class::Create,
+            Class::Read,
+            Class::Write,
+            Class::Mkdir,
+            Class::Unlink,
+            Class::Rename,
+            Class::Close,
+        ];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            for i in 0..n {
+                std::fs::metadata(&file).expect("stat");
+                let mut buf = Vec::new();
+                std::fs::File::open(&file).expect("open").read_to_end(&mut buf).expect("read");
+                let new = dir.join(format!("n{i}"));
+                std::fs::File::create(&new).expect("create").write_all(b"x").expect("write");
+                std::fs::rename(&new, dir.join("r")).expect("rename");
+                std::fs::remove_file(dir.join("r")).expect("unlink");
+                std::fs::create_dir(dir.join("d")).expect("mkdir");
+                std::fs::remove_dir(dir.join("d")).expect("rmdir");
+            }
+            let snap = acc.snapshot().expect("snapshot");
+            let short: Vec<String> = want
+                .iter()
+                .filter(|c| snap.class(**c).calls < n)
+                .map(|c| format!("{}: {}", c.as_str(), snap.class(*c).calls))
+                .collect();
+            if short.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "calls not counted in their class (of {n}): {short:?}");
         }
         drop(acc);
         std::fs::remove_dir_all(&dir).expect("cleanup");

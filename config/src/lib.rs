@@ -27,8 +27,8 @@ use toml::{Table, Value};
 pub use error::ConfigError;
 pub use options::parse_mount_options;
 pub use types::{
-    CacheConfig, CoherenceMode, Config, EbpfConfig, FuseConfig, LogConfig, LogLevel, MetricsConfig, MountFlags,
-    OffloadConfig, ParseKeywordError, ReaddirplusMode, TransportConfig, TransportMode,
+    CacheConfig, CoherenceMode, Config, EbpfConfig, FuseAttach, FuseConfig, LogConfig, LogLevel, MetricsConfig,
+    MountFlags, OffloadConfig, ParseKeywordError, ReaddirplusMode, TransportConfig, TransportMode,
 };
 
 /// Parses and validates a complete configuration from TOML text.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use toml::{Table, Value};
 
 use crate::error::ConfigError;
-use crate::types::{CoherenceMode, LogLevel, ReaddirplusMode, TransportMode};
+use crate::types::{CoherenceMode, FuseAttach, LogLevel, ReaddirplusMode, TransportMode};
 
 /// Largest cache timeout: one year of seconds. Longer is certainly a typo,
 /// and the kernel's timeouts are 64-bit seconds anyway.
@@ -121,6 +121,7 @@ pub(crate) const KEYS: &[Key] = &[
     key("metrics.addr", Kind::AddrOrEmpty),
     key("ebpf.enable", Kind::Bool),
     key("ebpf.demand_tracing", Kind::Bool),
+    key("ebpf.fuse_attach", Kind::Keyword(FuseAttach::NAMES)),
     key("log.level", Kind::Keyword(LogLevel::NAMES)),
 ];
 

@@ -355,11 +355,13 @@ pub struct EbpfConfig {
     /// page-cache read through the mount ~0.5 µs, so it is opt-in. Ignored when `enable` is
     /// false. Default `false`.
     pub demand_tracing: bool,
+    /// `fuse_attach`: how the programs on the fuse tracepoints attach. Default `"auto"`.
+    pub fuse_attach: FuseAttach,
 }
 
 impl Default for EbpfConfig {
     fn default() -> Self {
-        Self { enable: true, demand_tracing: false }
+        Self { enable: true, demand_tracing: false, fuse_attach: FuseAttach::Auto }
     }
 }
 
@@ -494,6 +496,18 @@ keyword_enum! {
         Uring = "uring",
         /// `"dev-fuse"`: classic read(2)/write(2) on /dev/fuse.
         DevFuse = "dev-fuse",
+    }
+}
+
+keyword_enum! {
+    /// `ebpf.fuse_attach`: how the programs on the fuse tracepoints (`fuse_request_send`,
+    /// `fuse_request_end`) attach.
+    pub enum FuseAttach {
+        /// `"auto"`: `tp_btf`, and `raw_tp` where that cannot attach (FUSE built as a module).
+        #[default]
+        Auto = "auto",
+        /// `"raw_tp"`: always `raw_tp` (tests of the fallback; a kernel whose `tp_btf` fails).
+        RawTp = "raw_tp",
     }
 }
 

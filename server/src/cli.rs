@@ -132,7 +132,7 @@ when unique, `entry_timeout=5`; a bare key means true. mount(8) words such as
 #[command(
     name = "ringfs",
     bin_name = "ringfs",
-    version,
+    version = crate::version(),
     about = "Mount a directory through FUSE, served over io_uring or /dev/fuse.",
     override_usage = "ringfs mount --config FILE [SOURCE [MOUNTPOINT]] [-o OPTS]... [-f|-b]\n       \
                       ringfs mount SOURCE MOUNTPOINT [-o OPTS]... [-f|-b]\n       \

@@ -119,7 +119,12 @@ pub fn render(s: &Sources) -> String {
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
 
     header(&mut out, "ringfs_build_info", "gauge", "Build information; always 1.");
-    let _ = writeln!(out, "ringfs_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "ringfs_build_info{{version=\"{}\",build=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        crate::BUILD_ID.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    );
     header(&mut out, "ringfs_transport_info", "gauge", "The request transport in use; always 1.");
     let t = if s.session.uring { "io_uring" } else { "dev_fuse" };
     let _ = writeln!(out, "ringfs_transport_info{{transport=\"{t}\"}} 1");
@@ -376,15 +381,16 @@ fn kernel_stats(out: &mut String, s: &Sources) {
             out,
             "ringfs_ebpf_program_attached",
             "gauge",
-            "1 when the eBPF program is attached, 0 when this kernel cannot take it (the log says why), by program \
-             and tracepoint.",
+            "1 when the eBPF program is attached, 0 when this kernel cannot take it (the log says why), by program, \
+             tracepoint and how it is attached (via: tp_btf, raw_tp, or none).",
         );
         for p in a.programs() {
             let _ = writeln!(
                 out,
-                "ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\"}} {}",
+                "ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\",via=\"{}\"}} {}",
                 p.program.name,
                 p.program.tracepoint,
+                p.via.map_or("none", |v| v.as_str()),
                 p.missing.is_none() as u8
             );
         }

@@ -170,6 +170,9 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     // Without CAP_SYS_ADMIN (not root): mount through fusermount3, and switch off what needs
     // privilege (named in one log line once the file system is open).
     let privileged = mount::can_mount();
+    if !privileged {
+        user_atime_check(&cfg, &source)?;
+    }
     let mut cfg = cfg;
     if !privileged {
         cfg.offload.passthrough = false;
@@ -291,6 +294,8 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     // read through them), and when it was found dead.
     let mut old_clones = Vec::new();
     let mut died_at: Option<u64> = None;
+    // The format of the state a takeover receives (announced in HELLO).
+    let mut state_version = crate::upgrade::STATE_VERSION;
     let (session, dev) = match (hello, handover.take()) {
         (None, Some(h)) => {
             metrics_listener = h.metrics_listener;
@@ -314,6 +319,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         (Some(hello), _) => {
             let tk = takeover.as_ref().ok_or("takeover without its socket")?;
             let dev = hello.dev;
+            state_version = hello.version;
             metrics_listener = hello.metrics_listener;
             control_listener = hello.control_listener;
             fs.set_mount_dev(dev);
@@ -391,7 +397,7 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                 }
             };
             let nfds = fds.len();
-            if let Err(e) = fs.import_live(&state, fds) {
+            if let Err(e) = fs.import_live(state_version, &state, fds) {
                 session.open_gate(false);
                 return Err(tk.refuse(e));
             }
@@ -476,6 +482,10 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                     mountpoint: mountpoint_o.clone(),
                     demand_tracing: ebpf_cfg.demand_tracing,
                     tracepoint_overrides: Vec::new(),
+                    attach: match ebpf_cfg.fuse_attach {
+                        ringfs_config::FuseAttach::Auto => ringfs_bpf::Attach::TpBtf,
+                        ringfs_config::FuseAttach::RawTp => ringfs_bpf::Attach::RawTp,
+                    },
                 };
                 match ringfs_bpf::Accounting::load(&opts) {
                     Ok(a) => {
@@ -486,6 +496,13 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                                     "eBPF program {} not attached ({} not counted): {why}",
                                     p.program.name,
                                     p.program.counts
+                                );
+                            } else if let (Some(via), Some(why)) = (p.via, &p.tp_btf_refused) {
+                                log::info!(
+                                    "eBPF program {} attached as {} to {} (tp_btf: {why})",
+                                    p.program.name,
+                                    via.as_str(),
+                                    p.program.tracepoint
                                 );
                             }
                         }
@@ -676,6 +693,35 @@ fn start_journal(fs: &PassthroughFs, link: &Arc<crate::failover::Link>) {
         Ok(fd) => link.set_journal(fd.as_fd()),
         Err(e) => log::error!("crash failover: the journal could not be started ({e}); a crash ends the mount"),
     }
+}
+
+/// A user's mount cannot have `strictatime` or `nodiratime` (`mount::user_mount_refuses`):
+/// refused here, before anything is mounted or forked, with what access times will do instead.
+fn user_atime_check(cfg: &Config, source: &Path) -> Result<(), RunError> {
+    let mut opts = MountOptions::new(PathBuf::new());
+    opts.strictatime = cfg.mount_flags.strictatime;
+    opts.nodiratime = cfg.mount_flags.nodiratime;
+    let refused = mount::user_mount_refuses(&opts);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    // The mode the backing directory's own mount gives (what the user gets instead).
+    use rustix::fs::StatVfsMountFlags as F;
+    let backing = match rustix::fs::statvfs(source) {
+        Ok(st) if st.f_flag.contains(F::NOATIME) => "noatime",
+        Ok(st) if st.f_flag.contains(F::RELATIME) => "relatime",
+        Ok(_) => "strictatime",
+        Err(_) => "its own mode",
+    };
+    let words = refused.join(" and ");
+    let (verb, them) = if refused.len() > 1 { ("need", "them") } else { ("needs", "it") };
+    Err(format!(
+        "{words} {verb} root: {} refuses {them} for a user's mount, and the server applies them through a \
+         private bind mount of the backing directory, which needs CAP_SYS_ADMIN. Leave {words} out \
+         (access times then follow the backing directory's mount: {backing}) or mount as root; \
+         noatime works without root",
+        mount::FUSERMOUNT
+    ))
 }
 
 /// The one line a server without root logs: what it switched off, and why.

@@ -355,25 +355,24 @@ impl Upgrader {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        let mut hello = b"HELLO".to_vec();
-        hello.extend_from_slice(&state_version().to_le_bytes());
-        for w in [
-            self.dev,
-            UPGRADES_OK.load(Ordering::Relaxed),
-            UPGRADES_REFUSED.load(Ordering::Relaxed),
-            UPGRADES_FAILED.load(Ordering::Relaxed),
-        ] {
-            hello.extend_from_slice(&w.to_le_bytes());
-        }
-        put_bytes(&mut hello, &self.init.0);
-        put_bytes(&mut hello, &self.init.1);
         let control = self.control_listener.lock().unwrap_or_else(|e| e.into_inner());
         let mut hello_fds = vec![self.fuse_fd.as_raw_fd()];
         hello_fds.extend(self.metrics_listener.as_ref().map(|l| l.as_raw_fd()));
         hello_fds.extend(control.as_ref().map(|l| l.as_raw_fd()));
         let flags = u32::from(self.metrics_listener.is_some()) | (u32::from(control.is_some()) << 1);
         drop(control);
-        hello.extend_from_slice(&flags.to_le_bytes());
+        let hello = encode_hello(&(
+            state_version(),
+            [
+                self.dev,
+                UPGRADES_OK.load(Ordering::Relaxed),
+                UPGRADES_REFUSED.load(Ordering::Relaxed),
+                UPGRADES_FAILED.load(Ordering::Relaxed),
+            ],
+            self.init.0.clone(),
+            self.init.1.clone(),
+            flags,
+        ));
         send_msg(&ours, &hello, &hello_fds).map_err(|e| fail(format!("sending to pid {pid}: {e}")))?;
         match recv_msg(&ours, PEER_TIMEOUT) {
             Ok((m, fds)) if m == b"READY" => {
@@ -459,11 +458,42 @@ fn current_exe() -> io::Result<PathBuf> {
     Ok(PathBuf::from(unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(s) }))
 }
 
-/// HELLO's fields: state version, (device, ok, refused, failed), INIT request, INIT reply, flags.
-type HelloFields = (u32, [u64; 4], Vec<u8>, Vec<u8>, u32);
+/// HELLO's fields: state version, (device, ok, refused, failed), INIT request, INIT reply, flags
+/// (1: a metrics listener travels, 2: a control listener travels).
+pub(crate) type HelloFields = (u32, [u64; 4], Vec<u8>, Vec<u8>, u32);
+
+/// The HELLO message: `HELLO`, the state version (u32), then the rest of [`HelloFields`]
+/// (u64 words, u32-length-prefixed INIT request and reply, u32 flags), little-endian. The
+/// version comes first so that any build can read it and refuse what it does not understand.
+pub(crate) fn encode_hello(f: &HelloFields) -> Vec<u8> {
+    let mut hello = b"HELLO".to_vec();
+    hello.extend_from_slice(&f.0.to_le_bytes());
+    for w in f.1 {
+        hello.extend_from_slice(&w.to_le_bytes());
+    }
+    put_bytes(&mut hello, &f.2);
+    put_bytes(&mut hello, &f.3);
+    hello.extend_from_slice(&f.4.to_le_bytes());
+    hello
+}
+
+/// Reads a HELLO written by [`encode_hello`].
+pub(crate) fn decode_hello(mut b: &[u8]) -> io::Result<HelloFields> {
+    let b = &mut b;
+    if take(b, 5)? != b"HELLO" {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a HELLO"));
+    }
+    let v = take_u32(b)?;
+    let words = [take_u64(b)?, take_u64(b)?, take_u64(b)?, take_u64(b)?];
+    let (init_in, init_out) = (take_bytes(b)?.to_vec(), take_bytes(b)?.to_vec());
+    let flags = take_u32(b)?;
+    Ok((v, words, init_in, init_out, flags))
+}
 
 /// What the old server handed over first.
 pub struct Hello {
+    /// The format of the state that follows (one this build reads).
+    pub version: u32,
     /// The mount's /dev/fuse descriptor.
     pub fuse_fd: OwnedFd,
     /// The mount's device number.
@@ -499,18 +529,7 @@ impl Takeover {
     /// read.
     pub fn hello(&self) -> Result<Hello, String> {
         let (m, mut fds) = recv_msg(&self.sock, PEER_TIMEOUT).map_err(|e| format!("hand-over socket: {e}"))?;
-        let mut b = m.as_slice();
-        let parse = |b: &mut &[u8]| -> io::Result<HelloFields> {
-            if take(b, 5)? != b"HELLO" {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "not a HELLO"));
-            }
-            let v = take_u32(b)?;
-            let words = [take_u64(b)?, take_u64(b)?, take_u64(b)?, take_u64(b)?];
-            let (init_in, init_out) = (take_bytes(b)?.to_vec(), take_bytes(b)?.to_vec());
-            let flags = take_u32(b)?;
-            Ok((v, words, init_in, init_out, flags))
-        };
-        let (version, words, init_in, init_out, flags) = match parse(&mut b) {
+        let (version, words, init_in, init_out, flags) = match decode_hello(&m) {
             Ok(x) => x,
             Err(e) => return Err(self.refuse(&format!("malformed HELLO: {e}"))),
         };
@@ -530,7 +549,7 @@ impl Takeover {
         let mut rest = fds.into_iter();
         let metrics_listener = if flags & 1 != 0 { rest.next() } else { None };
         let control_listener = if flags & 2 != 0 { rest.next() } else { None };
-        Ok(Hello { fuse_fd, dev: words[0], init_in, init_out, metrics_listener, control_listener })
+        Ok(Hello { version, fuse_fd, dev: words[0], init_in, init_out, metrics_listener, control_listener })
     }
 
     /// Tells the old server no, and returns the reason (for the caller's error).
@@ -674,5 +693,117 @@ pub fn request(mountpoint: &Path, binary: Option<&Path>, force: bool, timeout: D
         Err("the server closed the connection".into())
     } else {
         Err(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state format across builds: the fixtures in `server/fixtures/state/` were written by
+    //! the builds of each state version (`vN.hello`: the HELLO, `vN.live`: the file system's
+    //! state). This build must write exactly the fixture of [`STATE_VERSION`] (else the format
+    //! changed without a version bump) and read every fixture from version 1 on (else a build
+    //! that upgrades from an older one would refuse it).
+
+    use super::*;
+    use crate::fs::live_state::{self, LiveState, NodeRecord, OpenRecord};
+
+    /// Set to write the fixture of a new state version (never rewrites an existing one).
+    const WRITE_ENV: &str = "RINGFS_WRITE_STATE_FIXTURE";
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state").join(name)
+    }
+
+    /// What the fixtures of `version` hold, as this build reads them. A new version that adds
+    /// fields keeps the older versions' samples as they were, with what its reader fills in
+    /// for the missing fields.
+    fn sample_state(version: u32) -> LiveState {
+        assert!((1..=STATE_VERSION).contains(&version));
+        let handle = |seed: u8| (0..12).map(|i| seed.wrapping_mul(31).wrapping_add(i)).collect::<Vec<u8>>();
+        LiveState {
+            handles: live_state::HandleState {
+                root_key: (0x803, 2),
+                gen_key: [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210],
+                next_id: 1000,
+                nodes: vec![(17, handle(1)), (42, handle(2))],
+            },
+            nodes: vec![
+                // The root: a directory with a handle.
+                NodeRecord {
+                    id: 1,
+                    key: (0x803, 2),
+                    kind: libc::S_IFDIR,
+                    lookups: 1,
+                    handle: Some(handle(3)),
+                    fd: false,
+                },
+                // A file reopened by handle.
+                NodeRecord {
+                    id: 17,
+                    key: (0x803, 1234),
+                    kind: libc::S_IFREG,
+                    lookups: 3,
+                    handle: Some(handle(1)),
+                    fd: false,
+                },
+                // A node without a handle: its descriptor travels.
+                NodeRecord { id: 99, key: (0x804, 7), kind: libc::S_IFREG, lookups: 1, handle: None, fd: true },
+            ],
+            open: vec![OpenRecord { fh: 5, node: 17, dir: false }, OpenRecord { fh: 1 << 40, node: 1, dir: true }],
+            passthrough: vec![(17, 3, 2), (99, 0, 1)],
+        }
+    }
+
+    fn sample_hello(version: u32) -> HelloFields {
+        assert!((1..=STATE_VERSION).contains(&version));
+        (version, [0x2d, 7, 1, 0], b"init request bytes".to_vec(), b"init reply".to_vec(), 3)
+    }
+
+    #[test]
+    fn this_build_writes_the_fixture_of_its_state_version() {
+        let v = STATE_VERSION;
+        for (name, written) in [
+            (format!("v{v}.hello"), encode_hello(&sample_hello(v))),
+            (format!("v{v}.live"), live_state::encode(&sample_state(v))),
+        ] {
+            let path = fixture(&name);
+            match std::fs::read(&path) {
+                Ok(golden) => assert!(
+                    golden == written,
+                    "{}: the state format of version {v} changed: a build of this version writes other bytes. \
+                     Bump STATE_VERSION (server/src/upgrade.rs), keep the reader of version {v} in \
+                     live_state::decode, and write the new version's fixtures ({WRITE_ENV}=1)",
+                    path.display()
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && std::env::var_os(WRITE_ENV).is_some() => {
+                    std::fs::write(&path, &written).expect("write the fixture");
+                }
+                Err(e) => panic!(
+                    "{}: {e}: no fixture for state version {v}; write it with {WRITE_ENV}=1 and check it in",
+                    path.display()
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn this_build_reads_the_fixtures_of_every_state_version() {
+        for v in 1..=STATE_VERSION {
+            let hello = std::fs::read(fixture(&format!("v{v}.hello"))).expect("HELLO fixture");
+            let fields = decode_hello(&hello).expect("HELLO of an older build");
+            assert_eq!(fields.0, v, "the version is HELLO's first field");
+            assert_eq!(fields, sample_hello(v));
+            let live = std::fs::read(fixture(&format!("v{v}.live"))).expect("state fixture");
+            assert_eq!(live_state::decode(v, &live), Ok(sample_state(v)), "state version {v}");
+        }
+        // A version from a newer build is refused, and so is a state cut short.
+        assert!(live_state::decode(STATE_VERSION + 1, &[]).is_err());
+        let live = std::fs::read(fixture(&format!("v{STATE_VERSION}.live"))).expect("state fixture");
+        for cut in [1, 8, live.len() / 2, live.len() - 1] {
+            assert!(live_state::decode(STATE_VERSION, &live[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = live.clone();
+        longer.push(0);
+        assert!(live_state::decode(STATE_VERSION, &longer).is_err());
     }
 }

@@ -370,6 +370,18 @@ impl Mount {
         Self::spawn(work, source, mountpoint, opts)
     }
 
+    /// Like [`Mount::start`], served by the binary `program` instead of [`ringfs_bin`] (another
+    /// build of the server, for the cross-build upgrade test).
+    pub fn start_program(program: &Path, opts: &[&str]) -> Mount {
+        let work = work_dir();
+        let source = work.path().join("backing");
+        std::fs::create_dir(&source).expect("create backing dir");
+        std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let mountpoint = work.path().join("mnt");
+        std::fs::create_dir(&mountpoint).expect("create mount point");
+        Self::spawn_program(work, source, mountpoint, program, opts)
+    }
+
     /// Mounts the existing directory `source` on a fresh temporary mount point.
     pub fn start_with(source: &Path, opts: &[&str]) -> Mount {
         let work = work_dir();
@@ -428,13 +440,23 @@ impl Mount {
     }
 
     fn spawn(work: tempfile::TempDir, source: PathBuf, mountpoint: PathBuf, opts: &[&str]) -> Mount {
+        Self::spawn_program(work, source, mountpoint, &ringfs_bin(), opts)
+    }
+
+    fn spawn_program(
+        work: tempfile::TempDir,
+        source: PathBuf,
+        mountpoint: PathBuf,
+        program: &Path,
+        opts: &[&str],
+    ) -> Mount {
         let mut args = mount_args(&source, &mountpoint, opts);
         // File-handle state of this mount stays in its work directory (removed with it) rather
         // than piling up in /var/lib/ringfs for mounts that never come back.
         if !opts.iter().any(|o| o.contains("export_state_dir")) {
             args.extend(["-o".into(), format!("export_state_dir={}", work.path().join("handles").display()).into()]);
         }
-        match Self::try_spawn(work, source, mountpoint, &args) {
+        match Self::try_spawn_program(work, source, mountpoint, program, &args) {
             Ok(m) => m,
             Err((status, stderr)) => panic!("ringfs mount exited before mounting ({status}); its output:\n{stderr}"),
         }

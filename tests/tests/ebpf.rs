@@ -184,8 +184,43 @@ fn kernel_fallbacks_equal_server_requests() {
     if !ebpf_required("kernel_fallbacks_equal_server_requests") {
         return;
     }
-    let mut m = Server::ringfs("passthrough=false,ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0");
+    fallbacks_equal_server_requests("");
+}
+
+/// The same with the fuse programs attached as `raw_tp` (what a kernel with FUSE as a module
+/// gets: its tracepoints are the module's, which `tp_btf` cannot reach here), forced by
+/// `ebpf.fuse_attach`: the log and the metric say so, and the counts, causes and round trips
+/// are the same.
+#[test]
+fn raw_tp_fallback_counts_the_same() {
+    if !ebpf_required("raw_tp_fallback_counts_the_same") {
+        return;
+    }
+    let text = fallbacks_equal_server_requests(",ebpf.fuse_attach=raw_tp");
+    for (p, tp) in [("fuse_send", "fuse_request_send"), ("fuse_end", "fuse_request_end")] {
+        let name = format!("ringfs_ebpf_program_attached{{program=\"{p}\",tracepoint=\"{tp}\",via=\"raw_tp\"}}");
+        assert_eq!(metric(&text, &name), 1.0, "{name}\n{text}");
+    }
+    let name = "ringfs_ebpf_program_attached{program=\"sys_enter\",tracepoint=\"sys_enter\",via=\"tp_btf\"}";
+    assert_eq!(metric(&text, name), 1.0, "{name}\n{text}");
+    // fuse_end: round trips in the histogram (one per request that was answered).
+    let rt = metric(&text, "ringfs_kernel_request_duration_seconds_count{op=\"lookup\"}");
+    assert!(rt >= metric(&text, "ringfs_kernel_fallbacks_total{op=\"lookup\"}") && rt > 0.0, "{text}");
+    // Causes: the creations were charged to the calls that made them (demand tracing).
+    assert!(metric(&text, "ringfs_kernel_fallback_requests_total{class=\"create\",op=\"create\"}") >= 20.0, "{text}");
+}
+
+/// Runs a workload with passthrough off and checks that the kernel-side fallback counters
+/// equal the server's own request counts, op by op. Returns the last scrape.
+fn fallbacks_equal_server_requests(extra: &str) -> String {
+    let mut m = Server::ringfs(&format!("passthrough=false,ebpf.demand_tracing=true,metrics_addr=127.0.0.1:0{extra}"));
     attached(&mut m);
+    if extra.contains("raw_tp") {
+        for p in ["fuse_send", "fuse_end"] {
+            let line = format!("eBPF program {p} attached as raw_tp");
+            assert!(m.log().contains(&line), "no `{line}` in the log:\n{}", m.log());
+        }
+    }
     for i in 0..20 {
         let p = m.mountpoint.join(format!("f{i}"));
         std::fs::write(&p, vec![b'a'; 5000]).expect("write");
@@ -225,6 +260,7 @@ fn kernel_fallbacks_equal_server_requests() {
         let (server, kernel) = (server(&text, op), kernel(&text, op));
         assert_eq!(kernel, server, "{op}: kernel saw {kernel} requests sent, the server counted {server}\n{text}");
     }
+    text
 }
 
 #[test]
@@ -319,7 +355,10 @@ fn every_program_is_attached_and_reported() {
     let expected = ringfs_bpf::PROGRAMS.len();
     assert_eq!(series.len(), expected, "{text}");
     for p in ringfs_bpf::PROGRAMS {
-        let name = format!("ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\"}}", p.name, p.tracepoint);
+        let name = format!(
+            "ringfs_ebpf_program_attached{{program=\"{}\",tracepoint=\"{}\",via=\"tp_btf\"}}",
+            p.name, p.tracepoint
+        );
         assert_eq!(metric(&text, &name), 1.0, "{name}\n{}", m.log());
     }
     assert_eq!(metric(&text, "ringfs_ebpf_feature_available{feature=\"passthrough_bytes\"}"), 1.0, "{text}");

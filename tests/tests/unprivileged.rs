@@ -153,3 +153,96 @@ fn user_mount_sigkill_watchdog_unmounts() {
     assert_eq!(sh_as_user(&format!("cat {}/f", q(&again.mountpoint))), "data\n");
     drop(again);
 }
+
+/// `strictatime` and `nodiratime` need root (fusermount3 refuses them for users, and the private
+/// bind mount that applies them to the backing directory needs CAP_SYS_ADMIN): a user's
+/// `ringfs mount` with either fails before mounting, saying so and what access times do instead.
+#[test]
+fn user_mount_refuses_strictatime_and_nodiratime_before_mounting() {
+    let test = "unprivileged::user_mount_refuses_strictatime_and_nodiratime_before_mounting";
+    if !require_user_fuse(test, uid(), gid()) {
+        return;
+    }
+    let dirs = UserDirs::new();
+    for (opt, says) in [
+        ("strictatime", "strictatime needs root"),
+        ("nodiratime", "nodiratime needs root"),
+        ("strictatime,nodiratime", "strictatime and nodiratime need root"),
+    ] {
+        let (status, log) = match Mount::try_start_as(uid(), gid(), &dirs.source(), &dirs.mountpoint(), &[opt]) {
+            Ok(m) => panic!("-o {opt}: a user's mount came up; log:\n{}", m.log()),
+            Err(e) => e,
+        };
+        assert!(!status.success(), "-o {opt}: exit status {status}");
+        for what in
+            [says, "fusermount3", "CAP_SYS_ADMIN", "follow the backing directory's mount", "noatime works without root"]
+        {
+            assert!(log.contains(what), "-o {opt}: the error does not say `{what}`:\n{log}");
+        }
+        // Refused before anything was mounted (and no dead mount left behind).
+        assert!(tests::mount_at(&dirs.mountpoint()).is_none(), "-o {opt}: something is mounted");
+        assert!(!log.contains("fusermount3:"), "-o {opt}: fusermount3 was run:\n{log}");
+    }
+}
+
+/// `noatime` works for a user: fusermount3 takes it, and the server opens the user's backing
+/// files with O_NOATIME, so reading through the mount leaves their access times alone (a read on
+/// the backing directory itself, with its relatime, does update them: the check can fail).
+#[test]
+fn user_mount_noatime_keeps_access_times() {
+    let test = "unprivileged::user_mount_noatime_keeps_access_times";
+    if !require_user_fuse(test, uid(), gid()) {
+        return;
+    }
+    let dirs = UserDirs::new();
+    // Access times two days old: relatime would update them on the next read.
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+    for name in ["through", "native"] {
+        let p = dirs.source().join(name);
+        fs::write(&p, b"atime\n").unwrap();
+        std::os::unix::fs::chown(&p, Some(uid()), Some(gid())).unwrap();
+        fs::File::options().write(true).open(&p).unwrap().set_times(fs::FileTimes::new().set_accessed(old)).unwrap();
+    }
+    let atime = |name: &str| fs::metadata(dirs.source().join(name)).unwrap().atime();
+    let before = atime("through");
+    let m = match Mount::try_start_as(uid(), gid(), &dirs.source(), &dirs.mountpoint(), &["noatime"]) {
+        Ok(m) => m,
+        Err((status, log)) => panic!("{test}: -o noatime as a user ({status}):\n{log}"),
+    };
+    let info = tests::mount_at(&m.mountpoint).expect("mounted");
+    assert!(info.mount_options.split(',').any(|o| o == "noatime"), "{info:?}");
+    assert_eq!(sh_as_user(&format!("cat {}", q(&m.mountpoint.join("through")))), "atime\n");
+    sh_as_user(&format!("cat {} >/dev/null", q(&dirs.source().join("native"))));
+    assert!(atime("native") > before, "a native read did not update the access time: the check proves nothing");
+    assert_eq!(atime("through"), before, "a read through the noatime mount changed the backing access time");
+    drop(m);
+}
+
+/// A user's mount cannot be remounted (the kernel refuses MS_REMOUNT to users and fusermount3
+/// has no remount): the helper form mount(8) runs (`ringfs MNT MNT -o remount,ro`) fails at once
+/// with an error that says so and what to do instead, and the mount is left as it was.
+#[test]
+fn user_remount_fails_clearly_and_leaves_the_mount() {
+    let test = "unprivileged::user_remount_fails_clearly_and_leaves_the_mount";
+    if !require_user_fuse(test, uid(), gid()) {
+        return;
+    }
+    let dirs = UserDirs::new();
+    let m = start(test, &dirs);
+    let mnt = q(&m.mountpoint);
+    let bin = tests::ringfs_bin();
+    for opts in ["remount,ro", "ro,nosuid,nodev,remount,user_id=4242", "remount,strictatime"] {
+        let out = run_as(uid(), gid(), &format!("{} {mnt} {mnt} -o {opts}", q(&bin)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "-o {opts}: a user's remount succeeded: {stderr}");
+        for what in ["only root (CAP_SYS_ADMIN) can remount", "fusermount3 -u", "mount again"] {
+            assert!(stderr.contains(what), "-o {opts}: the error does not say `{what}`: {stderr}");
+        }
+        let info = tests::mount_at(&m.mountpoint).expect("still mounted");
+        assert!(info.mount_options.split(',').any(|o| o == "rw"), "-o {opts}: flags changed: {info:?}");
+        assert!(!info.mount_options.contains("strictatime"), "-o {opts}: flags changed: {info:?}");
+    }
+    // Still served, and writable.
+    assert_eq!(sh_as_user(&format!("echo still > {mnt}/w && cat {mnt}/w")), "still\n");
+    drop(m);
+}

@@ -78,9 +78,27 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
     if !require(test, transport == "uring") {
         return;
     }
+    upgrades_between(transport, passthrough, &[]);
+}
+
+/// A server build for [`upgrades_between`]: its binary, and the `build` label its
+/// `ringfs_build_info` carries (`None`: not checked, e.g. a build older than the label).
+struct Build {
+    bin: PathBuf,
+    label: Option<String>,
+}
+
+/// Mounts, runs the clients, and upgrades [`upgrades`] times while they run. With `builds`, the
+/// mount is served by `builds[0]` first and upgrade `i` goes to `builds[(i + 1) % len]` (each
+/// checked to be the binary serving afterwards); without, each upgrade goes to the same binary.
+fn upgrades_between(transport: &str, passthrough: bool, builds: &[Build]) {
     let pt = format!("passthrough={passthrough}");
     let tr = format!("transport={transport}");
-    let m = Mount::start(&[&tr, &pt, "metrics_addr=127.0.0.1:0"]);
+    let opts = [&tr[..], &pt[..], "metrics_addr=127.0.0.1:0"];
+    let m = match builds.first() {
+        Some(b) => Mount::start_program(&b.bin, &opts),
+        None => Mount::start(&opts),
+    };
     let mut cur = Current { pid: m.pid(), m: &m };
     let files = 3;
     std::fs::create_dir(m.path("meta")).expect("mkdir meta");
@@ -119,7 +137,8 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
         // The longest operation in a stretch without an upgrade (the machine's own noise).
         let baseline = rep.max_us.iter().map(|x| x.swap(0, Ordering::Relaxed)).max().unwrap_or(0);
         let old = cur.pid;
-        let (pid, pause_us) = match upgrade(&m, None, false) {
+        let to = (!builds.is_empty()).then(|| &builds[(round + 1) % builds.len()]);
+        let (pid, pause_us) = match upgrade(&m, to.map(|b| b.bin.as_path()), false) {
             Ok(x) => x,
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
@@ -130,6 +149,15 @@ fn upgrades_under_load(test: &str, transport: &str, passthrough: bool) {
         assert_ne!(pid, old);
         assert!(wait_until(Duration::from_secs(10), || !pid_alive(old)), "old server {old} still running");
         assert!(pid_alive(pid), "new server {pid} not running");
+        if let Some(b) = to {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the new server's executable");
+            assert_eq!(exe, std::fs::canonicalize(&b.bin).expect("build path"), "upgrade {round}: wrong build serves");
+            if let Some(label) = &b.label {
+                let text = scrape(&metrics_addr(&m).expect("metrics address in the log"));
+                let info = text.lines().find(|l| l.starts_with("ringfs_build_info{")).unwrap_or_default();
+                assert!(info.contains(&format!("build=\"{label}\"")), "upgrade {round}: {info}");
+            }
+        }
         // Ops blocked across the hand-over have finished once every client did two more.
         let after = ops(&rep);
         assert!(
@@ -249,6 +277,81 @@ fn upgrade_dev_fuse_passthrough() {
 #[test]
 fn upgrade_dev_fuse_served() {
     upgrades_under_load("upgrade_dev_fuse_served", "dev-fuse", false);
+}
+
+/// `RINGFS_BUILD_ID` of the second build [`other_build`] makes from this source.
+const OTHER_BUILD_ID: &str = "cross-build-test";
+
+/// The `build` label of a binary's `ringfs_build_info`, from its `--version` line
+/// (`ringfs 0.1.0` or `ringfs 0.1.0 (build ID)`).
+fn build_label(bin: &Path) -> String {
+    let out = Command::new(bin).arg("--version").output().expect("ringfs --version");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    line.split_once("(build ").and_then(|(_, b)| b.strip_suffix(')')).unwrap_or_default().to_string()
+}
+
+/// The other build of [`upgrade_between_two_builds`]: `RINGFS_OTHER_BIN` when set (for instance
+/// a previous commit's binary, as `scripts/upgrade-across-builds.sh` builds it), else this source
+/// built again with `RINGFS_BUILD_ID` set into a target directory of its own,
+/// `<target>/cross-build` (the first build there compiles every dependency; later ones only
+/// what changed since).
+fn other_build() -> Build {
+    if let Some(p) = std::env::var_os("RINGFS_OTHER_BIN") {
+        return Build { bin: PathBuf::from(p), label: None };
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    // <target>/<profile>/deps/upgrade-HASH
+    let profile_dir = exe.parent().and_then(Path::parent).expect("profile directory");
+    let profile = profile_dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug").to_string();
+    let target = profile_dir.parent().expect("target directory").join("cross-build");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "-p", "server", "--bin", "ringfs"])
+        .current_dir(workspace)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("RINGFS_BUILD_ID", OTHER_BUILD_ID);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building the other server build failed: {status}");
+    Build { bin: target.join(&profile).join("ringfs"), label: Some(OTHER_BUILD_ID.to_string()) }
+}
+
+/// An upgrade between two different builds (issue 20): the mount starts on the other build and
+/// is handed back and forth between it and the build under test while the clients run
+/// (the under-load checks: no failed system call, no byte lost, the mount never absent), each
+/// new server checked to be the build it was asked for (its executable, and the `build` label
+/// of its metrics). So this build takes over a state another build wrote, and the other takes
+/// this one's. The other build is this source with a different build-time constant unless
+/// `RINGFS_OTHER_BIN` names one (docs/reliability.md, "Upgrades between builds").
+#[test]
+fn upgrade_between_two_builds() {
+    let test = "upgrade_between_two_builds";
+    if !require(test, false) {
+        return;
+    }
+    let other = other_build();
+    let this = Build { label: Some(build_label(&ringfs_bin())), bin: ringfs_bin() };
+    assert!(
+        std::fs::read(&other.bin).expect("other build") != std::fs::read(&this.bin).expect("this build"),
+        "{} and {} are the same build",
+        other.bin.display(),
+        this.bin.display()
+    );
+    if let (Some(a), Some(b)) = (&other.label, &this.label) {
+        assert_ne!(a, b, "both builds carry the build id {a:?}");
+    }
+    let builds = [other, this];
+    for passthrough in [true, false] {
+        upgrades_between("dev-fuse", passthrough, &builds);
+    }
 }
 
 /// A new binary that cannot read the running server's state version refuses it; the old server

@@ -110,8 +110,26 @@ pub(crate) struct Reactor {
     /// that the kernel writes their memory after the drop).
     #[cfg(test)]
     keep_orphans: bool,
-    /// The queue's ring (for registering personalities).
-    ring_fd: RawFd,
+    /// Personality registrations tasks asked for, by ask number (see [`register_personality`]).
+    asks: Vec<(u64, Ask)>,
+    /// The next ask number.
+    next_ask: u64,
+    /// Personalities to unregister once the SQEs queued so far are submitted.
+    unregister: Vec<u16>,
+}
+
+/// Switches the queue thread's credentials for one registration; what it returns is dropped
+/// right after the registration (a guard that switches them back).
+type Enter = Box<dyn FnOnce() -> Box<dyn std::any::Any>>;
+
+/// A personality registration a task asked the queue loop for.
+struct Ask {
+    /// The credentials to register (taken when the loop serves the ask).
+    enter: Option<Enter>,
+    /// The waker of the task that waits for the answer.
+    waker: Option<Waker>,
+    /// The answer, until the task collects it.
+    result: Option<io::Result<u16>>,
 }
 
 thread_local! {
@@ -220,9 +238,10 @@ fn slow_call_pauses(strike: Option<u64>, n: u64, took: Duration) -> bool {
     took > SLOW_INLINE_ALONE || strike.is_some_and(|s| n - s <= STRIKE_CALLS)
 }
 
-/// Installs a reactor for the ring `ring_fd` on the calling (queue) thread.
-pub(crate) fn install(ring_fd: RawFd) {
-    REACTOR.with(|r| *r.borrow_mut() = Some(Reactor { ring_fd, ..Reactor::default() }));
+/// Installs a reactor on the calling (queue) thread, whose loop submits what the reactor queues
+/// to its ring and calls [`serve_personalities`] and [`release_personalities`].
+pub(crate) fn install() {
+    REACTOR.with(|r| *r.borrow_mut() = Some(Reactor::default()));
 }
 
 /// Removes this thread's reactor. `clean`: no operation is in flight any more (the ring is gone
@@ -238,26 +257,104 @@ pub(crate) fn uninstall(clean: bool) {
     }
 }
 
-const IORING_REGISTER_PERSONALITY: libc::c_uint = 9;
-const IORING_UNREGISTER_PERSONALITY: libc::c_uint = 10;
-
-/// Registers the calling thread's current credentials (fsuid, fsgid, groups, capabilities) as
-/// an io_uring personality of this queue's ring; operations submitted with it (the `*_as`
-/// functions) run with those credentials on io-wq. Only on a queue thread.
-pub fn register_personality() -> io::Result<u16> {
-    let fd = with(|r| r.ring_fd).ok_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP))?;
-    // SAFETY: io_uring_register on our own ring; this opcode takes no argument.
-    let r = unsafe { libc::syscall(libc::SYS_io_uring_register, fd, IORING_REGISTER_PERSONALITY, 0usize, 0u32) };
-    let id = sys(r as isize)?;
-    u16::try_from(id).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+/// Registers credentials as an io_uring personality of this queue's ring; operations submitted
+/// with it (the `*_as` functions) run with those credentials on io-wq. Only on a queue thread
+/// (`EOPNOTSUPP` elsewhere).
+///
+/// The kernel registers the credentials of the thread that asks (fsuid, fsgid, supplementary
+/// groups, capabilities), and the ring belongs to the queue loop, which holds it while it polls
+/// the task. So the registration is asked of the loop: between two rounds of polls it calls
+/// `enter` on the queue thread, registers the thread's credentials as they are then, drops what
+/// `enter` returned (a guard that switches the credentials back), and wakes the task with the
+/// personality's id. `enter` runs while no task runs; it must not panic with the credentials
+/// switched (a panic in it answers `EIO`).
+///
+/// Dropping the future before it collects the id unregisters the personality.
+pub async fn register_personality<G: 'static>(enter: impl FnOnce() -> G + 'static) -> io::Result<u16> {
+    let enter: Enter = Box::new(move || Box::new(enter()) as Box<dyn std::any::Any>);
+    let Some(id) = with(|r| r.ask_personality(enter)) else {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    };
+    let mut ask = AskFuture { id, done: false };
+    std::future::poll_fn(|cx| ask.poll(cx)).await
 }
 
-/// Drops a personality registered with [`register_personality`] on this thread's ring.
+/// Unregisters a personality registered with [`register_personality`] on this thread's ring.
+/// The queue loop does it once the SQEs queued so far (which may carry the id) are submitted:
+/// the kernel takes an SQE's credentials when it is submitted, so they keep theirs.
 pub fn unregister_personality(id: u16) {
-    if let Some(fd) = with(|r| r.ring_fd) {
-        // SAFETY: io_uring_register on our own ring; the id travels in nr_args.
-        unsafe { libc::syscall(libc::SYS_io_uring_register, fd, IORING_UNREGISTER_PERSONALITY, 0usize, u32::from(id)) };
+    with(|r| r.unregister.push(id));
+}
+
+/// The future of one [`register_personality`] call: its ask number.
+struct AskFuture {
+    id: u64,
+    /// The answer was collected.
+    done: bool,
+}
+
+impl AskFuture {
+    fn poll(&mut self, cx: &Context<'_>) -> Poll<io::Result<u16>> {
+        let polled =
+            with(|r| r.poll_ask(self.id, cx)).unwrap_or(Poll::Ready(Err(io::Error::from_raw_os_error(libc::EIO))));
+        if polled.is_ready() {
+            self.done = true;
+        }
+        polled
     }
+}
+
+impl Drop for AskFuture {
+    fn drop(&mut self) {
+        if !self.done {
+            // Not answered yet: the loop skips the ask; answered: the id goes back.
+            REACTOR.with(|r| {
+                if let Ok(mut r) = r.try_borrow_mut() {
+                    if let Some(r) = r.as_mut() {
+                        r.drop_ask(self.id);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Serves the personality registrations tasks asked for ([`register_personality`]) on this
+/// thread's ring, through its `submitter`. The queue loop calls it between rounds of polls,
+/// when no task runs; the tasks asking are woken with their answer. Returns how many asks it
+/// served.
+pub(crate) fn serve_personalities(submitter: &io_uring::Submitter<'_>) -> usize {
+    let asks = with(|r| r.take_asks()).unwrap_or_default();
+    let n = asks.len();
+    for (id, enter) in asks {
+        let registered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let creds = enter();
+            let r = submitter.register_personality();
+            drop(creds);
+            r
+        }));
+        let res = registered.unwrap_or_else(|_| {
+            log::error!("switching credentials for an io_uring personality panicked; answered EIO");
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        });
+        with(|r| r.answer_ask(id, res));
+    }
+    n
+}
+
+/// Unregisters the personalities given back ([`unregister_personality`]). The queue loop calls
+/// it only when its submission queue is empty (every SQE that may carry such an id submitted).
+pub(crate) fn release_personalities(submitter: &io_uring::Submitter<'_>) {
+    for id in with(|r| std::mem::take(&mut r.unregister)).unwrap_or_default() {
+        if let Err(e) = submitter.unregister_personality(id) {
+            log::debug!("io_uring personality {id} not unregistered: {e}");
+        }
+    }
+}
+
+/// Whether a task waits for a personality registration (the queue loop must not sleep).
+pub(crate) fn personality_asked() -> bool {
+    with(|r| r.asks.iter().any(|(_, a)| a.enter.is_some())).unwrap_or(false)
 }
 
 /// True when this thread sends metadata calls through its ring right now (a queue thread with
@@ -301,6 +398,59 @@ pub fn on_ring() -> bool {
 }
 
 impl Reactor {
+    fn ask_personality(&mut self, enter: Enter) -> u64 {
+        let id = self.next_ask;
+        self.next_ask += 1;
+        self.asks.push((id, Ask { enter: Some(enter), waker: None, result: None }));
+        id
+    }
+
+    /// The asks not served yet, with their credentials.
+    fn take_asks(&mut self) -> Vec<(u64, Enter)> {
+        self.asks.iter_mut().filter_map(|(id, a)| a.enter.take().map(|e| (*id, e))).collect()
+    }
+
+    /// Records the answer to ask `id` and wakes its task (or gives the personality back when
+    /// the task is gone).
+    fn answer_ask(&mut self, id: u64, res: io::Result<u16>) {
+        match self.asks.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, a)) => {
+                a.result = Some(res);
+                if let Some(w) = a.waker.take() {
+                    w.wake();
+                }
+            }
+            None => {
+                if let Ok(p) = res {
+                    self.unregister.push(p);
+                }
+            }
+        }
+    }
+
+    fn poll_ask(&mut self, id: u64, cx: &Context<'_>) -> Poll<io::Result<u16>> {
+        let Some(k) = self.asks.iter().position(|(i, _)| *i == id) else {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(libc::EIO)));
+        };
+        let a = &mut self.asks[k].1;
+        if a.result.is_none() {
+            a.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let (_, a) = self.asks.swap_remove(k);
+        Poll::Ready(a.result.unwrap_or_else(|| Err(io::Error::from_raw_os_error(libc::EIO))))
+    }
+
+    /// The future of ask `id` was dropped before it collected the answer.
+    fn drop_ask(&mut self, id: u64) {
+        if let Some(k) = self.asks.iter().position(|(i, _)| *i == id) {
+            let (_, a) = self.asks.swap_remove(k);
+            if let Some(Ok(p)) = a.result {
+                self.unregister.push(p);
+            }
+        }
+    }
+
     fn submit(&mut self, sqe: squeue::Entry128) -> usize {
         let idx = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::Free);
@@ -872,7 +1022,7 @@ mod tests {
     impl TestRing {
         fn new() -> TestRing {
             let ring = crate::ring::new_ring(256).expect("io_uring");
-            install(ring.as_raw_fd());
+            install();
             TestRing { ring: Some(ring) }
         }
 
@@ -886,12 +1036,18 @@ mod tests {
                     ring.submit().expect("submit");
                 }
             }
+            if serve_personalities(&ring.submitter()) > 0 {
+                return;
+            }
             let ts = types::Timespec::from(wait);
             let args = types::SubmitArgs::new().timespec(&ts);
             match ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
                 Err(e) => panic!("submit: {e}"),
+            }
+            if ring.submission().is_empty() {
+                release_personalities(&ring.submitter());
             }
             let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (tag, res) in done {
@@ -1065,6 +1221,91 @@ mod tests {
         assert_eq!(with(|r| r.inflight), Some(0));
         assert!(with(|r| r.pending.is_empty()).unwrap());
         let _ = finished;
+    }
+
+    /// Switches this thread's fsuid/fsgid until dropped (test credentials for personalities).
+    struct FsCreds;
+    impl FsCreds {
+        fn switch(uid: u32, gid: u32) -> FsCreds {
+            // SAFETY: setfsgid/setfsuid take integers and change only this thread's credentials.
+            unsafe {
+                libc::syscall(libc::SYS_setfsgid, gid);
+                libc::syscall(libc::SYS_setfsuid, uid);
+            }
+            FsCreds
+        }
+    }
+    impl Drop for FsCreds {
+        fn drop(&mut self) {
+            // SAFETY: as above, back to root.
+            unsafe {
+                libc::syscall(libc::SYS_setfsuid, 0);
+                libc::syscall(libc::SYS_setfsgid, 0);
+            }
+        }
+    }
+
+    /// A personality registered through the loop carries the credentials `enter` set (and only
+    /// for the registration): a creation as it is refused where that user may not write and
+    /// owned by that user where it may; the thread itself stays root.
+    #[test]
+    fn personalities_registered_by_the_loop_carry_the_callers_credentials() {
+        if rustix::process::geteuid().as_raw() != 0 {
+            assert!(std::env::var_os("CI").is_none(), "needs root (CAP_SETUID) under CI");
+            eprintln!("skipped: needs root to switch credentials");
+            return;
+        }
+        let mut t = TestRing::new();
+        let dir = std::env::temp_dir().join(format!("ringfs-io-personality-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let open = std::fs::File::open(&dir).unwrap();
+        let nobody = t.run(register_personality(|| FsCreds::switch(65534, 65534))).unwrap();
+        assert_ne!(nobody, 0);
+        // The guard was dropped after the registration: the thread is root again.
+        // SAFETY: setfsuid(-1) changes nothing and returns the current fsuid.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) }, 0);
+        let denied = t.run(mkdirat_as(open.as_fd(), c"denied", 0o755, nobody)).unwrap_err();
+        assert_eq!(denied.raw_os_error(), Some(libc::EACCES));
+        t.run(mkdirat_as(open.as_fd(), c"as-root", 0o777, 0)).unwrap();
+        let sub = std::fs::File::open(dir.join("as-root")).unwrap();
+        std::fs::set_permissions(dir.join("as-root"), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        t.run(mkdirat_as(sub.as_fd(), c"mine", 0o755, nobody)).unwrap();
+        let meta = std::fs::metadata(dir.join("as-root/mine")).unwrap();
+        assert_eq!(
+            (std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta)),
+            (65534, 65534)
+        );
+        // Given back after the next submit: the id is unknown to the ring afterwards.
+        unregister_personality(nobody);
+        t.run(sleep(Duration::from_millis(1))).unwrap();
+        let gone = t.run(mkdirat_as(sub.as_fd(), c"after", 0o755, nobody)).unwrap_err();
+        assert_eq!(gone.raw_os_error(), Some(libc::EINVAL));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An ask whose future is dropped before the loop serves it is never registered; one dropped
+    /// after the loop answered gives its personality back.
+    #[test]
+    fn dropped_personality_asks_leave_nothing_registered() {
+        let mut t = TestRing::new();
+        let waker = Waker::from(Arc::new(Flag));
+        let mut cx = Context::from_waker(&waker);
+        let ran = std::rc::Rc::new(Cell::new(false));
+        let flag = ran.clone();
+        let mut early = Box::pin(register_personality(move || flag.set(true)));
+        assert!(early.as_mut().poll(&mut cx).is_pending());
+        drop(early);
+        t.turn(Duration::ZERO);
+        assert!(!ran.get(), "a dropped ask was served");
+        let mut late = Box::pin(register_personality(|| ()));
+        assert!(late.as_mut().poll(&mut cx).is_pending());
+        t.turn(Duration::ZERO);
+        drop(late);
+        assert_eq!(with(|r| r.unregister.len()), Some(1), "the answered personality was not given back");
+        t.run(sleep(Duration::from_millis(1))).unwrap();
+        assert_eq!(with(|r| (r.unregister.len(), r.asks.len())), Some((0, 0)));
     }
 
     /// A dropped sleep is cancelled (its slot freed without waiting for the timeout).

@@ -12,6 +12,7 @@ pub mod mount;
 pub mod notify;
 pub mod ring;
 pub mod session;
+mod task_cell;
 pub mod watchdog;
 
 pub use mount::{MountOptions, Mounted};

@@ -217,8 +217,22 @@ pub fn mount(opts: &MountOptions) -> io::Result<Mounted> {
     Ok(Mounted { fd, mountpoint: mp.clone(), dev })
 }
 
+/// The words of `opts` that a user's mount cannot have: `strictatime` and `nodiratime`.
+/// fusermount3 (3.14, Debian 12) refuses them ("unknown option"), and they would change
+/// nothing on the FUSE mount itself anyway: FUSE inodes are `S_NOATIME`, the server owns access
+/// times, and a server applies these modes to the backing directory through a private bind mount
+/// (`open_tree`/`mount_setattr`), which needs CAP_SYS_ADMIN. `noatime` is accepted.
+pub fn user_mount_refuses(opts: &MountOptions) -> Vec<&'static str> {
+    [(opts.strictatime, "strictatime"), (opts.nodiratime, "nodiratime")]
+        .into_iter()
+        .filter_map(|(on, word)| on.then_some(word))
+        .collect()
+}
+
 /// The `-o` list for [`FUSERMOUNT`]: the words it accepts (it sets `fd`, `rootmode`,
-/// `user_id` and `group_id` itself, and adds `nosuid,nodev` for users).
+/// `user_id` and `group_id` itself, and adds `nosuid,nodev` for users). The words it refuses
+/// ([`user_mount_refuses`]) are left out; [`fusermount_mount`] fails before running it when
+/// `opts` has them.
 fn fusermount_options(opts: &MountOptions) -> String {
     let mut o = vec![if opts.read_only { "ro".to_owned() } else { "rw".to_owned() }];
     for (on, word) in [
@@ -226,8 +240,6 @@ fn fusermount_options(opts: &MountOptions) -> String {
         (opts.nodev, "nodev"),
         (opts.noexec, "noexec"),
         (opts.noatime, "noatime"),
-        (opts.strictatime, "strictatime"),
-        (opts.nodiratime, "nodiratime"),
         (opts.default_permissions, "default_permissions"),
         (opts.allow_other, "allow_other"),
     ] {
@@ -248,6 +260,19 @@ fn fusermount_options(opts: &MountOptions) -> String {
 fn fusermount_mount(opts: &MountOptions) -> io::Result<OwnedFd> {
     use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
     use std::os::unix::process::CommandExt;
+    let refused = user_mount_refuses(opts);
+    if !refused.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "mount on {}: {} {} root: {FUSERMOUNT} refuses {} for a user's mount (noatime it accepts)",
+                opts.mountpoint.display(),
+                refused.join(" and "),
+                if refused.len() > 1 { "need" } else { "needs" },
+                if refused.len() > 1 { "them" } else { "it" },
+            ),
+        ));
+    }
     let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
         .map_err(|e| err("socketpair".into(), e.into()))?;
     let child_fd = theirs.as_raw_fd();
@@ -412,6 +437,10 @@ impl RemountFlags {
 /// Changes the flags of the FUSE mount on `mountpoint` in place (`mount -o remount,ro`): the
 /// server keeps serving; only the kernel's view changes (read-only, nosuid, ...). The FUSE
 /// options themselves cannot change on a remount.
+///
+/// Needs CAP_SYS_ADMIN ([`can_mount`]): the kernel refuses `MS_REMOUNT` to users, also on
+/// their own mounts, and [`FUSERMOUNT`] has no remount. Without it the call fails before
+/// trying, with an error that says so and what to do instead (unmount and mount again).
 pub fn remount(mountpoint: &Path, flags: &RemountFlags) -> io::Result<()> {
     let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     match find_mount(mountpoint)? {
@@ -428,6 +457,17 @@ pub fn remount(mountpoint: &Path, flags: &RemountFlags) -> io::Result<()> {
                 format!("{} is not a mount point", mountpoint.display()),
             ))
         }
+    }
+    if !can_mount() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "remount of {mp} refused: only root (CAP_SYS_ADMIN) can remount; the kernel refuses a \
+                 remount to users, also of their own mounts, and {FUSERMOUNT} has no remount. Unmount \
+                 ({FUSERMOUNT} -u {mp}) and mount again with the new options",
+                mp = mountpoint.display()
+            ),
+        ));
     }
     // SAFETY: valid C string target; null source, type and data (FUSE ignores remount data).
     let rc =
@@ -582,6 +622,12 @@ mod tests {
             fusermount_options(&opts),
             "rw,nosuid,noatime,default_permissions,fsname=/srv/d,subtype=ringfs,max_read=131072"
         );
+        assert!(user_mount_refuses(&opts).is_empty());
+        let opts = MountOptions { strictatime: true, nodiratime: true, ..opts };
+        assert_eq!(user_mount_refuses(&opts), ["strictatime", "nodiratime"]);
+        let e = fusermount_mount(&opts).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("strictatime and nodiratime need root"), "{e}");
     }
 
     #[test]

@@ -13,12 +13,10 @@
 //! with io_uring `READ`s and writes the replies with `WRITE`s.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::future::Future;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +27,8 @@ use ringfs_protocol::abi::{uring as u, FuseInHeader, FuseOutHeader, FuseUringCmd
 use ringfs_protocol::dispatch::{Dispatcher, Outcome};
 use ringfs_protocol::request;
 use ringfs_protocol::FileSystem;
+
+use crate::task_cell::TaskCell;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// A zeroed heap buffer with a chosen alignment, owned by one queue thread.
@@ -74,7 +74,8 @@ impl Drop for AlignedBox {
     }
 }
 
-/// Per-queue counters.
+/// Per-queue counters. Only the queue's own thread writes them, with a plain load and store
+/// ([`bump`]: no atomic read-modify-write on the request path); readers load them.
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct QueueStats {
@@ -88,8 +89,13 @@ pub struct QueueStats {
     pub polled: AtomicU64,
 }
 
-/// A request being served: its future, polled on the queue thread until it completes.
-type Task = Pin<Box<dyn Future<Output = (i32, usize)>>>;
+/// Adds `n` to a counter that only the calling thread writes (a [`QueueStats`] field written
+/// by its queue's thread): a relaxed load and store, which readers on other threads see
+/// whole, never torn, and at most a little late.
+#[inline]
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
 
 /// Where a slot's requests come from.
 enum SlotBufs {
@@ -112,7 +118,9 @@ enum SlotBufs {
 struct Slot {
     bufs: SlotBufs,
     live: bool,
-    task: Option<Task>,
+    /// The request being served: its future, polled on the queue thread until it completes,
+    /// in room the slot keeps from one request to the next.
+    task: TaskCell,
     unique: u64,
     opcode: u32,
     /// Thread id of the caller (from the request header; 0 if outside our pid namespace).
@@ -147,7 +155,19 @@ struct ReadyList {
     list: Mutex<Vec<usize>>,
     bell: OwnedFd,
     rung: AtomicBool,
-    owner: std::thread::ThreadId,
+    /// The owning thread's [`thread_mark`].
+    owner: usize,
+}
+
+thread_local! {
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+/// A number unique to the calling thread while it lives (the address of a thread-local),
+/// cheaper than `std::thread::current().id()`, which clones the thread's shared handle (an
+/// atomic increment and decrement) on every call.
+fn thread_mark() -> usize {
+    THREAD_MARK.with(|m| std::ptr::from_ref(m) as usize)
 }
 
 impl ReadyList {
@@ -157,7 +177,7 @@ impl ReadyList {
             list: Mutex::new(Vec::new()),
             bell: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
             rung: AtomicBool::new(false),
-            owner: std::thread::current().id(),
+            owner: thread_mark(),
         })
     }
 
@@ -165,7 +185,7 @@ impl ReadyList {
         if let Ok(mut v) = self.list.lock() {
             v.push(idx);
         }
-        if std::thread::current().id() != self.owner && !self.rung.swap(true, Ordering::SeqCst) {
+        if thread_mark() != self.owner && !self.rung.swap(true, Ordering::SeqCst) {
             let _ = rustix::io::write(&self.bell, &1u64.to_ne_bytes());
         }
     }
@@ -578,7 +598,7 @@ fn new_slot<F>(p: &QueueParams<F>, idx: usize, ready: &Arc<ReadyList>) -> Slot {
             },
         },
         live: true,
-        task: None,
+        task: TaskCell::new(),
         unique: 0,
         opcode: 0,
         pid: 0,
@@ -613,7 +633,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         }
         let ready = Arc::new(ReadyList::new()?);
         let slots = (0..p.depth).map(|idx| new_slot(p, idx, &ready)).collect();
-        crate::io::install(ring.as_raw_fd());
+        crate::io::install();
         let mut q = Queue {
             p,
             ring: ManuallyDrop::new(ring),
@@ -696,7 +716,10 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             for sqe in crate::io::with(|r| r.take_pending()).unwrap_or_default() {
                 self.push(&sqe)?;
             }
-            let want = if self.ready.is_empty() { 1 } else { 0 };
+            // Personalities the tasks asked for: registered now, when no task holds the ring;
+            // their tasks are woken, so this round does not sleep.
+            crate::io::serve_personalities(&self.ring.submitter());
+            let want = if self.ready.is_empty() && !crate::io::personality_asked() { 1 } else { 0 };
             if want == 1 && !self.draining {
                 self.busy_poll()?;
             }
@@ -707,7 +730,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                     Err(e) if transient(&e) => {}
                     Err(e) => return Err(e),
                 }
-                let idle = self.slots.iter().all(|s| s.task.is_none());
+                let idle = self.slots.iter().all(|s| s.task.is_empty());
                 match self.p.register_round.clone() {
                     Some(hook) if self.rounds < MAX_ROUNDS => {
                         if idle && !self.round_pending {
@@ -736,12 +759,17 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 Err(e) if transient(&e) => {}
                 Err(e) => return Err(e),
             }
-            self.p.stats.submits.fetch_add(1, Ordering::Relaxed);
+            bump(&self.p.stats.submits, 1);
+            if self.ring.submission().is_empty() {
+                // Every SQE that may name a personality given back is submitted (the kernel
+                // took its credentials then): the personalities can go.
+                crate::io::release_personalities(&self.ring.submitter());
+            }
             let mut round_ended = false;
             cqes.clear();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             self.outstanding -= cqes.len().min(self.outstanding);
-            self.p.stats.completions.fetch_add(cqes.len() as u64, Ordering::Relaxed);
+            bump(&self.p.stats.completions, cqes.len() as u64);
             for &(tag, res) in &cqes {
                 match Completion::decode(tag, res) {
                     Completion::Stop => {
@@ -782,7 +810,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             for i in woken.drain(..) {
                 self.poll_task(i)?;
             }
-            if round_ended && !self.dirty && self.slots.iter().all(|s| s.task.is_none()) && self.ring_empty_after_tw() {
+            if round_ended && !self.dirty && self.slots.iter().all(|s| s.task.is_empty()) && self.ring_empty_after_tw()
+            {
                 // The next server's entries came after our last reply and no request reached
                 // us since: the kernel sends this queue's requests to them now.
                 log::debug!("queue {}: handed over after {} registration rounds", self.p.qid, self.rounds);
@@ -846,7 +875,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
 
     /// A draining io_uring queue with nothing in flight and no request for [`RING_QUIET`].
     fn ring_quiet(&self) -> bool {
-        self.slots.iter().all(|s| s.task.is_none()) && self.last_arrival.elapsed() >= RING_QUIET
+        self.slots.iter().all(|s| s.task.is_empty()) && self.last_arrival.elapsed() >= RING_QUIET
     }
 
     /// Busy polling: after a request, watch the rings in user space for a while before
@@ -870,7 +899,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         }
         loop {
             if self.ring.submission().taskrun() || !self.ring.completion().is_empty() || !self.ready.is_empty() {
-                self.p.stats.polled.fetch_add(1, Ordering::Relaxed);
+                bump(&self.p.stats.polled, 1);
                 return Ok(());
             }
             if last.elapsed() >= poll {
@@ -884,7 +913,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// INTERRUPTs arrived in the inbox: cancel the requests this queue serves.
     fn on_interrupts(&mut self) -> io::Result<()> {
         for unique in self.p.interrupts[self.p.qid].take() {
-            match self.slots.iter().position(|s| s.task.is_some() && s.unique == unique) {
+            match self.slots.iter().position(|s| !s.task.is_empty() && s.unique == unique) {
                 Some(i) if honours_interrupt(&self.slots[i]) => self.interrupt_slot(i)?,
                 Some(_) => {}
                 None => self.early_interrupts.push((unique, std::time::Instant::now())),
@@ -980,14 +1009,16 @@ impl<'p, F: FileSystem> Queue<'p, F> {
     /// becomes EIO for that request (counted and logged); the queue goes on.
     fn poll_task(&mut self, i: usize) -> io::Result<()> {
         let s = &mut self.slots[i];
-        let Some(task) = s.task.as_mut() else { return Ok(()) };
+        if s.task.is_empty() {
+            return Ok(());
+        }
         crate::io::with(|r| r.current = Some(i));
         let mut cx = Context::from_waker(&s.waker);
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| s.task.poll(&mut cx)));
         crate::io::with(|r| r.current = None);
         let (error, len) = match polled {
-            Ok(Poll::Pending) => return Ok(()),
-            Ok(Poll::Ready(r)) => r,
+            Ok(None | Some(Poll::Pending)) => return Ok(()),
+            Ok(Some(Poll::Ready(r))) => r,
             Err(panic) => {
                 self.p.dev_counts.panics.fetch_add(1, Ordering::Relaxed);
                 log::error!(
@@ -1002,11 +1033,10 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         };
         // A panicked task is dropped here too: its in-flight operations go to the reactor, which
         // cancels them and keeps their memory until they complete.
-        let task = s.task.take();
-        if std::panic::catch_unwind(AssertUnwindSafe(move || drop(task))).is_err() {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| s.task.clear())).is_err() {
             log::error!("queue {}: dropping a request's future panicked", self.p.qid);
         }
-        self.p.stats.requests.fetch_add(1, Ordering::Relaxed);
+        bump(&self.p.stats.requests, 1);
         if !self.p.busy_poll.is_zero() {
             // The caller is about to be woken: its next request may follow at once.
             self.last_request = std::time::Instant::now();
@@ -1074,8 +1104,7 @@ impl<F> Drop for Queue<'_, F> {
     fn drop(&mut self) {
         // Tasks first: the operations they have in flight move to the reactor.
         for s in &mut self.slots {
-            let task = s.task.take();
-            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(task)));
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| s.task.clear()));
         }
         // A ring queue that handed over has its entries registered with the kernel, which gives
         // them back only when the ring goes away (the exit of the thread that registered them
@@ -1243,7 +1272,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             let payload_len = payload.len();
             let scratch_ptr: *mut u8 = scratch.as_mut_ptr();
             let d = d.clone();
-            let task = async move {
+            s.task.set(move || async move {
                 // SAFETY: the header, payload and scratch buffers belong to this slot, live as
                 // long as the queue, and nothing else touches them until this task completes (the
                 // kernel gave the entry to us; it gets it back only with the COMMIT that follows).
@@ -1271,8 +1300,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
                         (-libc::EIO, 0)
                     }
                 }
-            };
-            s.task = Some(Box::pin(task));
+            });
             Started::Task
         }
         SlotBufs::Dev { input, output, .. } => {
@@ -1300,7 +1328,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
             let out_ptr: *mut u8 = output.as_mut_ptr();
             let out_len = output.len();
             let d = d.clone();
-            let task = async move {
+            s.task.set(move || async move {
                 // SAFETY: input and output belong to this slot and are untouched by anything
                 // else until the task completes and its reply is written.
                 let (data, out) = unsafe {
@@ -1329,8 +1357,7 @@ fn start_task<F: FileSystem>(s: &mut Slot, n: usize, d: &Rc<Dispatcher<F>>, p: &
                         }
                     }
                 }
-            };
-            s.task = Some(Box::pin(task));
+            });
             Started::Task
         }
     }

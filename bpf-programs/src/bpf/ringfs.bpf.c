@@ -6,7 +6,8 @@
  * - tp_btf/fuse_request_send, tp_btf/fuse_request_end: requests that reached the server
  *   (fallbacks), per opcode, with the kernel-side round trip (send -> end) as a histogram, and
  *   per cause: the class of the call the sending task was executing on this mount (see
- *   `cause`), or `background` when no user call is behind the request.
+ *   `cause`), or `background` when no user call is behind the request. raw_tp/ twins of both
+ *   (fuse_send_raw, fuse_end_raw) for kernels where tp_btf cannot attach (FUSE as a module).
  * - tp_btf/sys_enter + tp_btf/sys_exit ("demand tracing", optional): system calls on the mount.
  *   At entry a call is matched to the mount (fd calls through current->files, path calls by
  *   the path: absolute paths by prefix against the mount point, relative ones by the directory
@@ -720,12 +721,16 @@ static __always_inline __u32 cause(__u32 op)
 	return RINGFS_UNCLASSIFIED;
 }
 
-SEC("tp_btf/fuse_request_send")
-int BPF_PROG(fuse_send, const struct fuse_req *req)
+/* The fuse programs come twice: tp_btf (the default) and raw_tp, attached by tracepoint name,
+ * where tp_btf cannot be (FUSE built as a module: its tracepoints' BTF ids are the module's,
+ * which the loader cannot pass) or when the configuration asks for it. Both read the request
+ * through BPF_CORE_READ (a probe read with CO-RE offsets), which a raw_tp's untyped argument
+ * needs; the bodies are the same. */
+static __always_inline int on_send(const struct fuse_req *req)
 {
 	if (BPF_CORE_READ(req, fm, fc, dev) != target_kdev)
 		return 0;
-	__u32 op = req->in.h.opcode;
+	__u32 op = BPF_CORE_READ(req, in.h.opcode);
 	if (op >= RINGFS_OPCODES)
 		op = RINGFS_OPCODES - 1;
 	struct ringfs_op *s = bpf_map_lookup_elem(&fallbacks, &op);
@@ -735,31 +740,30 @@ int BPF_PROG(fuse_send, const struct fuse_req *req)
 	struct ringfs_class_stats *cs = class_slot(class);
 	if (cs) {
 		cs->requests[op & (RINGFS_OPCODES - 1)]++;
-		__u32 len = req->in.h.len;
+		__u32 len = BPF_CORE_READ(req, in.h.len);
 		/* WRITE carries its data after fuse_in_header (40) and fuse_write_in (40). */
 		if (op == FUSE_WRITE && len > 80)
 			cs->bytes[RINGFS_DIR_WRITE][RINGFS_PATH_SERVER] += len - 80;
 	}
 	struct pending p = { .ts = bpf_ktime_get_ns(), .opcode = op, .class = class };
-	__u64 unique = req->in.h.unique;
+	__u64 unique = BPF_CORE_READ(req, in.h.unique);
 	bpf_map_update_elem(&inflight, &unique, &p, BPF_ANY);
 	return 0;
 }
 
-SEC("tp_btf/fuse_request_end")
-int BPF_PROG(fuse_end, const struct fuse_req *req)
+static __always_inline int on_end(const struct fuse_req *req)
 {
 	if (BPF_CORE_READ(req, fm, fc, dev) != target_kdev)
 		return 0;
-	__u64 unique = req->in.h.unique;
+	__u64 unique = BPF_CORE_READ(req, in.h.unique);
 	struct pending *p = bpf_map_lookup_elem(&inflight, &unique);
 	if (!p)
 		return 0;
 	__u64 ns = bpf_ktime_get_ns() - p->ts;
 	__u32 op = p->opcode, class = p->class;
 	bpf_map_delete_elem(&inflight, &unique);
-	int error = req->out.h.error;
-	__u32 len = req->out.h.len;
+	int error = BPF_CORE_READ(req, out.h.error);
+	__u32 len = BPF_CORE_READ(req, out.h.len);
 	/* READ replies carry their data after fuse_out_header (16). */
 	if (op == FUSE_READ && error == 0 && len > 16) {
 		struct ringfs_class_stats *cs = class_slot(class);
@@ -784,4 +788,28 @@ int BPF_PROG(fuse_end, const struct fuse_req *req)
 		b = RINGFS_BUCKETS - 1;
 	s->buckets[b]++;
 	return 0;
+}
+
+SEC("tp_btf/fuse_request_send")
+int BPF_PROG(fuse_send, const struct fuse_req *req)
+{
+	return on_send(req);
+}
+
+SEC("tp_btf/fuse_request_end")
+int BPF_PROG(fuse_end, const struct fuse_req *req)
+{
+	return on_end(req);
+}
+
+SEC("raw_tp/fuse_request_send")
+int BPF_PROG(fuse_send_raw, const struct fuse_req *req)
+{
+	return on_send(req);
+}
+
+SEC("raw_tp/fuse_request_end")
+int BPF_PROG(fuse_end_raw, const struct fuse_req *req)
+{
+	return on_end(req);
 }

@@ -95,33 +95,38 @@ thread_local! {
 /// (no supplementary groups), registering it on first use: operations submitted with it run
 /// on io-wq as that user, so creations need not switch the queue thread's own credentials.
 /// `Some(0)` for root/root (the server's own credentials); `None` when registering fails.
-pub(crate) fn personality(uid: u32, gid: u32) -> Option<u16> {
+///
+/// A registration is asked of the queue loop, which switches the queue thread to `uid`/`gid`
+/// for the registration only, between two rounds of polls (see
+/// `ringfs_transport::io::register_personality`).
+pub(crate) async fn personality(uid: u32, gid: u32) -> Option<u16> {
     if uid == 0 && gid == 0 {
         return Some(0);
     }
-    PERSONALITIES.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if let Some(&id) = cache.get(&(uid, gid)) {
-            return Some(id);
-        }
-        if cache.len() >= MAX_PERSONALITIES {
-            for (_, id) in cache.drain() {
+    if let Some(id) = PERSONALITIES.with(|cache| cache.borrow().get(&(uid, gid)).copied()) {
+        return Some(id);
+    }
+    match ringfs_transport::io::register_personality(move || CredGuard::switch(uid, gid)).await {
+        Ok(id) => Some(PERSONALITIES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(&known) = cache.get(&(uid, gid)) {
+                // Another request registered the same credentials meanwhile: keep that one.
                 ringfs_transport::io::unregister_personality(id);
+                return known;
             }
+            if cache.len() >= MAX_PERSONALITIES {
+                // Given back once the SQEs already queued with them are submitted.
+                for (_, id) in cache.drain() {
+                    ringfs_transport::io::unregister_personality(id);
+                }
+            }
+            cache.insert((uid, gid), id);
+            log::debug!("io_uring personality {id} registered for {uid}:{gid}");
+            id
+        })),
+        Err(e) => {
+            log::debug!("io_uring personality for {uid}:{gid} not registered: {e}");
+            None
         }
-        let id = {
-            let _guard = CredGuard::switch(uid, gid);
-            ringfs_transport::io::register_personality()
-        };
-        match id {
-            Ok(id) => {
-                cache.insert((uid, gid), id);
-                Some(id)
-            }
-            Err(e) => {
-                log::debug!("io_uring personality for {uid}:{gid} not registered: {e}");
-                None
-            }
-        }
-    })
+    }
 }

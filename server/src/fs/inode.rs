@@ -382,7 +382,7 @@ impl InodeTable {
         let st = sys::fstat(root_fd.as_raw_fd())?;
         let mount_fd = sys::openat(root_fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
         let root_fd = Arc::new(root_fd);
-        let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok().map(Arc::<[u8]>::from);
+        let handle = sys::name_to_handle(root_fd.as_raw_fd()).ok();
         // The root's own handle reopened: EPERM without CAP_DAC_READ_SEARCH.
         let reopen_by_handle = handle.as_ref().is_some_and(|h| {
             sys::open_by_handle(mount_fd.as_raw_fd(), h, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC).is_ok()
@@ -849,7 +849,7 @@ impl InodeTable {
             }
             // Compute the handle without holding the lock, then re-check.
             handle = Some(if reopenable && self.reopen_by_handle && st.st_dev == self.root_dev {
-                sys::name_to_handle(fd.as_raw_fd()).ok().map(Arc::from)
+                sys::name_to_handle(fd.as_raw_fd()).ok()
             } else {
                 None
             });

@@ -17,6 +17,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::handle_state;
+pub(crate) use super::inode::HandleState;
 use super::inode::LiveNode;
 use super::PassthroughFs;
 
@@ -55,110 +56,183 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The live state as data: what the format carries (descriptors travel beside it, in the order
+/// the records that have one appear). [`encode`] and [`decode`] are pure, so the format is
+/// tested byte for byte against the checked-in fixtures (`server/tests/fixtures/`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LiveState {
+    /// Handles to remember beyond the live nodes (the state a remount would keep).
+    pub(crate) handles: HandleState,
+    /// The nodes the kernel holds.
+    pub(crate) nodes: Vec<NodeRecord>,
+    /// Open file and directory handles (each with a descriptor).
+    pub(crate) open: Vec<OpenRecord>,
+    /// Passthrough states: (node, backing id (0: served), opens).
+    pub(crate) passthrough: Vec<(u64, i32, u64)>,
+}
+
+/// One live node of [`LiveState`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NodeRecord {
+    pub(crate) id: u64,
+    /// Backing (st_dev, st_ino).
+    pub(crate) key: (u64, u64),
+    /// File type bits (`S_IFMT`).
+    pub(crate) kind: u32,
+    pub(crate) lookups: u64,
+    /// The backing file handle, if the file system has them.
+    pub(crate) handle: Option<Vec<u8>>,
+    /// A descriptor travels for this node (it has no handle to be reopened by).
+    pub(crate) fd: bool,
+}
+
+/// One open handle of [`LiveState`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct OpenRecord {
+    pub(crate) fh: u64,
+    pub(crate) node: u64,
+    pub(crate) dir: bool,
+}
+
+/// Encodes `s` in the format of `crate::upgrade::STATE_VERSION` (see the module documentation).
+pub(crate) fn encode(s: &LiveState) -> Vec<u8> {
+    let mut out = Vec::new();
+    let hs = handle_state::encode(&s.handles);
+    out.extend_from_slice(&(hs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&hs);
+    out.extend_from_slice(&(s.nodes.len() as u64).to_le_bytes());
+    for n in &s.nodes {
+        for w in [n.id, n.key.0, n.key.1] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&n.kind.to_le_bytes());
+        out.extend_from_slice(&n.lookups.to_le_bytes());
+        match &n.handle {
+            Some(h) => {
+                out.push(1);
+                out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+                out.extend_from_slice(h);
+            }
+            None => out.push(0),
+        }
+        out.push(u8::from(n.fd));
+    }
+    out.extend_from_slice(&(s.open.len() as u64).to_le_bytes());
+    for h in &s.open {
+        out.extend_from_slice(&h.fh.to_le_bytes());
+        out.extend_from_slice(&h.node.to_le_bytes());
+        out.push(u8::from(h.dir));
+    }
+    out.extend_from_slice(&(s.passthrough.len() as u64).to_le_bytes());
+    for (node, id, opens) in &s.passthrough {
+        out.extend_from_slice(&node.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&opens.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a state written in format `version` (one the HELLO announced and this build reads:
+/// 1 to `crate::upgrade::STATE_VERSION`). A new format adds its version here and keeps the
+/// readers of the older ones, each tested against its fixture.
+pub(crate) fn decode(version: u32, state: &[u8]) -> Result<LiveState, DecodeError> {
+    match version {
+        1 => decode_v1(state),
+        _ => Err("state version not understood"),
+    }
+}
+
+fn decode_v1(state: &[u8]) -> Result<LiveState, DecodeError> {
+    let mut r = Reader(state);
+    let hs_len = r.u32()? as usize;
+    let handles = handle_state::decode(r.take(hs_len)?).ok_or("malformed handle state")?;
+    let count = r.count()?;
+    let mut nodes = Vec::with_capacity(count.min(1 << 16) as usize);
+    for _ in 0..count {
+        let (id, dev, ino) = (r.u64()?, r.u64()?, r.u64()?);
+        let kind = r.u32()?;
+        let lookups = r.u64()?;
+        let handle = if r.u8()? == 1 {
+            let len = r.u32()? as usize;
+            if len > 256 {
+                return Err("file handle too long");
+            }
+            Some(r.take(len)?.to_vec())
+        } else {
+            None
+        };
+        let fd = r.u8()? == 1;
+        nodes.push(NodeRecord { id, key: (dev, ino), kind, lookups, handle, fd });
+    }
+    let count = r.count()?;
+    let mut open = Vec::with_capacity(count.min(1 << 16) as usize);
+    for _ in 0..count {
+        let (fh, node) = (r.u64()?, r.u64()?);
+        let dir = r.u8()? == 1;
+        open.push(OpenRecord { fh, node, dir });
+    }
+    let count = r.count()?;
+    let mut passthrough = Vec::with_capacity(count.min(1 << 16) as usize);
+    for _ in 0..count {
+        let node = r.u64()?;
+        let id = r.u32()? as i32;
+        let opens = r.u64()?;
+        passthrough.push((node, id, opens));
+    }
+    if !r.0.is_empty() {
+        return Err("trailing bytes in state");
+    }
+    Ok(LiveState { handles, nodes, open, passthrough })
+}
+
 impl PassthroughFs {
     /// The state to hand to the next server, and the descriptors to send with it. Call only
     /// while no request is being served (the session drained).
     pub fn export_live(&self) -> (Vec<u8>, Vec<Arc<OwnedFd>>) {
-        let mut out = Vec::new();
         let mut fds = Vec::new();
-        let hs = handle_state::encode(&self.inodes.export());
-        out.extend_from_slice(&(hs.len() as u32).to_le_bytes());
-        out.extend_from_slice(&hs);
-        let nodes = self.inodes.export_live();
-        out.extend_from_slice(&(nodes.len() as u64).to_le_bytes());
-        for n in nodes {
-            for w in [n.id, n.key.0, n.key.1] {
-                out.extend_from_slice(&w.to_le_bytes());
-            }
-            out.extend_from_slice(&n.kind.to_le_bytes());
-            out.extend_from_slice(&n.lookups.to_le_bytes());
-            match &n.handle {
-                Some(h) => {
-                    out.push(1);
-                    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-                    out.extend_from_slice(h);
-                }
-                None => out.push(0),
-            }
-            match n.fd {
-                Some(fd) => {
-                    out.push(1);
-                    fds.push(fd);
-                }
-                None => out.push(0),
-            }
+        let mut nodes = Vec::new();
+        for n in self.inodes.export_live() {
+            let fd = n.fd.is_some();
+            fds.extend(n.fd);
+            nodes.push(NodeRecord { id: n.id, key: n.key, kind: n.kind, lookups: n.lookups, handle: n.handle, fd });
         }
-        let handles = self.handles.export();
-        out.extend_from_slice(&(handles.len() as u64).to_le_bytes());
-        for (fh, h) in handles {
-            out.extend_from_slice(&fh.to_le_bytes());
-            out.extend_from_slice(&h.node.to_le_bytes());
+        let mut open = Vec::new();
+        for (fh, h) in self.handles.export() {
             let (dir, fd) = match &h.kind {
-                super::handles::HandleKind::File(fd) => (0u8, fd.clone()),
-                super::handles::HandleKind::Dir(fd, _) => (1u8, fd.clone()),
+                super::handles::HandleKind::File(fd) => (false, fd.clone()),
+                super::handles::HandleKind::Dir(fd, _) => (true, fd.clone()),
             };
-            out.push(dir);
+            open.push(OpenRecord { fh, node: h.node, dir });
             fds.push(fd);
         }
-        let pt = self.passthrough.export();
-        out.extend_from_slice(&(pt.len() as u64).to_le_bytes());
-        for (node, id, opens) in pt {
-            out.extend_from_slice(&node.to_le_bytes());
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&opens.to_le_bytes());
-        }
-        (out, fds)
+        let state = LiveState { handles: self.inodes.export(), nodes, open, passthrough: self.passthrough.export() };
+        (encode(&state), fds)
     }
 
-    /// Takes over the state [`export_live`](Self::export_live) of the previous server gave,
-    /// with its descriptors, before any request is served.
-    pub fn import_live(&self, state: &[u8], fds: Vec<OwnedFd>) -> Result<(), DecodeError> {
-        let mut r = Reader(state);
-        let mut fds = fds.into_iter();
-        let hs_len = r.u32()? as usize;
-        let hs = handle_state::decode(r.take(hs_len)?).ok_or("malformed handle state")?;
-        if hs.root_key != self.inodes.root_key() {
+    /// Takes over the state [`export_live`](Self::export_live) of the previous server gave (in
+    /// format `version`), with its descriptors, before any request is served.
+    pub fn import_live(&self, version: u32, state: &[u8], fds: Vec<OwnedFd>) -> Result<(), DecodeError> {
+        let s = decode(version, state)?;
+        if s.handles.root_key != self.inodes.root_key() {
             return Err("the state is of another backing directory");
         }
+        let mut fds = fds.into_iter();
         // Refused only without export support (no remembered handles to carry); the live
         // nodes below are taken over either way.
-        let _ = self.inodes.import(&hs);
-        let count = r.count()?;
-        let mut nodes = Vec::with_capacity(count.min(1 << 16) as usize);
-        for _ in 0..count {
-            let (id, dev, ino) = (r.u64()?, r.u64()?, r.u64()?);
-            let kind = r.u32()?;
-            let lookups = r.u64()?;
-            let handle = if r.u8()? == 1 {
-                let len = r.u32()? as usize;
-                if len > 256 {
-                    return Err("file handle too long");
-                }
-                Some(r.take(len)?.to_vec())
-            } else {
-                None
-            };
-            let fd = if r.u8()? == 1 { Some(Arc::new(fds.next().ok_or("descriptor missing")?)) } else { None };
-            nodes.push(LiveNode { id, key: (dev, ino), kind, lookups, handle, fd });
+        let _ = self.inodes.import(&s.handles);
+        let mut nodes = Vec::with_capacity(s.nodes.len());
+        for n in s.nodes {
+            let fd = if n.fd { Some(Arc::new(fds.next().ok_or("descriptor missing")?)) } else { None };
+            nodes.push(LiveNode { id: n.id, key: n.key, kind: n.kind, lookups: n.lookups, handle: n.handle, fd });
         }
         self.inodes.import_live(nodes).map_err(|_| "node table not accepted")?;
-        let count = r.count()?;
-        for _ in 0..count {
-            let (fh, node) = (r.u64()?, r.u64()?);
-            let dir = r.u8()? == 1;
+        for h in s.open {
             let fd = Arc::new(fds.next().ok_or("descriptor missing")?);
-            self.inodes.pin_open(node, &fd);
-            self.handles.import(fh, node, dir, fd);
+            self.inodes.pin_open(h.node, &fd);
+            self.handles.import(h.fh, h.node, h.dir, fd);
         }
-        let count = r.count()?;
-        for _ in 0..count {
-            let node = r.u64()?;
-            let id = r.u32()? as i32;
-            let opens = r.u64()?;
+        for (node, id, opens) in s.passthrough {
             self.passthrough.import(node, id, opens);
-        }
-        if !r.0.is_empty() {
-            return Err("trailing bytes in state");
         }
         Ok(())
     }

@@ -652,11 +652,11 @@ impl PassthroughFs {
     /// The io_uring personality to create files as `ctx`'s caller with, when this queue sends
     /// metadata calls through its ring right now; `None`: create synchronously under the
     /// caller's credentials (inline metadata, off the queues, or no personality available).
-    fn ring_creator(&self, ctx: &Context) -> Option<u16> {
+    async fn ring_creator(&self, ctx: &Context) -> Option<u16> {
         if !ringfs_transport::io::metadata_on_ring() {
             return None;
         }
-        creds::personality(ctx.uid, ctx.gid)
+        creds::personality(ctx.uid, ctx.gid).await
     }
 
     /// [`created`](Self::created) through the queue's ring.
@@ -1266,7 +1266,7 @@ impl FileSystem for PassthroughFs {
     async fn symlink(&self, ctx: &Context, parent: NodeId, name: &CStr, target: &CStr) -> Result<Entry> {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
-        if let Some(p) = self.ring_creator(ctx) {
+        if let Some(p) = self.ring_creator(ctx).await {
             match ringfs_transport::io::symlinkat_as(target, pfd.as_fd(), name, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
@@ -1301,7 +1301,7 @@ impl FileSystem for PassthroughFs {
         check_name(name)?;
         let (pfd, _) = self.inodes.get(parent.0)?;
         let mode = self.creation_mode(pfd.as_raw_fd(), mode, umask);
-        if let Some(p) = self.ring_creator(ctx) {
+        if let Some(p) = self.ring_creator(ctx).await {
             match ringfs_transport::io::mkdirat_as(pfd.as_fd(), name, mode & 0o7777, p).await {
                 Ok(()) => return self.created_ring(pfd.as_raw_fd(), name).await,
                 Err(e) if !groups_may_help(ctx, &e) => return Err(e.into()),
@@ -1360,7 +1360,7 @@ impl FileSystem for PassthroughFs {
         let creator = match (ringfs_transport::io::metadata_on_ring(), self.kernel_checks()) {
             (false, _) => None,
             (true, true) => Some(0),
-            (true, false) => self.ring_creator(ctx),
+            (true, false) => self.ring_creator(ctx).await,
         };
         if let Some(p) = creator {
             let flags = libc::AT_SYMLINK_FOLLOW;
@@ -1428,7 +1428,7 @@ impl FileSystem for PassthroughFs {
             | libc::O_NOFOLLOW
             | libc::O_CLOEXEC
             | if self.cfg.noatime { libc::O_NOATIME } else { 0 };
-        if let Some(p) = self.ring_creator(ctx) {
+        if let Some(p) = self.ring_creator(ctx).await {
             let (dir, mode) = (pfd.as_raw_fd(), mode & 0o7777);
             match ringfs_transport::io::openat2_as(dir, name, oflags, mode, sys::RESOLVE_STRICT, p).await {
                 Ok(file) => return self.created_open(ctx, file, flags as i32, true),
@@ -1461,7 +1461,7 @@ impl FileSystem for PassthroughFs {
         let oflags = self.backing_open_flags(flags as i32 & (OPEN_FLAGS | libc::O_EXCL) & !libc::O_TRUNC)
             | libc::O_TMPFILE
             | libc::O_CLOEXEC;
-        if let Some(p) = self.ring_creator(ctx) {
+        if let Some(p) = self.ring_creator(ctx).await {
             match ringfs_transport::io::openat2_as(pfd.as_raw_fd(), c".", oflags, mode & 0o7777, 0, p).await {
                 // An unnamed inode cannot be reopened by handle: keep its descriptor pinned.
                 Ok(file) => return self.created_open(ctx, file, flags as i32, false),

@@ -137,8 +137,9 @@ const HANDLE_HEADER: usize = 8;
 /// Aligned buffer big enough for any `struct file_handle`.
 type HandleBuf = [u64; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
 
-/// name_to_handle_at(fd, "", AT_EMPTY_PATH): the complete `struct file_handle` bytes.
-pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
+/// name_to_handle_at(fd, "", AT_EMPTY_PATH): the complete `struct file_handle` bytes, shared
+/// (the inode table keeps them under two keys); one allocation.
+pub(crate) fn name_to_handle(fd: RawFd) -> Result<std::sync::Arc<[u8]>> {
     use zerocopy::IntoBytes;
     let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
     // handle_bytes, the header's first field: the room for the handle.
@@ -154,7 +155,7 @@ pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
     if n > libc::MAX_HANDLE_SZ as usize {
         return Err(Errno(libc::EOVERFLOW));
     }
-    Ok(bytes[..HANDLE_HEADER + n].into())
+    Ok(std::sync::Arc::from(&bytes[..HANDLE_HEADER + n]))
 }
 
 /// open_by_handle_at(mount_fd, handle, flags) for a handle from [`name_to_handle`].
@@ -261,8 +262,11 @@ pub(crate) fn renameat2(
 
 /// fchmodat2(fd, "", mode, AT_EMPTY_PATH) (kernel 6.6+); works on O_PATH fds.
 pub(crate) fn fchmod_empty(fd: RawFd, mode: u32) -> Result<()> {
+    // 452 on every architecture (x86_64 and the generic table arm64 uses); the libc crate names
+    // it for x86_64 only.
+    const SYS_FCHMODAT2: libc::c_long = 452;
     // SAFETY: EMPTY is NUL-terminated.
-    let r = unsafe { libc::syscall(libc::SYS_fchmodat2, fd, EMPTY.as_ptr(), mode, libc::AT_EMPTY_PATH) };
+    let r = unsafe { libc::syscall(SYS_FCHMODAT2, fd, EMPTY.as_ptr(), mode, libc::AT_EMPTY_PATH) };
     cvt_long(r).map(drop)
 }
 
