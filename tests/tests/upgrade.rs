@@ -7,7 +7,7 @@
 //! operation saw across it); `scripts/upgrade-pause.sh` runs many and reports p50/p99.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
