@@ -138,7 +138,7 @@ const HANDLE_HEADER: usize = 8;
 type HandleBuf = [u64; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
 
 /// name_to_handle_at(fd, "", AT_EMPTY_PATH): the complete `struct file_handle` bytes.
-pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
+pub(crate) fn name_to_handle(fd: RawFd) -> Result<std::sync::Arc<[u8]>> {
     use zerocopy::IntoBytes;
     let mut buf: HandleBuf = [0; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 8];
     // handle_bytes, the header's first field: the room for the handle.
@@ -154,7 +154,8 @@ pub(crate) fn name_to_handle(fd: RawFd) -> Result<Box<[u8]>> {
     if n > libc::MAX_HANDLE_SZ as usize {
         return Err(Errno(libc::EOVERFLOW));
     }
-    Ok(bytes[..HANDLE_HEADER + n].into())
+    // Straight into the shared form the inode table keeps (one allocation).
+    Ok(std::sync::Arc::from(&bytes[..HANDLE_HEADER + n]))
 }
 
 /// open_by_handle_at(mount_fd, handle, flags) for a handle from [`name_to_handle`].
