@@ -107,11 +107,7 @@ pub struct FsConfig {
     /// operation runs under the caller's credentials so the backing file system checks them.
     /// `init` replaces this with the negotiated [`ConnInfo::default_permissions`].
     pub default_permissions: bool,
-    /// Maximum number of cached (evictable) O_PATH descriptors (default 65 536). The cache
-    /// never takes more than RLIMIT_NOFILE less a reserve and the open handles, so with a low
-    /// limit that is the bound. A descriptor evicted is closed (and, if its inode's file handle
-    /// was not computed yet, the handle computed first); a cold LOOKUP storm over more inodes
-    /// than this pays both per LOOKUP.
+    /// Maximum number of cached (evictable) O_PATH descriptors.
     pub max_cached_fds: usize,
     /// Let the kernel do reads and writes of regular files on the backing file itself
     /// (FUSE passthrough), when the kernel negotiated it.
@@ -169,7 +165,7 @@ impl Default for FsConfig {
             attr_timeout: Duration::from_secs(1),
             negative_timeout: Duration::from_secs(1),
             default_permissions: true,
-            max_cached_fds: 65536,
+            max_cached_fds: 4096,
             passthrough: true,
             passthrough_exclude: Vec::new(),
             keep_cache: false,
