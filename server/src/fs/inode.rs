@@ -779,20 +779,21 @@ impl InodeTable {
             sys::open_by_handle(self.mount_fd.as_raw_fd(), handle, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .ok()?;
         let st = sys::fstat(fd.as_raw_fd()).ok()?;
-        let mut g = self.write();
-        let id = *g.by_key.get(&(st.st_dev, st.st_ino))?;
-        let node = g.nodes.get(&id)?;
-        match &node.handle {
-            // The node's descriptor holds its inode, so (dev, ino) names that same inode.
-            Fh::Lazy if node.fd.is_some() => {
-                g.set_handle(id, Fh::Some(Arc::from(handle)));
-                Some(id)
+        let id = {
+            let g = self.read();
+            let id = *g.by_key.get(&(st.st_dev, st.st_ino))?;
+            let node = g.nodes.get(&id)?;
+            // Only a node whose descriptor is open: it holds its inode, so (dev, ino) names that
+            // same inode (a node known by handle alone may be a gone inode whose number was
+            // reused). One known under other handle bytes (another handle type) is it too.
+            node.fd.as_ref()?;
+            if node.handle != Fh::Lazy {
+                return Some(id);
             }
-            // Known under other bytes (a handle of another type), or none: the same inode if
-            // its descriptor is open (as above).
-            _ if node.fd.is_some() => Some(id),
-            _ => None,
-        }
+            id
+        };
+        self.write().set_handle(id, Fh::Some(Arc::from(handle)));
+        Some(id)
     }
 
     /// Node `id`'s file handle (computed now if it was not yet) and backing (st_dev, st_ino);
