@@ -470,6 +470,9 @@ pub(crate) struct HandleState {
     pub(crate) nodes: Vec<(u64, Vec<u8>)>,
 }
 
+/// Backing (st_dev, st_ino) of an inode.
+pub(crate) type BackingKey = (u64, u64);
+
 /// Export order of a live node: (recently used, node id), larger first.
 type Recency = (bool, u64);
 
@@ -798,7 +801,7 @@ impl InodeTable {
 
     /// Node `id`'s file handle (computed now if it was not yet) and backing (st_dev, st_ino);
     /// `None` for a node without a handle.
-    pub(crate) fn handle_and_key(&self, id: u64) -> Option<(Arc<[u8]>, (u64, u64))> {
+    pub(crate) fn handle_and_key(&self, id: u64) -> Option<(Arc<[u8]>, BackingKey)> {
         let fd = {
             let g = self.read();
             let node = g.nodes.get(&id)?;
