@@ -5,10 +5,13 @@
 #   lookup  N cold stats of distinct files (one LOOKUP each; backing cache warm)
 #   create  N open(O_CREAT)+close of new files (LOOKUP, CREATE, GETATTR of the parent, RELEASE)
 #   storm8  8 processes, each in its own directory: create, stat, unlink N/8 files
-# Optionally records a perf profile of the server during the storm (PERF=1).
+# Optionally records a perf profile of the server during the storm (PERF=1), or counts its
+# system calls by type with perf's tracepoints (SYSCALLS=1: exact counts, stable under load,
+# unlike CPU time; printed per request).
 #
 # usage: scripts/cpu-per-request.sh BIN WORKLOAD [N] [-o opts]
 #   env: PERF=1 (perf record -g into $OUT/perf-WORKLOAD.data), OUT=dir (default /tmp),
+#        SYSCALLS=1 (perf stat of syscalls:sys_enter_* on the server, into $OUT/syscalls-WORKLOAD.txt),
 #        TMPFS=1: the backing directory is a fresh tmpfs (takes the backing file system's own
 #        cost, e.g. ext4's inode allocator on a churned disk, out of the server's numbers)
 set -eu
@@ -70,6 +73,7 @@ runns() { cat /proc/"$SPID"/task/*/schedstat | awk '{s += $1} END {printf "%d\n"
 
 r0=$(reqs); t0=$(ticks); u0=$(uticks); n0=$(runns)
 [ "${PERF:-0}" = 1 ] && { perf record -q -F 2999 -g -p "$SPID" -o "$OUT/perf-$WL.data" 2>/dev/null & PPID_=$!; sleep 0.3; }
+[ "${SYSCALLS:-0}" = 1 ] && { perf stat -x, -e 'syscalls:sys_enter_*' -p "$SPID" -o "$OUT/syscalls-$WL.raw" 2>/dev/null & SCPID=$!; sleep 0.5; }
 w0=$(date +%s%N)
 case $WL in
 lookup) python3 -c '
@@ -90,6 +94,10 @@ for i in range(n): os.unlink(f"{d}/f{i}")' "$MNT/s$j" $((N / 8)) & pids="${pids:
 esac
 w1=$(date +%s%N)
 [ "${PERF:-0}" = 1 ] && { kill -INT "$PPID_"; wait "$PPID_" 2>/dev/null || true; }
+if [ "${SYSCALLS:-0}" = 1 ]; then
+    # Stopped after the busy-poll window, so the polling's own calls are counted too.
+    sleep 0.3; kill -INT "$SCPID"; wait "$SCPID" 2>/dev/null || true
+fi
 # Let the busy-poll window close before reading the CPU counters.
 sleep 0.3
 r1=$(reqs); t1=$(ticks); u1=$(uticks); n1=$(runns)
@@ -102,3 +110,9 @@ awk -v wl="$WL" -v n="$N" -v r=$((r1 - r0)) -v t=$((t1 - t0)) -v ns=$((n1 - n0))
     -v lk="${lk:-0}" -v cr="${cr:-0}" -v opts="$OPTS" -v inl="${inl:-0}" -v slow="${slow:-0}" 'BEGIN {
     printf "%s n=%d opts=[%s] requests=%d (LOOKUP %d, CREATE %d) wall=%.3fs  cpu(stat)=%.1fus/req (user %.1f)  cpu(schedstat)=%.1fus/req  wall/req=%.1fus  inline=%d slow=%d\n",
         wl, n, opts, r, lk, cr, w / 1e9, t * 1e6 / hz / r, u * 1e6 / hz / r, ns / 1e3 / r, w / 1e3 / r, inl, slow }'
+if [ "${SYSCALLS:-0}" = 1 ]; then
+    # perf -x, lines: count,unit,event,...; per request, largest first.
+    awk -F, -v r=$((r1 - r0)) '$3 ~ /sys_enter_/ && $1 + 0 > 0 { sub("syscalls:sys_enter_", "", $3); t += $1; printf "%.3f %s\n", $1 / r, $3 }
+        END { printf "%.3f TOTAL\n", t / r }' "$OUT/syscalls-$WL.raw" | sort -rn > "$OUT/syscalls-$WL.txt"
+    echo "system calls per request ($OUT/syscalls-$WL.txt):" $(awk '$1 >= 0.01 {printf "%s=%s ", $2, $1}' "$OUT/syscalls-$WL.txt")
+fi

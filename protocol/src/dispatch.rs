@@ -237,10 +237,12 @@ impl<F: FileSystem> Dispatcher<F> {
     /// Serves one request, writing the reply payload into `out`, which must hold at least the
     /// negotiated max read size plus one page.
     pub async fn dispatch(&self, req: &Request<'_>, out: &mut [u8]) -> Outcome {
-        let start = Instant::now();
+        // Two clock readings per request, shared with the in-flight record and (through
+        // `stats::last_reading`) with the transport's timing of inline backing calls.
+        let start = crate::stats::clock();
         // Ends the in-flight record however the request ends: a reply, a panic in the file
         // system (caught by the queue), or the task dropped at a forced stop.
-        let in_flight = InFlightGuard::enter(&self.stats);
+        let in_flight = InFlightGuard::enter(&self.stats, start);
         let mut outcome = self.serve(req, out).await;
         if req.header.unique & abi::UNIQUE_RESEND != 0 {
             self.stats.resent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -263,7 +265,8 @@ impl<F: FileSystem> Dispatcher<F> {
             _ => 0,
         };
         let bytes_out = if op == abi::opcode::READ { len } else { 0 };
-        self.stats.record(op, error, start.elapsed(), bytes_in, bytes_out);
+        let end = crate::stats::clock();
+        self.stats.record(op, error, end.saturating_duration_since(start), bytes_in, bytes_out);
         drop(in_flight);
         outcome
     }
@@ -537,8 +540,8 @@ struct InFlightGuard<'a> {
 }
 
 impl<'a> InFlightGuard<'a> {
-    fn enter(stats: &'a DispatchStats) -> Self {
-        InFlightGuard { stats, started: Some(stats.begin()) }
+    fn enter(stats: &'a DispatchStats, start: Instant) -> Self {
+        InFlightGuard { stats, started: Some(stats.begin_at(start)) }
     }
 }
 

@@ -164,8 +164,33 @@ fn epoch() -> Instant {
 }
 
 fn now_ns() -> u64 {
-    // +1 so that a start time is never 0 (the free marker).
-    epoch().elapsed().as_nanos().min(u64::MAX as u128 - 1) as u64 + 1
+    ns_at(Instant::now())
+}
+
+/// `t` as nanoseconds since the epoch, +1 so that a start time is never 0 (the free marker).
+fn ns_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos().min(u64::MAX as u128 - 1) as u64 + 1
+}
+
+thread_local! {
+    /// The last [`clock`] reading on this thread.
+    static LAST_READING: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Reads the monotonic clock and remembers the reading as this thread's
+/// [`last_reading`]. The request path shares its readings this way: the dispatcher's start and
+/// end of a request, the transport's after each wait for completions, and the transport's
+/// timing of inline backing calls, which measures from the previous reading instead of taking
+/// one of its own before each call.
+pub fn clock() -> Instant {
+    let t = Instant::now();
+    LAST_READING.set(Some(t));
+    t
+}
+
+/// The last [`clock`] reading on this thread, if any.
+pub fn last_reading() -> Option<Instant> {
+    LAST_READING.get()
 }
 
 impl InFlight {
@@ -179,7 +204,12 @@ impl InFlight {
 
     /// Records a request start; returns its entry (or `usize::MAX` when untracked).
     pub fn enter(&self) -> usize {
-        let start = now_ns();
+        self.enter_at(Instant::now())
+    }
+
+    /// [`enter`](Self::enter) for a request that started at `start`.
+    pub fn enter_at(&self, start: Instant) -> usize {
+        let start = ns_at(start);
         let slot = thread_slot();
         let Some(starts) = self.slots.get(slot) else { return usize::MAX };
         for (i, s) in starts.0.iter().enumerate() {
@@ -320,9 +350,15 @@ impl DispatchStats {
     /// Records a request start (in flight, and its start time); end it with
     /// [`record`](Self::record) and [`end`](Self::end) on the same thread.
     pub fn begin(&self) -> Started {
+        self.begin_at(Instant::now())
+    }
+
+    /// [`begin`](Self::begin) for a request that started at `start` (a clock reading the
+    /// caller already has).
+    pub fn begin_at(&self, start: Instant) -> Started {
         let (slot, s) = self.mine();
         add(&s.in_flight, 1, slot);
-        Started { slot, entry: self.inflight_starts.enter() }
+        Started { slot, entry: self.inflight_starts.enter_at(start) }
     }
 
     /// The request `started` is no longer in flight.

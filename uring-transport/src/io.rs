@@ -207,17 +207,23 @@ fn metadata_way() -> Way {
 
 /// Runs an inline call, pausing inline calls on this thread when it was slow (see
 /// [`STRIKE_CALLS`]).
+///
+/// One clock reading per call: a call is timed from the thread's previous reading (the
+/// dispatcher's start of the request, the previous inline call, or the queue's reading after it
+/// last waited for completions), so what it measures includes the little user-space work done
+/// since, which is far below [`SLOW_INLINE`].
 fn run_inline<R>(f: impl FnOnce() -> R) -> R {
-    let start = Instant::now();
+    let start = ringfs_protocol::stats::last_reading();
     let r = f();
-    let took = start.elapsed();
+    let end = ringfs_protocol::stats::clock();
+    let took = start.map_or(Duration::ZERO, |s| end.saturating_duration_since(s));
     INLINE_CALLS.fetch_add(1, Ordering::Relaxed);
     let n = INLINE_COUNT.get() + 1;
     INLINE_COUNT.set(n);
     if took > SLOW_INLINE {
         INLINE_SLOW.fetch_add(1, Ordering::Relaxed);
         if slow_call_pauses(INLINE_STRIKE.replace(Some(n)), n, took) {
-            let now = Instant::now();
+            let now = end;
             let pause = match INLINE_LAST_SLOW.get() {
                 Some((at, last)) if now.duration_since(at) < 2 * INLINE_PAUSE => (last * 2).min(INLINE_PAUSE),
                 _ => INLINE_PAUSE_MIN,

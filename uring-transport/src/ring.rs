@@ -557,6 +557,11 @@ struct Queue<'p, F> {
     live: usize,
     /// When this queue last finished a request (busy polling).
     last_request: std::time::Instant,
+    /// A request finished since busy polling last looked; `last_request` is then the
+    /// dispatcher's clock reading at its end (no reading of its own).
+    replied: bool,
+    /// The clock reading after the last wait for completions.
+    batch_time: std::time::Instant,
     /// Handing over: no new receive is armed (classic channel), or the queue ends once quiet
     /// (io_uring).
     draining: bool,
@@ -645,6 +650,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             bell_buf: Box::new([0; 8]),
             early_interrupts: Vec::new(),
             last_request: std::time::Instant::now(),
+            replied: false,
+            batch_time: std::time::Instant::now(),
             dispatcher: Rc::new(p.dispatcher.clone()),
             live: p.depth,
             draining: false,
@@ -759,6 +766,10 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 Err(e) if transient(&e) => {}
                 Err(e) => return Err(e),
             }
+            // One reading per batch, after the wait: the time of the requests' arrival (drain)
+            // and the start from which inline backing calls are timed (`io::run_inline`), so
+            // the wait itself is never charged to a call.
+            self.batch_time = ringfs_protocol::stats::clock();
             bump(&self.p.stats.submits, 1);
             if self.ring.submission().is_empty() {
                 // Every SQE that may name a personality given back is submitted (the kernel
@@ -836,7 +847,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             return Ok(());
         }
         self.draining = true;
-        self.last_arrival = std::time::Instant::now();
+        self.last_arrival = ringfs_protocol::stats::clock();
         if let QueueChannel::Dev { fd, .. } = &self.p.channel {
             let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd.as_raw_fd())).all())
                 .build()
@@ -887,10 +898,21 @@ impl<'p, F: FileSystem> Queue<'p, F> {
         // queue was busy spun through the storm beside it (a third of the server's CPU in a
         // single-client cold-LOOKUP storm on 2 vCPUs). A caller that moves to another CPU
         // costs one wake-up there, after which that queue polls.
-        let last = self.last_request;
-        if poll.is_zero() || last.elapsed() >= poll {
+        if poll.is_zero() {
             return Ok(());
         }
+        let last = if std::mem::take(&mut self.replied) {
+            // Just replied: the dispatcher's reading at the request's end is recent enough.
+            let t = ringfs_protocol::stats::last_reading().unwrap_or_else(ringfs_protocol::stats::clock);
+            self.last_request = t;
+            t
+        } else {
+            let last = self.last_request;
+            if ringfs_protocol::stats::clock().saturating_duration_since(last) >= poll {
+                return Ok(());
+            }
+            last
+        };
         // The replies go out now; a transient failure leaves them for submit_and_wait.
         match self.ring.submit() {
             Ok(_) => {}
@@ -902,7 +924,7 @@ impl<'p, F: FileSystem> Queue<'p, F> {
                 bump(&self.p.stats.polled, 1);
                 return Ok(());
             }
-            if last.elapsed() >= poll {
+            if ringfs_protocol::stats::clock().saturating_duration_since(last) >= poll {
                 return Ok(());
             }
             // Gives the CPU to a runnable task (the caller) if any.
@@ -984,8 +1006,11 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             }
             return Ok(false);
         }
-        self.last_arrival = std::time::Instant::now();
-        self.dirty = true;
+        if self.draining {
+            // Only a hand-over watches arrivals.
+            self.last_arrival = self.batch_time;
+            self.dirty = true;
+        }
         let s = &mut self.slots[i];
         match start_task(s, res as usize, &self.dispatcher, self.p) {
             Started::Task => {
@@ -1037,10 +1062,8 @@ impl<'p, F: FileSystem> Queue<'p, F> {
             log::error!("queue {}: dropping a request's future panicked", self.p.qid);
         }
         bump(&self.p.stats.requests, 1);
-        if !self.p.busy_poll.is_zero() {
-            // The caller is about to be woken: its next request may follow at once.
-            self.last_request = std::time::Instant::now();
-        }
+        // The caller is about to be woken: its next request may follow at once (busy polling).
+        self.replied = true;
         let error = if s.interrupted && error == -libc::ECANCELED { -libc::EINTR } else { error };
         s.interrupted = false;
         crate::io::with(|r| r.clear_interrupted(i));

@@ -3,14 +3,23 @@
 //!
 //! An inode is identified on the backing file system by its `name_to_handle_at` file handle, so
 //! its O_PATH descriptor can be closed when the cache is full and reopened later with
-//! `open_by_handle_at`. Inodes that cannot be reopened that way (no handle support, O_TMPFILE
+//! `open_by_handle_at`. The handle is computed lazily, from the node's descriptor, only when
+//! something needs it ([`Fh::Lazy`]): before the descriptor is evicted, when the node is
+//! retired (forgotten, for file-handle export), at its first open (the open descriptor then
+//! stands for the node's own), and at an export of the table; a new node computes it at once
+//! only where it may be a retired inode found again (its (st_dev, st_ino) is a retired one's,
+//! or retired inodes of unknown key were taken over from a previous server). A cold LOOKUP
+//! thus costs no `name_to_handle_at`; the coherence watch resolves the handles of such nodes
+//! by opening them ([`InodeTable::node_by_handle`]). Inodes that cannot be reopened that way (no handle support, O_TMPFILE
 //! files, other file systems below the backing root) and inodes with open file handles keep
 //! their descriptor pinned while they are referenced. Without CAP_DAC_READ_SEARCH
 //! (`open_by_handle_at` refused, probed at start on the root's own handle) no inode is reopened
 //! that way: all are pinned, and the number of known inodes is bounded by RLIMIT_NOFILE.
 //!
 //! One reader-writer lock guards the table; it is never held across a system call that may
-//! touch the backing disk (handles are computed and descriptors opened/closed outside it). The
+//! touch the backing disk (descriptors are opened/closed outside it). Lazy handles are computed
+//! under it where needed (eviction, retirement, first open): encoding the handle of an open
+//! descriptor reads only the in-memory inode. The
 //! request path's common cases only read it: finding a node's descriptor (every request that
 //! names a node) and taking one more lookup reference on a known inode (a LOOKUP hit) run
 //! under the shared lock, with the lookup count an atomic in the node and the cache's recency a
@@ -37,8 +46,8 @@ struct Inode {
     key: (u64, u64),
     /// `st_mode & S_IFMT`.
     kind: u32,
-    /// File handle bytes, if the inode can be reopened by handle.
-    handle: Option<Arc<[u8]>>,
+    /// File handle, if the inode can be reopened by handle (possibly not computed yet).
+    handle: Fh,
     /// Kernel lookup references (taken under the shared lock, so atomic; dropped to zero only
     /// under the exclusive one).
     lookups: AtomicU64,
@@ -66,7 +75,33 @@ impl Inode {
     }
 
     fn pinned(&self) -> bool {
-        self.permanent || self.handle.is_none() || self.opens > 0
+        self.permanent || self.handle == Fh::None || self.opens > 0
+    }
+}
+
+/// An inode's file handle (`name_to_handle_at`).
+#[derive(Clone, PartialEq, Eq)]
+enum Fh {
+    /// Not computed yet, but the inode can have one (on the backing root's file system, with
+    /// `open_by_handle_at` allowed): it is computed from the node's descriptor when first
+    /// needed ([`Inner::settle_handle`]). A node in this state always has a descriptor.
+    Lazy,
+    /// None: the node's descriptor is pinned.
+    None,
+    /// The complete `struct file_handle` bytes.
+    Some(Arc<[u8]>),
+}
+
+impl Fh {
+    fn bytes(&self) -> Option<&Arc<[u8]>> {
+        match self {
+            Fh::Some(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    fn from_computed(h: Option<Arc<[u8]>>) -> Fh {
+        h.map_or(Fh::None, Fh::Some)
     }
 }
 
@@ -74,7 +109,11 @@ struct Inner {
     nodes: HashMap<u64, Inode, IdHash>,
     by_key: HashMap<(u64, u64), u64, IdHash>,
     /// File handle bytes → node id (for change notifications from the backing file system).
+    /// Nodes whose handle is still [`Fh::Lazy`] are not in it: the watch resolves handles it
+    /// does not find here by opening them ([`InodeTable::node_by_handle`]).
     by_handle: HashMap<Arc<[u8]>, u64, IdHash>,
+    /// Nodes whose handle is [`Fh::Lazy`].
+    lazy: usize,
     /// The CLOCK of cached descriptors: node ids in the order the hand visits them. May hold
     /// ids of nodes gone or no longer cached (skipped, and compacted away).
     clock: VecDeque<u64>,
@@ -92,6 +131,12 @@ struct Inner {
     retired: HashMap<u64, Retired, IdHash>,
     /// File handle bytes → retired node id: a retired inode found again keeps its node id.
     retired_by_handle: HashMap<Arc<[u8]>, u64, IdHash>,
+    /// Backing (st_dev, st_ino) → retired node id: a new node with that key computes its
+    /// handle at once, to find out whether it is that retired inode found again.
+    retired_by_key: HashMap<(u64, u64), u64, IdHash>,
+    /// Retired inodes of unknown key (taken over from a previous server): while there are
+    /// any, every new node computes its handle at once.
+    unkeyed: usize,
     /// (retirement number, node id), oldest first; entries whose node was revived or retired
     /// again since are skipped when popped.
     retired_order: VecDeque<(u64, u64)>,
@@ -103,6 +148,8 @@ struct Inner {
 /// An inode the kernel forgot, remembered so a file handle naming its node id still resolves.
 struct Retired {
     handle: Arc<[u8]>,
+    /// Backing (st_dev, st_ino), if known.
+    key: Option<(u64, u64)>,
     /// Which retirement this is (see `Inner::retired_order`).
     number: u64,
 }
@@ -186,6 +233,14 @@ impl Inner {
                 self.clock.push_back(id);
                 continue;
             }
+            // Only a node with a handle can be reopened: one without (a failed encoding)
+            // becomes pinned instead.
+            if !self.settle_handle(id) {
+                continue;
+            }
+            let Some(node) = self.nodes.get_mut(&id) else {
+                continue;
+            };
             node.cached = false;
             self.cached -= 1;
             if let Some(fd) = node.fd.take() {
@@ -206,23 +261,86 @@ impl Inner {
         }
     }
 
+    /// Gives node `id` its file handle now if it is still [`Fh::Lazy`], computed from its
+    /// descriptor; true when the node has a handle. Runs under the table's lock: encoding the
+    /// handle of an open descriptor reads the in-memory inode (its number and generation on
+    /// the file systems that give handles), never the disk. A node whose encoding fails gets
+    /// [`Fh::None`] and becomes pinned.
+    fn settle_handle(&mut self, id: u64) -> bool {
+        let Some(node) = self.nodes.get(&id) else {
+            return false;
+        };
+        match &node.handle {
+            Fh::Some(_) => return true,
+            Fh::None => return false,
+            Fh::Lazy => {}
+        }
+        let h = node.fd.as_ref().and_then(|fd| sys::name_to_handle(fd.as_raw_fd()).ok());
+        self.set_handle(id, Fh::from_computed(h))
+    }
+
+    /// Sets lazy node `id`'s handle to `fh`; true when the node has a handle afterwards.
+    fn set_handle(&mut self, id: u64, fh: Fh) -> bool {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        if node.handle != Fh::Lazy {
+            return node.handle != Fh::None;
+        }
+        self.lazy -= 1;
+        match fh {
+            Fh::Some(h) => {
+                node.handle = Fh::Some(h.clone());
+                self.by_handle.insert(h, id);
+                true
+            }
+            _ => {
+                node.handle = Fh::None;
+                self.unlist(id);
+                false
+            }
+        }
+    }
+
     fn remove(&mut self, id: u64) -> Option<Inode> {
         self.unlist(id);
+        if self.max_retired > 0 {
+            // Retirement keeps the handle: compute it while the descriptor is at hand.
+            self.settle_handle(id);
+        }
         let node = self.nodes.remove(&id)?;
+        if node.handle == Fh::Lazy {
+            self.lazy -= 1;
+        }
         if self.by_key.get(&node.key) == Some(&id) {
             self.by_key.remove(&node.key);
         }
-        if let Some(h) = &node.handle {
+        if let Fh::Some(h) = &node.handle {
             if self.by_handle.get(h) == Some(&id) {
                 self.by_handle.remove(h);
             }
-            self.retire(id, h.clone());
+            self.retire(id, h.clone(), Some(node.key));
         }
         Some(node)
     }
 
-    /// Remembers forgotten node `id` with file handle `handle` (if export support keeps any).
-    fn retire(&mut self, id: u64, handle: Arc<[u8]>) {
+    /// Forgets retired node `id` (whatever its retirement number).
+    fn unretire(&mut self, id: u64) -> Option<Retired> {
+        let r = self.retired.remove(&id)?;
+        match r.key {
+            Some(key) => {
+                if self.retired_by_key.get(&key) == Some(&id) {
+                    self.retired_by_key.remove(&key);
+                }
+            }
+            None => self.unkeyed -= 1,
+        }
+        Some(r)
+    }
+
+    /// Remembers forgotten node `id` with file handle `handle` and backing key `key` (if
+    /// export support keeps any).
+    fn retire(&mut self, id: u64, handle: Arc<[u8]>, key: Option<(u64, u64)>) {
         if self.max_retired == 0 {
             return;
         }
@@ -230,10 +348,17 @@ impl Inner {
         self.next_retirement += 1;
         if let Some(old) = self.retired_by_handle.insert(handle.clone(), id) {
             if old != id {
-                self.retired.remove(&old);
+                self.unretire(old);
             }
         }
-        self.retired.insert(id, Retired { handle, number });
+        self.unretire(id);
+        match key {
+            Some(key) => {
+                self.retired_by_key.insert(key, id);
+            }
+            None => self.unkeyed += 1,
+        }
+        self.retired.insert(id, Retired { handle, key, number });
         self.retired_order.push_back((number, id));
         while self.retired.len() > self.max_retired {
             let Some((number, id)) = self.retired_order.pop_front() else {
@@ -251,7 +376,7 @@ impl Inner {
     /// Drops retired node `id` if `number` is still its current retirement.
     fn forget_retired(&mut self, id: u64, number: u64) {
         if self.retired.get(&id).is_some_and(|r| r.number == number) {
-            if let Some(r) = self.retired.remove(&id) {
+            if let Some(r) = self.unretire(id) {
                 if self.retired_by_handle.get(&r.handle) == Some(&id) {
                     self.retired_by_handle.remove(&r.handle);
                 }
@@ -263,7 +388,7 @@ impl Inner {
     /// forgotten, if remembered, so a file handle issued then still names it.
     fn take_id(&mut self, handle: Option<&Arc<[u8]>>) -> u64 {
         if let Some(id) = handle.and_then(|h| self.retired_by_handle.remove(h)) {
-            self.retired.remove(&id);
+            self.unretire(id);
             if !self.nodes.contains_key(&id) {
                 return id;
             }
@@ -348,6 +473,9 @@ pub(crate) struct HandleState {
     pub(crate) nodes: Vec<(u64, Vec<u8>)>,
 }
 
+/// Backing (st_dev, st_ino) of an inode.
+pub(crate) type BackingKey = (u64, u64);
+
 /// Export order of a live node: (recently used, node id), larger first.
 type Recency = (bool, u64);
 
@@ -399,7 +527,7 @@ impl InodeTable {
             Inode {
                 key,
                 kind: st.st_mode & libc::S_IFMT,
-                handle,
+                handle: Fh::from_computed(handle),
                 lookups: AtomicU64::new(1),
                 opens: 0,
                 fd: Some(root_fd.clone()),
@@ -416,6 +544,7 @@ impl InodeTable {
                 nodes,
                 by_key,
                 by_handle,
+                lazy: 0,
                 clock: VecDeque::new(),
                 cached: 0,
                 open_handles: 0,
@@ -424,6 +553,8 @@ impl InodeTable {
                 next_id: 2,
                 retired: HashMap::default(),
                 retired_by_handle: HashMap::default(),
+                retired_by_key: HashMap::default(),
+                unkeyed: 0,
                 retired_order: VecDeque::new(),
                 max_retired,
                 next_retirement: 0,
@@ -441,6 +572,7 @@ impl InodeTable {
     /// The state to hand to the next server of this mount: every inode with a file handle,
     /// known or forgotten, most recently used first, at most `max_retired`.
     pub(crate) fn export(&self) -> HandleState {
+        self.settle_all();
         let g = self.read();
         let mut live: Vec<(Recency, u64, &Arc<[u8]>)> = g
             .nodes
@@ -449,7 +581,7 @@ impl InodeTable {
             // Recently used (referenced, or pinned by an open) first, then the newest ids.
             .filter_map(|(&id, n)| {
                 let recent = !n.cached || n.referenced.load(Ordering::Relaxed);
-                n.handle.as_ref().map(|h| ((recent, id), id, h))
+                n.handle.bytes().map(|h| ((recent, id), id, h))
             })
             .collect();
         live.sort_by_key(|e| std::cmp::Reverse(e.0));
@@ -474,6 +606,7 @@ impl InodeTable {
     /// The inodes the kernel holds references to (live upgrade): id, backing key, file type,
     /// lookup count, file handle; and, for those without a handle, their pinned descriptor.
     pub(crate) fn export_live(&self) -> Vec<LiveNode> {
+        self.settle_all();
         let g = self.read();
         g.nodes
             .iter()
@@ -483,8 +616,8 @@ impl InodeTable {
                 key: n.key,
                 kind: n.kind,
                 lookups: n.lookups.load(Ordering::Relaxed),
-                handle: n.handle.as_ref().map(|h| h.to_vec()),
-                fd: if n.handle.is_none() { n.fd.clone() } else { None },
+                handle: n.handle.bytes().map(|h| h.to_vec()),
+                fd: if n.handle.bytes().is_none() { n.fd.clone() } else { None },
             })
             .collect()
     }
@@ -503,7 +636,7 @@ impl InodeTable {
                 return Err(Errno::EINVAL);
             }
             let handle: Option<Arc<[u8]>> = n.handle.map(Arc::from);
-            g.retired.remove(&n.id);
+            g.unretire(n.id);
             if let Some(h) = &handle {
                 g.retired_by_handle.remove(h);
                 g.by_handle.insert(h.clone(), n.id);
@@ -515,7 +648,7 @@ impl InodeTable {
                 Inode {
                     key: n.key,
                     kind: n.kind,
-                    handle,
+                    handle: Fh::from_computed(handle),
                     lookups: AtomicU64::new(n.lookups),
                     opens: 0,
                     fd: n.fd,
@@ -525,7 +658,7 @@ impl InodeTable {
                     permanent: false,
                 },
             );
-            if g.nodes.get(&n.id).is_some_and(|x| x.fd.is_some() && x.handle.is_some()) {
+            if g.nodes.get(&n.id).is_some_and(|x| x.fd.is_some() && x.handle.bytes().is_some()) {
                 g.make_evictable(n.id, &mut garbage);
             }
         }
@@ -553,7 +686,7 @@ impl InodeTable {
             if *id <= NodeId::ROOT.0 || *id >= state.next_id {
                 continue;
             }
-            g.retire(*id, Arc::from(handle.as_slice()));
+            g.retire(*id, Arc::from(handle.as_slice()), None);
         }
         Ok(())
     }
@@ -582,7 +715,7 @@ impl InodeTable {
     /// Opens node `id` again from its file handle with `flags` (crash failover: the open files
     /// of a dead server). Root credentials.
     pub(crate) fn reopen_handle(&self, id: u64, flags: i32) -> Result<OwnedFd> {
-        let handle = self.read().nodes.get(&id).and_then(|n| n.handle.clone()).ok_or(Errno::ESTALE)?;
+        let handle = self.read().nodes.get(&id).and_then(|n| n.handle.bytes().cloned()).ok_or(Errno::ESTALE)?;
         sys::open_by_handle(self.mount_fd.as_raw_fd(), &handle, flags | libc::O_CLOEXEC)
     }
 
@@ -595,7 +728,7 @@ impl InodeTable {
     }
 
     pub(crate) fn handles_supported(&self) -> bool {
-        self.read().nodes.get(&NodeId::ROOT.0).is_some_and(|n| n.handle.is_some())
+        self.read().nodes.get(&NodeId::ROOT.0).is_some_and(|n| n.handle.bytes().is_some())
     }
 
     /// Backing (st_dev, st_ino) of the root directory.
@@ -663,8 +796,81 @@ impl InodeTable {
     }
 
     /// The node whose backing file handle (complete `struct file_handle` bytes) is `handle`.
+    /// A handle not in the table while nodes of unknown handle exist ([`Fh::Lazy`]) is opened
+    /// (`open_by_handle_at`) and its (st_dev, st_ino) looked up; a node found that way keeps
+    /// the handle, so the next event about it is a map lookup. Off the request path: the
+    /// watch calls this per event it does not skip, and caches answers per batch.
     pub(crate) fn node_by_handle(&self, handle: &[u8]) -> Option<u64> {
-        self.read().by_handle.get(handle).copied()
+        {
+            let g = self.read();
+            if let Some(&id) = g.by_handle.get(handle) {
+                return Some(id);
+            }
+            if g.lazy == 0 {
+                return None;
+            }
+        }
+        let fd =
+            sys::open_by_handle(self.mount_fd.as_raw_fd(), handle, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .ok()?;
+        let st = sys::fstat(fd.as_raw_fd()).ok()?;
+        let id = {
+            let g = self.read();
+            let id = *g.by_key.get(&(st.st_dev, st.st_ino))?;
+            let node = g.nodes.get(&id)?;
+            // Only a node whose descriptor is open: it holds its inode, so (dev, ino) names that
+            // same inode (a node known by handle alone may be a gone inode whose number was
+            // reused). One known under other handle bytes (another handle type) is it too.
+            node.fd.as_ref()?;
+            if node.handle != Fh::Lazy {
+                return Some(id);
+            }
+            id
+        };
+        self.write().set_handle(id, Fh::Some(Arc::from(handle)));
+        Some(id)
+    }
+
+    /// Node `id`'s file handle (computed now if it was not yet) and backing (st_dev, st_ino);
+    /// `None` for a node without a handle.
+    pub(crate) fn handle_and_key(&self, id: u64) -> Option<(Arc<[u8]>, BackingKey)> {
+        let fd = {
+            let g = self.read();
+            let node = g.nodes.get(&id)?;
+            match &node.handle {
+                Fh::Some(h) => return Some((h.clone(), node.key)),
+                Fh::None => return None,
+                Fh::Lazy => node.fd.clone()?,
+            }
+        };
+        let fh = Fh::from_computed(sys::name_to_handle(fd.as_raw_fd()).ok());
+        let mut g = self.write();
+        g.set_handle(id, fh);
+        let node = g.nodes.get(&id)?;
+        Some((node.handle.bytes()?.clone(), node.key))
+    }
+
+    /// Computes the handles still [`Fh::Lazy`] (before an export), outside the lock.
+    fn settle_all(&self) {
+        let todo: Vec<(u64, InodeFd)> = {
+            let g = self.read();
+            if g.lazy == 0 {
+                return;
+            }
+            g.nodes
+                .iter()
+                .filter(|(_, n)| n.handle == Fh::Lazy)
+                .filter_map(|(&id, n)| Some((id, n.fd.clone()?)))
+                .collect()
+        };
+        let computed: Vec<(u64, Fh)> = todo
+            .into_iter()
+            .map(|(id, fd)| (id, Fh::from_computed(sys::name_to_handle(fd.as_raw_fd()).ok())))
+            .collect();
+        let mut g = self.write();
+        for (id, fh) in computed {
+            g.set_handle(id, fh);
+        }
     }
 
     /// Number of inodes in the table (the root included).
@@ -676,6 +882,12 @@ impl InodeTable {
     #[cfg(test)]
     pub(crate) fn cached_fds(&self) -> usize {
         self.read().cached
+    }
+
+    /// Number of nodes whose file handle is not computed yet.
+    #[cfg(test)]
+    pub(crate) fn lazy_handles(&self) -> usize {
+        self.read().lazy
     }
 
     /// Lookup count of a node (0 if unknown).
@@ -696,7 +908,7 @@ impl InodeTable {
                 node.touch();
                 return Ok((fd.clone(), kind));
             }
-            (node.handle.clone().ok_or(Errno::ESTALE)?, kind)
+            (node.handle.bytes().cloned().ok_or(Errno::ESTALE)?, kind)
         };
         let fd = Arc::new(sys::open_by_handle(
             self.mount_fd.as_raw_fd(),
@@ -757,6 +969,8 @@ impl InodeTable {
         let kind = st.st_mode & libc::S_IFMT;
         // Outer None: not computed yet; inner None: no usable handle (pin the fd).
         let mut handle: Option<Option<Arc<[u8]>>> = None;
+        // The inode can have a handle that reopens it.
+        let candidate = reopenable && self.reopen_by_handle && st.st_dev == self.root_dev;
         {
             // A known inode whose descriptor is at hand (a LOOKUP hit): the shared lock will do.
             let g = self.read();
@@ -794,7 +1008,7 @@ impl InodeTable {
                     match &handle {
                         None => {}
                         Some(h) => {
-                            if h.is_some() && *h == node.handle {
+                            if h.is_some() && h.as_ref() == node.handle.bytes() {
                                 node.lookups.fetch_add(1, Ordering::Relaxed);
                                 node.fd = Some(fd.clone());
                                 g.make_evictable(id, &mut garbage);
@@ -808,17 +1022,29 @@ impl InodeTable {
                         }
                     }
                 }
-                if let Some(h) = &handle {
-                    if need_handle && h.is_none() {
+                // The handle of a new node: computed only where it is needed now (a node that
+                // may be a retired inode found again, or one that replaces the open file's
+                // descriptor at once); otherwise from its descriptor when first needed.
+                let fh = match &handle {
+                    Some(h) => Some(Fh::from_computed(h.clone())),
+                    None if !candidate => Some(Fh::None),
+                    None if need_handle || g.unkeyed > 0 || g.retired_by_key.contains_key(&key) => None,
+                    None => Some(Fh::Lazy),
+                };
+                if let Some(fh) = fh {
+                    if need_handle && fh == Fh::None {
                         return Ok(None);
                     }
-                    let id = g.take_id(h.as_ref());
+                    let id = g.take_id(fh.bytes());
+                    if fh == Fh::Lazy {
+                        g.lazy += 1;
+                    }
                     g.nodes.insert(
                         id,
                         Inode {
                             key,
                             kind,
-                            handle: h.clone(),
+                            handle: fh.clone(),
                             lookups: AtomicU64::new(1),
                             opens: 0,
                             fd: Some(fd.clone()),
@@ -829,11 +1055,15 @@ impl InodeTable {
                         },
                     );
                     g.by_key.insert(key, id);
-                    if let Some(h) = h {
-                        g.by_handle.insert(h.clone(), id);
+                    if let Fh::Some(h) = fh {
+                        g.by_handle.insert(h, id);
                     }
-                    // Under the lock, so that the journal sees a node's life in order.
+                    // Under the lock, so that the journal sees a node's life in order. A node
+                    // the journal names needs its handle now (a server after a crash reopens
+                    // it from there).
                     if let Some(j) = self.journal.get() {
+                        g.settle_handle(id);
+                        let h = g.nodes.get(&id).and_then(|n| n.handle.bytes().cloned());
                         j.node(id, key, kind, h.as_deref());
                     }
                     g.make_evictable(id, &mut garbage);
@@ -848,11 +1078,7 @@ impl InodeTable {
                 }
             }
             // Compute the handle without holding the lock, then re-check.
-            handle = Some(if reopenable && self.reopen_by_handle && st.st_dev == self.root_dev {
-                sys::name_to_handle(fd.as_raw_fd()).ok()
-            } else {
-                None
-            });
+            handle = Some(if candidate { sys::name_to_handle(fd.as_raw_fd()).ok() } else { None });
         }
     }
 
@@ -908,11 +1134,16 @@ impl InodeTable {
         {
             let mut g = self.write();
             g.unlist(id);
+            // The first open of a node of lazy handle computes it: the open descriptor can
+            // then stand for the node's own (one descriptor per open file), and be dropped at
+            // the release.
+            let first = g.nodes.get(&id).is_some_and(|n| n.opens == 0 && !n.permanent);
+            let shares = first && g.settle_handle(id);
             let inner = &mut *g;
             if let Some(node) = inner.nodes.get_mut(&id) {
                 node.opens += 1;
                 inner.open_handles += 1;
-                if node.opens == 1 && node.handle.is_some() && !node.permanent {
+                if shares {
                     if let Some(old) = node.fd.replace(file.clone()) {
                         garbage.push(old);
                     }
@@ -942,7 +1173,7 @@ impl InodeTable {
             if node.opens > 0 {
                 return;
             }
-            if node.handle.is_some() && !node.permanent {
+            if node.handle.bytes().is_some() && !node.permanent {
                 // Possibly an open file's descriptor (see `pin_open`): let it close with its
                 // handle; the inode is reopened by handle when needed.
                 if let Some(fd) = node.fd.take() {

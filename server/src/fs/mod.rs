@@ -3,7 +3,8 @@
 //! # Design
 //! - **Inodes** ([`inode`]): backing (st_dev, st_ino) → node id (counter from 2, never reused
 //!   for another inode; `generation` is a keyed hash of the id), with lookup counts and a
-//!   `name_to_handle_at` file handle. Forgotten inodes stay resolvable by node id for file
+//!   `name_to_handle_at` file handle, computed lazily (at eviction, retirement, first open,
+//!   export). Forgotten inodes stay resolvable by node id for file
 //!   handles (`lookup_node`, `lookup_parent`; [`handle_state`] carries them to the next server).
 //!   O_PATH descriptors live in a bounded cache (`max_cached_fds`, CLOCK eviction) and are reopened with
 //!   `open_by_handle_at` on a miss; inodes without a usable handle (O_TMPFILE, no handle
@@ -736,7 +737,7 @@ impl PassthroughFs {
             && ctx.uid != 0
             && sys::fstat(file.as_raw_fd()).map(|st| suidgid_to_kill(ctx, st.st_mode, st.st_gid) != 0).unwrap_or(true);
         let excluded = !self.cfg.passthrough_exclude.is_empty() && self.excluded(file.as_raw_fd());
-        let id = self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded, || self.on_writes_mount(file));
+        let id = self.passthrough.open(node, file.as_raw_fd(), setid_risk, excluded, || self.on_writes_mount(node));
         if id > 0 && setid_risk {
             // The inode was already open through passthrough (its first open decides, and the
             // kernel allows no mixing), so this writer's writes will keep the bits: clear them
@@ -754,21 +755,22 @@ impl PassthroughFs {
     /// ignores. None (register `file` itself) for files of other file systems (below the
     /// backing directory on other mounts) or without file handles, or when the private root is
     /// the writes mount already.
-    fn on_writes_mount(&self, file: &OwnedFd) -> Option<OwnedFd> {
+    ///
+    /// `node` is the file's node: its backing key and file handle (the inode table's, computed
+    /// once per node) name the inode, so no `fstat` and `name_to_handle_at` of the file itself.
+    fn on_writes_mount(&self, node: u64) -> Option<OwnedFd> {
         let (mount, dev) = self.writes_mount.as_ref()?;
         if self.cfg.noatime || self.cfg.strictatime || self.cfg.nodiratime {
             // The private root is the writes mount: `file` is on it already (or there is none).
             return None;
         }
-        let st = sys::fstat(file.as_raw_fd()).ok()?;
-        if st.st_dev != *dev {
+        let (handle, key) = self.inodes.handle_and_key(node)?;
+        if key.0 != *dev {
             return None;
         }
-        let handle = sys::name_to_handle(file.as_raw_fd()).ok()?;
-        let again = sys::open_by_handle(mount.as_raw_fd(), &handle, libc::O_RDONLY | libc::O_CLOEXEC).ok()?;
-        // The same inode (a handle decodes against the mount's file system only).
-        let st2 = sys::fstat(again.as_raw_fd()).ok()?;
-        (st2.st_dev == st.st_dev && st2.st_ino == st.st_ino).then_some(again)
+        // Same device, so the same file system: the handle decodes to the node's own inode
+        // (or fails, ESTALE, if it is gone), with no fstat to check.
+        sys::open_by_handle(mount.as_raw_fd(), &handle, libc::O_RDONLY | libc::O_CLOEXEC).ok()
     }
 
     /// Clears on the open file `fd` the set-id bits that a change by `ctx` clears natively

@@ -553,6 +553,59 @@ fn fd_count_bounded() {
     assert!(open_fds() < before + 200);
 }
 
+/// A cold LOOKUP computes no file handle; whatever needs one gets it: the watch (resolving a
+/// handle it has not seen by opening it), eviction (the node reopens by handle), retirement
+/// (the inode found again after its forget keeps its node id) and the export of the table.
+#[test]
+fn file_handles_are_computed_when_needed() {
+    let (dir, fs) = setup_with(|c| c.max_cached_fds = 4);
+    let p = dir.path();
+    for i in 0..3 {
+        std::fs::write(p.join(format!("h{i}")), b"").unwrap();
+    }
+    let lazy_before = fs.inodes.lazy_handles();
+    let ids: Vec<NodeId> = (0..3).map(|i| node(&fs, NodeId::ROOT, &format!("h{i}"))).collect();
+    assert_eq!(fs.inodes.lazy_handles(), lazy_before + 3, "a cold LOOKUP computed a file handle");
+
+    // The watch's view: the backing file's own handle names the node (resolved once, then kept).
+    let f0 = std::fs::File::open(p.join("h0")).unwrap();
+    let h0 = sys::name_to_handle(std::os::fd::AsRawFd::as_raw_fd(&f0)).unwrap();
+    assert_eq!(fs.inodes.node_by_handle(&h0), Some(ids[0].0));
+    assert_eq!(fs.inodes.lazy_handles(), lazy_before + 2);
+    assert_eq!(fs.inodes.node_by_handle(&h0), Some(ids[0].0));
+    // A handle of a file the kernel does not know names no node.
+    std::fs::write(p.join("unknown"), b"").unwrap();
+    let fu = std::fs::File::open(p.join("unknown")).unwrap();
+    assert_eq!(fs.inodes.node_by_handle(&sys::name_to_handle(std::os::fd::AsRawFd::as_raw_fd(&fu)).unwrap()), None);
+
+    // Eviction: more nodes than the cache holds; the first ones reopen by handle.
+    for i in 0..20 {
+        std::fs::write(p.join(format!("e{i}")), b"").unwrap();
+        node(&fs, NodeId::ROOT, &format!("e{i}"));
+    }
+    assert!(fs.inodes.cached_fds() <= 4);
+    for (i, id) in ids.iter().enumerate() {
+        let a = block_on(fs.getattr(&ROOT, *id, None)).unwrap();
+        assert_eq!(a.attr.ino, std::fs::metadata(p.join(format!("h{i}"))).unwrap().ino());
+    }
+
+    // Retirement: forgotten, then found again under the same node id.
+    std::fs::write(p.join("r"), b"").unwrap();
+    let r = node(&fs, NodeId::ROOT, "r");
+    fs.forget(r, 1);
+    assert_eq!(node(&fs, NodeId::ROOT, "r"), r);
+
+    // Export: every live node has its handle (lazy ones computed now).
+    std::fs::write(p.join("x"), b"").unwrap();
+    let x = node(&fs, NodeId::ROOT, "x");
+    assert!(fs.inodes.lazy_handles() > 0);
+    let state = fs.inodes.export();
+    assert_eq!(fs.inodes.lazy_handles(), 0);
+    assert!(state.nodes.iter().any(|(id, h)| *id == ids[0].0 && h[..] == h0[..]));
+    assert!(state.nodes.iter().any(|(id, _)| *id == r.0));
+    assert!(state.nodes.iter().any(|(id, _)| *id == x.0));
+}
+
 #[test]
 fn open_unlinked_and_tmpfile_stay_pinned() {
     let (dir, fs) = setup_with(|c| c.max_cached_fds = 2);
@@ -1034,8 +1087,10 @@ fn metadata_ops_do_not_allocate_per_request() {
     assert_eq!(unlink, 0.0, "{report}");
     // A readdirplus reply is one request for many entries; its lookups hit known nodes.
     assert_eq!(readdirplus, 0.0, "{report}");
-    // An open needs its handle (and the descriptor's shared owner).
-    assert!(open_release <= 2.0, "{report}");
+    // An open needs its handle (and the descriptor's shared owner); the first open of a node
+    // a cold LOOKUP made also computes its file handle (one allocation, once per node: each
+    // call here opens another node; and the handle map's growth now and then).
+    assert!(open_release < 3.1, "{report}");
     // A new node: its file handle (one allocation, shared by the table's two keys); the open's
     // two; the created file is the node's descriptor (no O_PATH one of its own, so no shared
     // owner of one); now and then a map's growth.
@@ -1152,8 +1207,9 @@ fn requests_through_the_dispatcher_do_not_allocate() {
     // then a handle-table shard's growth (this test holds all its opens before releasing).
     assert!(create < 4.0, "{report}");
     assert!(last_forget <= 1.0, "{report}");
-    // The new node's shared descriptor owner and file handle; now and then a map's growth.
-    assert!(cold_lookup < 2.5, "{report}");
+    // The new node's shared descriptor owner (its file handle waits until it is needed); now
+    // and then a map's growth.
+    assert!(cold_lookup < 1.5, "{report}");
     let _ = cold_ids;
 }
 

@@ -238,6 +238,7 @@ pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelC
     let own_pid = std::process::id() as i32;
     let mut buf = vec![0u64; 8192];
     let mut pending: HashSet<Inval> = HashSet::new();
+    let mut nodes = NodeCache::default();
     loop {
         // Sleep until the first event, then let the coalescing window fill before reading: a
         // storm of changes (the server's own, above all) costs one wake-up per window instead
@@ -254,14 +255,22 @@ pub(crate) fn run(watch: Watch, inodes: Arc<InodeTable>, kernel: Arc<dyn KernelC
                 Ok(n) if n > 0 => n,
                 _ => break,
             };
-            parse_events(&bytes[..n], own_pid, &inodes, &mut pending);
+            parse_events(&bytes[..n], own_pid, &mut nodes, &inodes, &mut pending);
             if n < bytes.len() / 2 {
                 break;
             }
         }
         flush(&mut pending, kernel.as_ref());
+        nodes.clear();
     }
 }
+
+/// The nodes of the file handles met in one batch of events: a handle the inode table does
+/// not know costs an `open_by_handle_at` and an `fstat` to resolve
+/// ([`InodeTable::node_by_handle`]), so a storm of events about one object the kernel does not
+/// know (another process writing a file never looked up through the mount) resolves it once per
+/// batch, not per event.
+type NodeCache = HashMap<Box<[u8]>, Option<u64>>;
 
 /// Hands the pending invalidations to the kernel channel (its notifier thread writes them).
 pub(crate) fn flush(pending: &mut HashSet<Inval>, kernel: &dyn KernelChannel) {
@@ -278,7 +287,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Walks a buffer of `fanotify_event_metadata` records with their info records.
-fn parse_events(buf: &[u8], own_pid: i32, inodes: &InodeTable, out: &mut HashSet<Inval>) {
+fn parse_events(buf: &[u8], own_pid: i32, nodes: &mut NodeCache, inodes: &InodeTable, out: &mut HashSet<Inval>) {
     let mut pos = 0usize;
     // struct fanotify_event_metadata { u32 event_len; u8 vers; u8 reserved; u16 metadata_len;
     //   u64 mask; i32 fd; i32 pid; }
@@ -295,13 +304,13 @@ fn parse_events(buf: &[u8], own_pid: i32, inodes: &InodeTable, out: &mut HashSet
             log::warn!("backing-directory watch lost events (queue overflow); caches may be stale until they expire");
         }
         if pid != own_pid {
-            handle_event(&ev[meta_len..event_len], mask, inodes, out);
+            handle_event(&ev[meta_len..event_len], mask, nodes, inodes, out);
         }
         pos += event_len;
     }
 }
 
-fn handle_event(mut info: &[u8], mask: u64, inodes: &InodeTable, out: &mut HashSet<Inval>) {
+fn handle_event(mut info: &[u8], mask: u64, nodes: &mut NodeCache, inodes: &InodeTable, out: &mut HashSet<Inval>) {
     let names_change = mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
     let data_change = mask & FAN_MODIFY != 0;
     // struct fanotify_event_info_header { u8 info_type; u8 pad; u16 len; } then
@@ -318,7 +327,15 @@ fn handle_event(mut info: &[u8], mask: u64, inodes: &InodeTable, out: &mut HashS
             let handle_bytes = u32_at(fh, 0) as usize;
             let handle_len = 8 + handle_bytes;
             if handle_len <= fh.len() {
-                let node = inodes.node_by_handle(&fh[..handle_len]);
+                let handle = &fh[..handle_len];
+                let node = match nodes.get(handle) {
+                    Some(&node) => node,
+                    None => {
+                        let node = inodes.node_by_handle(handle);
+                        nodes.insert(handle.into(), node);
+                        node
+                    }
+                };
                 match (kind, node) {
                     (INFO_DFID_NAME, Some(parent)) if names_change => {
                         let rest = &fh[handle_len..];
