@@ -408,70 +408,16 @@ fn fio_verify_through_upgrades() {
     for passthrough in ["passthrough=true", "passthrough=false"] {
         let m = Mount::start(&["transport=dev-fuse", passthrough]);
         let mut cur = Current { pid: m.pid(), m: &m };
-        let stop = Arc::new(AtomicBool::new(false));
-        let runs = Arc::new(AtomicU64::new(0));
-        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
-        let fio = {
-            let (dir, stop, runs, failures) = (m.path(""), stop.clone(), runs.clone(), failures.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let (rw, bs, direct) = if n % 2 == 0 { ("randwrite", "4k", 0) } else { ("write", "128k", 1) };
-                    let out = Command::new("fio")
-                        .arg("--name=upg")
-                        .arg(format!("--directory={}", dir.display()))
-                        .arg(format!("--rw={rw}"))
-                        .arg(format!("--bs={bs}"))
-                        .arg(format!("--direct={direct}"))
-                        .args(["--size=8M", "--numjobs=2", "--ioengine=psync", "--verify=crc32c", "--do_verify=1"])
-                        .args(["--verify_fatal=1", "--verify_state_save=0", "--group_reporting=1"])
-                        .args(["--output-format=terse", "--terse-version=3"])
-                        .output();
-                    match out {
-                        Ok(o) => {
-                            let text = String::from_utf8_lossy(&o.stdout).to_string();
-                            let line = text.lines().find(|l| l.starts_with("3;")).unwrap_or("");
-                            let error = line.split(';').nth(4).unwrap_or("?");
-                            if !o.status.success() || error != "0" {
-                                failures.lock().unwrap().push(format!(
-                                    "fio {rw} {bs} direct={direct}: {} error={error}\n{}{}",
-                                    o.status,
-                                    text,
-                                    String::from_utf8_lossy(&o.stderr)
-                                ));
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            failures.lock().unwrap().push(format!("fio: {e}"));
-                            return;
-                        }
-                    }
-                    n += 1;
-                    runs.store(n, Ordering::Relaxed);
-                }
-            })
-        };
+        let fio = FioLoop::start(m.path(""), "upg");
         for round in 0..5 {
             // Each upgrade lands in the middle of a run (one started since the last upgrade).
-            let seen = runs.load(Ordering::Relaxed);
-            assert!(
-                wait_until(Duration::from_secs(120), || runs.load(Ordering::Relaxed) > seen
-                    || !failures.lock().unwrap().is_empty()),
-                "fio made no progress"
-            );
+            fio.wait_for_a_run();
             let (pid, _) = upgrade(&m, None, false).unwrap_or_else(|e| panic!("upgrade {round}: {e}\n{}", m.log()));
             cur.pid = pid;
         }
-        let seen = runs.load(Ordering::Relaxed);
-        wait_until(Duration::from_secs(120), || {
-            runs.load(Ordering::Relaxed) > seen || !failures.lock().unwrap().is_empty()
-        });
-        stop.store(true, Ordering::Relaxed);
-        fio.join().expect("fio thread");
-        let failures = failures.lock().unwrap().clone();
+        let (runs, failures) = fio.finish();
         assert!(failures.is_empty(), "{passthrough}: {failures:?}\nserver log:\n{}", m.log());
-        assert!(runs.load(Ordering::Relaxed) >= 6, "fio ran {} times", runs.load(Ordering::Relaxed));
+        assert!(runs >= 6, "fio ran {runs} times");
         drop(cur);
     }
 }

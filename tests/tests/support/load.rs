@@ -180,3 +180,85 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
+
+/// fio runs back to back in `dir` while a server changes under them: 4 KiB buffered random
+/// writes and 128 KiB O_DIRECT writes in turn, two jobs each, every block verified
+/// (`--verify=crc32c --verify_fatal=1`). A run that fails, or reports an error, stops the loop
+/// and is kept for [`FioLoop::finish`].
+pub struct FioLoop {
+    stop: Arc<AtomicBool>,
+    runs: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FioLoop {
+    /// Starts the loop; `name` is fio's job name (its files are `name.N.0`).
+    pub fn start(dir: PathBuf, name: &str) -> FioLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let runs = Arc::new(AtomicU64::new(0));
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (s, r, f, name) = (stop.clone(), runs.clone(), failures.clone(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let (rw, bs, direct) = if n % 2 == 0 { ("randwrite", "4k", 0) } else { ("write", "128k", 1) };
+                let out = std::process::Command::new("fio")
+                    .arg(format!("--name={name}"))
+                    .arg(format!("--directory={}", dir.display()))
+                    .arg(format!("--rw={rw}"))
+                    .arg(format!("--bs={bs}"))
+                    .arg(format!("--direct={direct}"))
+                    .args(["--size=8M", "--numjobs=2", "--ioengine=psync", "--verify=crc32c", "--do_verify=1"])
+                    .args(["--verify_fatal=1", "--verify_state_save=0", "--group_reporting=1"])
+                    .args(["--output-format=terse", "--terse-version=3"])
+                    .output();
+                let failure = match out {
+                    Ok(o) => {
+                        let text = String::from_utf8_lossy(&o.stdout).to_string();
+                        let line = text.lines().find(|l| l.starts_with("3;")).unwrap_or("");
+                        let error = line.split(';').nth(4).unwrap_or("?");
+                        (!o.status.success() || error != "0").then(|| {
+                            format!(
+                                "fio {rw} {bs} direct={direct}: {} error={error}\n{text}{}",
+                                o.status,
+                                String::from_utf8_lossy(&o.stderr)
+                            )
+                        })
+                    }
+                    Err(e) => Some(format!("fio: {e}")),
+                };
+                if let Some(failure) = failure {
+                    f.lock().unwrap().push(failure);
+                    return;
+                }
+                n += 1;
+                r.store(n, Ordering::Relaxed);
+            }
+        });
+        FioLoop { stop, runs, failures, thread }
+    }
+
+    /// Waits (at most 120 s) until a run has ended since the call, or one has failed; panics when
+    /// fio made no progress at all.
+    pub fn wait_for_a_run(&self) {
+        let seen = self.runs.load(Ordering::Relaxed);
+        assert!(
+            tests::wait_until(Duration::from_secs(120), || self.runs.load(Ordering::Relaxed) > seen
+                || !self.failures.lock().unwrap().is_empty()),
+            "fio made no progress"
+        );
+    }
+
+    /// Lets one more run end, stops the loop and returns the runs that ended and the failures.
+    pub fn finish(self) -> (u64, Vec<String>) {
+        let seen = self.runs.load(Ordering::Relaxed);
+        tests::wait_until(Duration::from_secs(120), || {
+            self.runs.load(Ordering::Relaxed) > seen || !self.failures.lock().unwrap().is_empty()
+        });
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("fio thread");
+        let failures = self.failures.lock().unwrap().clone();
+        (self.runs.load(Ordering::Relaxed), failures)
+    }
+}
