@@ -7,6 +7,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod executor;
+pub mod fdpass;
 pub mod io;
 pub mod mount;
 pub mod notify;
