@@ -282,6 +282,16 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
     session_cfg.workers = worker_count(cfg.transport.workers);
     session_cfg.init = init;
     session_cfg.transport = match cfg.transport.mode {
+        // Crash failover needs requests the kernel can resend to the next server: only the
+        // classic channel's are (FUSE_NOTIFY_RESEND walks no ring). Asked for, it picks the
+        // channel when the configuration leaves the choice to ringfs.
+        ringfs_config::TransportMode::Auto if cfg.failover => {
+            log::info!(
+                "transport: the classic /dev/fuse channel, for crash failover (failover = on; the kernel cannot \
+                 resend FUSE over io_uring requests)"
+            );
+            TransportMode::DevFuse
+        }
         ringfs_config::TransportMode::Auto => TransportMode::Auto,
         ringfs_config::TransportMode::Uring => TransportMode::Uring,
         ringfs_config::TransportMode::DevFuse => TransportMode::DevFuse,

@@ -320,3 +320,26 @@ fn failover_on_io_uring_is_unavailable_and_detaches() {
     m.kill9();
     assert!(wait_until(Duration::from_secs(5), || !m.is_mounted()), "not detached after SIGKILL:\n{}", m.log());
 }
+
+/// `failover=on` with the transport left to ringfs (`auto`) picks the classic channel, so that
+/// failover is on (not unavailable because `auto` chose io_uring), and a SIGKILL fails over.
+#[test]
+fn failover_on_picks_the_classic_channel() {
+    let test = "failover_on_picks_the_classic_channel";
+    if !require(test) {
+        return;
+    }
+    let m = Mount::start(&["transport=auto", "failover=on"]);
+    let mut cur = Served { m: &m, pid: m.pid() };
+    assert!(wait_until(Duration::from_secs(10), || m.log().contains("crash failover: on")), "{}", m.log());
+    assert!(m.log().contains("the classic /dev/fuse channel, for crash failover"), "{}", m.log());
+    std::fs::write(m.path("kept"), b"before").unwrap();
+    let held = std::fs::File::open(m.path("kept")).unwrap();
+    cur.kill_and_wait(0);
+    assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"before");
+    let mut back = String::new();
+    std::io::Read::read_to_string(&mut &held, &mut back).unwrap();
+    assert_eq!(back, "before", "the descriptor held across the failover reads on");
+    drop(held);
+    drop(cur);
+}
