@@ -71,7 +71,9 @@ ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
 uticks() { awk '{print $14}' "/proc/$SPID/stat"; }
 runns() { cat /proc/"$SPID"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
 
+qsum() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" 'index($0, m "{") == 1 {s += $2} END {print s + 0}'; }
 r0=$(reqs); t0=$(ticks); u0=$(uticks); n0=$(runns)
+e0=$(qsum ringfs_queue_submits_total); h0=$(qsum ringfs_queue_busy_poll_hits_total)
 [ "${PERF:-0}" = 1 ] && { perf record -q -F 2999 -g -p "$SPID" -o "$OUT/perf-$WL.data" 2>/dev/null & PPID_=$!; sleep 0.3; }
 [ "${SYSCALLS:-0}" = 1 ] && { perf stat -x, -e 'syscalls:sys_enter_*' -p "$SPID" -o "$OUT/syscalls-$WL.raw" 2>/dev/null & SCPID=$!; sleep 0.5; }
 w0=$(date +%s%N)
@@ -101,6 +103,7 @@ fi
 # Let the busy-poll window close before reading the CPU counters.
 sleep 0.3
 r1=$(reqs); t1=$(ticks); u1=$(uticks); n1=$(runns)
+e1=$(qsum ringfs_queue_submits_total); h1=$(qsum ringfs_queue_busy_poll_hits_total)
 hz=$(getconf CLK_TCK)
 lk=$(opreqs lookup); cr=$(opreqs create)
 m=$(curl -s "http://127.0.0.1:$PORT/metrics")
@@ -110,6 +113,8 @@ awk -v wl="$WL" -v n="$N" -v r=$((r1 - r0)) -v t=$((t1 - t0)) -v ns=$((n1 - n0))
     -v lk="${lk:-0}" -v cr="${cr:-0}" -v opts="$OPTS" -v inl="${inl:-0}" -v slow="${slow:-0}" 'BEGIN {
     printf "%s n=%d opts=[%s] requests=%d (LOOKUP %d, CREATE %d) wall=%.3fs  cpu(stat)=%.1fus/req (user %.1f)  cpu(schedstat)=%.1fus/req  wall/req=%.1fus  inline=%d slow=%d\n",
         wl, n, opts, r, lk, cr, w / 1e9, t * 1e6 / hz / r, u * 1e6 / hz / r, ns / 1e3 / r, w / 1e3 / r, inl, slow }'
+awk -v r=$((r1 - r0)) -v e=$((e1 - e0)) -v h=$((h1 - h0)) 'BEGIN {
+    printf "queue rounds (ring waits) per request %.3f, busy-poll hits per request %.3f\n", e / r, h / r }'
 if [ "${SYSCALLS:-0}" = 1 ]; then
     # perf -x, lines: count,unit,event,...; per request, largest first.
     awk -F, -v r=$((r1 - r0)) '$3 ~ /sys_enter_/ && $1 + 0 > 0 { sub("syscalls:sys_enter_", "", $3); t += $1; printf "%.3f %s\n", $1 / r, $3 }
