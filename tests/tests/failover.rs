@@ -340,6 +340,83 @@ fn percentile(v: &mut [u64], p: usize) -> u64 {
     v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1]
 }
 
+/// The process `pid` started for a live upgrade (it carries `RINGFS_TAKEOVER_FD`), if any yet.
+fn upgrade_child(pid: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .find(|c| {
+            std::fs::read(format!("/proc/{c}/environ"))
+                .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v.starts_with(b"RINGFS_TAKEOVER_FD=")))
+        })
+}
+
+/// `ringfs upgrade` with a SIGKILL of the old server as soon as it has started the new one (in
+/// the middle of the hand-over): the new server must give up, the watchdog fail over. Returns
+/// whether the kill landed before the upgrade was done (the upgrade then fails), and the
+/// failover's pause (ms).
+fn kill_during_upgrade(cur: &mut Served, round: usize) -> (bool, f64) {
+    let m = cur.m;
+    let before = cur.failovers_logged();
+    let started = m.log().matches("started pid ").count();
+    let mut cli = Command::new(tests::ringfs_bin())
+        .arg("upgrade")
+        .arg(&m.mountpoint)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ringfs upgrade");
+    let old = cur.pid;
+    let mut child = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // A tight poll: the hand-over takes milliseconds.
+    while child.is_none() && std::time::Instant::now() < deadline {
+        child = upgrade_child(old);
+        if child.is_none() && cli.try_wait().expect("wait for ringfs upgrade").is_some() {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    // SAFETY: kill(2) on the server process.
+    unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+    let out = cli.wait_with_output().expect("ringfs upgrade");
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    let done = out.status.success() && answer.starts_with("ok ");
+    let during = child.is_some() && !done;
+    if let (Some(c), false) = (child, done) {
+        let gone = wait_until(Duration::from_secs(20), || !pid_alive(c));
+        let wchan = std::fs::read_to_string(format!("/proc/{c}/wchan")).unwrap_or_default();
+        // SAFETY: kill(2) on the stray server (not to leave it behind when the test fails).
+        unsafe { libc::kill(c as libc::pid_t, libc::SIGKILL) };
+        assert!(
+            gone,
+            "kill {round}: the new server {c} stays (waiting in {wchan}); upgrade said {answer}{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            m.log()
+        );
+    }
+    if done {
+        // The upgrade was done first: the kill hit its new server's predecessor, already gone;
+        // kill the new one instead, an ordinary failover.
+        let new: u32 = answer.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("new pid");
+        cur.pid = new;
+        return (false, cur.kill_and_wait(round));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || cur.failovers_logged() > before
+            && m.log().matches("started pid ").count() > started),
+        "no server took over after the SIGKILL during upgrade {round}; upgrade said {answer}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+    cur.pid = cur.last_started().expect("the watchdog names the server it started");
+    let log = m.log();
+    let line = log.lines().rev().find(|l| l.contains("failover: serving")).unwrap_or("");
+    let pause = line.split(" again ").nth(1).and_then(|r| r.split(" ms").next()).and_then(|v| v.parse().ok());
+    (during, pause.unwrap_or(-1.0))
+}
+
 /// Upgrades in [`upgrades_and_failovers_combined`], and the SIGKILL after every `KILL_EVERY`-th.
 const COMBINED_UPGRADES: usize = 20;
 const KILL_EVERY: usize = 4;
@@ -352,7 +429,7 @@ const KILL_EVERY: usize = 4;
 /// the backing file, the mount never absent, the held descriptors kept, fio error=0. Prints one
 /// `COMBINED` line per event and the p50/p99 of the longest client stall per upgrade and per
 /// failover (docs/reliability.md).
-fn combined(passthrough: bool) {
+fn combined(passthrough: bool, kill_in_upgrade: bool) {
     let pt = format!("passthrough={passthrough}");
     let m = Mount::start(&["transport=dev-fuse", &pt, "failover=on", "metrics_addr=127.0.0.1:0"]);
     let armed = || m.log().matches("crash failover: on").count();
@@ -400,6 +477,7 @@ fn combined(passthrough: bool) {
     assert!(wait_until(Duration::from_secs(30), || all_advanced(&rep, &before, 5)), "clients did not start");
     assert!(wait_until(Duration::from_secs(10), || held() == files), "the file clients hold {} files", held());
     let (mut upgrade_stalls, mut failover_stalls, baselines) = (Vec::new(), Vec::new(), Mutex::new(Vec::new()));
+    let kills_in_upgrade = Mutex::new(Vec::new());
     // One event: clients busy first (the stretch before is the baseline), then the event, then
     // every client two operations further; returns the longest client operation across it.
     let event = |what: &str, round: usize, cur: &mut Served, stalls: &mut Vec<u64>| {
@@ -426,6 +504,10 @@ fn combined(passthrough: bool) {
                 m.log()
             );
             pause_us
+        } else if what == "kill-in-upgrade" {
+            let (during, pause_ms) = kill_during_upgrade(cur, round);
+            kills_in_upgrade.lock().unwrap().push(during);
+            (pause_ms * 1000.0) as u64
         } else {
             (cur.kill_and_wait(round) * 1000.0) as u64
         };
@@ -451,6 +533,9 @@ fn combined(passthrough: bool) {
         if u % KILL_EVERY == 0 {
             event("failover", u / KILL_EVERY, &mut cur, &mut failover_stalls);
         }
+        if kill_in_upgrade && u == COMBINED_UPGRADES / 2 {
+            event("kill-in-upgrade", 1, &mut cur, &mut failover_stalls);
+        }
     }
     let (runs, fio_failures) = fio.finish();
     stop.store(true, Ordering::Relaxed);
@@ -471,12 +556,13 @@ fn combined(passthrough: bool) {
         }
     }
     let text = scrape(&metrics_addr(&m).expect("metrics address in the log"));
-    let kills = COMBINED_UPGRADES / KILL_EVERY;
     // Upgrades are counted across failovers; the failover counters are not (yet) handed on by
     // an upgrade (its HELLO carries the upgrade counters only), so the last server counts the
     // failovers since the last upgrade: here the one after it.
     let ok = sample(&text, "ringfs_upgrades_total{result=\"ok\"}");
-    assert_eq!(ok, Some(COMBINED_UPGRADES as f64), "metrics:\n{text}");
+    let landed = kills_in_upgrade.into_inner().unwrap().iter().all(|&d| d);
+    // A kill that came too late (the upgrade was done) left one more upgrade done.
+    assert_eq!(ok, Some((COMBINED_UPGRADES + usize::from(!landed)) as f64), "metrics:\n{text}");
     assert!(sample(&text, "ringfs_failovers_total").is_some_and(|n| n >= 1.0), "metrics:\n{text}");
     assert_eq!(sample(&text, "ringfs_failover_lost_handles_total"), Some(0.0), "{text}");
     let ms = |us: u64| us as f64 / 1000.0;
@@ -486,11 +572,12 @@ fn combined(passthrough: bool) {
     let (b50, b99) = (percentile(&mut baselines, 50), percentile(&mut baselines, 99));
     println!(
         "COMBINED SUMMARY passthrough={passthrough} upgrades={} stall_p50_ms={:.1} stall_p99_ms={:.1} \
-         failovers={kills} stall_p50_ms={:.1} stall_p99_ms={:.1} without_event_p50_ms={:.1} p99_ms={:.1} \
-         fio_runs={runs}",
+         failovers={} stall_p50_ms={:.1} stall_p99_ms={:.1} without_event_p50_ms={:.1} p99_ms={:.1} \
+         fio_runs={runs} kill_landed_in_upgrade={landed}",
         upgrade_stalls.len(),
         ms(u50),
         ms(u99),
+        failover_stalls.len(),
         ms(f50),
         ms(f99),
         ms(b50),
@@ -511,6 +598,26 @@ fn upgrades_and_failovers_combined() {
         return;
     }
     for passthrough in [true, false] {
-        combined(passthrough);
+        combined(passthrough, false);
+    }
+}
+
+/// [`upgrades_and_failovers_combined`] plus one SIGKILL of the old server in the middle of an
+/// upgrade (as soon as it has started the new server): the watchdog fails over and the clients
+/// go on, but the half-started new server never gives up: it waits in `recvmsg` with no
+/// deadline for ever (seen on every run, docs/reliability.md). Ignored until that is fixed.
+#[test]
+#[ignore = "a server started for an upgrade whose predecessor is killed hangs for ever (docs/reliability.md)"]
+fn upgrades_and_failovers_combined_with_a_kill_during_an_upgrade() {
+    let test = "upgrades_and_failovers_combined_with_a_kill_during_an_upgrade";
+    if !require(test) {
+        return;
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        tests::skip(test, "fio is not installed");
+        return;
+    }
+    for passthrough in [true, false] {
+        combined(passthrough, true);
     }
 }
