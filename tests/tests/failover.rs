@@ -342,4 +342,303 @@ fn failover_on_picks_the_classic_channel() {
     assert_eq!(back, "before", "the descriptor held across the failover reads on");
     drop(held);
     drop(cur);
+/// `ringfs upgrade MOUNTPOINT`: the new server's pid and the pause (µs) the old one measured.
+fn upgrade(m: &Mount) -> Result<(u32, u64), String> {
+    let out = Command::new(tests::ringfs_bin()).arg("upgrade").arg(&m.mountpoint).output().expect("ringfs upgrade");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    match (out.status.success(), stdout.split_whitespace().collect::<Vec<_>>().as_slice()) {
+        (true, ["ok", pid, pause]) => Ok((pid.parse().expect("pid"), pause.parse().expect("pause"))),
+        _ => Err(format!("{}: {stdout}{}", out.status, String::from_utf8_lossy(&out.stderr))),
+    }
+}
+
+/// Nearest-rank percentile `p` (0-100) of `v` (sorted here).
+fn percentile(v: &mut [u64], p: usize) -> u64 {
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1]
+}
+
+/// The process `pid` started for a live upgrade (it carries `RINGFS_TAKEOVER_FD`), if any yet.
+fn upgrade_child(pid: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .find(|c| {
+            std::fs::read(format!("/proc/{c}/environ"))
+                .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v.starts_with(b"RINGFS_TAKEOVER_FD=")))
+        })
+}
+
+/// `ringfs upgrade` with a SIGKILL of the old server as soon as it has started the new one (in
+/// the middle of the hand-over): the new server must give up, the watchdog fail over. Returns
+/// whether the kill landed before the upgrade was done (the upgrade then fails), and the
+/// failover's pause (ms).
+fn kill_during_upgrade(cur: &mut Served, round: usize) -> (bool, f64) {
+    let m = cur.m;
+    let before = cur.failovers_logged();
+    let started = m.log().matches("started pid ").count();
+    let mut cli = Command::new(tests::ringfs_bin())
+        .arg("upgrade")
+        .arg(&m.mountpoint)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ringfs upgrade");
+    let old = cur.pid;
+    let mut child = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // A tight poll: the hand-over takes milliseconds.
+    while child.is_none() && std::time::Instant::now() < deadline {
+        child = upgrade_child(old);
+        if child.is_none() && cli.try_wait().expect("wait for ringfs upgrade").is_some() {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    // SAFETY: kill(2) on the server process.
+    unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+    let out = cli.wait_with_output().expect("ringfs upgrade");
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    let done = out.status.success() && answer.starts_with("ok ");
+    let during = child.is_some() && !done;
+    if let (Some(c), false) = (child, done) {
+        let gone = wait_until(Duration::from_secs(20), || !pid_alive(c));
+        let wchan = std::fs::read_to_string(format!("/proc/{c}/wchan")).unwrap_or_default();
+        // SAFETY: kill(2) on the stray server (not to leave it behind when the test fails).
+        unsafe { libc::kill(c as libc::pid_t, libc::SIGKILL) };
+        assert!(
+            gone,
+            "kill {round}: the new server {c} stays (waiting in {wchan}); upgrade said {answer}{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            m.log()
+        );
+    }
+    if done {
+        // The upgrade was done first: the kill hit its new server's predecessor, already gone;
+        // kill the new one instead, an ordinary failover.
+        let new: u32 = answer.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("new pid");
+        cur.pid = new;
+        return (false, cur.kill_and_wait(round));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || cur.failovers_logged() > before
+            && m.log().matches("started pid ").count() > started),
+        "no server took over after the SIGKILL during upgrade {round}; upgrade said {answer}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+    cur.pid = cur.last_started().expect("the watchdog names the server it started");
+    let log = m.log();
+    let line = log.lines().rev().find(|l| l.contains("failover: serving")).unwrap_or("");
+    let pause = line.split(" again ").nth(1).and_then(|r| r.split(" ms").next()).and_then(|v| v.parse().ok());
+    (during, pause.unwrap_or(-1.0))
+}
+
+/// Upgrades in [`upgrades_and_failovers_combined`], and the SIGKILL after every `KILL_EVERY`-th.
+const COMBINED_UPGRADES: usize = 20;
+const KILL_EVERY: usize = 4;
+
+/// Issue 20's reliability test, all at once on one classic-channel mount with `failover=on`:
+/// 3 clients holding files open (pwrite, pread-verify, fsync every 8th), the metadata loop, the
+/// mountinfo watch and fio (`--verify=crc32c --verify_fatal=1`, buffered and O_DIRECT in turn)
+/// run while the server is upgraded 20 times and killed with SIGKILL after every 4th upgrade
+/// (5 failovers). No failed system call, every written block intact through the mount and in
+/// the backing file, the mount never absent, the held descriptors kept, fio error=0. Prints one
+/// `COMBINED` line per event and the p50/p99 of the longest client stall per upgrade and per
+/// failover (docs/reliability.md).
+fn combined(passthrough: bool, kill_in_upgrade: bool) {
+    let pt = format!("passthrough={passthrough}");
+    let m = Mount::start(&["transport=dev-fuse", &pt, "failover=on", "metrics_addr=127.0.0.1:0"]);
+    let armed = || m.log().matches("crash failover: on").count();
+    assert!(wait_until(Duration::from_secs(10), || armed() >= 1), "failover must be on:\n{}", m.log());
+    let mut cur = Served { m: &m, pid: m.pid() };
+    let files = 3;
+    std::fs::create_dir(m.path("meta")).expect("mkdir meta");
+    std::fs::create_dir(m.path("fio")).expect("mkdir fio");
+    let rep = Arc::new(Report {
+        failures: Mutex::new(Vec::new()),
+        ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+        max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..files {
+        let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
+        writers.push(std::thread::spawn(move || file_client(i, p, s, r)));
+    }
+    let meta = {
+        let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
+        std::thread::spawn(move || meta_client(files, d, s, r))
+    };
+    let watch = {
+        let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
+        std::thread::spawn(move || mount_watch(mp, s, r))
+    };
+    let fio = FioLoop::start(m.path("fio"), "comb");
+    // The descriptors the file clients hold (their targets name the mount): none may go.
+    let held = || -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|t| (0..files).any(|i| *t == m.path(format!("f{i}"))))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let ops = |rep: &Report| rep.ops.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>();
+    let all_advanced = |rep: &Report, before: &[u64], by: u64| {
+        rep.ops.iter().zip(before).all(|(o, b)| o.load(Ordering::Relaxed) >= b + by)
+            || !rep.failures.lock().unwrap().is_empty()
+    };
+    let before = ops(&rep);
+    assert!(wait_until(Duration::from_secs(30), || all_advanced(&rep, &before, 5)), "clients did not start");
+    assert!(wait_until(Duration::from_secs(10), || held() == files), "the file clients hold {} files", held());
+    let (mut upgrade_stalls, mut failover_stalls, baselines) = (Vec::new(), Vec::new(), Mutex::new(Vec::new()));
+    let kills_in_upgrade = Mutex::new(Vec::new());
+    // One event: clients busy first (the stretch before is the baseline), then the event, then
+    // every client two operations further; returns the longest client operation across it.
+    let event = |what: &str, round: usize, cur: &mut Served, stalls: &mut Vec<u64>| {
+        for x in &rep.max_us {
+            x.store(0, Ordering::Relaxed);
+        }
+        let before = ops(&rep);
+        assert!(wait_until(Duration::from_secs(30), || all_advanced(&rep, &before, 5)), "clients stalled");
+        let baseline = rep.max_us.iter().map(|x| x.swap(0, Ordering::Relaxed)).max().unwrap_or(0);
+        baselines.lock().unwrap().push(baseline);
+        let old = cur.pid;
+        let pause_us = if what == "upgrade" {
+            let was_armed = armed();
+            let (pid, pause_us) = upgrade(&m).unwrap_or_else(|e| {
+                stop.store(true, Ordering::Relaxed);
+                panic!("upgrade {round} failed: {e}\nserver log:\n{}", m.log())
+            });
+            cur.pid = pid;
+            // The new server arms its own watchdog once its state is in; a SIGKILL before
+            // that would meet the old watchdog standing down.
+            assert!(
+                wait_until(Duration::from_secs(20), || armed() > was_armed),
+                "upgrade {round}: the new server did not arm its watchdog:\n{}",
+                m.log()
+            );
+            pause_us
+        } else if what == "kill-in-upgrade" {
+            let (during, pause_ms) = kill_during_upgrade(cur, round);
+            kills_in_upgrade.lock().unwrap().push(during);
+            (pause_ms * 1000.0) as u64
+        } else {
+            (cur.kill_and_wait(round) * 1000.0) as u64
+        };
+        assert_ne!(cur.pid, old);
+        assert!(wait_until(Duration::from_secs(10), || !pid_alive(old)), "{what} {round}: server {old} still runs");
+        let after = ops(&rep);
+        assert!(
+            wait_until(Duration::from_secs(30), || all_advanced(&rep, &after, 2)),
+            "clients stalled after {what} {round}:\n{}",
+            m.log()
+        );
+        let stall = rep.max_us.iter().map(|x| x.load(Ordering::Relaxed)).max().unwrap_or(0);
+        stalls.push(stall);
+        println!(
+            "COMBINED passthrough={passthrough} {what}={round} pause_us={pause_us} max_stall_us={stall} baseline_us={baseline}"
+        );
+        let failures = rep.failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "client failures after {what} {round}: {failures:?}\nserver log:\n{}", m.log());
+        assert_eq!(held(), files, "{what} {round}: a file client lost its descriptor");
+    };
+    for u in 1..=COMBINED_UPGRADES {
+        event("upgrade", u, &mut cur, &mut upgrade_stalls);
+        if u % KILL_EVERY == 0 {
+            event("failover", u / KILL_EVERY, &mut cur, &mut failover_stalls);
+        }
+        if kill_in_upgrade && u == COMBINED_UPGRADES / 2 {
+            event("kill-in-upgrade", 1, &mut cur, &mut failover_stalls);
+        }
+    }
+    let (runs, fio_failures) = fio.finish();
+    stop.store(true, Ordering::Relaxed);
+    let models: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().expect("client")).collect();
+    meta.join().expect("meta client");
+    watch.join().expect("mount watch");
+    let failures = rep.failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
+    assert!(fio_failures.is_empty(), "{pt}: {fio_failures:?}\nserver log:\n{}", m.log());
+    assert!(runs >= 2, "fio ran {runs} times");
+    for (i, gens) in models.iter().enumerate() {
+        for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
+            let data = std::fs::read(&via).expect("read back");
+            for (blk, &gen) in gens.iter().enumerate().filter(|(_, &g)| g != 0) {
+                let at = blk * BLOCK;
+                assert_eq!(&data[at..at + BLOCK], &block(i, blk as u64, gen)[..], "{}: block {blk}", via.display());
+            }
+        }
+    }
+    let text = scrape(&metrics_addr(&m).expect("metrics address in the log"));
+    // Upgrades are counted across failovers; the failover counters are not (yet) handed on by
+    // an upgrade (its HELLO carries the upgrade counters only), so the last server counts the
+    // failovers since the last upgrade: here the one after it.
+    let ok = sample(&text, "ringfs_upgrades_total{result=\"ok\"}");
+    let landed = kills_in_upgrade.into_inner().unwrap().iter().all(|&d| d);
+    // A kill that came too late (the upgrade was done) left one more upgrade done.
+    assert_eq!(ok, Some((COMBINED_UPGRADES + usize::from(!landed)) as f64), "metrics:\n{text}");
+    assert!(sample(&text, "ringfs_failovers_total").is_some_and(|n| n >= 1.0), "metrics:\n{text}");
+    assert_eq!(sample(&text, "ringfs_failover_lost_handles_total"), Some(0.0), "{text}");
+    let ms = |us: u64| us as f64 / 1000.0;
+    let (u50, u99) = (percentile(&mut upgrade_stalls, 50), percentile(&mut upgrade_stalls, 99));
+    let (f50, f99) = (percentile(&mut failover_stalls, 50), percentile(&mut failover_stalls, 99));
+    let mut baselines = baselines.into_inner().unwrap();
+    let (b50, b99) = (percentile(&mut baselines, 50), percentile(&mut baselines, 99));
+    println!(
+        "COMBINED SUMMARY passthrough={passthrough} upgrades={} stall_p50_ms={:.1} stall_p99_ms={:.1} \
+         failovers={} stall_p50_ms={:.1} stall_p99_ms={:.1} without_event_p50_ms={:.1} p99_ms={:.1} \
+         fio_runs={runs} kill_landed_in_upgrade={landed}",
+        upgrade_stalls.len(),
+        ms(u50),
+        ms(u99),
+        failover_stalls.len(),
+        ms(f50),
+        ms(f99),
+        ms(b50),
+        ms(b99)
+    );
+    drop(cur);
+    assert!(!m.is_mounted(), "the last server did not unmount at SIGTERM");
+}
+
+#[test]
+fn upgrades_and_failovers_combined() {
+    let test = "upgrades_and_failovers_combined";
+    if !require(test) {
+        return;
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        tests::skip(test, "fio is not installed");
+        return;
+    }
+    for passthrough in [true, false] {
+        combined(passthrough, false);
+    }
+}
+
+/// [`upgrades_and_failovers_combined`] plus one SIGKILL of the old server in the middle of an
+/// upgrade (as soon as it has started the new server): the watchdog fails over and the clients
+/// go on, but the half-started new server never gives up: it waits in `recvmsg` with no
+/// deadline for ever (seen on every run, docs/reliability.md). Ignored until that is fixed.
+#[test]
+#[ignore = "a server started for an upgrade whose predecessor is killed hangs for ever (docs/reliability.md)"]
+fn upgrades_and_failovers_combined_with_a_kill_during_an_upgrade() {
+    let test = "upgrades_and_failovers_combined_with_a_kill_during_an_upgrade";
+    if !require(test) {
+        return;
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        tests::skip(test, "fio is not installed");
+        return;
+    }
+    for passthrough in [true, false] {
+        combined(passthrough, true);
+    }
 }
