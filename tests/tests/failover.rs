@@ -342,6 +342,8 @@ fn failover_on_picks_the_classic_channel() {
     assert_eq!(back, "before", "the descriptor held across the failover reads on");
     drop(held);
     drop(cur);
+}
+
 /// `ringfs upgrade MOUNTPOINT`: the new server's pid and the pause (µs) the old one measured.
 fn upgrade(m: &Mount) -> Result<(u32, u64), String> {
     let out = Command::new(tests::ringfs_bin()).arg("upgrade").arg(&m.mountpoint).output().expect("ringfs upgrade");
