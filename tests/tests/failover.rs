@@ -363,16 +363,23 @@ fn percentile(v: &mut [u64], p: usize) -> u64 {
     v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1]
 }
 
-/// The process `pid` started for a live upgrade (it carries `RINGFS_TAKEOVER_FD`), if any yet.
-fn upgrade_child(pid: u32) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+/// The children of process `pid` (all its threads').
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
         .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
-        .find(|c| {
-            std::fs::read(format!("/proc/{c}/environ"))
-                .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v.starts_with(b"RINGFS_TAKEOVER_FD=")))
-        })
+        .collect()
+}
+
+/// The process `pid` started for a live upgrade (it carries `RINGFS_TAKEOVER_FD`), if any yet;
+/// `known` are children it had before (its watchdog, forked from it, shows the same variable
+/// when `pid` was itself started for an upgrade).
+fn upgrade_child(pid: u32, known: &[u32]) -> Option<u32> {
+    children(pid).into_iter().filter(|c| !known.contains(c)).find(|c| {
+        std::fs::read(format!("/proc/{c}/environ"))
+            .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v.starts_with(b"RINGFS_TAKEOVER_FD=")))
+    })
 }
 
 /// `ringfs upgrade` with a SIGKILL of the old server as soon as it has started the new one (in
@@ -383,6 +390,7 @@ fn kill_during_upgrade(cur: &mut Served, round: usize) -> (bool, f64) {
     let m = cur.m;
     let before = cur.failovers_logged();
     let started = m.log().matches("started pid ").count();
+    let known = children(cur.pid);
     let mut cli = Command::new(tests::ringfs_bin())
         .arg("upgrade")
         .arg(&m.mountpoint)
@@ -395,7 +403,7 @@ fn kill_during_upgrade(cur: &mut Served, round: usize) -> (bool, f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     // A tight poll: the hand-over takes milliseconds.
     while child.is_none() && std::time::Instant::now() < deadline {
-        child = upgrade_child(old);
+        child = upgrade_child(old, &known);
         if child.is_none() && cli.try_wait().expect("wait for ringfs upgrade").is_some() {
             break;
         }
@@ -626,11 +634,12 @@ fn upgrades_and_failovers_combined() {
 }
 
 /// [`upgrades_and_failovers_combined`] plus one SIGKILL of the old server in the middle of an
-/// upgrade (as soon as it has started the new server): the watchdog fails over and the clients
-/// go on, but the half-started new server never gives up: it waits in `recvmsg` with no
-/// deadline for ever (seen on every run, docs/reliability.md). Ignored until that is fixed.
+/// upgrade (as soon as it has started the new server): the watchdog fails over, but clients see
+/// errors (an fsync EIO, ENOENT, the mount briefly absent) in every run so far: the kill lands
+/// while the old server drains and hands its state over (docs/reliability.md, "Not safe yet").
+/// Ignored until that is fixed.
 #[test]
-#[ignore = "a server started for an upgrade whose predecessor is killed hangs for ever (docs/reliability.md)"]
+#[ignore = "a SIGKILL inside a live upgrade is not yet safe for clients (docs/reliability.md)"]
 fn upgrades_and_failovers_combined_with_a_kill_during_an_upgrade() {
     let test = "upgrades_and_failovers_combined_with_a_kill_during_an_upgrade";
     if !require(test) {
