@@ -376,8 +376,17 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
         }
     };
     let session = Arc::new(session);
-    if let Err(e) = watchdog.mounted(dev) {
-        log::warn!("watchdog not told about the mount: {e}");
+    // The watchdog guards the mount from the moment it is this server's: a live upgrade's new
+    // server says so once the old one has handed it over (below). Told earlier, its watchdog
+    // would detach a mount the old server (or a failover of it) still serves if this server
+    // died or gave up during the hand-over.
+    let mut watchdog_link = None;
+    if takeover.is_none() {
+        if let Err(e) = watchdog.mounted(dev) {
+            log::warn!("watchdog not told about the mount: {e}");
+        }
+    } else {
+        watchdog_link = Some(watchdog.link().map_err(|e| format!("watchdog: {e}"))?);
     }
     let failover_link = failover_setup(&cfg, &session, &fs, &watchdog, dev);
     if let Some(link) = &failover_link {
@@ -424,6 +433,11 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
                     link.rearm();
                 }
             });
+            if let Some(link) = &watchdog_link {
+                if let Err(e) = link.mounted(dev) {
+                    log::warn!("watchdog not told about the mount: {e}");
+                }
+            }
             log::info!(
                 "took over from the previous server: {} open handles, {} descriptors, {} bytes of state, pause {:.1} ms",
                 fs.open_handles(),

@@ -131,10 +131,7 @@ impl Watchdog {
 
     /// Tells the watchdog which mount to guard.
     pub fn mounted(&mut self, dev: u64) -> io::Result<()> {
-        let mut msg = [0u8; 9];
-        msg[0] = b'M';
-        msg[1..].copy_from_slice(&dev.to_ne_bytes());
-        send(&self.sock, &msg, &[])
+        mounted_msg(&self.sock, dev)
     }
 
     /// A handle for arming failover from another thread.
@@ -153,7 +150,22 @@ impl Watchdog {
     }
 }
 
+/// The `M` message: the mount (by device number) the watchdog guards from now on.
+fn mounted_msg(sock: &OwnedFd, dev: u64) -> io::Result<()> {
+    let mut msg = [0u8; 9];
+    msg[0] = b'M';
+    msg[1..].copy_from_slice(&dev.to_ne_bytes());
+    send(sock, &msg, &[])
+}
+
 impl WatchdogLink {
+    /// Tells the watchdog which mount to guard ([`Watchdog::mounted`] from another thread): a
+    /// server taking a mount over by a live upgrade says so only once the mount is its own, so
+    /// that its watchdog never detaches a mount another server still serves.
+    pub fn mounted(&self, dev: u64) -> io::Result<()> {
+        mounted_msg(&self.sock, dev)
+    }
+
     /// Arms (or re-arms) failover: the watchdog keeps `fds` (duplicates: the caller keeps its
     /// own) and `state`, replacing what it held, and hands both to the server it starts when
     /// this one dies. Descriptors in flight are held by the socket: once this returns, a
