@@ -9,8 +9,8 @@
 //! it); `RINGFS_FAILOVERS` sets how many (default 5), for the pause measurement.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tests::{wait_until, Mount};
@@ -101,26 +101,8 @@ fn failovers_under_load(test: &str, passthrough: bool) {
     );
     let mut cur = Served { m: &m, pid: m.pid() };
     let files = 3;
-    std::fs::create_dir(m.path("meta")).expect("mkdir meta");
-    let rep = Arc::new(Report {
-        failures: Mutex::new(Vec::new()),
-        ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
-        max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for i in 0..files {
-        let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
-        writers.push(std::thread::spawn(move || file_client(i, p, s, r)));
-    }
-    let meta = {
-        let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
-        std::thread::spawn(move || meta_client(files, d, s, r))
-    };
-    let watch = {
-        let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
-        std::thread::spawn(move || mount_watch(mp, s, r))
-    };
+    let clients = Clients::start(&m, files);
+    let rep = clients.rep.clone();
     let ops = |rep: &Report| rep.ops.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>();
     let all_advanced = |rep: &Report, before: &[u64], by: u64| {
         rep.ops.iter().zip(before).all(|(o, b)| o.load(Ordering::Relaxed) >= b + by)
@@ -150,29 +132,7 @@ fn failovers_under_load(test: &str, passthrough: bool) {
         let failures = rep.failures.lock().unwrap().clone();
         assert!(failures.is_empty(), "client failures after failover {round}: {failures:?}\nserver log:\n{}", m.log());
     }
-    stop.store(true, Ordering::Relaxed);
-    let models: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().expect("client")).collect();
-    meta.join().expect("meta client");
-    watch.join().expect("mount watch");
-    let failures = rep.failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
-    for (i, gens) in models.iter().enumerate() {
-        for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
-            let data = std::fs::read(&via).expect("read back");
-            for (blk, &gen) in gens.iter().enumerate() {
-                if gen == 0 {
-                    continue;
-                }
-                let at = blk * BLOCK;
-                assert_eq!(
-                    &data[at..at + BLOCK],
-                    &block(i, blk as u64, gen)[..],
-                    "{}: block {blk} differs",
-                    via.display()
-                );
-            }
-        }
-    }
+    clients.finish(&m);
     // The metrics listener was handed on: the same address answers, and counts every failover.
     let addr = metrics_addr(&m).expect("metrics address in the log");
     let text = scrape(&addr);
@@ -467,27 +427,9 @@ fn combined(passthrough: bool, kill_in_upgrade: bool) {
     assert!(wait_until(Duration::from_secs(10), || armed() >= 1), "failover must be on:\n{}", m.log());
     let mut cur = Served { m: &m, pid: m.pid() };
     let files = 3;
-    std::fs::create_dir(m.path("meta")).expect("mkdir meta");
     std::fs::create_dir(m.path("fio")).expect("mkdir fio");
-    let rep = Arc::new(Report {
-        failures: Mutex::new(Vec::new()),
-        ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
-        max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for i in 0..files {
-        let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
-        writers.push(std::thread::spawn(move || file_client(i, p, s, r)));
-    }
-    let meta = {
-        let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
-        std::thread::spawn(move || meta_client(files, d, s, r))
-    };
-    let watch = {
-        let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
-        std::thread::spawn(move || mount_watch(mp, s, r))
-    };
+    let clients = Clients::start(&m, files);
+    let (rep, stop) = (clients.rep.clone(), clients.stop.clone());
     let fio = FioLoop::start(m.path("fio"), "comb");
     // The descriptors the file clients hold (their targets name the mount): none may go.
     let held = || -> usize {
@@ -569,23 +511,9 @@ fn combined(passthrough: bool, kill_in_upgrade: bool) {
         }
     }
     let (runs, fio_failures) = fio.finish();
-    stop.store(true, Ordering::Relaxed);
-    let models: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().expect("client")).collect();
-    meta.join().expect("meta client");
-    watch.join().expect("mount watch");
-    let failures = rep.failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
+    clients.finish(&m);
     assert!(fio_failures.is_empty(), "{pt}: {fio_failures:?}\nserver log:\n{}", m.log());
     assert!(runs >= 2, "fio ran {runs} times");
-    for (i, gens) in models.iter().enumerate() {
-        for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
-            let data = std::fs::read(&via).expect("read back");
-            for (blk, &gen) in gens.iter().enumerate().filter(|(_, &g)| g != 0) {
-                let at = blk * BLOCK;
-                assert_eq!(&data[at..at + BLOCK], &block(i, blk as u64, gen)[..], "{}: block {blk}", via.display());
-            }
-        }
-    }
     let text = scrape(&metrics_addr(&m).expect("metrics address in the log"));
     // Upgrades are counted across failovers; the failover counters are not (yet) handed on by
     // an upgrade (its HELLO carries the upgrade counters only), so the last server counts the

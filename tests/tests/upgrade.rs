@@ -9,8 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tests::{ringfs_bin, wait_until, Mount};
@@ -101,26 +100,8 @@ fn upgrades_between(transport: &str, passthrough: bool, builds: &[Build]) {
     };
     let mut cur = Current { pid: m.pid(), m: &m };
     let files = 3;
-    std::fs::create_dir(m.path("meta")).expect("mkdir meta");
-    let rep = Arc::new(Report {
-        failures: Mutex::new(Vec::new()),
-        ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
-        max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for i in 0..files {
-        let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
-        writers.push(std::thread::spawn(move || file_client(i, p, s, r)));
-    }
-    let meta = {
-        let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
-        std::thread::spawn(move || meta_client(files, d, s, r))
-    };
-    let watch = {
-        let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
-        std::thread::spawn(move || mount_watch(mp, s, r))
-    };
+    let clients = Clients::start(&m, files);
+    let (rep, stop) = (clients.rep.clone(), clients.stop.clone());
     let ops = |rep: &Report| rep.ops.iter().map(|o| o.load(Ordering::Relaxed)).collect::<Vec<_>>();
     let all_advanced = |rep: &Report, before: &[u64], by: u64| {
         rep.ops.iter().zip(before).all(|(o, b)| o.load(Ordering::Relaxed) >= b + by)
@@ -172,30 +153,8 @@ fn upgrades_between(transport: &str, passthrough: bool, builds: &[Build]) {
         let failures = rep.failures.lock().unwrap().clone();
         assert!(failures.is_empty(), "client failures after upgrade {round}: {failures:?}\nserver log:\n{}", m.log());
     }
-    stop.store(true, Ordering::Relaxed);
-    let models: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().expect("client")).collect();
-    meta.join().expect("meta client");
-    watch.join().expect("mount watch");
-    let failures = rep.failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
+    clients.finish(&m);
     // Every byte written is there, through the mount and in the backing file.
-    for (i, gens) in models.iter().enumerate() {
-        for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
-            let data = std::fs::read(&via).expect("read back");
-            for (blk, &gen) in gens.iter().enumerate() {
-                if gen == 0 {
-                    continue;
-                }
-                let at = blk * BLOCK;
-                assert_eq!(
-                    &data[at..at + BLOCK],
-                    &block(i, blk as u64, gen)[..],
-                    "{}: block {blk} differs",
-                    via.display()
-                );
-            }
-        }
-    }
     // The last server counts every upgrade of this mount.
     let addr = metrics_addr(&m).expect("metrics address in the log");
     let text = scrape(&addr);

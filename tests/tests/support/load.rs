@@ -262,3 +262,62 @@ impl FioLoop {
         (self.runs.load(Ordering::Relaxed), failures)
     }
 }
+
+/// The clients of a load run on a mount: `files` clients holding `f0`, `f1`, ... open
+/// ([`file_client`]), the metadata loop in `meta/` ([`meta_client`], client number `files`) and
+/// the mount watch, all reporting to `rep` until `stop` is set ([`Clients::finish`]).
+pub struct Clients {
+    pub rep: Arc<Report>,
+    pub stop: Arc<AtomicBool>,
+    writers: Vec<std::thread::JoinHandle<Vec<u64>>>,
+    meta: std::thread::JoinHandle<()>,
+    watch: std::thread::JoinHandle<()>,
+}
+
+impl Clients {
+    /// Starts them on `m` (creates `meta/`).
+    pub fn start(m: &Mount, files: usize) -> Clients {
+        std::fs::create_dir(m.path("meta")).expect("mkdir meta");
+        let rep = Arc::new(Report {
+            failures: Mutex::new(Vec::new()),
+            ops: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+            max_us: (0..files + 1).map(|_| AtomicU64::new(0)).collect(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = (0..files)
+            .map(|i| {
+                let (p, s, r) = (m.path(format!("f{i}")), stop.clone(), rep.clone());
+                std::thread::spawn(move || file_client(i, p, s, r))
+            })
+            .collect();
+        let meta = {
+            let (d, s, r) = (m.path("meta"), stop.clone(), rep.clone());
+            std::thread::spawn(move || meta_client(files, d, s, r))
+        };
+        let watch = {
+            let (mp, s, r) = (m.mountpoint.clone(), stop.clone(), rep.clone());
+            std::thread::spawn(move || mount_watch(mp, s, r))
+        };
+        Clients { rep, stop, writers, meta, watch }
+    }
+
+    /// Stops the clients and checks what they saw: no failure, and every block a file client
+    /// wrote is there, through the mount and in the backing file.
+    pub fn finish(self, m: &Mount) {
+        self.stop.store(true, Ordering::Relaxed);
+        let models: Vec<Vec<u64>> = self.writers.into_iter().map(|w| w.join().expect("client")).collect();
+        self.meta.join().expect("meta client");
+        self.watch.join().expect("mount watch");
+        let failures = self.rep.failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "client failures: {failures:?}\nserver log:\n{}", m.log());
+        for (i, gens) in models.iter().enumerate() {
+            for via in [m.path(format!("f{i}")), m.backing(format!("f{i}"))] {
+                let data = std::fs::read(&via).expect("read back");
+                for (blk, &gen) in gens.iter().enumerate().filter(|(_, &g)| g != 0) {
+                    let at = blk * BLOCK;
+                    assert_eq!(&data[at..at + BLOCK], &block(i, blk as u64, gen)[..], "{}: block {blk}", via.display());
+                }
+            }
+        }
+    }
+}
