@@ -361,13 +361,7 @@ impl Mount {
     /// set, is appended last (so it wins): run the whole suite on another configuration with e.g.
     /// `RINGFS_EXTRA_OPTS=transport=dev-fuse,passthrough=false cargo test -p tests`.
     pub fn start(opts: &[&str]) -> Mount {
-        let work = work_dir();
-        let source = work.path().join("backing");
-        std::fs::create_dir(&source).expect("create backing dir");
-        std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        let mountpoint = work.path().join("mnt");
-        std::fs::create_dir(&mountpoint).expect("create mount point");
-        Self::spawn(work, source, mountpoint, opts)
+        Self::start_program(&ringfs_bin(), opts)
     }
 
     /// Like [`Mount::start`], served by the binary `program` instead of [`ringfs_bin`] (another
