@@ -84,7 +84,11 @@ say "smoke suite exited $rc"
 if [ -n "${tests:-}" ]; then
     say "integration tests: $tests"
     # Not under CI=true: what this kernel lacks (io_uring, a tracepoint) is a reported skip here.
-    chroot $r $env RINGFS_BIN="$bin" RINGFS_NO_BUILD=1 $tests
+    # Without eBPF accounting (the smoke suite checks it): every mount's start and end switches
+    # the fuse tracepoints on and off, and under QEMU's TCG that code patching raced with another
+    # mount's server ending a request once (6.12: "Oops: int3" in fuse_request_end, the int3 of
+    # a half-patched tracepoint site): a guest kernel panic, not something these tests check.
+    chroot $r $env RINGFS_BIN="$bin" RINGFS_NO_BUILD=1 RINGFS_EXTRA_OPTS=ebpf.enable=false $tests
     say "integration tests exited $?"
 fi
 finish "done"
