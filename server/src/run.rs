@@ -428,16 +428,18 @@ pub fn run_mount(cfg: Config, background: bool) -> Result<(), RunError> {
             // service's main process gone.
             crate::service::new_main_process(&format!("serving {} (taken over by a live upgrade)", mountpoint_s));
             tk.resumed(t0, || {
+                // Before the old server is answered (and exits): from its exit on, this
+                // server's watchdog guards the mount.
+                if let Some(link) = &watchdog_link {
+                    if let Err(e) = link.mounted(dev) {
+                        log::warn!("watchdog not told about the mount: {e}");
+                    }
+                }
                 if let Some(link) = &failover_link {
                     // The upgrade counters changed: hand the new ones on.
                     link.rearm();
                 }
             });
-            if let Some(link) = &watchdog_link {
-                if let Err(e) = link.mounted(dev) {
-                    log::warn!("watchdog not told about the mount: {e}");
-                }
-            }
             log::info!(
                 "took over from the previous server: {} open handles, {} descriptors, {} bytes of state, pause {:.1} ms",
                 fs.open_handles(),
